@@ -1,0 +1,105 @@
+"""Residual branches ``g = W_k o phi o ... o phi o W_1`` for invertible residual blocks.
+
+With spectrally normalised ``W_i`` (coefficient ``c``) and 1-Lipschitz ``phi``, ``Lip(g) <= c^k``
+by the estimate, and :func:`branch_lipschitz_bound` certifies it with exact operator norms.
+``coeff=None`` builds the same branch unconstrained (the paper's "vanilla" ResNet).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import nn
+
+from pipeline.layers.activations import make_activation
+from pipeline.layers.operator_norm import layer_operator_norm
+from pipeline.layers.spectral import SpectralNormConv2d, SpectralNormLinear
+
+
+def _linear(n_in: int, n_out: int, coeff: float | None, n_power_iterations: int) -> nn.Module:
+    if coeff is None:
+        return nn.Linear(n_in, n_out)
+    return SpectralNormLinear(n_in, n_out, coeff=coeff, n_power_iterations=n_power_iterations)
+
+
+def _conv(n_in: int, n_out: int, kernel: int, coeff: float | None, n_power_iterations: int) -> nn.Module:
+    if kernel % 2 == 0:
+        raise ValueError(f"kernel sizes must be odd (size-preserving padding), got {kernel}")
+    if coeff is None:
+        return nn.Conv2d(n_in, n_out, kernel, padding=kernel // 2)
+    return SpectralNormConv2d(n_in, n_out, kernel, coeff=coeff, n_power_iterations=n_power_iterations)
+
+
+def mlp_branch(
+    dim: int,
+    hidden: Sequence[int] = (64, 64, 64),
+    *,
+    activation: str = "elu",
+    coeff: float | None = 0.9,
+    n_power_iterations: int = 5,
+    preactivation: bool = False,
+) -> nn.Sequential:
+    """``dim -> hidden[0] -> ... -> hidden[-1] -> dim`` with an activation between linear maps."""
+    widths = [dim, *hidden, dim]
+    layers: list[nn.Module] = [make_activation(activation)] if preactivation else []
+    for i, (n_in, n_out) in enumerate(zip(widths[:-1], widths[1:], strict=True)):
+        if i > 0:
+            layers.append(make_activation(activation))
+        layers.append(_linear(n_in, n_out, coeff, n_power_iterations))
+    return nn.Sequential(*layers)
+
+
+def conv_branch(
+    channels: int,
+    hidden: int,
+    *,
+    kernel_sizes: Sequence[int] = (3, 1, 3),
+    activation: str = "elu",
+    coeff: float | None = 0.9,
+    n_power_iterations: int = 5,
+    preactivation: bool = False,
+    batchnorm: bool = False,
+) -> nn.Sequential:
+    """The paper's bottleneck ``channels -> hidden -> ... -> hidden -> channels`` (3x3, 1x1, 3x3).
+
+    ``batchnorm`` puts BatchNorm before each activation (only for the vanilla baseline: BatchNorm
+    has no Lipschitz bound and so voids the invertibility guarantee).
+    """
+    if batchnorm and coeff is not None:
+        raise ValueError("batchnorm inside the branch voids the Lipschitz guarantee; use it only with coeff=None")
+    widths = [channels] + [hidden] * (len(kernel_sizes) - 1) + [channels]
+    layers: list[nn.Module] = []
+
+    def act(n: int) -> None:
+        if batchnorm:
+            layers.append(nn.BatchNorm2d(n))
+        layers.append(make_activation(activation))
+
+    for i, (n_in, n_out, k) in enumerate(zip(widths[:-1], widths[1:], kernel_sizes, strict=True)):
+        if i > 0 or preactivation:
+            act(n_in)
+        layers.append(_conv(n_in, n_out, k, coeff, n_power_iterations))
+    return nn.Sequential(*layers)
+
+
+def branch_linear_layers(branch: nn.Module) -> list[nn.Module]:
+    """The linear operators of a branch, in order."""
+    return [
+        m for m in branch.modules() if isinstance(m, (nn.Linear, nn.Conv2d, SpectralNormLinear, SpectralNormConv2d))
+    ]
+
+
+def branch_lipschitz_bound(
+    branch: nn.Module, *, method: str = "certified", input_hw: tuple[int, int] | None = None
+) -> float:
+    """Upper bound on ``Lip(g)``: the product of the operator norms of its linear layers.
+
+    Valid because every activation here is 1-Lipschitz; BatchNorm (vanilla only) is not
+    bounded, so a branch containing it raises.
+    """
+    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in branch.modules()):
+        raise ValueError("a branch with BatchNorm has no Lipschitz bound from its weights alone")
+    bound = 1.0
+    for layer in branch_linear_layers(branch):
+        bound *= layer_operator_norm(layer, method=method, input_hw=input_hw)
+    return bound

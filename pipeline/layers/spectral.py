@@ -1,0 +1,226 @@
+"""Spectrally normalised ``Linear`` and ``Conv2d`` with a Lipschitz coefficient ``c < 1``.
+
+The largest singular value is estimated by power iteration on the *operator* the layer applies
+(for a convolution, ``conv2d`` and ``conv_transpose2d`` at the layer's real input size, stride and
+padding), not on the reshaped kernel, whose norm is a different number. The weight is then only
+ever shrunk: ``W * min(1, c / sigma)`` (a soft constraint, as in the paper).
+
+In training mode every forward runs ``n_power_iterations`` steps and refreshes the stored
+estimate; in eval mode the stored estimate is reused, so evaluation is deterministic.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+DEFAULT_INIT_ITERATIONS = 50  # a good first estimate keeps the first steps from overshooting c
+
+
+def _check_spectral_args(coeff: float, n_power_iterations: int) -> None:
+    if not (isinstance(coeff, (int, float)) and math.isfinite(coeff) and 0.0 < coeff < 1.0):
+        raise ValueError(
+            f"Lipschitz coefficient must satisfy 0 < c < 1 for the block to be invertible, got c={coeff!r}"
+        )
+    if not isinstance(n_power_iterations, int) or n_power_iterations < 0:
+        raise ValueError(f"n_power_iterations must be an integer >= 0, got {n_power_iterations!r}")
+
+
+def _normalize(x: Tensor, eps: float = 1e-12) -> Tensor:
+    return x / x.norm().clamp_min(eps)
+
+
+class _SpectralNorm(nn.Module):
+    """Shared power-iteration machinery; subclasses define the operator and its adjoint."""
+
+    weight: Tensor
+    u: Tensor
+    v: Tensor
+    sigma: Tensor
+
+    def __init__(self, coeff: float, n_power_iterations: int, n_init_iterations: int) -> None:
+        super().__init__()
+        _check_spectral_args(coeff, n_power_iterations)
+        self.coeff = float(coeff)
+        self.n_power_iterations = n_power_iterations
+        self.n_init_iterations = n_init_iterations
+        self.register_buffer("sigma", torch.ones(()))
+        self.register_buffer("initialized", torch.tensor(False))
+
+    # -- the operator -----------------------------------------------------------------------
+    def _operator(self, v: Tensor, weight: Tensor) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _adjoint(self, u: Tensor, weight: Tensor) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _init_vectors(self, x: Tensor) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    # -- power iteration --------------------------------------------------------------------
+    @torch.no_grad()
+    def power_iteration(self, n: int) -> None:
+        """Run ``n`` power-iteration steps on the operator, updating ``u`` and ``v`` in place."""
+        w = self.weight.detach()
+        for _ in range(n):
+            self.v.copy_(_normalize(self._adjoint(self.u, w)))
+            self.u.copy_(_normalize(self._operator(self.v, w)))
+
+    def normalized_weight(self, x: Tensor | None = None) -> Tensor:
+        """The weight rescaled to operator norm ``<= c`` (by the current estimate)."""
+        if not bool(self.initialized):
+            if x is None:
+                raise RuntimeError(f"{type(self).__name__} has not seen an input yet; call it on data first")
+            self._init_vectors(x)
+            self.power_iteration(self.n_init_iterations)
+            self.initialized.fill_(True)
+            self._refresh_sigma()
+        if self.training:
+            self.power_iteration(self.n_power_iterations)
+            # u, v are constants for autograd (cloned: the next step updates them in place)
+            u, v = self.u.clone(), self.v.clone()
+            sigma = (u * self._operator(v, self.weight)).sum()
+            self.sigma.copy_(sigma.detach())
+        else:
+            sigma = self.sigma
+        factor = torch.clamp(self.coeff / sigma, max=1.0)
+        return self.weight * factor
+
+    @torch.no_grad()
+    def _refresh_sigma(self) -> None:
+        self.sigma.copy_((self.u * self._operator(self.v, self.weight)).sum())
+
+    @torch.no_grad()
+    def effective_weight(self) -> Tensor:
+        """The weight the layer applies in eval mode (for exact norm checks)."""
+        if not bool(self.initialized):
+            raise RuntimeError(f"{type(self).__name__} has not seen an input yet; call it on data first")
+        return self.weight * torch.clamp(self.coeff / self.sigma, max=1.0)
+
+    def estimated_norm(self) -> float:
+        """The power-iteration estimate of the effective operator norm, ``min(sigma, c)``."""
+        return float(torch.clamp(self.sigma, max=self.coeff))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001
+        # u and v are sized lazily from the first input; size them from the checkpoint instead
+        for name in ("u", "v"):
+            key = prefix + name
+            if key in state_dict and getattr(self, name).shape != state_dict[key].shape:
+                setattr(self, name, torch.empty_like(state_dict[key], device=self.weight.device))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+class SpectralNormLinear(_SpectralNorm):
+    """``y = W~ x + b`` with ``||W~||_2 <= c`` (by the power-iteration estimate)."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        coeff: float = 0.9,
+        n_power_iterations: int = 5,
+        n_init_iterations: int = DEFAULT_INIT_ITERATIONS,
+        bias: bool = True,
+    ) -> None:
+        super().__init__(coeff, n_power_iterations, n_init_iterations)
+        ref = nn.Linear(in_features, out_features, bias=bias)
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(ref.weight.detach().clone())
+        self.bias = nn.Parameter(ref.bias.detach().clone()) if bias else None
+        self.register_buffer("u", _normalize(torch.randn(out_features)))
+        self.register_buffer("v", _normalize(torch.randn(in_features)))
+
+    def _operator(self, v: Tensor, weight: Tensor) -> Tensor:
+        return weight @ v
+
+    def _adjoint(self, u: Tensor, weight: Tensor) -> Tensor:
+        return weight.t() @ u
+
+    def _init_vectors(self, x: Tensor) -> None:
+        self.u = self.u.to(dtype=self.weight.dtype, device=self.weight.device)
+        self.v = self.v.to(dtype=self.weight.dtype, device=self.weight.device)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.normalized_weight(x), self.bias)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_features}, {self.out_features}, coeff={self.coeff}, n_power_iterations={self.n_power_iterations}"
+        )
+
+
+class SpectralNormConv2d(_SpectralNorm):
+    """``Conv2d`` whose operator norm at its real input size is ``<= c`` (by the estimate).
+
+    The input size is inferred on the first forward; a later input of another size raises,
+    because the operator (and so its norm) depends on the size and padding.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        *,
+        stride: int = 1,
+        padding: int | None = None,
+        coeff: float = 0.9,
+        n_power_iterations: int = 5,
+        n_init_iterations: int = DEFAULT_INIT_ITERATIONS,
+        bias: bool = True,
+    ) -> None:
+        super().__init__(coeff, n_power_iterations, n_init_iterations)
+        padding = kernel_size // 2 if padding is None else padding
+        ref = nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, padding=padding, bias=bias)
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
+        self.weight = nn.Parameter(ref.weight.detach().clone())
+        self.bias = nn.Parameter(ref.bias.detach().clone()) if bias else None
+        self.register_buffer("u", torch.empty(0))
+        self.register_buffer("v", torch.empty(0))
+
+    @property
+    def input_hw(self) -> tuple[int, int] | None:
+        """The spatial input size the operator norm refers to (``None`` before the first input)."""
+        return tuple(self.v.shape[-2:]) if self.v.numel() else None  # type: ignore[return-value]
+
+    def _output_padding(self) -> tuple[int, int]:
+        h, w = self.v.shape[-2:]
+        ho, wo = self.u.shape[-2:]
+        k, s, p = self.kernel_size, self.stride, self.padding
+        return h - ((ho - 1) * s - 2 * p + k), w - ((wo - 1) * s - 2 * p + k)
+
+    def _operator(self, v: Tensor, weight: Tensor) -> Tensor:
+        return F.conv2d(v, weight, stride=self.stride, padding=self.padding)
+
+    def _adjoint(self, u: Tensor, weight: Tensor) -> Tensor:
+        return F.conv_transpose2d(
+            u, weight, stride=self.stride, padding=self.padding, output_padding=self._output_padding()
+        )
+
+    def _init_vectors(self, x: Tensor) -> None:
+        shape = (1, self.in_channels, *x.shape[-2:])
+        v = _normalize(torch.randn(shape, dtype=self.weight.dtype, device=self.weight.device))
+        self.v = v
+        self.u = _normalize(self._operator(v, self.weight.detach()))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.v.numel() and tuple(x.shape[-2:]) != self.input_hw:
+            raise ValueError(
+                f"SpectralNormConv2d was normalised for inputs of size {self.input_hw}, got {tuple(x.shape[-2:])}; "
+                "the operator norm depends on the input size"
+            )
+        return F.conv2d(x, self.normalized_weight(x), self.bias, stride=self.stride, padding=self.padding)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+            f"padding={self.padding}, coeff={self.coeff}, n_power_iterations={self.n_power_iterations}"
+        )
+
+
+SPECTRAL_LAYERS = (SpectralNormLinear, SpectralNormConv2d)

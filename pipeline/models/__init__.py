@@ -1,0 +1,38 @@
+"""Models: the multi-scale flow, the classifiers and the vector flow, with preset builders."""
+
+from pipeline.models.base import FlowModel
+from pipeline.models.classifier import (
+    CLASSIFIER_PRESETS,
+    ClassifierArchitecture,
+    ResidualClassifier,
+    iresnet_classifier,
+    resnet_classifier,
+)
+from pipeline.models.flow import (
+    FLOW_PRESETS,
+    FlowArchitecture,
+    IResNetFlow,
+    iresnet_flow,
+    iresnet_flow_cifar10,
+    iresnet_flow_mnist,
+)
+from pipeline.models.toy import VECTOR_FLOW_PRESETS, VectorFlow, VectorFlowArchitecture, vector_flow
+
+__all__ = [
+    "CLASSIFIER_PRESETS",
+    "FLOW_PRESETS",
+    "VECTOR_FLOW_PRESETS",
+    "ClassifierArchitecture",
+    "FlowArchitecture",
+    "FlowModel",
+    "IResNetFlow",
+    "ResidualClassifier",
+    "VectorFlow",
+    "VectorFlowArchitecture",
+    "iresnet_classifier",
+    "iresnet_flow",
+    "iresnet_flow_cifar10",
+    "iresnet_flow_mnist",
+    "resnet_classifier",
+    "vector_flow",
+]

@@ -1,0 +1,187 @@
+"""i-ResNet classifier and its vanilla ResNet baseline (paper App. C.2).
+
+Injective zero padding of the input channels, an optional initial squeeze, then stages of
+(ActNorm +) residual blocks with invertible downsampling (squeeze) between them, and a head
+BatchNorm -> nonlinearity -> global average pool -> linear. With ``coeff`` set, the feature map is
+invertible and :meth:`ResidualClassifier.reconstruct` recovers the input from the features.
+``coeff=None`` gives the paper's "vanilla" network: the same architecture, unconstrained.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+
+from torch import Tensor, nn
+
+from pipeline.layers.activations import ACTIVATIONS, make_activation
+from pipeline.layers.branches import conv_branch
+from pipeline.layers.spectral import _check_spectral_args
+from pipeline.transforms.actnorm import ActNorm
+from pipeline.transforms.base import InverseReport, Transform, TransformSequence
+from pipeline.transforms.inverse import FixedPointConfig
+from pipeline.transforms.reshape import InjectivePad, Squeeze
+from pipeline.transforms.residual import InvertibleResidualBlock
+
+NORMS = ("actnorm", "none")
+
+
+@dataclass(frozen=True)
+class ClassifierArchitecture:
+    """Architecture of :class:`ResidualClassifier`; validated on construction."""
+
+    input_shape: tuple[int, int, int] = (3, 32, 32)
+    num_classes: int = 10
+    n_blocks: tuple[int, ...] = (7, 7, 7)
+    hidden_channels: tuple[int, ...] = (32, 64, 128)
+    strides: tuple[int, ...] = (1, 2, 2)  # 2 = squeeze before the stage
+    injective_padding: int = 13
+    init_squeeze: bool = False
+    kernel_sizes: tuple[int, ...] = (3, 1, 3)
+    activation: str = "elu"
+    coeff: float | None = 0.9  # None: unconstrained (vanilla) residual branches
+    n_power_iterations: int = 1
+    norm: str = "actnorm"  # before each block
+    branch_batchnorm: bool = False  # BatchNorm inside the branch (vanilla "ResNet-BN" only)
+
+    def __post_init__(self) -> None:
+        for name in ("input_shape", "n_blocks", "hidden_channels", "strides", "kernel_sizes"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        if len(self.input_shape) != 3:
+            raise ValueError(f"input_shape must be (C, H, W), got {self.input_shape}")
+        if self.num_classes < 2:
+            raise ValueError(f"num_classes must be >= 2, got {self.num_classes}")
+        if not (len(self.n_blocks) == len(self.hidden_channels) == len(self.strides)) or not self.n_blocks:
+            raise ValueError("n_blocks, hidden_channels and strides need one entry per stage")
+        if any(s not in (1, 2) for s in self.strides):
+            raise ValueError(f"strides must be 1 or 2 (2 = invertible downsampling), got {self.strides}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {self.activation!r}; choose one of {sorted(ACTIVATIONS)}")
+        if self.norm not in NORMS:
+            raise ValueError(f"unknown norm {self.norm!r}; choose one of {NORMS}")
+        if self.coeff is not None:
+            _check_spectral_args(self.coeff, self.n_power_iterations)
+        if self.branch_batchnorm and self.coeff is not None:
+            raise ValueError("branch_batchnorm voids the invertibility guarantee; use it only with coeff=None")
+        self.stage_shapes()
+
+    @property
+    def invertible(self) -> bool:
+        """Whether the feature map is guaranteed invertible (by construction, before certification)."""
+        return self.coeff is not None and not self.branch_batchnorm
+
+    def stage_shapes(self) -> list[tuple[int, int, int]]:
+        c, h, w = self.input_shape
+        c += self.injective_padding
+        squeezes = [self.init_squeeze] + [False] * (len(self.n_blocks) - 1)
+        shapes = []
+        for stage, stride in enumerate(self.strides):
+            for do_squeeze in (squeezes[stage], stride == 2):
+                if do_squeeze:
+                    if h % 2 or w % 2:
+                        raise ValueError(f"input {self.input_shape} cannot be downsampled at stage {stage} ({h}x{w})")
+                    c, h, w = 4 * c, h // 2, w // 2
+            shapes.append((c, h, w))
+        return shapes
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class ResidualClassifier(nn.Module):
+    """Residual classifier; invertible feature map when built with a Lipschitz coefficient."""
+
+    def __init__(self, arch: ClassifierArchitecture, *, inverse_config: FixedPointConfig | None = None) -> None:
+        super().__init__()
+        self.arch = arch
+        self.pad = InjectivePad(arch.injective_padding)
+        stages: list[Transform] = []
+        first = True
+        for stage, (n_blocks, hidden, stride, (c, _, _)) in enumerate(
+            zip(arch.n_blocks, arch.hidden_channels, arch.strides, arch.stage_shapes(), strict=True)
+        ):
+            steps: list[Transform] = []
+            if stage == 0 and arch.init_squeeze:
+                steps.append(Squeeze())
+            if stride == 2:
+                steps.append(Squeeze())
+            for _ in range(n_blocks):
+                if arch.norm == "actnorm":
+                    steps.append(ActNorm(c))
+                branch = conv_branch(
+                    c,
+                    hidden,
+                    kernel_sizes=arch.kernel_sizes,
+                    activation=arch.activation,
+                    coeff=arch.coeff,
+                    n_power_iterations=arch.n_power_iterations,
+                    preactivation=not first,  # pre-activation blocks, as in the paper's classifier
+                    batchnorm=arch.branch_batchnorm,
+                )
+                steps.append(InvertibleResidualBlock(branch, inverse_config=inverse_config))
+                first = False
+            stages.append(TransformSequence(*steps))
+        self.stages = nn.ModuleList(stages)
+        c_out = arch.stage_shapes()[-1][0]
+        self.head = nn.Sequential(
+            nn.BatchNorm2d(c_out),
+            make_activation(arch.activation),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(c_out, arch.num_classes),
+        )
+
+    def features(self, x: Tensor) -> Tensor:
+        """The (invertible, for an i-ResNet) feature map before the head."""
+        h = self.pad(x)
+        for stage in self.stages:
+            h = stage.map(h)
+        return h
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.features(x))
+
+    def reconstruct(self, features: Tensor, *, report: InverseReport | None = None) -> Tensor:
+        """Invert the feature map by fixed-point iteration and drop the padded channels."""
+        h = features
+        for stage in reversed(self.stages):
+            h = stage.inverse(h, report=report)
+        return self.pad.inverse(h)
+
+    def residual_blocks(self) -> list[InvertibleResidualBlock]:
+        return [m for m in self.modules() if isinstance(m, InvertibleResidualBlock)]
+
+
+CLASSIFIER_PRESETS: dict[str, ClassifierArchitecture] = {
+    # the public reference script: 7-7-7 blocks, 32-64-128 bottlenecks, c=0.9, 1 power iteration
+    "cifar10": ClassifierArchitecture(),
+    "cifar100": ClassifierArchitecture(num_classes=100),
+    # App. C.2: 39 blocks in 3 stages (13 each) on 16 padded channels
+    "paper": ClassifierArchitecture(n_blocks=(13, 13, 13)),
+    "mnist": ClassifierArchitecture(input_shape=(1, 28, 28), injective_padding=3),
+    "quick": ClassifierArchitecture(
+        input_shape=(1, 28, 28), n_blocks=(2, 2, 2), hidden_channels=(16, 32, 64), injective_padding=3
+    ),
+}
+
+
+def _preset(preset: str) -> ClassifierArchitecture:
+    try:
+        return CLASSIFIER_PRESETS[preset]
+    except KeyError:
+        raise ValueError(f"unknown classifier preset {preset!r}; choose one of {sorted(CLASSIFIER_PRESETS)}") from None
+
+
+def iresnet_classifier(
+    preset: str = "cifar10", *, inverse_config: FixedPointConfig | None = None, **overrides
+) -> ResidualClassifier:  # noqa: ANN003
+    """i-ResNet classifier from a named preset (any :class:`ClassifierArchitecture` field overridable)."""
+    arch = replace(_preset(preset), **overrides)
+    if arch.coeff is None:
+        raise ValueError("an i-ResNet needs a Lipschitz coefficient; use resnet_classifier for the vanilla model")
+    return ResidualClassifier(arch, inverse_config=inverse_config)
+
+
+def resnet_classifier(preset: str = "cifar10", *, batchnorm: bool = False, **overrides) -> ResidualClassifier:  # noqa: ANN003
+    """The vanilla baseline: same architecture, no Lipschitz constraint, optionally BatchNorm in the branches."""
+    overrides = {"coeff": None, "branch_batchnorm": batchnorm, **({"norm": "none"} if batchnorm else {}), **overrides}
+    return ResidualClassifier(replace(_preset(preset), **overrides))

@@ -1,0 +1,51 @@
+"""ActNorm (Kingma & Dhariwal 2018): per-channel affine map with data-dependent initialisation."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from pipeline.transforms.base import InverseReport, Transform
+
+
+class ActNorm(Transform):
+    """``y = (x + bias) * exp(log_scale)`` per channel (dim 1), for ``(B, C)`` or ``(B, C, H, W)``.
+
+    On the first forward, bias and scale are set so that the batch has zero mean and unit variance
+    per channel. The log-determinant is exact: ``(H * W) * sum(log_scale)``.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.num_features, self.eps = num_features, eps
+        self.bias = nn.Parameter(torch.zeros(num_features))
+        self.log_scale = nn.Parameter(torch.zeros(num_features))
+        self.register_buffer("initialized", torch.tensor(False))
+
+    def _view(self, p: Tensor, x: Tensor) -> Tensor:
+        return p.reshape(1, -1, *([1] * (x.dim() - 2)))
+
+    @torch.no_grad()
+    def _initialize(self, x: Tensor) -> None:
+        channels_last = x.transpose(0, 1).reshape(self.num_features, -1)
+        self.bias.copy_(-channels_last.mean(dim=1))
+        self.log_scale.copy_(-torch.log(channels_last.std(dim=1) + self.eps))
+        self.initialized.fill_(True)
+
+    def forward(self, x: Tensor, *, estimator=None) -> tuple[Tensor, Tensor]:  # noqa: ANN001
+        if x.shape[1] != self.num_features:
+            raise ValueError(f"ActNorm expects {self.num_features} channels, got input of shape {tuple(x.shape)}")
+        if not bool(self.initialized):
+            self._initialize(x)
+        y = (x + self._view(self.bias, x)) * self._view(self.log_scale, x).exp()
+        spatial = x[0, 0].numel()
+        logdet = (spatial * self.log_scale.sum()).expand(x.shape[0])
+        return y, logdet
+
+    def inverse(self, y: Tensor, *, report: InverseReport | None = None) -> Tensor:
+        if not bool(self.initialized):
+            raise RuntimeError("ActNorm is not initialised: run a forward pass on data before inverting")
+        return y * self._view(-self.log_scale, y).exp() - self._view(self.bias, y)
+
+    def extra_repr(self) -> str:
+        return str(self.num_features)

@@ -1,0 +1,103 @@
+"""The bijection interface shared by every flow layer (after ``nflows``/``zuko``).
+
+``forward(x) -> (y, logabsdet)`` maps data towards the latent space and returns the per-sample
+log-determinant of the Jacobian; ``inverse(y) -> x`` maps back. Layers whose log-determinant has
+several estimators take an ``estimator`` keyword; the others ignore it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass
+class InverseReport:
+    """Statistics of the iterative inversions performed during one ``inverse`` call.
+
+    One entry per residual block that was inverted, in the order they were inverted.
+    """
+
+    iterations: list[int] = field(default_factory=list)  # most iterations any sample needed
+    max_residual: list[float] = field(default_factory=list)  # largest final ||x + g(x) - y||
+    n_not_converged: list[int] = field(default_factory=list)
+
+    @property
+    def converged(self) -> bool:
+        return not any(self.n_not_converged)
+
+    @property
+    def total_iterations(self) -> int:
+        return sum(self.iterations)
+
+    def summary(self) -> dict[str, float]:
+        return {
+            "inverse_blocks": float(len(self.iterations)),
+            "inverse_max_iterations": float(max(self.iterations, default=0)),
+            "inverse_total_iterations": float(self.total_iterations),
+            "inverse_max_residual": max(self.max_residual, default=0.0),
+            "inverse_not_converged": float(sum(self.n_not_converged)),
+        }
+
+
+class Transform(nn.Module):
+    """A bijection with a log-determinant."""
+
+    def forward(self, x: Tensor, *, estimator=None) -> tuple[Tensor, Tensor]:  # noqa: ANN001
+        raise NotImplementedError
+
+    def inverse(self, y: Tensor, *, report: InverseReport | None = None) -> Tensor:
+        raise NotImplementedError
+
+    def map(self, x: Tensor) -> Tensor:
+        """The bijection alone, without its log-determinant (cheaper where that costs extra)."""
+        return self.forward(x)[0]
+
+    def inverse_and_logdet(
+        self, y: Tensor, *, estimator=None, report: InverseReport | None = None
+    ) -> tuple[Tensor, Tensor]:  # noqa: ANN001
+        """``x = f^{-1}(y)`` and ``log|det J_{f^{-1}}(y)| = -log|det J_f(x)|``, evaluated at the reconstructed x."""
+        x = self.inverse(y, report=report)
+        _, logdet = self.forward(x, estimator=estimator)
+        return x, -logdet
+
+
+class TransformSequence(Transform):
+    """Composition ``f_n o ... o f_1``; log-determinants add up."""
+
+    def __init__(self, *transforms: Transform) -> None:
+        super().__init__()
+        self.transforms = nn.ModuleList(transforms)
+
+    def __len__(self) -> int:
+        return len(self.transforms)
+
+    def __iter__(self):  # noqa: ANN204
+        return iter(self.transforms)
+
+    def forward(self, x: Tensor, *, estimator=None) -> tuple[Tensor, Tensor]:  # noqa: ANN001
+        total = x.new_zeros(x.shape[0])
+        for t in self.transforms:
+            x, logdet = t(x, estimator=estimator)
+            total = total + logdet
+        return x, total
+
+    def map(self, x: Tensor) -> Tensor:
+        for t in self.transforms:
+            x = t.map(x)
+        return x
+
+    def inverse(self, y: Tensor, *, report: InverseReport | None = None) -> Tensor:
+        for t in reversed(self.transforms):
+            y = t.inverse(y, report=report)
+        return y
+
+
+def sum_except_batch(x: Tensor) -> Tensor:
+    return x.reshape(x.shape[0], -1).sum(dim=1)
+
+
+def zeros_logdet(x: Tensor) -> Tensor:
+    return torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)

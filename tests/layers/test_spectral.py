@@ -1,0 +1,109 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pipeline.layers import SpectralNormConv2d, SpectralNormLinear, dense_operator_norm
+
+
+def _dense_conv_norm(layer: SpectralNormConv2d, weight: torch.Tensor) -> float:
+    return dense_operator_norm(
+        lambda x: F.conv2d(x, weight, stride=layer.stride, padding=layer.padding),
+        (layer.in_channels, *layer.input_hw),
+        like=weight,
+    )
+
+
+@pytest.mark.parametrize("stride,size", [(1, 6), (2, 6), (2, 7)])
+def test_conv_operator_norm_is_at_most_c_after_training_steps(float64, stride, size):
+    layer = SpectralNormConv2d(3, 4, 3, stride=stride, coeff=0.7, n_power_iterations=5)
+    with torch.no_grad():
+        layer.weight.mul_(10.0)  # far above the bound
+    x = torch.randn(2, 3, size, size)
+    layer.train()
+    for _ in range(40):
+        layer(x)
+    # power iteration approaches sigma from below; with a small spectral gap that takes a while
+    assert _dense_conv_norm(layer, layer.effective_weight()) <= 0.7 * (1 + 1e-2)
+    layer.power_iteration(3000)
+    layer(x)
+    true_norm = _dense_conv_norm(layer, layer.effective_weight())
+    assert true_norm <= 0.7 * (1 + 1e-8)
+    assert true_norm == pytest.approx(0.7, rel=1e-8)  # it was large, so it is rescaled to c exactly
+    # the estimate is of the operator at this input size, not of the reshaped kernel
+    sigma_dense = _dense_conv_norm(layer, layer.weight.detach())
+    assert float(layer.sigma) == pytest.approx(sigma_dense, rel=1e-8)
+    assert sigma_dense != pytest.approx(float(torch.linalg.matrix_norm(layer.weight.detach().reshape(4, -1), ord=2)), rel=1e-3)
+
+
+def test_linear_operator_norm_is_at_most_c(float64):
+    layer = SpectralNormLinear(5, 7, coeff=0.5, n_power_iterations=3)
+    with torch.no_grad():
+        layer.weight.mul_(5.0)
+    for _ in range(30):
+        layer(torch.randn(3, 5))
+    exact = float(torch.linalg.matrix_norm(layer.effective_weight(), ord=2))
+    assert exact == pytest.approx(0.5, rel=1e-8)
+
+
+def test_small_weights_are_left_untouched(float64):
+    layer = SpectralNormConv2d(2, 2, 3, coeff=0.9)
+    with torch.no_grad():
+        layer.weight.mul_(1e-3)
+    x = torch.randn(1, 2, 5, 5)
+    layer(x)
+    assert torch.equal(layer.normalized_weight(x), layer.weight)
+    assert torch.allclose(layer(x), F.conv2d(x, layer.weight, layer.bias, padding=1))
+
+
+def test_eval_mode_reuses_the_stored_estimate(float64):
+    layer = SpectralNormConv2d(2, 3, 3, coeff=0.9, n_power_iterations=2)
+    x = torch.randn(2, 2, 5, 5)
+    layer(x)
+    layer.eval()
+    u, v, sigma = layer.u.clone(), layer.v.clone(), layer.sigma.clone()
+    out1, out2 = layer(x), layer(x)
+    assert torch.equal(out1, out2)
+    assert torch.equal(u, layer.u) and torch.equal(v, layer.v) and torch.equal(sigma, layer.sigma)
+    layer.train()
+    layer(x)
+    assert not torch.equal(v, layer.v)  # training steps refine the estimate
+
+
+def test_gradient_flows_through_the_normalisation(float64):
+    layer = SpectralNormLinear(4, 4, coeff=0.5)
+    with torch.no_grad():
+        layer.weight.mul_(10)
+    layer(torch.randn(2, 4)).sum().backward()
+    assert layer.weight.grad is not None and torch.isfinite(layer.weight.grad).all()
+
+
+def test_state_dict_round_trip_restores_lazy_vectors(float64):
+    layer = SpectralNormConv2d(2, 3, 3, coeff=0.8)
+    x = torch.randn(2, 2, 6, 6)
+    layer(x)
+    layer.eval()
+    clone = SpectralNormConv2d(2, 3, 3, coeff=0.8)
+    clone.load_state_dict(layer.state_dict())
+    clone.eval()
+    assert clone.input_hw == (6, 6)
+    assert torch.equal(clone(x), layer(x))
+
+
+def test_other_input_size_is_refused():
+    layer = SpectralNormConv2d(2, 3, 3)
+    layer(torch.randn(1, 2, 6, 6))
+    with pytest.raises(ValueError, match="normalised for inputs of size"):
+        layer(torch.randn(1, 2, 8, 8))
+
+
+@pytest.mark.parametrize("coeff", [0.0, -0.1, 1.0, 1.5, float("nan")])
+def test_bad_coefficient_is_refused(coeff):
+    with pytest.raises(ValueError, match="0 < c < 1"):
+        SpectralNormLinear(2, 2, coeff=coeff)
+    with pytest.raises(ValueError, match="0 < c < 1"):
+        SpectralNormConv2d(2, 2, 3, coeff=coeff)
+
+
+def test_negative_power_iterations_are_refused():
+    with pytest.raises(ValueError, match="n_power_iterations"):
+        SpectralNormLinear(2, 2, n_power_iterations=-1)

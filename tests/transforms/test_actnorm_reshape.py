@@ -1,0 +1,48 @@
+import pytest
+import torch
+
+from pipeline.transforms import ActNorm, InjectivePad, Squeeze
+from tests.transforms.helpers import dense_jacobians
+
+
+def test_actnorm_initialises_to_zero_mean_unit_variance(float64):
+    x = torch.randn(64, 3, 4, 4) * 5 + 2
+    layer = ActNorm(3)
+    y, _ = layer(x)
+    assert torch.allclose(y.mean(dim=(0, 2, 3)), torch.zeros(3), atol=1e-10)
+    assert torch.allclose(y.std(dim=(0, 2, 3)), torch.ones(3), atol=1e-4)
+
+
+@pytest.mark.parametrize("shape", [(3, 4), (2, 2, 3, 3)])
+def test_actnorm_logdet_and_inverse_are_exact(float64, shape):
+    x = torch.randn(*shape)
+    layer = ActNorm(shape[1])
+    layer(torch.randn(*shape) * 3)  # initialise on other data
+    y, logdet = layer(x)
+    jac = dense_jacobians(lambda v: layer(v)[0], x)
+    assert torch.allclose(logdet, torch.linalg.slogdet(jac).logabsdet)
+    assert torch.allclose(layer.inverse(y), x)
+
+
+def test_actnorm_inverse_before_init_is_refused():
+    with pytest.raises(RuntimeError, match="not initialised"):
+        ActNorm(2).inverse(torch.randn(1, 2))
+
+
+def test_squeeze_is_a_volume_preserving_permutation(float64):
+    x = torch.randn(2, 3, 4, 6)
+    y, logdet = Squeeze()(x)
+    assert y.shape == (2, 12, 2, 3)
+    assert torch.equal(logdet, torch.zeros(2))
+    assert torch.equal(Squeeze().inverse(y), x)
+    assert torch.equal(y.flatten(1).sort().values, x.flatten(1).sort().values)
+    with pytest.raises(ValueError, match="even H and W"):
+        Squeeze()(torch.randn(1, 1, 3, 4))
+
+
+def test_injective_padding_round_trip():
+    x = torch.randn(2, 3, 4, 4)
+    pad = InjectivePad(13)
+    y = pad(x)
+    assert y.shape == (2, 16, 4, 4) and torch.equal(y[:, 3:], torch.zeros(2, 13, 4, 4))
+    assert torch.equal(pad.inverse(y), x)
