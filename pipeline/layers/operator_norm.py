@@ -6,6 +6,9 @@
   an ``n x n`` grid as the singular values of the Fourier-transformed kernel (Sedghi et al. 2019).
 * :func:`conv_operator_norm_bound` is a certified upper bound for a zero-padded convolution: it
   is a restriction of a circular one on the padded grid, ``A = P C E`` with ``||P||, ||E|| <= 1``.
+
+The bound is loose on tiny grids (a 3x3 kernel on a 2x2 image), so :func:`layer_operator_norm`'s
+``"certified"`` method takes the exact dense norm whenever the operator is small enough.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pipeline.layers.spectral import SpectralNormConv2d, SpectralNormLinear
+
+DENSE_MAX_ENTRIES = 2**22  # operators up to this many matrix entries get an exact dense SVD
 
 
 def dense_operator_matrix(op: Callable[[Tensor], Tensor], input_shape: tuple[int, ...], *, like: Tensor) -> Tensor:
@@ -69,7 +74,8 @@ def layer_operator_norm(
 ) -> float:
     """Operator norm of the linear map a layer applies (bias excluded), as used in eval mode.
 
-    ``method``: ``"certified"`` (exact for linear layers, the FFT bound for convolutions),
+    ``method``: ``"certified"`` (exact for linear layers and small or 1x1 convolutions, the FFT
+    bound for larger ones),
     ``"dense"`` (exact, builds the full matrix: small layers only) or ``"estimate"`` (the stored
     power-iteration estimate, spectrally normalised layers only). ``input_hw`` is needed for plain
     ``nn.Conv2d``; spectrally normalised convolutions know their input size.
@@ -99,8 +105,11 @@ def layer_operator_norm(
     if input_hw is None:
         raise ValueError("the input size of the convolution is unknown; pass input_hw or run the layer once")
 
-    if method == "dense":
-        c_in = weight.shape[1]
+    c_out, c_in, k_h, k_w = weight.shape
+    h, w = input_hw
+    exact_by_fft = k_h == k_w == 1 and padding == 0 and stride == 1  # circular == zero-padded
+    small = c_in * h * w * c_out * h * w <= DENSE_MAX_ENTRIES
+    if method == "dense" or (small and not exact_by_fft):
         return dense_operator_norm(
             lambda x: F.conv2d(x, weight, stride=stride, padding=padding), (c_in, *input_hw), like=weight
         )

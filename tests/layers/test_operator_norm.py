@@ -29,8 +29,9 @@ def test_fft_singular_values_equal_dense_svd_of_circular_convolution(float64, c_
 @pytest.mark.parametrize("size,stride,padding", [(5, 1, 1), (6, 2, 1), (4, 1, 0), (7, 1, 1)])
 def test_certified_bound_is_at_least_the_dense_norm_of_zero_padded_conv(float64, size, stride, padding):
     weight = torch.randn(4, 3, 3, 3)
-    dense = dense_operator_norm(lambda x: F.conv2d(x, weight, stride=stride, padding=padding), (3, size, size),
-                                like=weight)
+    dense = dense_operator_norm(
+        lambda x: F.conv2d(x, weight, stride=stride, padding=padding), (3, size, size), like=weight
+    )
     bound = conv_operator_norm_bound(weight, (size, size), padding)
     assert bound >= dense * (1 - 1e-12)
     assert bound <= 1.5 * dense  # a useful bound, not a trivial one

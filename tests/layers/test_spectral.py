@@ -32,7 +32,9 @@ def test_conv_operator_norm_is_at_most_c_after_training_steps(float64, stride, s
     # the estimate is of the operator at this input size, not of the reshaped kernel
     sigma_dense = _dense_conv_norm(layer, layer.weight.detach())
     assert float(layer.sigma) == pytest.approx(sigma_dense, rel=1e-8)
-    assert sigma_dense != pytest.approx(float(torch.linalg.matrix_norm(layer.weight.detach().reshape(4, -1), ord=2)), rel=1e-3)
+    assert sigma_dense != pytest.approx(
+        float(torch.linalg.matrix_norm(layer.weight.detach().reshape(4, -1), ord=2)), rel=1e-3
+    )
 
 
 def test_linear_operator_norm_is_at_most_c(float64):

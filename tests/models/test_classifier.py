@@ -1,0 +1,44 @@
+import pytest
+import torch
+
+from pipeline.layers.branches import branch_lipschitz_bound
+from pipeline.models import ClassifierArchitecture, iresnet_classifier, resnet_classifier
+from pipeline.transforms import FixedPointConfig, InverseReport
+
+
+def test_iresnet_features_reconstruct_the_input(float64):
+    model = iresnet_classifier("quick", inverse_config=FixedPointConfig(atol=1e-12, rtol=1e-12, max_iterations=500))
+    x = torch.randn(4, 1, 28, 28)
+    for _ in range(3):
+        model(x)
+    model.eval()
+    features = model.features(x)
+    assert features.shape == (4, 4 * 4 * 4, 7, 7)
+    report = InverseReport()
+    x_rec = model.reconstruct(features, report=report)
+    assert report.converged
+    assert ((x_rec - x).flatten(1).norm(dim=1) / x.flatten(1).norm(dim=1)).max() < 1e-8
+    assert model(x).shape == (4, 10)
+    for block in model.residual_blocks():
+        assert branch_lipschitz_bound(block.branch, input_hw=block.input_shape[-2:]) < 1
+
+
+def test_vanilla_resnet_is_the_same_architecture_unconstrained():
+    iresnet, vanilla = iresnet_classifier("quick"), resnet_classifier("quick")
+    assert vanilla.arch.coeff is None and not vanilla.arch.invertible and iresnet.arch.invertible
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert count(iresnet) == count(vanilla)
+    bn = resnet_classifier("quick", batchnorm=True)
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for b in bn.residual_blocks() for m in b.branch.modules())
+    assert bn(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+
+
+def test_classifier_architecture_is_validated():
+    with pytest.raises(ValueError, match="only with coeff=None"):
+        ClassifierArchitecture(branch_batchnorm=True)
+    with pytest.raises(ValueError, match="0 < c < 1"):
+        ClassifierArchitecture(coeff=1.2)
+    with pytest.raises(ValueError, match="one entry per stage"):
+        ClassifierArchitecture(n_blocks=(1, 1), hidden_channels=(8,), strides=(1,))
+    with pytest.raises(ValueError, match="needs a Lipschitz coefficient"):
+        iresnet_classifier("quick", coeff=None)
