@@ -39,7 +39,7 @@ def test_flow_logdet_equals_brute_force_jacobian_of_the_whole_model(float64, sha
     zs, _ = flow(x)
     manual = sum(
         torch.distributions.Normal(p.mean, p.log_std.exp()).log_prob(z).flatten(1).sum(1)
-        for p, z in zip(flow.priors, zs)
+        for p, z in zip(flow.priors, zs, strict=True)
     )
     assert torch.allclose(flow.log_prob(x), manual + logdet)
 
@@ -100,7 +100,7 @@ def test_bias_bound_and_bits_per_dim(float64):
     assert len(lips) == 4 and all(0 < lip < 1 for lip in lips)
     # the power-iteration estimate can only under-state the certified bound (sigma~ <= sigma)
     estimates = flow.lipschitz_bounds(method="estimate")
-    assert all(e <= 0.9**3 + 1e-12 and e <= lip * (1 + 1e-9) for e, lip in zip(estimates, lips))
+    assert all(e <= 0.9**3 + 1e-12 and e <= lip * (1 + 1e-9) for e, lip in zip(estimates, lips, strict=True))
     dims = flow.block_dims()
     assert dims == [16, 16, 8, 8]
     assert flow_bias_bound_bits_per_dim(lips, dims, 10, 16) < flow_bias_bound_bits_per_dim(lips, dims, 2, 16)

@@ -103,7 +103,9 @@ def test_power_series_gradient_matches_exact_gradient_in_expectation(mlp):
 
     def flat_grad(value):  # the last bias does not enter the Jacobian: its gradient is zero
         grads = torch.autograd.grad(value, params, allow_unused=True, retain_graph=True)
-        return torch.cat([(torch.zeros_like(p) if g is None else g).flatten() for p, g in zip(params, grads)])
+        return torch.cat(
+            [(torch.zeros_like(p) if g is None else g).flatten() for p, g in zip(params, grads, strict=True)]
+        )
 
     flat_exact, flat_est = flat_grad(exact.sum()), flat_grad(est.mean())
     assert flat_exact.norm() > 0
