@@ -33,9 +33,13 @@ class FlowModel(nn.Module):
             n *= s
         return n
 
+    def prior_log_prob(self, zs: list[Tensor]) -> Tensor:
+        """Sum of the base distributions' log-densities of the latents."""
+        return sum(prior.log_prob(z) for prior, z in zip(self.priors, zs, strict=True))
+
     def log_prob(self, x: Tensor, *, estimator: LogDetEstimator | None = None) -> Tensor:
         zs, logdet = self(x, estimator=estimator)
-        return sum(prior.log_prob(z) for prior, z in zip(self.priors, zs, strict=True)) + logdet
+        return self.prior_log_prob(zs) + logdet
 
     def sample_latents(self, n: int, *, temperature: float = 1.0) -> list[Tensor]:
         return [prior.sample(n, temperature=temperature) for prior in self.priors]

@@ -1,0 +1,1 @@
+"""Experiment entry points (one module per MLflow Project entry point)."""

@@ -1,0 +1,456 @@
+"""``mlflow run . -e density``: train and evaluate the i-ResNet flow, tracked in MLflow.
+
+    python -m experiments.density --preset quick
+    python -m experiments.density --preset paper-cifar10 --data-dir ~/data --device cuda
+    python -m experiments.density --resume <run_id>        # continue from the last epoch
+
+Every option left unset takes the preset's value.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import tempfile
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+
+import mlflow
+import mlflow.pytorch
+import torch
+
+from pipeline.data import (
+    DATASETS,
+    DatasetNotFoundError,
+    ImageSplit,
+    dequantize,
+    iterate_batches,
+    load_dataset,
+    pad_images,
+)
+from pipeline.evaluation import EvalProtocol, diagonal_gaussian_baseline_bits_per_dim, evaluate_bits_per_dim
+from pipeline.metrics import bits_per_dim
+from pipeline.models import FlowArchitecture, IResNetFlow
+from pipeline.tracking import MODEL_ARTIFACT, PROJECT_ROOT, log_json, log_params_flat, tracked_run
+from pipeline.training.device import resolve_device
+from pipeline.training.loop import LoopConfig, fit, restore
+from pipeline.training.schedule import linear_warmup
+from pipeline.transforms import FixedPointConfig, InverseReport, make_estimator
+from pipeline.transforms.logdet import LogDetEstimator
+
+log = logging.getLogger("experiments.density")
+
+
+@dataclass(frozen=True)
+class DensityConfig:
+    """Everything a density run needs; validated in one place (``__post_init__``)."""
+
+    preset: str = "quick"
+    # data
+    dataset: str = "digits-mnist5k"
+    data_dir: str | None = None
+    download: bool = False
+    pad: int = 0
+    validation_fraction: float = 0.0  # > 0: evaluate on a held-out part of train (sweeps), test at the end
+    # model
+    n_blocks: tuple[int, ...] = (4, 4)
+    hidden_channels: int = 32
+    coeff: float = 0.9
+    n_power_iterations: int = 5
+    activation: str = "elu"
+    # log-det estimator used for training
+    estimator: str = "power_series"
+    n_terms: int = 5
+    n_probes: int = 1
+    probe: str = "gaussian"
+    # optimisation
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 3e-3
+    warmup_steps: int = 100
+    grad_clip: float = 0.0
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = False
+    # evaluation
+    eval_every: int = 5
+    eval_batch_size: int = 250
+    eval_max_images: int = 0  # 0: the whole split
+    bias_tol: float = 1e-4
+    se_tol: float = 1e-3
+    max_passes: int = 20
+    n_samples: int = 64
+    sample_temperature: float = 1.0
+    inverse_tol: float = 1e-6
+    # bookkeeping
+    experiment_name: str = "density"
+    run_name: str | None = None
+    resume: str | None = None
+    checkpoint_dir: str = str(PROJECT_ROOT / "checkpoints")
+    log_every: int = 10
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "n_blocks", tuple(self.n_blocks))
+        if self.dataset not in DATASETS:
+            raise ValueError(f"unknown dataset {self.dataset!r}; choose one of {sorted(DATASETS)}")
+        positive = ("epochs", "batch_size", "eval_batch_size", "n_samples", "log_every", "max_passes")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("pad", "warmup_steps", "eval_every", "eval_max_images"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.validation_fraction < 1.0:
+            raise ValueError(f"validation_fraction must be in [0, 1), got {self.validation_fraction}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.grad_clip < 0:
+            raise ValueError(f"grad_clip must be >= 0, got {self.grad_clip}")
+        if not self.sample_temperature >= 0:
+            raise ValueError(f"sample_temperature must be >= 0, got {self.sample_temperature}")
+        if not self.inverse_tol > 0:
+            raise ValueError(f"inverse_tol must be > 0, got {self.inverse_tol}")
+        # the library validates its own pieces; building them here fails before any run starts
+        self.architecture((1, 2 ** len(self.n_blocks), 2 ** len(self.n_blocks)))
+        self.training_estimator()
+        self.protocol()
+        FixedPointConfig(atol=self.inverse_tol, rtol=self.inverse_tol)
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ValueError(f"unknown device {self.device!r}; choose auto, cpu, cuda or cuda:N")
+
+    def architecture(self, input_shape: tuple[int, int, int]) -> FlowArchitecture:
+        return FlowArchitecture(
+            input_shape=input_shape,
+            n_blocks=self.n_blocks,
+            hidden_channels=self.hidden_channels,
+            activation=self.activation,
+            coeff=self.coeff,
+            n_power_iterations=self.n_power_iterations,
+        )
+
+    def training_estimator(self) -> LogDetEstimator:
+        if self.estimator == "power_series":
+            return make_estimator("power_series", n_terms=self.n_terms, n_probes=self.n_probes, probe=self.probe)
+        return make_estimator(self.estimator)
+
+    def protocol(self) -> EvalProtocol:
+        return EvalProtocol(bias_tol=self.bias_tol, se_tol=self.se_tol, max_passes=self.max_passes)
+
+
+# Presets are data: each is a set of field values on top of the defaults.
+PRESETS: dict[str, dict] = {
+    # the embedded 5,000 MNIST digits; minutes on two CPU cores
+    "quick": {},
+    # App. C.3 / Sec. 6: 3 scales x 32 blocks, 32 filters, 10 series terms, Adamax 3e-3, 200 epochs
+    "paper-mnist": dict(
+        dataset="mnist",
+        pad=2,
+        n_blocks=(32, 32, 32),
+        hidden_channels=32,
+        n_power_iterations=5,
+        n_terms=10,
+        epochs=200,
+        batch_size=128,
+        warmup_steps=1000,
+        eval_every=10,
+        grad_clip=100.0,
+    ),
+    # 3 scales x 32 blocks, 512 filters, 5 series terms
+    "paper-cifar10": dict(
+        dataset="cifar10",
+        n_blocks=(32, 32, 32),
+        hidden_channels=512,
+        n_power_iterations=5,
+        n_terms=5,
+        epochs=200,
+        batch_size=64,
+        warmup_steps=1000,
+        eval_every=10,
+        grad_clip=100.0,
+    ),
+}
+
+
+def config_from_preset(preset: str, **overrides) -> DensityConfig:  # noqa: ANN003
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    return DensityConfig(**{**PRESETS[preset], **overrides, "preset": preset})
+
+
+# --- the run ------------------------------------------------------------------------------------
+def _input_shape(split: ImageSplit, pad: int) -> tuple[int, int, int]:
+    c, h, w = split.images.shape[1:]
+    return (c, h + 2 * pad, w + 2 * pad)
+
+
+def _save_grid(images: torch.Tensor, path: Path, nrow: int = 8) -> None:
+    from torchvision.utils import save_image
+
+    save_image(images.float().clamp(0, 1).cpu(), path, nrow=nrow, padding=1)
+
+
+def _log_history_figure(run_id: str, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    client = mlflow.tracking.MlflowClient()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key, label in (("train_loss", "train (per step)"), ("test_bpd", "test"), ("val_bpd", "validation")):
+        history = client.get_metric_history(run_id, key)
+        if history:
+            ax.plot(
+                [m.step for m in history],
+                [m.value for m in history],
+                marker="o" if key != "train_loss" else None,
+                label=label,
+            )
+    ax.set_xlabel("step (train) / epoch (evaluation)")
+    ax.set_ylabel("bits/dim")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
+def run(cfg: DensityConfig) -> str:
+    """Train and evaluate; returns the MLflow run id."""
+    device = resolve_device(cfg.device)
+    data = load_dataset(cfg.dataset, cfg.data_dir, download=cfg.download)  # fails before a run exists
+    train_split, val_split = (
+        data.split_validation(cfg.validation_fraction, seed=cfg.seed)
+        if cfg.validation_fraction > 0
+        else (data.train, None)
+    )
+    eval_split = val_split if val_split is not None else data.test
+    if cfg.eval_max_images:
+        eval_split = eval_split.subset(torch.arange(min(cfg.eval_max_images, len(eval_split))))
+    if cfg.amp and device.type != "cuda":
+        log.warning("amp is CUDA-only; training in float32 on %s", device)
+
+    torch.manual_seed(cfg.seed)
+    arch = cfg.architecture(_input_shape(data.train, cfg.pad))
+    inverse_config = FixedPointConfig(atol=cfg.inverse_tol, rtol=cfg.inverse_tol, max_iterations=200)
+    model = IResNetFlow(arch, estimator=cfg.training_estimator(), inverse_config=inverse_config).to(device)
+    optimizer = torch.optim.Adamax(model.parameters(), lr=cfg.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_warmup(cfg.warmup_steps))
+    n_levels, pad = data.n_levels, cfg.pad
+
+    def prepare(images: torch.Tensor) -> torch.Tensor:
+        return dequantize(pad_images(images.to(device), pad), n_levels)
+
+    with tracked_run(cfg.experiment_name, run_name=cfg.run_name, resume_run_id=cfg.resume) as active:
+        run_id = active.info.run_id
+        ckpt_path = Path(cfg.checkpoint_dir) / run_id / "last.pt"
+        if cfg.resume:
+            state, ckpt = restore(ckpt_path, model, optimizer, scheduler, device)
+            log.info("resumed run %s at epoch %d (step %d)", run_id, state.epoch, state.step)
+            if ckpt.get("config", {}).get("epochs") != cfg.epochs:
+                mlflow.set_tag("epochs_extended_to", cfg.epochs)
+        else:
+            state = None
+            with torch.no_grad():  # ActNorm's data-dependent initialisation on a large batch
+                model(prepare(train_split.images[torch.randperm(len(train_split))[:512]]))
+            log_params_flat({k: v for k, v in asdict(cfg).items() if k not in ("resume", "progress")})
+            log_params_flat(
+                {
+                    "n_levels": n_levels,
+                    "input_shape": arch.input_shape,
+                    "n_parameters": sum(p.numel() for p in model.parameters()),
+                    "resolved_device": str(device),
+                }
+            )
+            log_json(asdict(cfg), "config.json")
+        mlflow.set_tag("checkpoint", str(ckpt_path))
+
+        def step_fn(batch):  # noqa: ANN001, ANN202
+            images, _ = batch
+            x = prepare(images)
+            zs, logdet = model(x)
+            log_prob = model.prior_log_prob(zs) + logdet
+            bpd = bits_per_dim(log_prob, model.dim, n_levels).mean()
+            return bpd, {"bpd": float(bpd), "logdet": float(logdet.mean())}
+
+        def evaluate(epoch: int) -> dict[str, float]:
+            prefix = "val" if val_split is not None else "test"
+            result = evaluate_bits_per_dim(
+                model,
+                eval_split,
+                n_levels=n_levels,
+                pad=pad,
+                batch_size=cfg.eval_batch_size,
+                protocol=cfg.protocol(),
+                progress=cfg.progress,
+            )
+            metrics = result.metrics(prefix)
+            if val_split is not None and epoch == cfg.epochs:
+                metrics |= evaluate_bits_per_dim(
+                    model,
+                    data.test,
+                    n_levels=n_levels,
+                    pad=pad,
+                    batch_size=cfg.eval_batch_size,
+                    protocol=cfg.protocol(),
+                    progress=cfg.progress,
+                ).metrics("test")
+            return metrics
+
+        if state is None:  # reference points: the untrained model (epoch 0) and a diagonal Gaussian
+            mlflow.log_metrics(evaluate(0), step=0)
+            baseline = diagonal_gaussian_baseline_bits_per_dim(train_split, data.test, n_levels=n_levels, pad=pad)
+            mlflow.log_metric("baseline_diagonal_gaussian_test_bpd", baseline)
+        loop = LoopConfig(
+            epochs=cfg.epochs,
+            checkpoint_path=ckpt_path,
+            grad_clip=cfg.grad_clip,
+            log_every=cfg.log_every,
+            eval_every=cfg.eval_every,
+            amp=cfg.amp,
+            progress=cfg.progress,
+        )
+
+        def batches(epoch: int):  # noqa: ANN202
+            return iterate_batches(
+                train_split, cfg.batch_size, shuffle=True, seed=cfg.seed * 100_003 + epoch, drop_last=True
+            )
+
+        fit(
+            model,
+            optimizer,
+            scheduler,
+            batches,
+            step_fn,
+            loop,
+            state=state,
+            evaluate=evaluate,
+            checkpoint_extra={"config": asdict(cfg)},
+        )
+        _log_final_artifacts(model, data.test, prepare, cfg, run_id)
+    return run_id
+
+
+@torch.no_grad()
+def _log_final_artifacts(model: IResNetFlow, test: ImageSplit, prepare, cfg: DensityConfig, run_id: str) -> None:  # noqa: ANN001
+    model.eval()
+    crop = (slice(None), slice(None), slice(cfg.pad, -cfg.pad or None), slice(cfg.pad, -cfg.pad or None))
+    with torch.random.fork_rng(devices=[]), tempfile.TemporaryDirectory() as tmp:
+        torch.manual_seed(cfg.seed)
+        out = Path(tmp)
+        # samples
+        report = InverseReport()
+        samples = model.sample(cfg.n_samples, temperature=cfg.sample_temperature, report=report)
+        _save_grid(samples[crop] + 0.5, out / f"samples_T{cfg.sample_temperature:g}.png")
+        mlflow.log_metrics({f"sample_{k}": v for k, v in report.summary().items()})
+        # reconstruction of encoded test images
+        x = prepare(test.images[: cfg.n_samples])
+        zs, _ = model(x)
+        report = InverseReport()
+        x_rec = model.inverse(zs, report=report)
+        error = (x_rec - x).abs().flatten(1).max(dim=1).values
+        mlflow.log_metrics(
+            {
+                "recon_max_abs_error": float(error.max()),
+                "recon_mean_abs_error": float(error.mean()),
+                **{f"recon_{k}": v for k, v in report.summary().items()},
+            }
+        )
+        pairs = torch.stack([x[:32], x_rec[:32]], dim=1).flatten(0, 1)
+        _save_grid(pairs[crop] + 0.5, out / "reconstructions.png")
+        _log_history_figure(run_id, out / "history.png")
+        lips = model.lipschitz_bounds(method="certified")
+        log_json(
+            {"certified_lipschitz": lips, "estimated_lipschitz": model.lipschitz_bounds(method="estimate")},
+            "lipschitz.json",
+        )
+        mlflow.log_metric("max_block_lipschitz_certified", max(lips))
+        mlflow.log_artifacts(str(out))
+    # pickled eager module: the flow's forward runs autograd inside, which tracing formats cannot hold
+    mlflow.pytorch.log_model(
+        model.cpu(), name=MODEL_ARTIFACT, serialization_format="pickle", pip_requirements=["torch", "iresnet-pipeline"]
+    )
+
+
+# --- command line -------------------------------------------------------------------------------
+def _optional(kind):  # noqa: ANN001, ANN202
+    """argparse type where an empty string (an unset MLflow parameter) means "the preset's value"."""
+
+    def parse(text: str):  # noqa: ANN202
+        if text in ("", "None", "none"):
+            return None
+        if kind is bool:
+            if text.lower() in ("1", "true", "yes"):
+                return True
+            if text.lower() in ("0", "false", "no"):
+                return False
+            raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+        if kind is tuple:
+            return tuple(int(t) for t in text.replace(",", " ").split())
+        return kind(text)
+
+    parse.__name__ = getattr(kind, "__name__", "value")
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="quick", choices=sorted(PRESETS))
+    for f in fields(DensityConfig):
+        if f.name == "preset":
+            continue
+        kind = {"int": int, "float": float, "bool": bool, "str": str}.get(str(f.type).split(" ")[0], str)
+        if "tuple" in str(f.type):
+            kind = tuple
+        parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=_optional(kind), default=None)
+    return parser
+
+
+def config_from_args(argv: list[str] | None = None) -> DensityConfig:
+    args = vars(build_parser().parse_args(argv))
+    preset = args.pop("preset")
+    overrides = {k: v for k, v in args.items() if v is not None}
+    return config_from_preset(preset, **overrides)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = config_from_args(argv)
+    except (ValueError, TypeError) as exc:
+        log.error("invalid configuration: %s", exc)
+        return 2
+    if cfg.resume:
+        # a resumed run keeps its own configuration; only the number of epochs may be extended
+        cfg = _config_for_resume(cfg)
+    try:
+        run_id = run(cfg)
+    except DatasetNotFoundError as exc:
+        log.error("%s", exc)
+        return 2
+    log.info("finished run %s", run_id)
+    return 0
+
+
+def _config_for_resume(cfg: DensityConfig) -> DensityConfig:
+    from pipeline.training.checkpoint import load_checkpoint
+
+    path = Path(cfg.checkpoint_dir) / cfg.resume / "last.pt"
+    saved = load_checkpoint(path)["config"]
+    saved = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()}
+    return replace(
+        DensityConfig(**saved),
+        resume=cfg.resume,
+        epochs=max(cfg.epochs, saved["epochs"]),
+        device=cfg.device,
+        progress=cfg.progress,
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+__all__ = ["PRESETS", "DensityConfig", "config_from_preset", "main", "run"]

@@ -1,0 +1,121 @@
+"""MLflow plumbing shared by the entry points.
+
+The default store is an SQLite file in the project (``sqlite:///<project>/mlflow.db``, absolute)
+with artifacts beside it in ``<project>/mlartifacts``; ``MLFLOW_TRACKING_URI`` overrides it.
+When an entry point is launched by ``mlflow run``, MLflow hands it a run (``MLFLOW_RUN_ID``) and
+that run is used.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.tracking import MlflowClient
+
+log = logging.getLogger(__name__)
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+def default_tracking_uri() -> str:
+    return f"sqlite:///{PROJECT_ROOT / 'mlflow.db'}"
+
+
+def configure_tracking() -> str:
+    """Point MLflow at ``MLFLOW_TRACKING_URI`` or the project's SQLite store; return the URI."""
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # no phoning home from offline machines
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    return uri
+
+
+def experiment_id(name: str) -> str:
+    """The id of experiment ``name``, created (artifacts in ``<project>/mlartifacts``) if new."""
+    client = MlflowClient()
+    existing = client.get_experiment_by_name(name)
+    if existing is not None:
+        return existing.experiment_id
+    location = None
+    if mlflow.get_tracking_uri() == default_tracking_uri():
+        location = (PROJECT_ROOT / "mlartifacts").as_uri()
+    return client.create_experiment(name, artifact_location=location)
+
+
+class RunFailed(RuntimeError):
+    """A tracked run stopped on an error; the run is marked FAILED."""
+
+
+@contextmanager
+def tracked_run(
+    experiment_name: str, *, run_name: str | None = None, resume_run_id: str | None = None
+) -> Iterator[mlflow.ActiveRun]:
+    """Start (or resume) a run; mark it FAILED (KILLED on Ctrl-C) if the body raises."""
+    configure_tracking()
+    launched_run = os.environ.get("MLFLOW_RUN_ID")
+    if resume_run_id:
+        client = MlflowClient()
+        try:
+            client.get_run(resume_run_id)
+        except Exception as exc:  # noqa: BLE001 - MLflow raises several types for an unknown id
+            raise ValueError(f"cannot resume: no run {resume_run_id!r} in {mlflow.get_tracking_uri()}") from exc
+        if launched_run and launched_run != resume_run_id:
+            client.set_tag(launched_run, "mlflow.note.content", f"resumed run {resume_run_id}; see that run")
+            client.set_tag(launched_run, "resumed_run_id", resume_run_id)
+        run = mlflow.start_run(run_id=resume_run_id)
+    elif launched_run:
+        run = mlflow.start_run(run_id=launched_run)
+    else:
+        run = mlflow.start_run(experiment_id=experiment_id(experiment_name), run_name=run_name)
+    try:
+        yield run
+    except KeyboardInterrupt:
+        mlflow.set_tag("failure", "interrupted")
+        mlflow.end_run(status="KILLED")
+        raise
+    except BaseException as exc:
+        mlflow.set_tag("failure", f"{type(exc).__name__}: {exc}"[:5000])
+        mlflow.end_run(status="FAILED")
+        raise
+    else:
+        mlflow.end_run(status="FINISHED")
+
+
+def log_json(obj: Any, artifact_file: str) -> None:
+    mlflow.log_text(json.dumps(obj, indent=2, sort_keys=True, default=str), artifact_file)
+
+
+def log_params_flat(params: dict[str, Any], prefix: str = "") -> None:
+    """Log a nested dict as flat ``a.b`` params (MLflow caps a value at a few thousand chars)."""
+    flat: dict[str, Any] = {}
+
+    def walk(d: dict[str, Any], pre: str) -> None:
+        for k, v in d.items():
+            if isinstance(v, dict):
+                walk(v, f"{pre}{k}.")
+            else:
+                flat[f"{pre}{k}"] = v
+
+    walk(params, prefix)
+    existing = mlflow.active_run().data.params if mlflow.active_run() else {}
+    new = {k: v for k, v in flat.items() if k not in existing}
+    if new:
+        mlflow.log_params(new)
+
+
+MODEL_ARTIFACT = "model"
+
+
+def load_model(run_id: str, *, map_location: str = "cpu") -> Any:
+    """Reload the model logged by a run (to sample from or evaluate it)."""
+    configure_tracking()
+    import mlflow.pytorch
+
+    model = mlflow.pytorch.load_model(f"runs:/{run_id}/{MODEL_ARTIFACT}", map_location=map_location)
+    return model.eval()

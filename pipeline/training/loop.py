@@ -1,0 +1,148 @@
+"""The epoch loop shared by the entry points: checkpoints, resume, non-finite losses, logging.
+
+A checkpoint is written atomically after every epoch with model, optimizer, scheduler, epoch,
+step and RNG state; a resumed run continues from the next epoch and, because batch order is a
+function of (seed, epoch) and the RNG state is restored, reproduces an uninterrupted run exactly.
+A non-finite loss stops the run with :class:`NonFiniteLossError` before the optimizer step, so
+the last checkpoint on disk stays the last good one.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from pipeline.training.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or infinite."""
+
+
+@dataclass
+class LoopConfig:
+    epochs: int
+    checkpoint_path: Path
+    grad_clip: float = 0.0  # max global grad norm; 0 disables clipping
+    log_every: int = 10  # steps between per-step metric logs
+    eval_every: int = 0  # epochs between evaluations (0: only after the last epoch)
+    amp: bool = False  # bfloat16 autocast (CUDA only)
+    progress: bool = True
+
+
+@dataclass
+class LoopState:
+    epoch: int = 0  # epochs completed
+    step: int = 0  # optimizer steps taken
+
+
+StepFn = Callable[[Any], tuple[Tensor, dict[str, float]]]
+
+
+def _checkpoint_state(model: nn.Module, optimizer, scheduler, state: LoopState, extra: dict) -> dict[str, Any]:  # noqa: ANN001
+    return {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "epoch": state.epoch,
+        "step": state.step,
+        "rng": rng_state(),
+        **extra,
+    }
+
+
+def restore(path: Path, model: nn.Module, optimizer, scheduler, device: torch.device) -> tuple[LoopState, dict]:  # noqa: ANN001
+    """Load a checkpoint into model/optimizer/scheduler; returns the loop state and the whole dict."""
+    ckpt = load_checkpoint(path, map_location=device)
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if scheduler is not None and ckpt.get("scheduler") is not None:
+        scheduler.load_state_dict(ckpt["scheduler"])
+    set_rng_state(ckpt["rng"])
+    return LoopState(epoch=ckpt["epoch"], step=ckpt["step"]), ckpt
+
+
+def fit(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None,
+    batches: Callable[[int], Iterable[Any]],
+    step_fn: StepFn,
+    config: LoopConfig,
+    *,
+    state: LoopState | None = None,
+    evaluate: Callable[[int], dict[str, float]] | None = None,
+    checkpoint_extra: dict | None = None,
+    on_epoch_end: Callable[[int, dict[str, float]], None] | None = None,
+    n_samples: Callable[[Any], int] = lambda batch: len(batch[0]),
+) -> LoopState:
+    """Train from ``state`` (default: scratch) to ``config.epochs``; log to the active MLflow run.
+
+    ``batches(epoch)`` yields the epoch's batches; ``step_fn(batch) -> (loss, metrics)`` computes
+    the loss in train mode; ``evaluate(epoch) -> metrics`` runs every ``eval_every`` epochs and
+    after the last. ``scheduler`` steps once per optimizer step.
+    """
+    state = state or LoopState()
+    device = next(model.parameters()).device
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if config.amp and device.type == "cuda" else nullcontext()
+    params = [p for p in model.parameters() if p.requires_grad]
+    while state.epoch < config.epochs:
+        epoch = state.epoch + 1
+        model.train()
+        started, seen, totals, count = time.perf_counter(), 0, {}, 0
+        bar = tqdm(batches(epoch), desc=f"epoch {epoch}/{config.epochs}", disable=not config.progress, leave=False)
+        for batch in bar:
+            with autocast:
+                loss, metrics = step_fn(batch)
+            if not torch.isfinite(loss):
+                raise NonFiniteLossError(
+                    f"training loss became {loss.item()} at epoch {epoch}, step {state.step + 1}; the run is stopped "
+                    f"and the last good checkpoint (epoch {state.epoch}) is kept at {config.checkpoint_path}"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if config.grad_clip > 0:
+                metrics["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, config.grad_clip))
+            optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+            state.step += 1
+            seen += n_samples(batch)
+            metrics = {"loss": float(loss), **metrics}
+            for k, v in metrics.items():
+                totals[k] = totals.get(k, 0.0) + v
+            count += 1
+            if state.step % config.log_every == 0:
+                mlflow.log_metrics(
+                    {f"train_{k}": v for k, v in metrics.items()} | {"lr": optimizer.param_groups[0]["lr"]},
+                    step=state.step,
+                )
+            bar.set_postfix(loss=f"{metrics['loss']:.4g}")
+        bar.close()
+        seconds = time.perf_counter() - started
+        epoch_metrics = {f"epoch_train_{k}": v / max(count, 1) for k, v in totals.items()}
+        epoch_metrics |= {"epoch_seconds": seconds, "train_images_per_second": seen / seconds if seconds else math.nan}
+        if evaluate is not None and (epoch == config.epochs or (config.eval_every and epoch % config.eval_every == 0)):
+            epoch_metrics |= evaluate(epoch)
+        mlflow.log_metrics(epoch_metrics, step=epoch)
+        log.info("epoch %d: %s", epoch, ", ".join(f"{k}={v:.4g}" for k, v in epoch_metrics.items()))
+        state.epoch = epoch
+        save_checkpoint(
+            config.checkpoint_path, _checkpoint_state(model, optimizer, scheduler, state, checkpoint_extra or {})
+        )
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, epoch_metrics)
+    return state
