@@ -273,7 +273,7 @@ def run(cfg: DensityConfig) -> str:
             zs, logdet = model(x)
             log_prob = model.prior_log_prob(zs) + logdet
             bpd = bits_per_dim(log_prob, model.dim, n_levels).mean()
-            return bpd, {"bpd": float(bpd), "logdet": float(logdet.mean())}
+            return bpd, {"bpd": float(bpd.detach()), "logdet": float(logdet.detach().mean())}
 
         def evaluate(epoch: int) -> dict[str, float]:
             prefix = "val" if val_split is not None else "test"
@@ -408,23 +408,47 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def config_from_args(argv: list[str] | None = None) -> DensityConfig:
+def overrides_from_args(argv: list[str] | None = None) -> tuple[str, dict]:
+    """The preset and the options actually given on the command line."""
     args = vars(build_parser().parse_args(argv))
     preset = args.pop("preset")
-    overrides = {k: v for k, v in args.items() if v is not None}
-    return config_from_preset(preset, **overrides)
+    return preset, {k: v for k, v in args.items() if v is not None}
+
+
+RESUME_OVERRIDABLE = ("epochs", "device", "progress", "checkpoint_dir")
+
+
+def config_for_resume(run_id: str, **overrides) -> DensityConfig:  # noqa: ANN003
+    """The configuration a run was started with, from its checkpoint.
+
+    Only ``epochs`` (to extend a run), ``device``, ``progress`` and ``checkpoint_dir`` may change;
+    anything else would no longer be the same run.
+    """
+    from pipeline.training.checkpoint import load_checkpoint
+
+    unknown = set(overrides) - set(RESUME_OVERRIDABLE)
+    if unknown:
+        raise ValueError(f"a resumed run keeps its configuration; cannot change {sorted(unknown)} on resume")
+    checkpoint_dir = overrides.get("checkpoint_dir", DensityConfig.checkpoint_dir)
+    path = Path(checkpoint_dir) / run_id / "last.pt"
+    if not path.exists():
+        raise ValueError(f"cannot resume run {run_id}: no checkpoint at {path}")
+    saved = load_checkpoint(path)["config"]
+    saved = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()}
+    if overrides.get("epochs", saved["epochs"]) < saved["epochs"]:
+        raise ValueError(f"cannot shorten a run on resume ({saved['epochs']} epochs were configured)")
+    return replace(DensityConfig(**saved), resume=run_id, **overrides)
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        cfg = config_from_args(argv)
+        preset, overrides = overrides_from_args(argv)
+        resume = overrides.pop("resume", None)
+        cfg = config_for_resume(resume, **overrides) if resume else config_from_preset(preset, **overrides)
     except (ValueError, TypeError) as exc:
         log.error("invalid configuration: %s", exc)
         return 2
-    if cfg.resume:
-        # a resumed run keeps its own configuration; only the number of epochs may be extended
-        cfg = _config_for_resume(cfg)
     try:
         run_id = run(cfg)
     except DatasetNotFoundError as exc:
@@ -432,21 +456,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     log.info("finished run %s", run_id)
     return 0
-
-
-def _config_for_resume(cfg: DensityConfig) -> DensityConfig:
-    from pipeline.training.checkpoint import load_checkpoint
-
-    path = Path(cfg.checkpoint_dir) / cfg.resume / "last.pt"
-    saved = load_checkpoint(path)["config"]
-    saved = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()}
-    return replace(
-        DensityConfig(**saved),
-        resume=cfg.resume,
-        epochs=max(cfg.epochs, saved["epochs"]),
-        device=cfg.device,
-        progress=cfg.progress,
-    )
 
 
 if __name__ == "__main__":

@@ -105,7 +105,7 @@ def evaluate_bits_per_dim(
         ]
         passes: list[torch.Tensor] = []
         se = math.inf
-        bar = tqdm(total=protocol.max_passes, desc="eval bits/dim", disable=not progress, leave=False)
+        bar = tqdm(total=protocol.max_passes, desc="eval bits/dim", disable=None if progress else True, leave=False)
         while len(passes) < protocol.max_passes:
             per_image = torch.cat(
                 [bits_per_dim(model.log_prob(x, estimator=estimator), model.dim, n_levels) for x in inputs]

@@ -103,7 +103,12 @@ def fit(
         epoch = state.epoch + 1
         model.train()
         started, seen, totals, count = time.perf_counter(), 0, {}, 0
-        bar = tqdm(batches(epoch), desc=f"epoch {epoch}/{config.epochs}", disable=not config.progress, leave=False)
+        bar = tqdm(
+            batches(epoch),
+            desc=f"epoch {epoch}/{config.epochs}",
+            disable=None if config.progress else True,
+            leave=False,
+        )
         for batch in bar:
             with autocast:
                 loss, metrics = step_fn(batch)
@@ -121,11 +126,11 @@ def fit(
                 scheduler.step()
             state.step += 1
             seen += n_samples(batch)
-            metrics = {"loss": float(loss), **metrics}
+            metrics = {"loss": float(loss.detach()), **metrics}
             for k, v in metrics.items():
                 totals[k] = totals.get(k, 0.0) + v
             count += 1
-            if state.step % config.log_every == 0:
+            if state.step % config.log_every == 0 or state.step == 1:
                 mlflow.log_metrics(
                     {f"train_{k}": v for k, v in metrics.items()} | {"lr": optimizer.param_groups[0]["lr"]},
                     step=state.step,

@@ -1,0 +1,190 @@
+"""End-to-end tests of the density entry point on tiny real data (scikit-learn's 8x8 digits)."""
+
+import os
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from experiments import density
+from pipeline.tracking import PROJECT_ROOT, load_model
+
+TINY = dict(
+    dataset="digits8x8",
+    n_blocks=(1, 1),
+    hidden_channels=8,
+    n_power_iterations=2,
+    n_terms=2,
+    epochs=2,
+    batch_size=128,
+    eval_every=1,
+    eval_max_images=60,
+    max_passes=3,
+    se_tol=0.05,
+    n_samples=8,
+    progress=False,
+    log_every=2,
+)
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    # `mlflow run --env-manager local` calls `python` from PATH: make it this interpreter, as an activated venv does
+    monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    mlflow.set_tracking_uri(uri)
+    yield tmp_path
+    while mlflow.active_run():
+        mlflow.end_run()
+
+
+def _runs(experiment="density"):
+    exp = MlflowClient().get_experiment_by_name(experiment)
+    return [] if exp is None else MlflowClient().search_runs([exp.experiment_id])
+
+
+@pytest.mark.slow
+def test_mlflow_project_entry_point_end_to_end(store):
+    submitted = mlflow.projects.run(
+        str(PROJECT_ROOT),
+        entry_point="density",
+        env_manager="local",
+        experiment_name="density",
+        parameters={
+            "dataset": "digits8x8",
+            "n_blocks": "1 1",
+            "hidden_channels": "8",
+            "n_terms": "2",
+            "epochs": "1",
+            "batch_size": "256",
+            "eval_max_images": "40",
+            "checkpoint_dir": str(store / "ckpt"),
+        },
+    )
+    assert submitted.get_status() == "FINISHED"
+    run = MlflowClient().get_run(submitted.run_id)
+    assert run.info.status == "FINISHED"
+    for key in (
+        "test_bpd",
+        "test_standard_error",
+        "test_bias_bound",
+        "test_n_terms",
+        "train_loss",
+        "baseline_diagonal_gaussian_test_bpd",
+        "recon_max_abs_error",
+    ):
+        assert key in run.data.metrics, key
+    artifacts = {a.path for a in MlflowClient().list_artifacts(submitted.run_id)}
+    assert {"samples_T1.png", "reconstructions.png", "history.png", "config.json"} <= artifacts
+    model = load_model(submitted.run_id)
+    assert model.sample(2).shape == (2, 1, 8, 8)
+
+
+def test_direct_run_logs_metrics_and_a_reloadable_model(store):
+    cfg = density.config_from_preset("quick", **TINY, checkpoint_dir=str(store / "ckpt"))
+    run_id = density.run(cfg)
+    run = MlflowClient().get_run(run_id)
+    assert run.info.status == "FINISHED"
+    history = MlflowClient().get_metric_history(run_id, "test_bpd")
+    assert [m.step for m in history] == [0, 1, 2]  # untrained, then every epoch
+    # the protocol reports the estimate with its standard error and Theorem 3 bias bound
+    m = run.data.metrics
+    assert m["test_n_terms"] >= 1 and m["test_bias_bound"] < 1e-4 and m["test_max_block_lipschitz"] < 1
+    assert m["recon_inverse_not_converged"] == 0 and m["recon_max_abs_error"] < 1e-4
+    model = load_model(run_id)
+    x = torch.rand(3, 1, 8, 8) - 0.5
+    assert torch.isfinite(model.log_prob(x)).all()
+
+
+class _Crash(RuntimeError):
+    pass
+
+
+def test_resumed_run_ends_with_the_same_parameters_as_an_uninterrupted_one(store, monkeypatch):
+    cfg = density.config_from_preset(
+        "quick", **{**TINY, "epochs": 3, "eval_every": 0}, checkpoint_dir=str(store / "ckpt")
+    )
+    straight = density.run(cfg)
+
+    import pipeline.training.loop as loop
+
+    original = loop.save_checkpoint
+
+    def crash_after_epoch_2(path, state):
+        original(path, state)
+        if state["epoch"] == 2:
+            raise _Crash("simulated crash after the epoch-2 checkpoint")
+
+    monkeypatch.setattr(loop, "save_checkpoint", crash_after_epoch_2)
+    with pytest.raises(_Crash):
+        density.run(cfg)
+    monkeypatch.setattr(loop, "save_checkpoint", original)
+    crashed = [r for r in _runs() if r.info.run_id != straight][0]
+    assert crashed.info.status == "FAILED"
+
+    resumed = density.run(density.config_for_resume(crashed.info.run_id, checkpoint_dir=str(store / "ckpt")))
+    assert resumed == crashed.info.run_id
+    assert MlflowClient().get_run(resumed).info.status == "FINISHED"
+    a = torch.load(Path(store / "ckpt" / straight / "last.pt"), weights_only=False)["model"]
+    b = torch.load(Path(store / "ckpt" / resumed / "last.pt"), weights_only=False)["model"]
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--coeff", "1.0"], "0 < c < 1"),
+        (["--coeff", "1.5"], "0 < c < 1"),
+        (["--n-terms", "-2"], "n_terms"),
+        (["--dataset", "imagenet"], "unknown dataset"),
+        (["--dataset", "mnist", "--data-dir", "/nonexistent/mnist"], "does not exist"),
+        (["--epochs", "0"], "epochs"),
+        (["--resume", "no-such-run"], "no checkpoint"),
+    ],
+)
+def test_bad_input_gives_a_clear_error_and_no_finished_run(store, caplog, args, message):
+    assert density.main([*args, "--progress", "false"]) == 2
+    assert message in caplog.text
+    assert not [r for r in _runs() if r.info.status == "FINISHED"]
+
+
+@pytest.mark.slow
+def test_bad_input_through_mlflow_run_leaves_a_failed_run(store):
+    with pytest.raises(mlflow.exceptions.ExecutionException):
+        mlflow.projects.run(
+            str(PROJECT_ROOT),
+            entry_point="density",
+            env_manager="local",
+            experiment_name="density",
+            parameters={"coeff": "1.0"},
+        )
+    statuses = {r.info.status for r in _runs()}
+    assert statuses == {"FAILED"}
+
+
+def test_non_finite_loss_stops_the_run_and_marks_it_failed(store, monkeypatch):
+    import pipeline.models.base as base
+
+    calls = {"n": 0}
+    original = base.FlowModel.prior_log_prob
+
+    def poisoned(self, zs):
+        calls["n"] += 1
+        value = original(self, zs)
+        return value * float("nan") if torch.is_grad_enabled() and calls["n"] > 3 else value
+
+    monkeypatch.setattr(base.FlowModel, "prior_log_prob", poisoned)
+    cfg = density.config_from_preset("quick", **{**TINY, "batch_size": 32}, checkpoint_dir=str(store / "ckpt"))
+    from pipeline.training.loop import NonFiniteLossError
+
+    with pytest.raises(NonFiniteLossError, match="last good checkpoint"):
+        density.run(cfg)
+    (run,) = _runs()
+    assert run.info.status == "FAILED" and "NonFiniteLossError" in run.data.tags["failure"]
