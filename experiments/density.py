@@ -9,20 +9,19 @@ Every option left unset takes the preset's value.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 import tempfile
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import mlflow
 import mlflow.pytorch
 import torch
 
+from experiments import cli
 from pipeline.data import (
     DATASETS,
-    DatasetNotFoundError,
     ImageSplit,
     dequantize,
     iterate_batches,
@@ -171,12 +170,6 @@ PRESETS: dict[str, dict] = {
         grad_clip=100.0,
     ),
 }
-
-
-def config_from_preset(preset: str, **overrides) -> DensityConfig:  # noqa: ANN003
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
-    return DensityConfig(**{**PRESETS[preset], **overrides, "preset": preset})
 
 
 # --- the run ------------------------------------------------------------------------------------
@@ -375,91 +368,17 @@ def _log_final_artifacts(model: IResNetFlow, test: ImageSplit, prepare, cfg: Den
 
 
 # --- command line -------------------------------------------------------------------------------
-def _optional(kind):  # noqa: ANN001, ANN202
-    """argparse type where an empty string (an unset MLflow parameter) means "the preset's value"."""
-
-    def parse(text: str):  # noqa: ANN202
-        if text in ("", "None", "none"):
-            return None
-        if kind is bool:
-            if text.lower() in ("1", "true", "yes"):
-                return True
-            if text.lower() in ("0", "false", "no"):
-                return False
-            raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
-        if kind is tuple:
-            return tuple(int(t) for t in text.replace(",", " ").split())
-        return kind(text)
-
-    parse.__name__ = getattr(kind, "__name__", "value")
-    return parse
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="quick", choices=sorted(PRESETS))
-    for f in fields(DensityConfig):
-        if f.name == "preset":
-            continue
-        kind = {"int": int, "float": float, "bool": bool, "str": str}.get(str(f.type).split(" ")[0], str)
-        if "tuple" in str(f.type):
-            kind = tuple
-        parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=_optional(kind), default=None)
-    return parser
-
-
-def overrides_from_args(argv: list[str] | None = None) -> tuple[str, dict]:
-    """The preset and the options actually given on the command line."""
-    args = vars(build_parser().parse_args(argv))
-    preset = args.pop("preset")
-    return preset, {k: v for k, v in args.items() if v is not None}
-
-
-RESUME_OVERRIDABLE = ("epochs", "device", "progress", "checkpoint_dir")
+def config_from_preset(preset: str, **overrides) -> DensityConfig:  # noqa: ANN003
+    return cli.config_from_preset(DensityConfig, PRESETS, preset, **overrides)
 
 
 def config_for_resume(run_id: str, **overrides) -> DensityConfig:  # noqa: ANN003
-    """The configuration a run was started with, from its checkpoint.
-
-    Only ``epochs`` (to extend a run), ``device``, ``progress`` and ``checkpoint_dir`` may change;
-    anything else would no longer be the same run.
-    """
-    from pipeline.training.checkpoint import load_checkpoint
-
-    unknown = set(overrides) - set(RESUME_OVERRIDABLE)
-    if unknown:
-        raise ValueError(f"a resumed run keeps its configuration; cannot change {sorted(unknown)} on resume")
-    checkpoint_dir = overrides.get("checkpoint_dir", DensityConfig.checkpoint_dir)
-    path = Path(checkpoint_dir) / run_id / "last.pt"
-    if not path.exists():
-        raise ValueError(f"cannot resume run {run_id}: no checkpoint at {path}")
-    saved = load_checkpoint(path)["config"]
-    saved = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()}
-    if overrides.get("epochs", saved["epochs"]) < saved["epochs"]:
-        raise ValueError(f"cannot shorten a run on resume ({saved['epochs']} epochs were configured)")
-    return replace(DensityConfig(**saved), resume=run_id, **overrides)
+    return cli.config_for_resume(DensityConfig, run_id, **overrides)
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        preset, overrides = overrides_from_args(argv)
-        resume = overrides.pop("resume", None)
-        cfg = config_for_resume(resume, **overrides) if resume else config_from_preset(preset, **overrides)
-    except (ValueError, TypeError) as exc:
-        log.error("invalid configuration: %s", exc)
-        return 2
-    try:
-        run_id = run(cfg)
-    except DatasetNotFoundError as exc:
-        log.error("%s", exc)
-        return 2
-    log.info("finished run %s", run_id)
-    return 0
+    return cli.entry_point_main(DensityConfig, PRESETS, run, argv, __doc__)
 
 
 if __name__ == "__main__":
     sys.exit(main())
-
-
-__all__ = ["PRESETS", "DensityConfig", "config_from_preset", "main", "run"]

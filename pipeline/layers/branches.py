@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from torch import nn
 
 from pipeline.layers.activations import make_activation
@@ -89,17 +90,26 @@ def branch_linear_layers(branch: nn.Module) -> list[nn.Module]:
     ]
 
 
+def batchnorm_lipschitz(layer: nn.modules.batchnorm._BatchNorm) -> float:
+    """Lipschitz constant of BatchNorm in eval mode: ``max |gamma| / sqrt(running_var + eps)``."""
+    if layer.running_var is None:
+        raise ValueError("BatchNorm without running statistics has no fixed eval-mode map")
+    scale = torch.ones_like(layer.running_var) if layer.weight is None else layer.weight.detach().abs()
+    return float((scale / torch.sqrt(layer.running_var + layer.eps)).max())
+
+
 def branch_lipschitz_bound(
     branch: nn.Module, *, method: str = "certified", input_hw: tuple[int, int] | None = None
 ) -> float:
-    """Upper bound on ``Lip(g)``: the product of the operator norms of its linear layers.
+    """Upper bound on ``Lip(g)`` in eval mode: the product of its linear layers' operator norms.
 
-    Valid because every activation here is 1-Lipschitz; BatchNorm (vanilla only) is not
-    bounded, so a branch containing it raises.
+    Valid because every activation here is 1-Lipschitz; BatchNorm (vanilla baseline only) enters
+    with its eval-mode per-channel scale.
     """
-    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in branch.modules()):
-        raise ValueError("a branch with BatchNorm has no Lipschitz bound from its weights alone")
     bound = 1.0
+    for layer in branch.modules():
+        if isinstance(layer, nn.modules.batchnorm._BatchNorm):
+            bound *= batchnorm_lipschitz(layer)
     for layer in branch_linear_layers(branch):
         bound *= layer_operator_norm(layer, method=method, input_hw=input_hw)
     return bound

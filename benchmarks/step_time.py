@@ -1,0 +1,181 @@
+"""Training-step time and peak memory: vanilla ResNet vs i-ResNet classifier vs i-ResNet flow.
+
+    python -m benchmarks.step_time                       # CPU-sized defaults, current device
+    python -m benchmarks.step_time --device cuda --image 3 32 32 --blocks 7 7 7 --hidden 32 64 128 --batch 128
+    python -m benchmarks.step_time --json results.json
+
+Every case uses the same residual stages (blocks and bottleneck widths per stage), the same input and
+the same batch; each runs in a fresh subprocess so peak memory is its own. Ratios are to case (a).
+The flow's levels factor out half their channels, so its later stages are narrower than the
+classifier's, and it uses the largest ``--hidden`` width in every level: the comparison is of the
+same blocks, widths and batch, not of identical FLOPs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import multiprocessing as mp
+import resource
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from pipeline.models import ClassifierArchitecture, FlowArchitecture, IResNetFlow, ResidualClassifier
+from pipeline.training.device import resolve_device
+from pipeline.transforms import PowerSeriesLogDet
+
+log = logging.getLogger("benchmarks.step_time")
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    kind: str  # "resnet", "iresnet", "flow"
+    n_terms: int = 0
+
+
+CASES = [
+    Case("(a) vanilla ResNet", "resnet"),
+    Case("(b) i-ResNet classifier", "iresnet"),
+    Case("(c) i-ResNet flow, 1 term", "flow", 1),
+    Case("(c) i-ResNet flow, 5 terms", "flow", 5),
+    Case("(c) i-ResNet flow, 10 terms", "flow", 10),
+]
+
+
+def _current_rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+def _measure(case: Case, args: dict, queue) -> None:  # noqa: ANN001
+    torch.manual_seed(0)
+    torch.set_num_threads(args["threads"]) if args["threads"] else None
+    device = resolve_device(args["device"])
+    shape = tuple(args["image"])
+    blocks, hidden = tuple(args["blocks"]), tuple(args["hidden"])
+    x = torch.rand(args["batch"], *shape, device=device) - 0.5
+    y = torch.randint(0, 10, (args["batch"],), device=device)
+    if case.kind == "flow":
+        arch = FlowArchitecture(
+            input_shape=shape, n_blocks=blocks, hidden_channels=max(hidden), n_power_iterations=args["power_iterations"]
+        )
+        model = IResNetFlow(arch, estimator=PowerSeriesLogDet(n_terms=case.n_terms)).to(device)
+
+        def loss_fn():  # noqa: ANN202
+            return -model.log_prob(x).mean()
+    else:
+        arch = ClassifierArchitecture(
+            input_shape=shape,
+            num_classes=10,
+            n_blocks=blocks,
+            hidden_channels=hidden,
+            strides=(1,) + (2,) * (len(blocks) - 1),
+            injective_padding=0,
+            init_squeeze=True,
+            coeff=0.9 if case.kind == "iresnet" else None,
+            n_power_iterations=args["power_iterations"],
+        )
+        model = ResidualClassifier(arch).to(device)
+
+        def loss_fn():  # noqa: ANN202
+            return F.cross_entropy(model(x), y)
+
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        loss_fn().backward()
+        optimizer.step()
+
+    for _ in range(args["warmup"]):
+        step()
+    sync()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated() / 2**20
+    else:
+        base = _current_rss_mib()
+    times = []
+    for _ in range(args["steps"]):
+        start = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - start)
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    queue.put(
+        {
+            "case": case.name,
+            "seconds_per_step": statistics.median(times),
+            "images_per_second": args["batch"] / statistics.median(times),
+            "peak_memory_mib": peak,
+            "memory_above_start_mib": peak - base,
+            "n_parameters": sum(p.numel() for p in model.parameters()),
+            "device": str(device),
+        }
+    )
+
+
+def run(args: dict) -> list[dict]:
+    ctx = mp.get_context("spawn")
+    results = []
+    for case in CASES:
+        queue = ctx.Queue()
+        proc = ctx.Process(target=_measure, args=(case, args, queue))
+        proc.start()
+        result = queue.get()
+        proc.join()
+        results.append(result)
+        log.info("%s: %.3f s/step", case.name, result["seconds_per_step"])
+    ref_time, ref_mem = results[0]["seconds_per_step"], results[0]["peak_memory_mib"]
+    for r in results:
+        r["time_ratio"] = r["seconds_per_step"] / ref_time
+        r["memory_ratio"] = r["peak_memory_mib"] / ref_mem
+    return results
+
+
+def format_table(results: list[dict]) -> str:
+    header = f"{'case':32} {'s/step':>8} {'img/s':>8} {'x time':>7} {'peak MiB':>9} {'x mem':>6}"
+    rows = [header, "-" * len(header)]
+    for r in results:
+        rows.append(
+            f"{r['case']:32} {r['seconds_per_step']:8.3f} {r['images_per_second']:8.1f} "
+            f"{r['time_ratio']:7.2f} {r['peak_memory_mib']:9.0f} {r['memory_ratio']:6.2f}"
+        )
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--image", type=int, nargs=3, default=[3, 32, 32])
+    parser.add_argument("--blocks", type=int, nargs="+", default=[4, 4, 4])
+    parser.add_argument("--hidden", type=int, nargs="+", default=[64, 64, 64])
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--power-iterations", type=int, default=1)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: the default)")
+    parser.add_argument("--json", help="also write the results to this JSON file")
+    args = vars(parser.parse_args(argv))
+    if len(args["blocks"]) != len(args["hidden"]):
+        parser.error("--blocks and --hidden need one value per stage")
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    results = run(args)
+    print(format_table(results))  # noqa: T201 - the table is this script's output
+    if args["json"]:
+        with open(args["json"], "w") as f:
+            json.dump({"config": args, "results": results}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+"""Command-line plumbing shared by the entry points: typed options from a config dataclass.
+
+Every field of the config becomes ``--field-name``; an option left unset (or passed as an empty
+string, as ``mlflow run`` does for an unset parameter) takes the preset's value.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections.abc import Callable
+from dataclasses import fields, replace
+from pathlib import Path
+from typing import Any, TypeVar
+
+from pipeline.data import DatasetNotFoundError
+from pipeline.training.checkpoint import load_checkpoint
+
+C = TypeVar("C")
+
+RESUME_OVERRIDABLE = ("epochs", "device", "progress", "checkpoint_dir")
+
+
+def _optional(kind: type) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        if text in ("", "None", "none"):
+            return None
+        if kind is bool:
+            if text.lower() in ("1", "true", "yes"):
+                return True
+            if text.lower() in ("0", "false", "no"):
+                return False
+            raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+        if kind is tuple:
+            return tuple(int(t) for t in text.replace(",", " ").split())
+        return kind(text)
+
+    parse.__name__ = getattr(kind, "__name__", "value")
+    return parse
+
+
+def build_parser(config_cls: type, presets: dict[str, dict], description: str | None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="quick", choices=sorted(presets))
+    for f in fields(config_cls):
+        if f.name == "preset":
+            continue
+        type_name = str(f.type)
+        kind = (
+            tuple
+            if "tuple" in type_name
+            else {"int": int, "float": float, "bool": bool}.get(type_name.split(" ")[0], str)
+        )
+        parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=_optional(kind), default=None)
+    return parser
+
+
+def config_from_preset(config_cls: type[C], presets: dict[str, dict], preset: str, **overrides: Any) -> C:
+    if preset not in presets:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(presets)}")
+    return config_cls(**{**presets[preset], **overrides, "preset": preset})
+
+
+def config_for_resume(config_cls: type[C], run_id: str, **overrides: Any) -> C:
+    """The configuration a run was started with, read from its checkpoint.
+
+    Only ``epochs`` (to extend a run), ``device``, ``progress`` and ``checkpoint_dir`` may change;
+    anything else would no longer be the same run.
+    """
+    unknown = set(overrides) - set(RESUME_OVERRIDABLE)
+    if unknown:
+        raise ValueError(f"a resumed run keeps its configuration; cannot change {sorted(unknown)} on resume")
+    checkpoint_dir = overrides.get("checkpoint_dir", config_cls.checkpoint_dir)  # type: ignore[attr-defined]
+    path = Path(checkpoint_dir) / run_id / "last.pt"
+    if not path.exists():
+        raise ValueError(f"cannot resume run {run_id}: no checkpoint at {path}")
+    saved = load_checkpoint(path)["config"]
+    saved = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()}
+    if overrides.get("epochs", saved["epochs"]) < saved["epochs"]:
+        raise ValueError(f"cannot shorten a run on resume ({saved['epochs']} epochs were configured)")
+    return replace(config_cls(**saved), resume=run_id, **overrides)
+
+
+def entry_point_main(
+    config_cls: type[C],
+    presets: dict[str, dict],
+    run: Callable[[C], str],
+    argv: list[str] | None,
+    description: str | None,
+) -> int:
+    """Parse, validate (exit 2 with a message on bad input), run; returns the process exit code."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log = logging.getLogger(config_cls.__module__)
+    try:
+        args = vars(build_parser(config_cls, presets, description).parse_args(argv))
+        preset = args.pop("preset")
+        overrides = {k: v for k, v in args.items() if v is not None}
+        resume = overrides.pop("resume", None)
+        cfg = (
+            config_for_resume(config_cls, resume, **overrides)
+            if resume
+            else config_from_preset(config_cls, presets, preset, **overrides)
+        )
+    except (ValueError, TypeError) as exc:
+        log.error("invalid configuration: %s", exc)
+        return 2
+    try:
+        run_id = run(cfg)
+    except DatasetNotFoundError as exc:
+        log.error("%s", exc)
+        return 2
+    log.info("finished run %s", run_id)
+    return 0

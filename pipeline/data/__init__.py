@@ -1,0 +1,15 @@
+"""Datasets and preprocessing shared by all experiments."""
+
+from pipeline.data.preprocessing import dequantize, iterate_batches, pad_images
+from pipeline.data.registry import DATASETS, DatasetNotFoundError, ImageDataset, ImageSplit, load_dataset
+
+__all__ = [
+    "DATASETS",
+    "DatasetNotFoundError",
+    "ImageDataset",
+    "ImageSplit",
+    "dequantize",
+    "iterate_batches",
+    "load_dataset",
+    "pad_images",
+]

@@ -1,0 +1,41 @@
+"""From integer images to model inputs: padding, uniform dequantisation, batching."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from pipeline.data.registry import ImageSplit
+
+
+def dequantize(images: Tensor, n_levels: int, *, generator: torch.Generator | None = None) -> Tensor:
+    """``x = (v + u) / n_levels - 1/2`` with ``u ~ U[0, 1)``: continuous data in ``[-1/2, 1/2)``.
+
+    Centring is volume preserving, so the bits/dim constant is ``log2(n_levels)``
+    (:func:`pipeline.metrics.bits_per_dim`).
+    """
+    v = images.float()
+    u = torch.rand(v.shape, generator=generator, device=v.device, dtype=v.dtype) if generator is not None else \
+        torch.rand_like(v)
+    return (v + u) / n_levels - 0.5
+
+
+def pad_images(images: Tensor, pad: int) -> Tensor:
+    """Zero-pad the spatial border by ``pad`` pixels (28x28 MNIST -> 32x32 for three squeezes)."""
+    return F.pad(images, (pad, pad, pad, pad)) if pad else images
+
+
+def iterate_batches(
+    split: ImageSplit, batch_size: int, *, shuffle: bool, seed: int = 0, drop_last: bool = False
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """Batches of ``(uint8 images, labels)``; the shuffle order is a function of ``seed`` alone,
+    so a run resumed at an epoch boundary sees exactly the batches an uninterrupted run would."""
+    n = len(split)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)) if shuffle else torch.arange(n)
+    stop = n - n % batch_size if drop_last else n
+    for start in range(0, stop, batch_size):
+        index = order[start : start + batch_size]
+        yield split.images[index], split.labels[index]
