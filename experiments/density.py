@@ -31,6 +31,7 @@ from pipeline.data import (
 from pipeline.evaluation import EvalProtocol, diagonal_gaussian_baseline_bits_per_dim, evaluate_bits_per_dim
 from pipeline.metrics import bits_per_dim
 from pipeline.models import FlowArchitecture, IResNetFlow
+from pipeline.plotting import new_figure, save_figure, save_image_grid
 from pipeline.tracking import MODEL_ARTIFACT, PROJECT_ROOT, log_json, log_params_flat, tracked_run
 from pipeline.training.device import resolve_device
 from pipeline.training.loop import LoopConfig, fit, restore
@@ -178,36 +179,24 @@ def _input_shape(split: ImageSplit, pad: int) -> tuple[int, int, int]:
     return (c, h + 2 * pad, w + 2 * pad)
 
 
-def _save_grid(images: torch.Tensor, path: Path, nrow: int = 8) -> None:
-    from torchvision.utils import save_image
-
-    save_image(images.float().clamp(0, 1).cpu(), path, nrow=nrow, padding=1)
-
-
-def _log_history_figure(run_id: str, out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def _log_history_figure(run_id: str, out: Path, steps_per_epoch: int) -> None:
     client = mlflow.tracking.MlflowClient()
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = new_figure()
     for key, label in (("train_loss", "train (per step)"), ("test_bpd", "test"), ("val_bpd", "validation")):
-        history = client.get_metric_history(run_id, key)
+        history = sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)
+        scale = 1 if key == "train_loss" else steps_per_epoch  # evaluations are logged per epoch
         if history:
             ax.plot(
-                [m.step for m in history],
+                [m.step * scale for m in history],
                 [m.value for m in history],
                 marker="o" if key != "train_loss" else None,
                 label=label,
             )
-    ax.set_xlabel("step (train) / epoch (evaluation)")
+    ax.set_xlabel("optimizer step")
     ax.set_ylabel("bits/dim")
     ax.legend()
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
+    save_figure(fig, out)
 
 
 def run(cfg: DensityConfig) -> str:
@@ -322,12 +311,14 @@ def run(cfg: DensityConfig) -> str:
             evaluate=evaluate,
             checkpoint_extra={"config": asdict(cfg)},
         )
-        _log_final_artifacts(model, data.test, prepare, cfg, run_id)
+        _log_final_artifacts(model, data.test, prepare, cfg, run_id, len(train_split) // cfg.batch_size)
     return run_id
 
 
 @torch.no_grad()
-def _log_final_artifacts(model: IResNetFlow, test: ImageSplit, prepare, cfg: DensityConfig, run_id: str) -> None:  # noqa: ANN001
+def _log_final_artifacts(  # noqa: ANN001
+    model: IResNetFlow, test: ImageSplit, prepare, cfg: DensityConfig, run_id: str, steps_per_epoch: int
+) -> None:
     model.eval()
     crop = (slice(None), slice(None), slice(cfg.pad, -cfg.pad or None), slice(cfg.pad, -cfg.pad or None))
     with torch.random.fork_rng(devices=[]), tempfile.TemporaryDirectory() as tmp:
@@ -336,7 +327,7 @@ def _log_final_artifacts(model: IResNetFlow, test: ImageSplit, prepare, cfg: Den
         # samples
         report = InverseReport()
         samples = model.sample(cfg.n_samples, temperature=cfg.sample_temperature, report=report)
-        _save_grid(samples[crop] + 0.5, out / f"samples_T{cfg.sample_temperature:g}.png")
+        save_image_grid(samples[crop] + 0.5, out / f"samples_T{cfg.sample_temperature:g}.png")
         mlflow.log_metrics({f"sample_{k}": v for k, v in report.summary().items()})
         # reconstruction of encoded test images
         x = prepare(test.images[: cfg.n_samples])
@@ -352,8 +343,8 @@ def _log_final_artifacts(model: IResNetFlow, test: ImageSplit, prepare, cfg: Den
             }
         )
         pairs = torch.stack([x[:32], x_rec[:32]], dim=1).flatten(0, 1)
-        _save_grid(pairs[crop] + 0.5, out / "reconstructions.png")
-        _log_history_figure(run_id, out / "history.png")
+        save_image_grid(pairs[crop] + 0.5, out / "reconstructions.png")
+        _log_history_figure(run_id, out / "history.png", max(1, steps_per_epoch))
         lips = model.lipschitz_bounds(method="certified")
         log_json(
             {"certified_lipschitz": lips, "estimated_lipschitz": model.lipschitz_bounds(method="estimate")},

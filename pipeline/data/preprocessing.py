@@ -18,8 +18,11 @@ def dequantize(images: Tensor, n_levels: int, *, generator: torch.Generator | No
     (:func:`pipeline.metrics.bits_per_dim`).
     """
     v = images.float()
-    u = torch.rand(v.shape, generator=generator, device=v.device, dtype=v.dtype) if generator is not None else \
-        torch.rand_like(v)
+    u = (
+        torch.rand(v.shape, generator=generator, device=v.device, dtype=v.dtype)
+        if generator is not None
+        else torch.rand_like(v)
+    )
     return (v + u) / n_levels - 0.5
 
 

@@ -12,12 +12,13 @@ class ActNorm(Transform):
     """``y = (x + bias) * exp(log_scale)`` per channel (dim 1), for ``(B, C)`` or ``(B, C, H, W)``.
 
     On the first forward, bias and scale are set so that the batch has zero mean and unit variance
-    per channel. The log-determinant is exact: ``(H * W) * sum(log_scale)``.
+    per channel; a channel that is constant in the batch (e.g. injective zero padding) keeps scale 1,
+    since 1/std would blow it up. The log-determinant is exact: ``(H * W) * sum(log_scale)``.
     """
 
-    def __init__(self, num_features: int, eps: float = 1e-6) -> None:
+    def __init__(self, num_features: int, eps: float = 1e-6, min_std: float = 1e-3) -> None:
         super().__init__()
-        self.num_features, self.eps = num_features, eps
+        self.num_features, self.eps, self.min_std = num_features, eps, min_std
         self.bias = nn.Parameter(torch.zeros(num_features))
         self.log_scale = nn.Parameter(torch.zeros(num_features))
         self.register_buffer("initialized", torch.tensor(False))
@@ -29,7 +30,8 @@ class ActNorm(Transform):
     def _initialize(self, x: Tensor) -> None:
         channels_last = x.transpose(0, 1).reshape(self.num_features, -1)
         self.bias.copy_(-channels_last.mean(dim=1))
-        self.log_scale.copy_(-torch.log(channels_last.std(dim=1) + self.eps))
+        std = channels_last.std(dim=1)
+        self.log_scale.copy_(torch.where(std > self.min_std, -torch.log(std + self.eps), torch.zeros_like(std)))
         self.initialized.fill_(True)
 
     def forward(self, x: Tensor, *, estimator=None) -> tuple[Tensor, Tensor]:  # noqa: ANN001

@@ -31,6 +31,7 @@ class FixedPointConfig:
     rtol: float = 1e-6
     max_iterations: int = 100
     strict: bool = False  # raise instead of warning when a sample does not converge
+    warn: bool = True  # log non-convergence (off for deliberate fixed-iteration studies)
 
     def __post_init__(self) -> None:
         if self.atol < 0 or self.rtol < 0 or (self.atol == 0 and self.rtol == 0):
@@ -91,5 +92,6 @@ def fixed_point_inverse(
         )
         if config.strict:
             raise InverseDidNotConverge(msg)
-        log.warning(msg)
+        if config.warn:
+            log.warning(msg)
     return FixedPointResult(x=x, iterations=iterations, residual=residual, converged=converged)

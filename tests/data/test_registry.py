@@ -80,8 +80,14 @@ def test_cifar100_uses_fine_labels(tmp_path):
     folder.mkdir()
     for name, n in (("train", 6), ("test", 3)):
         with open(folder / name, "wb") as f:
-            pickle.dump({b"data": np.zeros((n, 3072), np.uint8), b"fine_labels": list(range(90, 90 + n)),
-                         b"coarse_labels": [0] * n}, f)
+            pickle.dump(
+                {
+                    b"data": np.zeros((n, 3072), np.uint8),
+                    b"fine_labels": list(range(90, 90 + n)),
+                    b"coarse_labels": [0] * n,
+                },
+                f,
+            )
     data = load_dataset("cifar100", tmp_path)
     assert data.num_classes == 100 and data.train.labels.tolist() == list(range(90, 96))
     (folder / "test").unlink()
@@ -94,8 +100,10 @@ def test_svhn_mat_files_load_with_label_10_as_digit_0(tmp_path):
 
     rng = np.random.default_rng(2)
     for split, n in (("train", 5), ("test", 3)):
-        savemat(tmp_path / f"{split}_32x32.mat",
-                {"X": rng.integers(0, 256, (32, 32, 3, n), dtype=np.uint8), "y": np.array([[10]] * n)})
+        savemat(
+            tmp_path / f"{split}_32x32.mat",
+            {"X": rng.integers(0, 256, (32, 32, 3, n), dtype=np.uint8), "y": np.array([[10]] * n)},
+        )
     data = load_dataset("svhn", tmp_path)
     assert data.shape == (3, 32, 32) and len(data.train) == 5
     assert data.train.labels.tolist() == [0] * 5

@@ -1,7 +1,5 @@
 """End-to-end tests of the density entry point on tiny real data (scikit-learn's 8x8 digits)."""
 
-import os
-import sys
 from pathlib import Path
 
 import mlflow
@@ -11,6 +9,7 @@ from mlflow.tracking import MlflowClient
 
 from experiments import density
 from pipeline.tracking import PROJECT_ROOT, load_model
+from tests.experiments.conftest import runs_of
 
 TINY = dict(
     dataset="digits8x8",
@@ -30,22 +29,8 @@ TINY = dict(
 )
 
 
-@pytest.fixture
-def store(tmp_path, monkeypatch):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
-    # `mlflow run --env-manager local` calls `python` from PATH: make it this interpreter, as an activated venv does
-    monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
-    mlflow.set_tracking_uri(uri)
-    yield tmp_path
-    while mlflow.active_run():
-        mlflow.end_run()
-
-
 def _runs(experiment="density"):
-    exp = MlflowClient().get_experiment_by_name(experiment)
-    return [] if exp is None else MlflowClient().search_runs([exp.experiment_id])
+    return runs_of(experiment)
 
 
 @pytest.mark.slow

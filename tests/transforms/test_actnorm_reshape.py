@@ -13,6 +13,14 @@ def test_actnorm_initialises_to_zero_mean_unit_variance(float64):
     assert torch.allclose(y.std(dim=(0, 2, 3)), torch.ones(3), atol=1e-4)
 
 
+def test_actnorm_leaves_constant_channels_unscaled(float64):
+    x = torch.randn(32, 3, 4, 4)
+    x[:, 2] = 0.0  # an injective-padding channel
+    layer = ActNorm(3)
+    layer(x)
+    assert layer.log_scale[2] == 0 and layer.log_scale[:2].abs().max() > 0
+
+
 @pytest.mark.parametrize("shape", [(3, 4), (2, 2, 3, 3)])
 def test_actnorm_logdet_and_inverse_are_exact(float64, shape):
     x = torch.randn(*shape)

@@ -1,0 +1,130 @@
+"""The classify entry point on tiny real data (scikit-learn's 8x8 digits)."""
+
+import math
+from itertools import pairwise
+
+import mlflow
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from experiments import classify
+from pipeline.diagnostics import certified_lipschitz, reconstruction_error_curve
+from pipeline.models import iresnet_classifier, resnet_classifier
+from pipeline.tracking import PROJECT_ROOT
+from tests.experiments.conftest import runs_of
+
+TINY = dict(
+    dataset="digits8x8",
+    n_blocks=(1, 1),
+    hidden_channels=(8, 8),
+    strides=(1, 2),
+    injective_padding=1,
+    epochs=2,
+    batch_size=128,
+    milestones=(),
+    recon_images=4,
+    recon_iterations=(1, 5, 20),
+    progress=False,
+)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", classify.MODELS)
+def test_each_model_end_to_end_through_the_mlflow_entry_point(store, model):
+    submitted = mlflow.projects.run(
+        str(PROJECT_ROOT),
+        entry_point="classify",
+        env_manager="local",
+        experiment_name="classify",
+        parameters={
+            "model": model,
+            "dataset": "digits8x8",
+            "n_blocks": "1 1",
+            "hidden_channels": "8 8",
+            "strides": "1 2",
+            "injective_padding": "1",
+            "epochs": "1",
+            "batch_size": "256",
+            "milestones": "",
+            "checkpoint_dir": str(store / "ckpt"),
+        },
+    )
+    run = MlflowClient().get_run(submitted.run_id)
+    assert run.info.status == "FINISHED"
+    for key in (
+        "test_error",
+        "epoch_train_accuracy",
+        "train_images_per_second",
+        "inverse_images_per_second",
+        "max_layer_norm",
+        "certified_invertible",
+        "recon_rel_error_mean",
+    ):
+        assert key in run.data.metrics, key
+    artifacts = {a.path for a in MlflowClient().list_artifacts(submitted.run_id)}
+    assert {
+        "reconstruction_vs_iterations.csv",
+        "reconstruction_vs_iterations.png",
+        "reconstructions.png",
+        "layer_spectral_norms.csv",
+        "layer_spectral_norms.png",
+        "lipschitz.json",
+    } <= artifacts
+    assert run.data.tags["certified_invertible"] == (
+        "true" if model == "iresnet" else run.data.tags["certified_invertible"]
+    )
+
+
+def test_briefly_trained_iresnet_reconstructs_and_is_certified(store):
+    cfg = classify.config_from_preset("quick", **TINY, checkpoint_dir=str(store / "ckpt"))
+    run_id = classify.run(cfg)
+    run = MlflowClient().get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics["certified_invertible"] == 1.0 and run.data.metrics["max_block_lipschitz"] < 1
+    history = sorted(MlflowClient().get_metric_history(run_id, "recon_rel_error_mean"), key=lambda m: m.step)
+    errors = [m.value for m in history]
+    assert [m.step for m in history] == [1, 5, 20]
+    assert errors[0] > errors[1] > errors[2] and errors[-1] <= 1e-4
+    assert run.data.metrics["test_error"] < 90  # it learned something in two epochs
+
+
+def test_reconstruction_error_falls_with_iterations_and_vanilla_is_not_certified(float64):
+    x = torch.randn(4, 1, 28, 28)
+    model = iresnet_classifier("quick", n_blocks=(1, 1, 1))
+    model(x)
+    model.eval()
+    curve = reconstruction_error_curve(model, x, [1, 3, 10, 40])
+    errors = [row["rel_error_mean"] for row in curve]
+    assert all(a > b for a, b in pairwise(errors)) and errors[-1] <= 1e-4
+    assert certified_lipschitz(model)[1]
+    vanilla = resnet_classifier("quick", n_blocks=(1, 1, 1))
+    with torch.no_grad():
+        for p in vanilla.parameters():
+            p.mul_(3.0)  # weights beyond any Lipschitz bound
+    vanilla(x)
+    bounds, certified = certified_lipschitz(vanilla.eval())
+    assert not certified and max(bounds) > 1
+    assert not math.isnan(max(bounds))
+
+
+def test_resnet_bn_branch_bound_includes_batchnorm(float64):
+    model = resnet_classifier("quick", batchnorm=True, n_blocks=(1, 1, 1))
+    model(torch.randn(8, 1, 28, 28))
+    bounds, _ = certified_lipschitz(model.eval())
+    assert all(b > 0 and math.isfinite(b) for b in bounds)
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--coeff", "1.0"], "0 < c < 1"),
+        (["--model", "densenet"], "unknown model"),
+        (["--optimizer", "lbfgs"], "unknown optimizer"),
+        (["--dataset", "cifar10"], "needs --data-dir"),
+    ],
+)
+def test_bad_input_gives_a_clear_error_and_no_finished_run(store, caplog, args, message):
+    assert classify.main([*args, "--progress", "false"]) == 2
+    assert message in caplog.text
+    assert not [r for r in runs_of("classify") if r.info.status == "FINISHED"]
