@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from pipeline.logging_setup import setup_logging
 from pipeline.models import ClassifierArchitecture, FlowArchitecture, IResNetFlow, ResidualClassifier
 from pipeline.training.device import resolve_device
 from pipeline.transforms import PowerSeriesLogDet
@@ -169,7 +170,7 @@ def main(argv: list[str] | None = None) -> None:
     args = vars(parser.parse_args(argv))
     if len(args["blocks"]) != len(args["hidden"]):
         parser.error("--blocks and --hidden need one value per stage")
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    setup_logging()
     results = run(args)
     print(format_table(results))  # noqa: T201 - the table is this script's output
     if args["json"]:

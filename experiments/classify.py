@@ -54,7 +54,7 @@ class ClassifyConfig:
     augment: bool = True
     # model
     model: str = "iresnet"
-    n_blocks: tuple[int, ...] = (2, 2, 2)
+    n_blocks: tuple[int, ...] = (4, 4, 4)
     hidden_channels: tuple[int, ...] = (16, 32, 64)
     strides: tuple[int, ...] = (1, 2, 2)
     injective_padding: int = 3
@@ -68,10 +68,10 @@ class ClassifyConfig:
     momentum: float = 0.9
     nesterov: bool = False
     weight_decay: float = 5e-4
-    milestones: tuple[int, ...] = (4, 6)  # epochs at which the lr is multiplied by lr_decay
+    milestones: tuple[int, ...] = (6, 8)  # epochs at which the lr is multiplied by lr_decay
     lr_decay: float = 0.2
     warmup_steps: int = 0
-    epochs: int = 7
+    epochs: int = 10
     batch_size: int = 128
     grad_clip: float = 0.0
     seed: int = 0

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from pipeline.data import DatasetNotFoundError
+from pipeline.logging_setup import setup_logging
 from pipeline.training.checkpoint import load_checkpoint
 
 C = TypeVar("C")
@@ -89,7 +90,7 @@ def entry_point_main(
     description: str | None,
 ) -> int:
     """Parse, validate (exit 2 with a message on bad input), run; returns the process exit code."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     log = logging.getLogger(config_cls.__module__)
     try:
         args = vars(build_parser(config_cls, presets, description).parse_args(argv))

@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from pipeline.distributions import DiagonalGaussian
+from pipeline.metrics import bits_per_dim
 from pipeline.transforms.base import InverseReport
 from pipeline.transforms.logdet import LogDetEstimator
 from pipeline.transforms.residual import InvertibleResidualBlock
@@ -40,6 +41,10 @@ class FlowModel(nn.Module):
     def log_prob(self, x: Tensor, *, estimator: LogDetEstimator | None = None) -> Tensor:
         zs, logdet = self(x, estimator=estimator)
         return self.prior_log_prob(zs) + logdet
+
+    def bits_per_dim(self, x: Tensor, *, n_levels: int = 256, estimator: LogDetEstimator | None = None) -> Tensor:
+        """Per-sample bits/dim of dequantised data with ``n_levels`` values per dimension."""
+        return bits_per_dim(self.log_prob(x, estimator=estimator), self.dim, n_levels)
 
     def sample_latents(self, n: int, *, temperature: float = 1.0) -> list[Tensor]:
         return [prior.sample(n, temperature=temperature) for prior in self.priors]

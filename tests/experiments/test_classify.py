@@ -12,7 +12,7 @@ from experiments import classify
 from pipeline.diagnostics import certified_lipschitz, reconstruction_error_curve
 from pipeline.models import iresnet_classifier, resnet_classifier
 from pipeline.tracking import PROJECT_ROOT
-from tests.experiments.conftest import runs_of
+from tests.experiments.conftest import SimulatedCrash, assert_same_final_parameters, runs_of
 
 TINY = dict(
     dataset="digits8x8",
@@ -87,6 +87,18 @@ def test_briefly_trained_iresnet_reconstructs_and_is_certified(store):
     assert [m.step for m in history] == [1, 5, 20]
     assert errors[0] > errors[1] > errors[2] and errors[-1] <= 1e-4
     assert run.data.metrics["test_error"] < 90  # it learned something in two epochs
+
+
+def test_classify_resume_reproduces_an_uninterrupted_run(store, crash_after_epoch):
+    cfg = classify.config_from_preset("quick", **TINY, model="resnet-bn", checkpoint_dir=str(store / "ckpt"))
+    straight = classify.run(cfg)
+    crash_after_epoch(1)
+    with pytest.raises(SimulatedCrash):
+        classify.run(cfg)
+    crashed = [r for r in runs_of("classify") if r.info.run_id != straight][0]
+    resumed = classify.run(classify.config_for_resume(crashed.info.run_id, checkpoint_dir=str(store / "ckpt")))
+    assert MlflowClient().get_run(resumed).info.status == "FINISHED"
+    assert_same_final_parameters(store / "ckpt", straight, resumed)
 
 
 def test_reconstruction_error_falls_with_iterations_and_vanilla_is_not_certified(float64):

@@ -1,7 +1,5 @@
 """End-to-end tests of the density entry point on tiny real data (scikit-learn's 8x8 digits)."""
 
-from pathlib import Path
-
 import mlflow
 import pytest
 import torch
@@ -9,7 +7,7 @@ from mlflow.tracking import MlflowClient
 
 from experiments import density
 from pipeline.tracking import PROJECT_ROOT, load_model
-from tests.experiments.conftest import runs_of
+from tests.experiments.conftest import SimulatedCrash, assert_same_final_parameters, runs_of
 
 TINY = dict(
     dataset="digits8x8",
@@ -86,40 +84,21 @@ def test_direct_run_logs_metrics_and_a_reloadable_model(store):
     assert torch.isfinite(model.log_prob(x)).all()
 
 
-class _Crash(RuntimeError):
-    pass
-
-
-def test_resumed_run_ends_with_the_same_parameters_as_an_uninterrupted_one(store, monkeypatch):
+def test_resumed_run_ends_with_the_same_parameters_as_an_uninterrupted_one(store, crash_after_epoch):
     cfg = density.config_from_preset(
         "quick", **{**TINY, "epochs": 3, "eval_every": 0}, checkpoint_dir=str(store / "ckpt")
     )
     straight = density.run(cfg)
-
-    import pipeline.training.loop as loop
-
-    original = loop.save_checkpoint
-
-    def crash_after_epoch_2(path, state):
-        original(path, state)
-        if state["epoch"] == 2:
-            raise _Crash("simulated crash after the epoch-2 checkpoint")
-
-    monkeypatch.setattr(loop, "save_checkpoint", crash_after_epoch_2)
-    with pytest.raises(_Crash):
+    crash_after_epoch(2)
+    with pytest.raises(SimulatedCrash):
         density.run(cfg)
-    monkeypatch.setattr(loop, "save_checkpoint", original)
     crashed = [r for r in _runs() if r.info.run_id != straight][0]
     assert crashed.info.status == "FAILED"
 
     resumed = density.run(density.config_for_resume(crashed.info.run_id, checkpoint_dir=str(store / "ckpt")))
     assert resumed == crashed.info.run_id
     assert MlflowClient().get_run(resumed).info.status == "FINISHED"
-    a = torch.load(Path(store / "ckpt" / straight / "last.pt"), weights_only=False)["model"]
-    b = torch.load(Path(store / "ckpt" / resumed / "last.pt"), weights_only=False)["model"]
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
+    assert_same_final_parameters(store / "ckpt", straight, resumed)
 
 
 @pytest.mark.parametrize(

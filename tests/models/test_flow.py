@@ -106,6 +106,7 @@ def test_bias_bound_and_bits_per_dim(float64):
     assert flow_bias_bound_bits_per_dim(lips, dims, 10, 16) < flow_bias_bound_bits_per_dim(lips, dims, 2, 16)
     lp = flow.log_prob(x)
     assert torch.allclose(bits_per_dim(lp, 16, 256), -lp / (16 * torch.log(torch.tensor(2.0))) + 8)
+    assert torch.allclose(flow.bits_per_dim(x, n_levels=256), bits_per_dim(lp, 16, 256))
 
 
 def test_architecture_is_validated():
