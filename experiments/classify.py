@@ -32,7 +32,7 @@ from pipeline.models import ClassifierArchitecture, ResidualClassifier
 from pipeline.plotting import new_figure, save_figure, save_image_grid
 from pipeline.tracking import MODEL_ARTIFACT, PROJECT_ROOT, log_json, log_params_flat, tracked_run
 from pipeline.training.device import resolve_device
-from pipeline.training.loop import LoopConfig, fit, restore
+from pipeline.training.loop import EpochHook, LoopConfig, fit, restore
 from pipeline.training.schedule import linear_warmup, step_decay
 from pipeline.transforms import FixedPointConfig, InverseReport
 
@@ -52,6 +52,7 @@ class ClassifyConfig:
     data_dir: str | None = None
     download: bool = False
     augment: bool = True
+    validation_fraction: float = 0.0  # > 0: per-epoch error on a held-out part of train (sweeps), test at the end
     # model
     model: str = "iresnet"
     n_blocks: tuple[int, ...] = (4, 4, 4)
@@ -111,6 +112,8 @@ class ClassifyConfig:
             raise ValueError(f"recon_iterations must be positive, got {self.recon_iterations}")
         if not self.inverse_tol > 0:
             raise ValueError(f"inverse_tol must be > 0, got {self.inverse_tol}")
+        if not 0.0 <= self.validation_fraction < 1.0:
+            raise ValueError(f"validation_fraction must be in [0, 1), got {self.validation_fraction}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"unknown device {self.device!r}; choose auto, cpu, cuda or cuda:N")
         self.architecture((1, 32, 32), 10)  # the library validates the rest (c in (0, 1), stages, ...)
@@ -177,15 +180,23 @@ def _optimizer(cfg: ClassifyConfig, params) -> torch.optim.Optimizer:  # noqa: A
     return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def run(cfg: ClassifyConfig) -> str:
-    """Train, evaluate and measure invertibility; returns the MLflow run id."""
+def run(cfg: ClassifyConfig, *, on_epoch_end: EpochHook | None = None) -> str:
+    """Train, evaluate and measure invertibility; returns the MLflow run id.
+
+    ``on_epoch_end(epoch, metrics)`` sees each epoch's metrics (a sweep reports and prunes there).
+    """
     device = resolve_device(cfg.device)
     data = load_dataset(cfg.dataset, cfg.data_dir, download=cfg.download)
     if data.n_levels != 256:
         log.info(
             "dataset %s has %d intensity levels; inputs are scaled by 1/255 all the same", data.name, data.n_levels
         )
-    mean, std = (t.to(device) for t in _normalization(data.train))
+    train_split, val_split = (
+        data.split_validation(cfg.validation_fraction, seed=cfg.seed)
+        if cfg.validation_fraction > 0
+        else (data.train, None)
+    )
+    mean, std = (t.to(device) for t in _normalization(train_split))
     augment = AUGMENTATIONS.get(cfg.dataset, Augmentation()) if cfg.augment else Augmentation()
 
     def prepare(images: torch.Tensor, train: bool) -> torch.Tensor:
@@ -200,9 +211,9 @@ def run(cfg: ClassifyConfig) -> str:
         arch, inverse_config=FixedPointConfig(atol=cfg.inverse_tol, rtol=cfg.inverse_tol, max_iterations=200)
     ).to(device)
     optimizer = _optimizer(cfg, model.parameters())
-    steps_per_epoch = len(data.train) // cfg.batch_size
+    steps_per_epoch = len(train_split) // cfg.batch_size
     if steps_per_epoch < 1:
-        raise ValueError(f"batch_size {cfg.batch_size} exceeds the {len(data.train)} training images")
+        raise ValueError(f"batch_size {cfg.batch_size} exceeds the {len(train_split)} training images")
     warmup, decay = linear_warmup(cfg.warmup_steps), step_decay(cfg.milestones, cfg.lr_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup(step) * decay(step // steps_per_epoch))
 
@@ -216,7 +227,7 @@ def run(cfg: ClassifyConfig) -> str:
             state = None
             with torch.no_grad():  # ActNorm's data-dependent initialisation
                 model.train()
-                model(prepare(data.train.images[torch.randperm(len(data.train))[:512]], train=False))
+                model(prepare(train_split.images[torch.randperm(len(train_split))[:512]], train=False))
             log_params_flat({k: v for k, v in asdict(cfg).items() if k not in ("resume", "progress")})
             log_params_flat(
                 {
@@ -241,21 +252,28 @@ def run(cfg: ClassifyConfig) -> str:
             return loss, {"accuracy": float(accuracy)}
 
         @torch.no_grad()
-        def evaluate(epoch: int) -> dict[str, float]:
+        def error_and_loss(split: ImageSplit) -> tuple[float, float]:
             model.eval()
             correct, total_loss = 0, 0.0
-            for images, labels in iterate_batches(data.test, cfg.eval_batch_size, shuffle=False):
+            for images, labels in iterate_batches(split, cfg.eval_batch_size, shuffle=False):
                 logits = model(prepare(images, train=False))
                 labels = labels.to(device)
                 total_loss += float(F.cross_entropy(logits, labels, reduction="sum"))
                 correct += int((logits.argmax(dim=1) == labels).sum())
             model.train()
-            n = len(data.test)
-            return {"test_error": 100.0 * (1 - correct / n), "test_loss": total_loss / n}
+            return 100.0 * (1 - correct / len(split)), total_loss / len(split)
+
+        def evaluate(epoch: int) -> dict[str, float]:
+            metrics = {}
+            if val_split is not None:
+                metrics["val_error"], metrics["val_loss"] = error_and_loss(val_split)
+            if val_split is None or epoch == cfg.epochs:
+                metrics["test_error"], metrics["test_loss"] = error_and_loss(data.test)
+            return metrics
 
         def batches(epoch: int):  # noqa: ANN202
             return iterate_batches(
-                data.train, cfg.batch_size, shuffle=True, seed=cfg.seed * 100_003 + epoch, drop_last=True
+                train_split, cfg.batch_size, shuffle=True, seed=cfg.seed * 100_003 + epoch, drop_last=True
             )
 
         loop = LoopConfig(
@@ -277,6 +295,7 @@ def run(cfg: ClassifyConfig) -> str:
             state=state,
             evaluate=evaluate,
             checkpoint_extra={"config": asdict(cfg)},
+            on_epoch_end=on_epoch_end,
         )
         _measure_invertibility(model, data.test, prepare, mean, std, cfg)
         mlflow.pytorch.log_model(

@@ -24,7 +24,7 @@ RESUME_OVERRIDABLE = ("epochs", "device", "progress", "checkpoint_dir")
 
 def _optional(kind: type) -> Callable[[str], Any]:
     def parse(text: str) -> Any:
-        if text in ("", "None", "none"):
+        if text == "":  # an unset MLflow parameter; "none" is a real value (e.g. --pruner none)
             return None
         if kind is bool:
             if text.lower() in ("1", "true", "yes"):

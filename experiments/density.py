@@ -34,7 +34,7 @@ from pipeline.models import FlowArchitecture, IResNetFlow
 from pipeline.plotting import new_figure, save_figure, save_image_grid
 from pipeline.tracking import MODEL_ARTIFACT, PROJECT_ROOT, log_json, log_params_flat, tracked_run
 from pipeline.training.device import resolve_device
-from pipeline.training.loop import LoopConfig, fit, restore
+from pipeline.training.loop import EpochHook, LoopConfig, fit, restore
 from pipeline.training.schedule import linear_warmup
 from pipeline.transforms import FixedPointConfig, InverseReport, make_estimator
 from pipeline.transforms.logdet import LogDetEstimator
@@ -199,8 +199,8 @@ def _log_history_figure(run_id: str, out: Path, steps_per_epoch: int) -> None:
     save_figure(fig, out)
 
 
-def run(cfg: DensityConfig) -> str:
-    """Train and evaluate; returns the MLflow run id."""
+def run(cfg: DensityConfig, *, on_epoch_end: EpochHook | None = None) -> str:
+    """Train and evaluate; returns the MLflow run id. ``on_epoch_end(epoch, metrics)`` sees each epoch's metrics."""
     device = resolve_device(cfg.device)
     data = load_dataset(cfg.dataset, cfg.data_dir, download=cfg.download)  # fails before a run exists
     train_split, val_split = (
@@ -310,6 +310,7 @@ def run(cfg: DensityConfig) -> str:
             state=state,
             evaluate=evaluate,
             checkpoint_extra={"config": asdict(cfg)},
+            on_epoch_end=on_epoch_end,
         )
         _log_final_artifacts(model, data.test, prepare, cfg, run_id, len(train_split) // cfg.batch_size)
     return run_id

@@ -29,11 +29,29 @@ def default_tracking_uri() -> str:
 
 
 def configure_tracking() -> str:
-    """Point MLflow at ``MLFLOW_TRACKING_URI`` or the project's SQLite store; return the URI."""
+    """Point MLflow at ``MLFLOW_TRACKING_URI`` or the project's SQLite store; return the URI.
+
+    A new SQLite store is created under a file lock: several processes starting at once (sweep
+    workers) would otherwise race on its schema migration.
+    """
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # no phoning home from offline machines
     uri = os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
     mlflow.set_tracking_uri(uri)
+    if uri.startswith("sqlite:///"):
+        _initialize_sqlite_store(Path(uri.removeprefix("sqlite:///")))
     return uri
+
+
+def _initialize_sqlite_store(db: Path) -> None:
+    import fcntl
+
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            MlflowClient().search_experiments(max_results=1)  # creates and migrates the schema once
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def experiment_id(name: str) -> str:
@@ -48,15 +66,18 @@ def experiment_id(name: str) -> str:
     return client.create_experiment(name, artifact_location=location)
 
 
-class RunFailed(RuntimeError):
-    """A tracked run stopped on an error; the run is marked FAILED."""
+class RunStopped(Exception):  # noqa: N818 - a deliberate stop, not an error
+    """Raised to stop a run on purpose (e.g. a pruned trial): the run is marked KILLED, not FAILED."""
 
 
 @contextmanager
 def tracked_run(
     experiment_name: str, *, run_name: str | None = None, resume_run_id: str | None = None
 ) -> Iterator[mlflow.ActiveRun]:
-    """Start (or resume) a run; mark it FAILED (KILLED on Ctrl-C) if the body raises."""
+    """Start (or resume) a run; mark it FAILED if the body raises (KILLED on Ctrl-C or :class:`RunStopped`).
+
+    With a run already active (a sweep's parent run), the new run is nested under it.
+    """
     configure_tracking()
     launched_run = os.environ.get("MLFLOW_RUN_ID")
     if resume_run_id:
@@ -69,14 +90,17 @@ def tracked_run(
             client.set_tag(launched_run, "mlflow.note.content", f"resumed run {resume_run_id}; see that run")
             client.set_tag(launched_run, "resumed_run_id", resume_run_id)
         run = mlflow.start_run(run_id=resume_run_id)
-    elif launched_run:
+    elif launched_run and mlflow.active_run() is None:
         run = mlflow.start_run(run_id=launched_run)
+    elif mlflow.active_run() is not None:
+        parent = mlflow.active_run()
+        run = mlflow.start_run(experiment_id=parent.info.experiment_id, run_name=run_name, nested=True)
     else:
         run = mlflow.start_run(experiment_id=experiment_id(experiment_name), run_name=run_name)
     try:
         yield run
-    except KeyboardInterrupt:
-        mlflow.set_tag("failure", "interrupted")
+    except (KeyboardInterrupt, RunStopped) as exc:
+        mlflow.set_tag("stopped", f"{type(exc).__name__}: {exc}"[:5000] if str(exc) else type(exc).__name__)
         mlflow.end_run(status="KILLED")
         raise
     except BaseException as exc:

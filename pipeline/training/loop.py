@@ -50,6 +50,7 @@ class LoopState:
 
 
 StepFn = Callable[[Any], tuple[Tensor, dict[str, float]]]
+EpochHook = Callable[[int, dict[str, float]], None]
 
 
 def _checkpoint_state(model: nn.Module, optimizer, scheduler, state: LoopState, extra: dict) -> dict[str, Any]:  # noqa: ANN001
@@ -86,7 +87,7 @@ def fit(
     state: LoopState | None = None,
     evaluate: Callable[[int], dict[str, float]] | None = None,
     checkpoint_extra: dict | None = None,
-    on_epoch_end: Callable[[int, dict[str, float]], None] | None = None,
+    on_epoch_end: EpochHook | None = None,
     n_samples: Callable[[Any], int] = lambda batch: len(batch[0]),
 ) -> LoopState:
     """Train from ``state`` (default: scratch) to ``config.epochs``; log to the active MLflow run.

@@ -1,0 +1,78 @@
+"""Glow's building blocks for vectors: invertible linear maps (LU) and affine couplings.
+
+Used by the Glow baseline the paper compares with on the 2-D toy densities (Fig. 2).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from pipeline.transforms.base import InverseReport, Transform
+
+
+class InvertibleLinear(Transform):
+    """``y = W x`` with ``W = P L (U + diag(s))`` (Kingma & Dhariwal 2018): exact, cheap log-det."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        q, _ = torch.linalg.qr(torch.randn(dim, dim))
+        p, lower, upper = torch.linalg.lu(q)
+        self.register_buffer("permutation", p)
+        self.lower = nn.Parameter(lower.tril(-1))
+        self.upper = nn.Parameter(upper.triu(1))
+        diag = upper.diagonal()
+        self.register_buffer("sign", torch.sign(diag))
+        self.log_abs_diag = nn.Parameter(diag.abs().log())
+        self.register_buffer("eye", torch.eye(dim))
+
+    def weight(self) -> Tensor:
+        lower = self.lower.tril(-1) + self.eye
+        upper = self.upper.triu(1) + torch.diag(self.sign * self.log_abs_diag.exp())
+        return self.permutation @ lower @ upper
+
+    def forward(self, x: Tensor, *, estimator=None) -> tuple[Tensor, Tensor]:  # noqa: ANN001
+        return x @ self.weight().t(), self.log_abs_diag.sum().expand(x.shape[0])
+
+    def inverse(self, y: Tensor, *, report: InverseReport | None = None) -> Tensor:
+        return torch.linalg.solve(self.weight(), y.t()).t()
+
+
+class AffineCoupling(Transform):
+    """``y_b = x_b * exp(s(x_a)) + t(x_a)``, ``y_a = x_a``; ``s`` bounded by ``tanh`` for stability."""
+
+    def __init__(self, dim: int, hidden: tuple[int, ...] = (64, 64), *, swap: bool = False) -> None:
+        super().__init__()
+        if dim < 2:
+            raise ValueError("an affine coupling needs at least 2 dimensions")
+        self.split, self.swap = dim // 2, swap
+        n_cond, n_out = (dim - self.split, self.split) if swap else (self.split, dim - self.split)
+        widths = [n_cond, *hidden]
+        layers: list[nn.Module] = []
+        for a, b in zip(widths[:-1], widths[1:], strict=True):
+            layers += [nn.Linear(a, b), nn.ELU()]
+        last = nn.Linear(widths[-1], 2 * n_out)
+        nn.init.zeros_(last.weight)  # start at the identity
+        nn.init.zeros_(last.bias)
+        self.net = nn.Sequential(*layers, last)
+
+    def _halves(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        a, b = x[:, : self.split], x[:, self.split :]
+        return (b, a) if self.swap else (a, b)
+
+    def _join(self, cond: Tensor, other: Tensor) -> Tensor:
+        return torch.cat([other, cond] if self.swap else [cond, other], dim=1)
+
+    def _scale_shift(self, cond: Tensor) -> tuple[Tensor, Tensor]:
+        log_scale, shift = self.net(cond).chunk(2, dim=1)
+        return torch.tanh(log_scale), shift
+
+    def forward(self, x: Tensor, *, estimator=None) -> tuple[Tensor, Tensor]:  # noqa: ANN001
+        cond, other = self._halves(x)
+        log_scale, shift = self._scale_shift(cond)
+        return self._join(cond, other * log_scale.exp() + shift), log_scale.sum(dim=1)
+
+    def inverse(self, y: Tensor, *, report: InverseReport | None = None) -> Tensor:
+        cond, other = self._halves(y)
+        log_scale, shift = self._scale_shift(cond)
+        return self._join(cond, (other - shift) * torch.exp(-log_scale))

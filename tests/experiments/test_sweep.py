@@ -1,0 +1,166 @@
+"""The sweep entry point: Optuna study with nested MLflow runs, failures, pruning and parallel workers."""
+
+import json
+import os
+import subprocess
+import sys
+
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+
+from experiments import sweep
+from tests.experiments.conftest import runs_of
+
+TINY_DENSITY = (
+    "dataset=digits8x8 n_blocks=1,1 hidden_channels=8 epochs=2 batch_size=256 eval_max_images=60 "
+    "max_passes=3 se_tol=0.05 n_samples=4"
+)
+TINY_SPACE = {
+    "coeff": {"type": "float", "low": 0.5, "high": 0.9},
+    "n_terms": {"type": "int", "low": 1, "high": 3},
+    "n_power_iterations": {"type": "int", "low": 1, "high": 2},
+}
+
+
+def _cfg(store, **kw):
+    space = store / "space.json"
+    space.write_text(json.dumps(TINY_SPACE))
+    base = dict(
+        target="density",
+        target_overrides=TINY_DENSITY,
+        n_trials=3,
+        space_file=str(space),
+        storage=f"sqlite:///{store / 'optuna.db'}",
+        checkpoint_dir=str(store / "ckpt"),
+        pruner="none",
+    )
+    return sweep.config_from_preset("quick", **{**base, **kw})
+
+
+@pytest.mark.slow
+def test_three_trial_study_end_to_end_with_nested_runs(store):
+    parent_id = sweep.run(_cfg(store))
+    study = optuna.load_study(study_name="iresnet-sweep", storage=f"sqlite:///{store / 'optuna.db'}")
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 3
+    runs = runs_of("sweep")
+    parent = MlflowClient().get_run(parent_id)
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent_id]
+    assert len(children) == 3 and all(r.info.status == "FINISHED" for r in children)
+    assert sorted(int(r.data.tags["optuna_trial"]) for r in children) == [0, 1, 2]
+    for child in children:  # params and per-epoch validation metrics of every trial
+        assert {"coeff", "n_terms", "n_power_iterations"} <= set(child.data.params)
+        history = MlflowClient().get_metric_history(child.info.run_id, "val_bpd")
+        assert [m.step for m in sorted(history, key=lambda m: m.step)] == [0, 1, 2]
+    assert parent.info.status == "FINISHED"
+    assert parent.data.metrics["best_val_bpd"] == pytest.approx(study.best_value)
+    assert parent.data.params["best_coeff"] == str(study.best_params["coeff"])
+    artifacts = {a.path for a in MlflowClient().list_artifacts(parent_id)}
+    assert {"trials.csv", "history.png", "search_space.json"} <= artifacts
+    # resuming the study by name with a larger budget runs only the missing trials
+    sweep.run(_cfg(store, n_trials=4))
+    assert len(optuna.load_study(study_name="iresnet-sweep", storage=f"sqlite:///{store / 'optuna.db'}").trials) == 4
+
+
+def test_a_trial_that_raises_ends_failed_and_the_study_goes_on(store, monkeypatch):
+    calls = {"n": 0}
+    original = sweep.density.run
+
+    def sometimes_broken(cfg, **kw):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise FloatingPointError("training loss became nan")
+        return original(cfg, **kw)
+
+    monkeypatch.setattr(sweep.density, "run", sometimes_broken)
+    monkeypatch.setitem(
+        sweep.TARGETS,
+        "density",
+        sweep.Target(sweep.density, sweep.density.DensityConfig, "val_bpd", sweep.TARGETS["density"].second),
+    )
+    parent_id = sweep.run(_cfg(store, target_overrides=TINY_DENSITY.replace("epochs=2", "epochs=1")))
+    study = optuna.load_study(study_name="iresnet-sweep", storage=f"sqlite:///{store / 'optuna.db'}")
+    states = [t.state for t in study.trials]
+    assert states.count(optuna.trial.TrialState.FAIL) == 1 and states.count(optuna.trial.TrialState.COMPLETE) == 2
+    assert MlflowClient().get_run(parent_id).data.metrics["trials_fail"] == 1
+
+
+def test_pruned_trials_end_killed(store, monkeypatch):
+    monkeypatch.setattr(optuna.trial.Trial, "should_prune", lambda self: self.number == 1)
+    sweep.run(_cfg(store, pruner="median", target_overrides=TINY_DENSITY.replace("epochs=2", "epochs=1")))
+    study = optuna.load_study(study_name="iresnet-sweep", storage=f"sqlite:///{store / 'optuna.db'}")
+    assert study.trials[1].state == optuna.trial.TrialState.PRUNED
+    killed = [r for r in runs_of("sweep") if r.data.tags.get("optuna_trial") == "1"]
+    assert [r.info.status for r in killed] == ["KILLED"]
+
+
+@pytest.mark.slow
+def test_two_workers_on_one_journal_finish_the_requested_trials(store):
+    journal = store / "study.journal"
+    space = store / "space.json"
+    space.write_text(json.dumps(TINY_SPACE))
+    args = [
+        sys.executable,
+        "-m",
+        "experiments.sweep",
+        "--target",
+        "density",
+        "--storage",
+        f"journal:{journal}",
+        "--study-name",
+        "parallel",
+        "--n-trials",
+        "4",
+        "--space-file",
+        str(space),
+        "--pruner",
+        "none",
+        "--target-overrides",
+        TINY_DENSITY.replace("epochs=2", "epochs=1"),
+        "--checkpoint-dir",
+        str(store / "ckpt"),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    workers = [
+        subprocess.Popen(
+            [*args, "--seed", str(i)], env=env, cwd=sweep.PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        )
+        for i in range(2)
+    ]
+    outputs = [w.communicate(timeout=600)[0].decode() for w in workers]
+    assert all(w.returncode == 0 for w in workers), outputs
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal)))
+    trials = optuna.load_study(study_name="parallel", storage=storage).trials
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in trials), [t.state for t in trials]  # none lost
+    assert 4 <= len(trials) <= 5  # a worker finishing concurrently may add one
+    parents = [r for r in runs_of("sweep") if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 2  # one parent run per worker invocation
+
+
+@pytest.mark.parametrize(
+    "kw,message",
+    [
+        (dict(target="toy"), "unknown target"),
+        (dict(objective="error-margin"), "objective for density"),
+        (dict(target_overrides="epochs"), "field=value"),
+        (dict(space_file="/nope.yaml"), "does not exist"),
+        (dict(pruner="asha"), "unknown pruner"),
+        (dict(validation_fraction=0.0), "held-out"),
+    ],
+)
+def test_bad_sweep_configuration_is_refused(kw, message):
+    with pytest.raises(ValueError, match=message):
+        sweep.config_from_preset("quick", **kw)
+
+
+def test_space_file_parameters_must_be_target_options(tmp_path):
+    bad = tmp_path / "space.yaml"
+    bad.write_text("n_terms: {type: int, low: 1, high: 5}\n")
+    with pytest.raises(ValueError, match="not an option of classify"):
+        sweep.config_from_preset("quick", target="classify", space_file=str(bad))
+
+
+def test_none_is_a_value_not_an_unset_option():
+    assert (
+        sweep.cli.build_parser(sweep.SweepConfig, sweep.PRESETS, None).parse_args(["--pruner", "none"]).pruner == "none"
+    )
