@@ -6,9 +6,10 @@
 
 Every case uses the same residual stages (blocks and bottleneck widths per stage), the same input and
 the same batch; each runs in a fresh subprocess so peak memory is its own. Ratios are to case (a).
-The flow's levels factor out half their channels, so its later stages are narrower than the
-classifier's, and it uses the largest ``--hidden`` width in every level: the comparison is of the
-same blocks, widths and batch, not of identical FLOPs.
+The flow's levels factor out half their channels, so its later stages carry fewer channels than
+the classifier's: the comparison is of the same blocks, bottleneck widths and batch, not of
+identical FLOPs. Peak memory is CUDA's peak allocation on a GPU and the process's peak RSS on CPU
+(which includes the PyTorch runtime); ``+MiB`` is the growth during the timed steps.
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ def _measure(case: Case, args: dict, queue) -> None:  # noqa: ANN001
     y = torch.randint(0, 10, (args["batch"],), device=device)
     if case.kind == "flow":
         arch = FlowArchitecture(
-            input_shape=shape, n_blocks=blocks, hidden_channels=max(hidden), n_power_iterations=args["power_iterations"]
+            input_shape=shape, n_blocks=blocks, hidden_channels=hidden, n_power_iterations=args["power_iterations"]
         )
         model = IResNetFlow(arch, estimator=PowerSeriesLogDet(n_terms=case.n_terms)).to(device)
 
@@ -145,12 +146,13 @@ def run(args: dict) -> list[dict]:
 
 
 def format_table(results: list[dict]) -> str:
-    header = f"{'case':32} {'s/step':>8} {'img/s':>8} {'x time':>7} {'peak MiB':>9} {'x mem':>6}"
+    header = f"{'case':32} {'s/step':>8} {'img/s':>8} {'x time':>7} {'peak MiB':>9} {'+MiB':>7} {'x mem':>6}"
     rows = [header, "-" * len(header)]
     for r in results:
         rows.append(
             f"{r['case']:32} {r['seconds_per_step']:8.3f} {r['images_per_second']:8.1f} "
-            f"{r['time_ratio']:7.2f} {r['peak_memory_mib']:9.0f} {r['memory_ratio']:6.2f}"
+            f"{r['time_ratio']:7.2f} {r['peak_memory_mib']:9.0f} {r['memory_above_start_mib']:7.0f} "
+            f"{r['memory_ratio']:6.2f}"
         )
     return "\n".join(rows)
 

@@ -55,7 +55,7 @@ class DensityConfig:
     validation_fraction: float = 0.0  # > 0: evaluate on a held-out part of train (sweeps), test at the end
     # model
     n_blocks: tuple[int, ...] = (4, 4)
-    hidden_channels: int = 32
+    hidden_channels: tuple[int, ...] = (32,)  # one width for every level, or one per level
     coeff: float = 0.9
     n_power_iterations: int = 5
     activation: str = "elu"
@@ -93,6 +93,8 @@ class DensityConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "n_blocks", tuple(self.n_blocks))
+        hidden = self.hidden_channels
+        object.__setattr__(self, "hidden_channels", (hidden,) if isinstance(hidden, int) else tuple(hidden))
         if self.dataset not in DATASETS:
             raise ValueError(f"unknown dataset {self.dataset!r}; choose one of {sorted(DATASETS)}")
         positive = ("epochs", "batch_size", "eval_batch_size", "n_samples", "log_every", "max_passes")

@@ -30,7 +30,7 @@ class FlowArchitecture:
 
     input_shape: tuple[int, int, int] = (1, 28, 28)
     n_blocks: tuple[int, ...] = (32, 32, 32)  # per level (scale)
-    hidden_channels: int = 32
+    hidden_channels: int | tuple[int, ...] = 32  # bottleneck width: one for all levels, or one per level
     kernel_sizes: tuple[int, ...] = (3, 1, 3)
     activation: str = "elu"
     coeff: float = 0.9
@@ -43,12 +43,14 @@ class FlowArchitecture:
         object.__setattr__(self, "input_shape", tuple(self.input_shape))
         object.__setattr__(self, "n_blocks", tuple(self.n_blocks))
         object.__setattr__(self, "kernel_sizes", tuple(self.kernel_sizes))
+        hidden = (self.hidden_channels,) if isinstance(self.hidden_channels, int) else tuple(self.hidden_channels)
+        object.__setattr__(self, "hidden_channels", hidden * len(self.n_blocks) if len(hidden) == 1 else hidden)
         if len(self.input_shape) != 3 or min(self.input_shape) < 1:
             raise ValueError(f"input_shape must be (C, H, W), got {self.input_shape}")
         if not self.n_blocks or min(self.n_blocks) < 1:
             raise ValueError(f"n_blocks needs at least one level with >= 1 block each, got {self.n_blocks}")
-        if self.hidden_channels < 1:
-            raise ValueError(f"hidden_channels must be >= 1, got {self.hidden_channels}")
+        if len(self.hidden_channels) != len(self.n_blocks) or min(self.hidden_channels) < 1:
+            raise ValueError(f"hidden_channels needs one width >= 1 (or one per level), got {self.hidden_channels}")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"unknown activation {self.activation!r}; choose one of {sorted(ACTIVATIONS)}")
         _check_spectral_args(self.coeff, self.n_power_iterations)
@@ -94,7 +96,9 @@ class IResNetFlow(FlowModel):
         levels: list[Transform] = []
         priors = []
         shapes = arch.level_shapes()
-        for level, (n_blocks, (c, h, w)) in enumerate(zip(arch.n_blocks, shapes, strict=True)):
+        for level, (n_blocks, hidden, (c, h, w)) in enumerate(
+            zip(arch.n_blocks, arch.hidden_channels, shapes, strict=True)
+        ):
             steps: list[Transform] = []
             if level > 0 or arch.squeeze_first:
                 steps.append(Squeeze())
@@ -103,7 +107,7 @@ class IResNetFlow(FlowModel):
                     steps.append(ActNorm(c))
                 branch = conv_branch(
                     c,
-                    arch.hidden_channels,
+                    hidden,
                     kernel_sizes=arch.kernel_sizes,
                     activation=arch.activation,
                     coeff=arch.coeff,

@@ -122,6 +122,15 @@ def test_architecture_is_validated():
         iresnet_flow("quick")(torch.randn(2, 1, 32, 32))
 
 
+def test_hidden_widths_per_level():
+    flow = IResNetFlow(FlowArchitecture(input_shape=(1, 8, 8), n_blocks=(1, 1), hidden_channels=(8, 16)))
+    widths = [b.branch[0].out_channels for b in flow.residual_blocks()]
+    assert widths == [8, 16]
+    assert FlowArchitecture(input_shape=(1, 8, 8), n_blocks=(1, 1), hidden_channels=(4,)).hidden_channels == (4, 4)
+    with pytest.raises(ValueError, match="one per level"):
+        FlowArchitecture(input_shape=(1, 8, 8), n_blocks=(1, 1), hidden_channels=(4, 4, 4))
+
+
 def test_presets_build():
     flow = iresnet_flow("quick")
     assert flow.arch.n_blocks == (4, 4)
