@@ -41,6 +41,7 @@ class LoopConfig:
     eval_every: int = 0  # epochs between evaluations (0: only after the last epoch)
     amp: bool = False  # bfloat16 autocast (CUDA only)
     progress: bool = True
+    metric_prefix: str = ""  # e.g. "8gaussians/glow/" when several models train inside one run
 
 
 @dataclass
@@ -133,7 +134,8 @@ def fit(
             count += 1
             if state.step % config.log_every == 0 or state.step == 1:
                 mlflow.log_metrics(
-                    {f"train_{k}": v for k, v in metrics.items()} | {"lr": optimizer.param_groups[0]["lr"]},
+                    {f"{config.metric_prefix}train_{k}": v for k, v in metrics.items()}
+                    | {f"{config.metric_prefix}lr": optimizer.param_groups[0]["lr"]},
                     step=state.step,
                 )
             bar.set_postfix(loss=f"{metrics['loss']:.4g}")
@@ -143,7 +145,7 @@ def fit(
         epoch_metrics |= {"epoch_seconds": seconds, "train_images_per_second": seen / seconds if seconds else math.nan}
         if evaluate is not None and (epoch == config.epochs or (config.eval_every and epoch % config.eval_every == 0)):
             epoch_metrics |= evaluate(epoch)
-        mlflow.log_metrics(epoch_metrics, step=epoch)
+        mlflow.log_metrics({f"{config.metric_prefix}{k}": v for k, v in epoch_metrics.items()}, step=epoch)
         log.info("epoch %d: %s", epoch, ", ".join(f"{k}={v:.4g}" for k, v in epoch_metrics.items()))
         state.epoch = epoch
         save_checkpoint(

@@ -1,0 +1,310 @@
+"""``mlflow run . -e toy``: 2-D toy densities, i-ResNet flow vs Glow (Fig. 2), and 1-D dynamics (Fig. 1).
+
+    python -m experiments.toy                       # preset "quick": 8gaussians, both models, Fig. 1
+    python -m experiments.toy --preset all          # every toy dataset
+    python -m experiments.toy --preset paper        # 100 blocks of 2-64-64-64-2, as in the paper
+    python -m experiments.toy --datasets moons,rings --models iresnet
+
+Models come from :data:`TOY_MODELS` (a name -> builder registry), so another flow is one entry.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import sys
+import tempfile
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from experiments import cli
+from pipeline.data.toy import TOY_DATASETS, sample_toy
+from pipeline.layers.branches import mlp_branch
+from pipeline.models import VECTOR_FLOW_PRESETS, FlowModel, vector_flow
+from pipeline.models.glow import matched_glow, n_parameters
+from pipeline.plotting import new_figure, save_figure
+from pipeline.tracking import PROJECT_ROOT, log_json, log_params_flat, tracked_run
+from pipeline.training.device import resolve_device
+from pipeline.training.loop import LoopConfig, fit
+from pipeline.transforms import InvertibleResidualBlock
+
+log = logging.getLogger("experiments.toy")
+
+
+@dataclass(frozen=True)
+class ToyConfig:
+    preset: str = "quick"
+    datasets: str = "8gaussians"  # comma-separated names, or "all"
+    models: str = "iresnet,glow"  # comma-separated names from TOY_MODELS
+    architecture: str = "quick"  # i-ResNet vector-flow preset; Glow is matched to it in depth and parameters
+    coeff: float = 0.9
+    steps: int = 2000
+    steps_per_epoch: int = 250  # checkpoint and log epoch metrics this often
+    batch_size: int = 256
+    lr: float = 1e-3
+    n_test: int = 5000
+    grid_size: int = 150
+    grid_limit: float = 4.5
+    n_samples: int = 2000
+    dynamics: bool = True  # also train the 1-D ResNet vs i-ResNet of Fig. 1
+    dynamics_depth: int = 10
+    dynamics_steps: int = 3000
+    seed: int = 0
+    device: str = "auto"
+    experiment_name: str = "toy"
+    run_name: str | None = None
+    checkpoint_dir: str = str(PROJECT_ROOT / "checkpoints")
+    progress: bool = True
+
+    def dataset_names(self) -> list[str]:
+        names = sorted(TOY_DATASETS) if self.datasets == "all" else [n.strip() for n in self.datasets.split(",")]
+        unknown = [n for n in names if n not in TOY_DATASETS]
+        if unknown or not names:
+            raise ValueError(f"unknown toy dataset(s) {unknown}; choose from {sorted(TOY_DATASETS)} or 'all'")
+        return names
+
+    def model_names(self) -> list[str]:
+        names = [n.strip() for n in self.models.split(",") if n.strip()]
+        unknown = [n for n in names if n not in TOY_MODELS]
+        if unknown or not names:
+            raise ValueError(f"unknown toy model(s) {unknown}; choose from {sorted(TOY_MODELS)}")
+        return names
+
+    def __post_init__(self) -> None:
+        self.dataset_names()
+        self.model_names()
+        if self.architecture not in VECTOR_FLOW_PRESETS:
+            raise ValueError(f"unknown architecture {self.architecture!r}; choose one of {sorted(VECTOR_FLOW_PRESETS)}")
+        for name in (
+            "steps",
+            "steps_per_epoch",
+            "batch_size",
+            "n_test",
+            "grid_size",
+            "n_samples",
+            "dynamics_depth",
+            "dynamics_steps",
+        ):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.dynamics_depth % 2:
+            raise ValueError("dynamics_depth must be even (the x^3 target sits at half depth)")
+        if not self.lr > 0 or not self.grid_limit > 0:
+            raise ValueError("lr and grid_limit must be > 0")
+        vector_flow(self.architecture, coeff=self.coeff, n_blocks=1)  # validates c
+
+
+def _iresnet(cfg: ToyConfig) -> FlowModel:
+    return vector_flow(cfg.architecture, coeff=cfg.coeff)
+
+
+TOY_MODELS: dict[str, Callable[[ToyConfig], FlowModel]] = {
+    "iresnet": _iresnet,
+    "glow": lambda cfg: matched_glow(_iresnet(cfg)),
+}
+
+PRESETS: dict[str, dict] = {
+    "quick": {},
+    "all": dict(datasets="all", steps=1500),
+    "paper": dict(
+        datasets="all", architecture="paper", steps=10000, steps_per_epoch=1000, dynamics_depth=20, dynamics_steps=4000
+    ),
+}
+
+
+# --- densities ----------------------------------------------------------------------------------
+def density_grid(model: FlowModel, limit: float, size: int, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+    """``(coords, density)``: the model's density on a ``size x size`` grid over ``[-limit, limit]^2``."""
+    coords = torch.linspace(-limit, limit, size, device=device)
+    xx, yy = torch.meshgrid(coords, coords, indexing="xy")
+    points = torch.stack([xx.reshape(-1), yy.reshape(-1)], dim=1)
+    model.eval()
+    with torch.no_grad():
+        log_p = torch.cat([model.log_prob(chunk) for chunk in points.split(4096)])
+    return coords.cpu().numpy(), log_p.exp().reshape(size, size).cpu().numpy()
+
+
+def grid_mass(coords: np.ndarray, density: np.ndarray) -> float:
+    """Riemann sum of the density over the grid (close to 1 when the grid covers the mass)."""
+    step = float(coords[1] - coords[0])
+    return float(density.sum() * step * step)
+
+
+def train_toy_model(
+    model: FlowModel, dataset: str, cfg: ToyConfig, device: torch.device, prefix: str, checkpoint: Path
+) -> FlowModel:
+    model.to(device)
+    with torch.no_grad():  # ActNorm's data-dependent initialisation
+        model(sample_toy(dataset, 1024, seed=cfg.seed + 7).to(device))
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    epochs = math.ceil(cfg.steps / cfg.steps_per_epoch)
+
+    def batches(epoch: int):  # noqa: ANN202 - fresh samples every step, reproducible from (seed, epoch)
+        base = (cfg.seed * 1_000_003 + epoch) * cfg.steps_per_epoch
+        for i in range(cfg.steps_per_epoch):
+            yield (sample_toy(dataset, cfg.batch_size, seed=base + i).to(device),)
+
+    def step_fn(batch):  # noqa: ANN001, ANN202
+        nll = -model.log_prob(batch[0]).mean()
+        return nll, {}
+
+    loop = LoopConfig(
+        epochs=epochs, checkpoint_path=checkpoint, log_every=50, progress=cfg.progress, metric_prefix=prefix
+    )
+    fit(model, optimizer, None, batches, step_fn, loop)
+    return model.eval()
+
+
+# --- Fig. 1: 1-D dynamics -----------------------------------------------------------------------
+class Residual1D(nn.Module):
+    """A stack of 1-D residual blocks whose intermediate states are returned (for the trajectories)."""
+
+    def __init__(self, depth: int, coeff: float | None) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            InvertibleResidualBlock(mlp_branch(1, (32, 32), coeff=coeff, n_power_iterations=5)) for _ in range(depth)
+        )
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        states = [x]
+        for block in self.blocks:
+            states.append(block.map(states[-1]))
+        return states
+
+
+def count_crossings(states: list[Tensor]) -> int:
+    """Pairs of trajectories whose order flips between consecutive depths (= path crossings)."""
+    total = 0
+    for a, b in zip(states[:-1], states[1:], strict=True):
+        da = a.reshape(-1, 1) - a.reshape(1, -1)
+        db = b.reshape(-1, 1) - b.reshape(1, -1)
+        total += int(((da * db) < 0).triu(1).sum())
+    return total
+
+
+def train_dynamics(coeff: float | None, cfg: ToyConfig, device: torch.device) -> tuple[Residual1D, Tensor]:
+    # the plotted inputs are the training inputs: out-of-order noisy targets can only be met by crossing paths
+    generator = torch.Generator().manual_seed(cfg.seed)
+    x = torch.linspace(-2, 2, 41).reshape(-1, 1)
+    cube = x**3 + 0.5 * torch.randn(x.shape, generator=generator)
+    identity = x + 0.1 * torch.randn(x.shape, generator=generator)
+    x, cube, identity = x.to(device), cube.to(device), identity.to(device)
+    torch.manual_seed(cfg.seed)
+    net = Residual1D(cfg.dynamics_depth, coeff).to(device)
+    optimizer = torch.optim.Adam(net.parameters(), lr=3e-3)
+    for _ in range(cfg.dynamics_steps):
+        states = net(x)
+        loss = ((states[len(states) // 2] - cube) ** 2).mean() + ((states[-1] - identity) ** 2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    net.eval()
+    return net, x
+
+
+def _dynamics_figure(cfg: ToyConfig, device: torch.device, out: Path) -> dict[str, float]:
+    fig, axes = new_figure(10, 4)
+    axes.remove()
+    metrics = {}
+    for i, (name, coeff) in enumerate((("ResNet", None), ("i-ResNet", cfg.coeff))):
+        net, inputs = train_dynamics(coeff, cfg, device)
+        with torch.no_grad():
+            states = net(inputs)
+        crossings = count_crossings(states)
+        metrics[f"dynamics_crossings_{name.lower().replace('-', '')}"] = crossings
+        ax = fig.add_subplot(1, 2, i + 1)
+        paths = torch.cat(states, dim=1).cpu().numpy()
+        for path in paths:
+            ax.plot(range(len(states)), path, linewidth=0.8)
+        ax.axvline(len(states) // 2, color="k", linewidth=0.5, linestyle=":")
+        ax.set_title(f"{name}: {crossings} crossings")
+        ax.set_xlabel("depth (block)")
+    save_figure(fig, out / "fig1_dynamics.png")
+    return metrics
+
+
+# --- the run ------------------------------------------------------------------------------------
+def run(cfg: ToyConfig) -> str:
+    device = resolve_device(cfg.device)
+    datasets, model_names = cfg.dataset_names(), cfg.model_names()
+    with tracked_run(cfg.experiment_name, run_name=cfg.run_name) as active, tempfile.TemporaryDirectory() as tmp:
+        run_id, out = active.info.run_id, Path(tmp)
+        log_params_flat({k: v for k, v in asdict(cfg).items() if k != "progress"})
+        rows = []
+        fig, axes = new_figure(3.2 * (1 + len(model_names)), 3.2 * len(datasets))
+        axes.remove()
+        for r, dataset in enumerate(datasets):
+            test = sample_toy(dataset, cfg.n_test, seed=cfg.seed + 10_000 + r).to(device)
+            panels = [("data", None)]
+            for name in model_names:
+                torch.manual_seed(cfg.seed)
+                model = TOY_MODELS[name](cfg)
+                prefix = f"{dataset}/{name}/"
+                model = train_toy_model(
+                    model, dataset, cfg, device, prefix, Path(cfg.checkpoint_dir) / run_id / f"{dataset}-{name}.pt"
+                )
+                with torch.no_grad():
+                    nll = float(-model.log_prob(test).mean())
+                    samples = model.sample(cfg.n_samples).cpu().numpy()
+                coords, density = density_grid(model, cfg.grid_limit, cfg.grid_size, device)
+                mass = grid_mass(coords, density)
+                rows.append(
+                    {
+                        "dataset": dataset,
+                        "model": name,
+                        "test_nll_nats": nll,
+                        "grid_mass": mass,
+                        "n_parameters": n_parameters(model),
+                    }
+                )
+                mlflow.log_metrics({f"{prefix}test_nll": nll, f"{prefix}grid_mass": mass})
+                np.save(out / f"density_{dataset}_{name}.npy", density)
+                sample_fig, ax = new_figure(4, 4)
+                ax.scatter(samples[:, 0], samples[:, 1], s=1, alpha=0.5)
+                ax.set_xlim(-cfg.grid_limit, cfg.grid_limit)
+                ax.set_ylim(-cfg.grid_limit, cfg.grid_limit)
+                ax.set_title(f"{name} samples: {dataset}")
+                save_figure(sample_fig, out / f"samples_{dataset}_{name}.png")
+                panels.append((name, (coords, density, nll)))
+            data = sample_toy(dataset, 20_000, seed=cfg.seed + 20_000).numpy()
+            for c, (name, content) in enumerate(panels):
+                ax = fig.add_subplot(len(datasets), len(panels), r * len(panels) + c + 1)
+                if content is None:
+                    ax.hist2d(data[:, 0], data[:, 1], bins=cfg.grid_size, range=[[-cfg.grid_limit, cfg.grid_limit]] * 2)
+                    ax.set_title(f"{dataset}: data")
+                else:
+                    coords, density, nll = content
+                    ax.pcolormesh(coords, coords, density, shading="auto")
+                    ax.set_title(f"{name}: NLL {nll:.3f}")
+                ax.set_xticks([])
+                ax.set_yticks([])
+                ax.set_aspect("equal")
+        save_figure(fig, out / "fig2_densities.png")
+        with open(out / "test_nll.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        if cfg.dynamics:
+            mlflow.log_metrics(_dynamics_figure(cfg, device, out))
+        log_json(asdict(cfg), "config.json")
+        mlflow.log_artifacts(str(out))
+        return run_id
+
+
+def config_from_preset(preset: str, **overrides) -> ToyConfig:  # noqa: ANN003
+    return cli.config_from_preset(ToyConfig, PRESETS, preset, **overrides)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli.entry_point_main(ToyConfig, PRESETS, run, argv, __doc__)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
