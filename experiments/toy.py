@@ -42,7 +42,7 @@ log = logging.getLogger("experiments.toy")
 class ToyConfig:
     preset: str = "quick"
     datasets: str = "8gaussians"  # comma-separated names, or "all"
-    models: str = "iresnet,glow"  # comma-separated names from TOY_MODELS
+    models: str = "glow,iresnet"  # comma-separated names from TOY_MODELS
     architecture: str = "quick"  # i-ResNet vector-flow preset; Glow is matched to it in depth and parameters
     coeff: float = 0.9
     steps: int = 2000

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import optuna
 import pytest
@@ -164,3 +165,18 @@ def test_none_is_a_value_not_an_unset_option():
     assert (
         sweep.cli.build_parser(sweep.SweepConfig, sweep.PRESETS, None).parse_args(["--pruner", "none"]).pruner == "none"
     )
+
+
+def test_multi_objective_mode_logs_the_pareto_front(store):
+    parent_id = sweep.run(
+        _cfg(store, n_trials=2, objective="bpd-time", target_overrides=TINY_DENSITY.replace("epochs=2", "epochs=1"))
+    )
+    study = optuna.load_study(study_name="iresnet-sweep", storage=f"sqlite:///{store / 'optuna.db'}")
+    assert [d.name for d in study.directions] == ["MINIMIZE", "MINIMIZE"]
+    assert all(len(t.values) == 2 for t in study.trials)
+    client = MlflowClient()
+    artifacts = {a.path for a in client.list_artifacts(parent_id)}
+    assert {"pareto_front.json", "pareto_front.png"} <= artifacts
+    front = json.loads(Path(client.download_artifacts(parent_id, "pareto_front.json")).read_text())
+    assert {t["number"] for t in front} == {t.number for t in study.best_trials}
+    assert client.get_run(parent_id).data.metrics["pareto_front_size"] == len(front)
