@@ -20,7 +20,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import mlflow
-import mlflow.pytorch
 import torch
 import torch.nn.functional as F
 
@@ -30,7 +29,7 @@ from pipeline.data.augment import AUGMENTATIONS, Augmentation
 from pipeline.diagnostics import certified_lipschitz, layer_operator_norms, reconstruction_error_curve
 from pipeline.models import ClassifierArchitecture, ResidualClassifier
 from pipeline.plotting import new_figure, save_figure, save_image_grid
-from pipeline.tracking import MODEL_ARTIFACT, PROJECT_ROOT, log_json, log_params_flat, tracked_run
+from pipeline.tracking import PROJECT_ROOT, log_json, log_model, log_params_flat, tracked_run
 from pipeline.training.device import resolve_device
 from pipeline.training.loop import EpochHook, LoopConfig, fit, restore
 from pipeline.training.schedule import linear_warmup, step_decay
@@ -298,12 +297,7 @@ def run(cfg: ClassifyConfig, *, on_epoch_end: EpochHook | None = None) -> str:
             on_epoch_end=on_epoch_end,
         )
         _measure_invertibility(model, data.test, prepare, mean, std, cfg)
-        mlflow.pytorch.log_model(
-            model.cpu(),
-            name=MODEL_ARTIFACT,
-            serialization_format="pickle",
-            pip_requirements=["torch", "iresnet-pipeline"],
-        )
+        log_model(model)
     return run_id
 
 

@@ -16,7 +16,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import mlflow
-import mlflow.pytorch
 import torch
 
 from experiments import cli
@@ -32,7 +31,7 @@ from pipeline.evaluation import EvalProtocol, diagonal_gaussian_baseline_bits_pe
 from pipeline.metrics import bits_per_dim
 from pipeline.models import FlowArchitecture, IResNetFlow
 from pipeline.plotting import new_figure, save_figure, save_image_grid
-from pipeline.tracking import MODEL_ARTIFACT, PROJECT_ROOT, log_json, log_params_flat, tracked_run
+from pipeline.tracking import PROJECT_ROOT, log_json, log_model, log_params_flat, tracked_run
 from pipeline.training.device import resolve_device
 from pipeline.training.loop import EpochHook, LoopConfig, fit, restore
 from pipeline.training.schedule import linear_warmup
@@ -259,28 +258,21 @@ def run(cfg: DensityConfig, *, on_epoch_end: EpochHook | None = None) -> str:
             bpd = bits_per_dim(log_prob, model.dim, n_levels).mean()
             return bpd, {"bpd": float(bpd.detach()), "logdet": float(logdet.detach().mean())}
 
-        def evaluate(epoch: int) -> dict[str, float]:
-            prefix = "val" if val_split is not None else "test"
-            result = evaluate_bits_per_dim(
+        def bpd_metrics(split: ImageSplit, prefix: str) -> dict[str, float]:
+            return evaluate_bits_per_dim(
                 model,
-                eval_split,
+                split,
                 n_levels=n_levels,
                 pad=pad,
                 batch_size=cfg.eval_batch_size,
                 protocol=cfg.protocol(),
                 progress=cfg.progress,
-            )
-            metrics = result.metrics(prefix)
+            ).metrics(prefix)
+
+        def evaluate(epoch: int) -> dict[str, float]:
+            metrics = bpd_metrics(eval_split, "val" if val_split is not None else "test")
             if val_split is not None and epoch == cfg.epochs:
-                metrics |= evaluate_bits_per_dim(
-                    model,
-                    data.test,
-                    n_levels=n_levels,
-                    pad=pad,
-                    batch_size=cfg.eval_batch_size,
-                    protocol=cfg.protocol(),
-                    progress=cfg.progress,
-                ).metrics("test")
+                metrics |= bpd_metrics(data.test, "test")
             return metrics
 
         if state is None:  # reference points: the untrained model (epoch 0) and a diagonal Gaussian
@@ -355,10 +347,7 @@ def _log_final_artifacts(  # noqa: ANN001
         )
         mlflow.log_metric("max_block_lipschitz_certified", max(lips))
         mlflow.log_artifacts(str(out))
-    # pickled eager module: the flow's forward runs autograd inside, which tracing formats cannot hold
-    mlflow.pytorch.log_model(
-        model.cpu(), name=MODEL_ARTIFACT, serialization_format="pickle", pip_requirements=["torch", "iresnet-pipeline"]
-    )
+    log_model(model)
 
 
 # --- command line -------------------------------------------------------------------------------

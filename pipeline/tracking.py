@@ -136,6 +136,18 @@ def log_params_flat(params: dict[str, Any], prefix: str = "") -> None:
 MODEL_ARTIFACT = "model"
 
 
+def log_model(model: Any) -> None:
+    """Log ``model`` (moved to CPU) to the active run so :func:`load_model` can reload it.
+
+    A pickled eager module: the flows run autograd inside ``forward``, which tracing formats cannot hold.
+    """
+    import mlflow.pytorch
+
+    mlflow.pytorch.log_model(
+        model.cpu(), name=MODEL_ARTIFACT, serialization_format="pickle", pip_requirements=["torch", "iresnet-pipeline"]
+    )
+
+
 def load_model(run_id: str, *, map_location: str = "cpu") -> Any:
     """Reload the model logged by a run (to sample from or evaluate it)."""
     configure_tracking()
