@@ -24,13 +24,13 @@ import torch
 import torch.nn.functional as F
 
 from experiments import cli
-from pipeline.data import DATASETS, ImageSplit, iterate_batches, load_dataset
+from pipeline.data import DATASETS, ImageSplit, epoch_batches, iterate_batches, load_dataset
 from pipeline.data.augment import AUGMENTATIONS, Augmentation
 from pipeline.diagnostics import certified_lipschitz, layer_operator_norms, reconstruction_error_curve
 from pipeline.models import ClassifierArchitecture, ResidualClassifier
 from pipeline.plotting import new_figure, save_figure, save_image_grid
 from pipeline.tracking import PROJECT_ROOT, log_json, log_model, log_params_flat, tracked_run
-from pipeline.training.device import resolve_device
+from pipeline.training.device import check_device_name, resolve_device
 from pipeline.training.loop import EpochHook, LoopConfig, fit, restore
 from pipeline.training.schedule import linear_warmup, step_decay
 from pipeline.transforms import FixedPointConfig, InverseReport
@@ -113,8 +113,7 @@ class ClassifyConfig:
             raise ValueError(f"inverse_tol must be > 0, got {self.inverse_tol}")
         if not 0.0 <= self.validation_fraction < 1.0:
             raise ValueError(f"validation_fraction must be in [0, 1), got {self.validation_fraction}")
-        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
-            raise ValueError(f"unknown device {self.device!r}; choose auto, cpu, cuda or cuda:N")
+        check_device_name(self.device)
         self.architecture((1, 32, 32), 10)  # the library validates the rest (c in (0, 1), stages, ...)
 
     def architecture(self, input_shape: tuple[int, int, int], num_classes: int) -> ClassifierArchitecture:
@@ -270,11 +269,7 @@ def run(cfg: ClassifyConfig, *, on_epoch_end: EpochHook | None = None) -> str:
                 metrics["test_error"], metrics["test_loss"] = error_and_loss(data.test)
             return metrics
 
-        def batches(epoch: int):  # noqa: ANN202
-            return iterate_batches(
-                train_split, cfg.batch_size, shuffle=True, seed=cfg.seed * 100_003 + epoch, drop_last=True
-            )
-
+        batches = epoch_batches(train_split, cfg.batch_size, cfg.seed)
         loop = LoopConfig(
             epochs=cfg.epochs,
             checkpoint_path=ckpt_path,

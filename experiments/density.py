@@ -23,7 +23,7 @@ from pipeline.data import (
     DATASETS,
     ImageSplit,
     dequantize,
-    iterate_batches,
+    epoch_batches,
     load_dataset,
     pad_images,
 )
@@ -32,7 +32,7 @@ from pipeline.metrics import bits_per_dim
 from pipeline.models import FlowArchitecture, IResNetFlow
 from pipeline.plotting import new_figure, save_figure, save_image_grid
 from pipeline.tracking import PROJECT_ROOT, log_json, log_model, log_params_flat, tracked_run
-from pipeline.training.device import resolve_device
+from pipeline.training.device import check_device_name, resolve_device
 from pipeline.training.loop import EpochHook, LoopConfig, fit, restore
 from pipeline.training.schedule import linear_warmup
 from pipeline.transforms import FixedPointConfig, InverseReport, make_estimator
@@ -118,8 +118,7 @@ class DensityConfig:
         self.training_estimator()
         self.protocol()
         FixedPointConfig(atol=self.inverse_tol, rtol=self.inverse_tol)
-        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
-            raise ValueError(f"unknown device {self.device!r}; choose auto, cpu, cuda or cuda:N")
+        check_device_name(self.device)
 
     def architecture(self, input_shape: tuple[int, int, int]) -> FlowArchitecture:
         return FlowArchitecture(
@@ -289,11 +288,7 @@ def run(cfg: DensityConfig, *, on_epoch_end: EpochHook | None = None) -> str:
             progress=cfg.progress,
         )
 
-        def batches(epoch: int):  # noqa: ANN202
-            return iterate_batches(
-                train_split, cfg.batch_size, shuffle=True, seed=cfg.seed * 100_003 + epoch, drop_last=True
-            )
-
+        batches = epoch_batches(train_split, cfg.batch_size, cfg.seed)
         fit(
             model,
             optimizer,

@@ -1,6 +1,6 @@
 """Datasets and preprocessing shared by all experiments."""
 
-from pipeline.data.preprocessing import dequantize, iterate_batches, pad_images
+from pipeline.data.preprocessing import dequantize, epoch_batches, iterate_batches, pad_images
 from pipeline.data.registry import DATASETS, DatasetNotFoundError, ImageDataset, ImageSplit, load_dataset
 
 __all__ = [
@@ -9,6 +9,7 @@ __all__ = [
     "ImageDataset",
     "ImageSplit",
     "dequantize",
+    "epoch_batches",
     "iterate_batches",
     "load_dataset",
     "pad_images",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -42,3 +42,12 @@ def iterate_batches(
     for start in range(0, stop, batch_size):
         index = order[start : start + batch_size]
         yield split.images[index], split.labels[index]
+
+
+def epoch_batches(split: ImageSplit, batch_size: int, seed: int) -> Callable[[int], Iterator[tuple[Tensor, Tensor]]]:
+    """``epoch -> batches``: a fresh shuffle per epoch, reproducible from ``(seed, epoch)`` (for resuming)."""
+
+    def batches(epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
+        return iterate_batches(split, batch_size, shuffle=True, seed=seed * 100_003 + epoch, drop_last=True)
+
+    return batches

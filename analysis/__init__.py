@@ -1,0 +1,1 @@
+"""Analysis: the paper's tables and figures from tracked runs."""

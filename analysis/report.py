@@ -1,0 +1,254 @@
+"""``mlflow run . -e report``: the paper's tables and figures from runs already tracked.
+
+    python -m analysis.report                                   # all experiments, into outputs/report
+    python -m analysis.report --filter-string "params.dataset = 'cifar10'" --output-dir outputs/cifar
+
+Writes CSV tables (each beside the paper's numbers, with run IDs), PNG and PDF figures, and
+``report.md`` showing them all; everything is also logged to an MLflow run in experiment ``analysis``.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import mlflow
+import pandas as pd
+import torch
+from mlflow.tracking import MlflowClient
+
+from analysis.tables import finished_runs, table2, table4
+from experiments import cli
+from pipeline.data import dequantize, load_dataset, pad_images
+from pipeline.diagnostics import logdet_estimator_study
+from pipeline.plotting import new_figure
+from pipeline.tracking import PROJECT_ROOT, configure_tracking, load_model, log_params_flat, tracked_run
+
+log = logging.getLogger("analysis.report")
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    preset: str = "quick"
+    density_experiment: str = "density"
+    classify_experiment: str = "classify"
+    toy_experiment: str = "toy"
+    sweep_experiment: str = "sweep"
+    filter_string: str = ""  # an MLflow search filter applied to every experiment's runs
+    output_dir: str = str(PROJECT_ROOT / "outputs" / "report")
+    estimator_images: int = 4
+    estimator_terms: tuple[int, ...] = (1, 2, 3, 5, 10, 20)
+    estimator_probes: int = 64
+    experiment_name: str = "analysis"
+    run_name: str | None = None
+    progress: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "estimator_terms", tuple(self.estimator_terms))
+        if self.estimator_images < 1 or self.estimator_probes < 2 or not self.estimator_terms:
+            raise ValueError("estimator_images >= 1, estimator_probes >= 2 and some estimator_terms are needed")
+
+
+PRESETS: dict[str, dict] = {"quick": {}}
+
+
+def _save(fig, out: Path, name: str) -> list[str]:  # noqa: ANN001
+    fig.tight_layout()
+    files = []
+    for ext in ("png", "pdf"):
+        fig.savefig(out / f"{name}.{ext}", dpi=120)
+        files.append(f"{name}.{ext}")
+    plt.close(fig)
+    return files
+
+
+def _copy_artifact(run_id: str, artifact: str, out: Path, name: str) -> str | None:
+    available = {a.path for a in MlflowClient().list_artifacts(run_id)}
+    if artifact not in available:
+        return None
+    local = MlflowClient().download_artifacts(run_id, artifact)
+    shutil.copy(local, out / name)
+    if name.endswith(".png"):  # every figure also as PDF
+        fig = plt.figure(figsize=(8, 8))
+        fig.figimage(plt.imread(out / name), resize=True)
+        fig.savefig(out / f"{name.removesuffix('.png')}.pdf")
+        plt.close(fig)
+    return name
+
+
+def _markdown_table(df: pd.DataFrame) -> str:
+    if df.empty:
+        return "_no finished runs_\n"
+    cells = df.astype(object).where(df.notna(), "")
+    header = "| " + " | ".join(map(str, df.columns)) + " |"
+    sep = "|" + "---|" * len(df.columns)
+    body = [
+        "| " + " | ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in row) + " |"
+        for row in cells.itertuples(index=False)
+    ]
+    return "\n".join([header, sep, *body]) + "\n"
+
+
+class Report:
+    """Collects sections (text, tables, figures) and writes ``report.md``."""
+
+    def __init__(self, out: Path) -> None:
+        self.out, self.lines = out, ["# i-ResNet: reproduced tables and figures", ""]
+
+    def table(self, title: str, df: pd.DataFrame, csv_name: str) -> None:
+        df.to_csv(self.out / csv_name, index=False)
+        self.lines += [f"## {title}", "", f"CSV: `{csv_name}`", "", _markdown_table(df)]
+
+    def figure(self, title: str, files: list[str], note: str = "") -> None:
+        if not files:
+            return
+        self.lines += [f"### {title}", ""] + ([note, ""] if note else [])
+        self.lines += [f"![{title}]({f})" for f in files if f.endswith(".png")] + [""]
+
+    def write(self) -> Path:
+        path = self.out / "report.md"
+        path.write_text("\n".join(self.lines))
+        return path
+
+
+def _classify_figures(t2: pd.DataFrame, runs: pd.DataFrame, report: Report, out: Path) -> None:
+    client = MlflowClient()
+    if t2.empty:
+        return
+    fig, ax = new_figure()
+    for dataset, group in t2.groupby("dataset"):
+        inv = group[group["model"] == "iresnet"].copy()
+        inv["c"] = inv["column"].str.removeprefix("c=").astype(float)
+        ax.plot(inv["c"], inv["test_error"], marker="o", linestyle="-", label=f"{dataset}: i-ResNet")
+        for _, row in group[group["model"] != "iresnet"].iterrows():
+            ax.axhline(row["test_error"], linestyle="--", linewidth=0.8, label=f"{dataset}: {row['column']}")
+    ax.set_xlabel("Lipschitz coefficient c")
+    ax.set_ylabel("test error (%)")
+    ax.legend(fontsize=7)
+    report.figure("Table 2 as a figure: test error vs c", _save(fig, out, "table2_error_vs_coeff"))
+
+    fig6, ax6 = new_figure(7, 4)
+    fig8, ax8 = new_figure()
+    for _, r in runs.iterrows():
+        label = f"{r['params.model']}" + (f" c={r['params.coeff']}" if r["params.model"] == "iresnet" else "")
+        label += f" ({r['run_id'][:8]})"
+        if "layer_spectral_norms.csv" in {a.path for a in client.list_artifacts(r["run_id"])}:
+            norms = pd.read_csv(client.download_artifacts(r["run_id"], "layer_spectral_norms.csv"))
+            ax6.plot(range(len(norms)), norms["norm"], marker=".", linestyle="none", label=label)
+        history = sorted(client.get_metric_history(r["run_id"], "recon_rel_error_mean"), key=lambda m: m.step)
+        if history:
+            ax8.semilogy([m.step for m in history], [max(m.value, 1e-16) for m in history], marker="o", label=label)
+        name = _copy_artifact(r["run_id"], "reconstructions.png", out, f"fig3_reconstructions_{r['run_id'][:8]}.png")
+        report.figure(f"Figs. 3/7: reconstructions, {label}", [name] if name else [], "top: originals; bottom: inverse")
+    ax6.axhline(1.0, color="k", linewidth=0.8)
+    ax6.set_xlabel("layer")
+    ax6.set_ylabel("largest singular value (certified)")
+    ax6.legend(fontsize=7)
+    report.figure("Fig. 6: largest singular value of each layer", _save(fig6, out, "fig6_layer_norms"))
+    ax8.set_xlabel("fixed-point iterations per block")
+    ax8.set_ylabel("relative reconstruction error")
+    ax8.legend(fontsize=7)
+    report.figure("Fig. 8: reconstruction error vs iterations", _save(fig8, out, "fig8_recon_vs_iterations"))
+
+
+def _estimator_study(runs: pd.DataFrame, cfg: ReportConfig, report: Report, out: Path) -> None:
+    """Figs. 4/9 on the latest density run: its trained model, real test images, exact log-det."""
+    latest = runs.sort_values("start_time").iloc[-1]
+    model = load_model(latest["run_id"])
+    data = load_dataset(latest["params.dataset"], latest.get("params.data_dir") or None)
+    pad = int(latest["params.pad"])
+    generator = torch.Generator().manual_seed(0)
+    x = dequantize(pad_images(data.test.images[: cfg.estimator_images], pad), data.n_levels, generator=generator)
+    torch.manual_seed(0)
+    rows = logdet_estimator_study(model, x, cfg.estimator_terms, n_probes=cfg.estimator_probes)
+    df = pd.DataFrame(rows)
+    df["run_id"] = latest["run_id"]
+    report.table(
+        f"Log-det estimator: bias and std vs terms (density run {latest['run_id']})", df, "estimator_bias_std.csv"
+    )
+    fig, ax = new_figure()
+    ax.errorbar(
+        df["n_terms"],
+        df["abs_bias_bits_per_dim"].clip(lower=1e-12),
+        yerr=df["bias_stderr_bits_per_dim"],
+        marker="o",
+        capsize=3,
+        label="|bias| ± Monte-Carlo standard error",
+    )
+    ax.set_yscale("log")
+    ax.plot(df["n_terms"], df["std_bits_per_dim"], marker="s", label="std (one probe)")
+    ax.set_xlabel("power-series terms")
+    ax.set_ylabel("bits/dim")
+    ax.legend()
+    report.figure("Figs. 4/9: log-det estimator bias and standard deviation", _save(fig, out, "fig4_estimator"))
+
+
+def run(cfg: ReportConfig) -> str:
+    configure_tracking()
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    report = Report(out)
+    density_runs = finished_runs(cfg.density_experiment, cfg.filter_string)
+    classify_runs = finished_runs(cfg.classify_experiment, cfg.filter_string)
+    toy_runs = finished_runs(cfg.toy_experiment, cfg.filter_string)
+    sweep_runs = finished_runs(cfg.sweep_experiment, cfg.filter_string)
+
+    t2 = table2(classify_runs)
+    report.table("Table 2: classification test error (%)", t2, "table2_classification.csv")
+    t4 = table4(density_runs)
+    report.table("Table 4: bits/dim", t4, "table4_bits_per_dim.csv")
+    _classify_figures(t2, classify_runs, report, out)
+    if not density_runs.empty:
+        _estimator_study(density_runs, cfg, report, out)
+        for _, r in density_runs.iterrows():
+            files = [
+                _copy_artifact(r["run_id"], a.path, out, f"fig5_{r['run_id'][:8]}_{a.path}")
+                for a in MlflowClient().list_artifacts(r["run_id"])
+                if a.path.startswith("samples_")
+            ]
+            report.figure(f"Fig. 5: samples, density run {r['run_id']}", [f for f in files if f])
+    for _, r in toy_runs.iterrows():
+        files = [
+            _copy_artifact(r["run_id"], name, out, f"{name.removesuffix('.png')}_{r['run_id'][:8]}.png")
+            for name in ("fig1_dynamics.png", "fig2_densities.png")
+        ]
+        report.figure(f"Figs. 1/2: toy run {r['run_id']}", [f for f in files if f])
+        if "test_nll.csv" in {a.path for a in MlflowClient().list_artifacts(r["run_id"])}:
+            nll = pd.read_csv(MlflowClient().download_artifacts(r["run_id"], "test_nll.csv")).assign(run_id=r["run_id"])
+            report.table(f"Toy test NLL (nats), run {r['run_id']}", nll, f"toy_test_nll_{r['run_id'][:8]}.csv")
+    for _, r in sweep_runs.iterrows():
+        files = [
+            _copy_artifact(r["run_id"], name, out, f"sweep_{r['run_id'][:8]}_{name}")
+            for name in ("history.png", "importances.png", "contour.png", "pareto_front.png")
+        ]
+        report.figure(f"Sweep {r.get('tags.optuna_study', '')} (run {r['run_id']})", [f for f in files if f])
+    path = report.write()
+    with tracked_run(cfg.experiment_name, run_name=cfg.run_name) as active:
+        log_params_flat({k: v for k, v in asdict(cfg).items() if k != "progress"})
+        mlflow.log_metrics(
+            {
+                "n_density_runs": len(density_runs),
+                "n_classify_runs": len(classify_runs),
+                "n_toy_runs": len(toy_runs),
+                "n_sweep_runs": len(sweep_runs),
+            }
+        )
+        mlflow.log_artifacts(str(out))
+    log.info("report written to %s", path)
+    return active.info.run_id
+
+
+def config_from_preset(preset: str, **overrides) -> ReportConfig:  # noqa: ANN003
+    return cli.config_from_preset(ReportConfig, PRESETS, preset, **overrides)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli.entry_point_main(ReportConfig, PRESETS, run, argv, __doc__)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

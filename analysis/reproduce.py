@@ -1,0 +1,144 @@
+"""``mlflow run . -e reproduce``: run the training a scale needs, then ``report``.
+
+    python -m analysis.reproduce --scale smoke      # about a minute: every entry point on tiny data
+    python -m analysis.reproduce --scale quick      # the CPU presets (about 30 minutes on 2 cores)
+    python -m analysis.reproduce --scale paper --data-dir ~/data --device cuda     # GPUs, days
+
+Each scale is a list of (entry point, preset, overrides): data, not code.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+from analysis import report
+from experiments import classify, cli, density, toy
+from pipeline.tracking import PROJECT_ROOT
+
+log = logging.getLogger("analysis.reproduce")
+
+ENTRY_POINTS = {"density": density, "classify": classify, "toy": toy}
+
+_SMOKE_DENSITY = dict(
+    dataset="digits8x8",
+    n_blocks=(1, 1),
+    hidden_channels=(8,),
+    n_terms=2,
+    epochs=1,
+    batch_size=256,
+    eval_max_images=60,
+    se_tol=0.05,
+    max_passes=3,
+    n_samples=8,
+)
+_SMOKE_CLASSIFY = dict(
+    dataset="digits8x8",
+    n_blocks=(1, 1),
+    hidden_channels=(8, 8),
+    strides=(1, 2),
+    injective_padding=1,
+    epochs=1,
+    batch_size=256,
+    milestones=(),
+    recon_images=4,
+    recon_iterations=(1, 5, 20),
+)
+_SMOKE_TOY = dict(
+    steps=40, steps_per_epoch=20, n_test=300, grid_size=60, n_samples=200, dynamics_depth=4, dynamics_steps=30
+)
+
+SCALES: dict[str, list[tuple[str, str, dict[str, Any]]]] = {
+    "smoke": [
+        ("density", "quick", _SMOKE_DENSITY),
+        ("classify", "quick", {**_SMOKE_CLASSIFY, "model": "iresnet", "coeff": 0.9}),
+        ("classify", "quick", {**_SMOKE_CLASSIFY, "model": "iresnet", "coeff": 0.5}),
+        ("classify", "quick", {**_SMOKE_CLASSIFY, "model": "resnet"}),
+        ("toy", "quick", _SMOKE_TOY),
+    ],
+    "quick": [
+        ("density", "quick", {}),
+        *[("classify", "quick", {"model": "iresnet", "coeff": c}) for c in (0.3, 0.5, 0.7, 0.9)],
+        ("classify", "quick", {"model": "resnet"}),
+        ("classify", "quick", {"model": "resnet-bn"}),
+        ("toy", "quick", {}),
+    ],
+    "paper": [
+        ("density", "paper-mnist", {}),
+        ("density", "paper-cifar10", {}),
+        *[
+            ("classify", preset, {"model": "iresnet", "coeff": c})
+            for preset in ("paper-mnist", "paper-cifar10", "paper-cifar100")
+            for c in (0.5, 0.6, 0.7, 0.8, 0.9)
+        ],
+        *[
+            ("classify", preset, {"model": m})
+            for preset in ("paper-mnist", "paper-cifar10", "paper-cifar100")
+            for m in ("resnet", "resnet-bn")
+        ],
+        ("toy", "paper", {}),
+    ],
+}
+
+
+@dataclass(frozen=True)
+class ReproduceConfig:
+    preset: str = "quick"
+    scale: str = "quick"
+    data_dir: str | None = None  # for the paper scale's datasets
+    download: bool = False
+    device: str = "auto"
+    tag: str = "reproduce"  # runs are tagged with it and the report reads only them
+    output_dir: str = str(PROJECT_ROOT / "outputs" / "reproduce")
+    checkpoint_dir: str = str(PROJECT_ROOT / "checkpoints")
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.scale not in SCALES:
+            raise ValueError(f"unknown scale {self.scale!r}; choose one of {sorted(SCALES)}")
+        for entry, preset, overrides in SCALES[self.scale]:  # validate every configuration up front
+            self.entry_config(entry, preset, overrides)
+
+    def entry_config(self, entry: str, preset: str, overrides: dict[str, Any]) -> Any:
+        module = ENTRY_POINTS[entry]
+        fields = module.PRESETS[preset] | overrides
+        extra: dict[str, Any] = {
+            "device": self.device,
+            "checkpoint_dir": self.checkpoint_dir,
+            "progress": self.progress,
+            "run_name": f"{self.tag}-{entry}",
+        }
+        if entry != "toy" and fields.get("dataset", "") not in ("digits-mnist5k", "digits8x8"):
+            extra |= {"data_dir": self.data_dir, "download": self.download}
+        return module.config_from_preset(preset, **overrides, **extra)
+
+
+PRESETS: dict[str, dict] = {"quick": {}}
+
+
+def run(cfg: ReproduceConfig) -> str:
+    for entry, preset, overrides in SCALES[cfg.scale]:
+        log.info("reproduce (%s): %s, preset %s %s", cfg.scale, entry, preset, overrides or "")
+        ENTRY_POINTS[entry].run(cfg.entry_config(entry, preset, overrides))
+    return report.run(
+        report.config_from_preset(
+            "quick",
+            filter_string=f"tags.mlflow.runName LIKE '{cfg.tag}-%'",
+            output_dir=cfg.output_dir,
+            run_name=f"{cfg.tag}-report",
+        )
+    )
+
+
+def config_from_preset(preset: str, **overrides) -> ReproduceConfig:  # noqa: ANN003
+    return cli.config_from_preset(ReproduceConfig, PRESETS, preset, **overrides)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli.entry_point_main(ReproduceConfig, PRESETS, run, argv, __doc__)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""The report, built from a small real tracking store made here (the smoke scale of `reproduce`)."""
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+
+from analysis import reproduce
+from analysis.tables import PAPER_TABLE2, finished_runs
+from tests.experiments.conftest import runs_of
+
+
+@pytest.mark.slow
+def test_reproduce_smoke_then_report_files_and_cells_match_the_logged_metrics(store):
+    out = store / "report"
+    cfg = reproduce.config_from_preset(
+        "quick", scale="smoke", output_dir=str(out), checkpoint_dir=str(store / "ckpt"), progress=False
+    )
+    report_id = reproduce.run(cfg)
+    client = MlflowClient()
+    assert client.get_run(report_id).info.status == "FINISHED"
+
+    expected = [
+        "report.md",
+        "table2_classification.csv",
+        "table4_bits_per_dim.csv",
+        "estimator_bias_std.csv",
+        "table2_error_vs_coeff.png",
+        "table2_error_vs_coeff.pdf",
+        "fig6_layer_norms.png",
+        "fig6_layer_norms.pdf",
+        "fig8_recon_vs_iterations.png",
+        "fig4_estimator.png",
+        "fig4_estimator.pdf",
+    ]
+    for name in expected:
+        assert (out / name).exists(), name
+    assert list(out.glob("fig3_reconstructions_*.png")) and list(out.glob("fig1_dynamics_*.png"))
+    assert list(out.glob("fig3_reconstructions_*.pdf")) and list(out.glob("fig2_densities_*.pdf"))
+    assert list(out.glob("fig2_densities_*.png")) and list(out.glob("fig5_*samples_*.png"))
+    logged = {a.path for a in client.list_artifacts(report_id)}
+    assert set(expected) <= logged
+
+    # every table cell is the metric of the run it names
+    t2 = pd.read_csv(out / "table2_classification.csv")
+    assert len(t2) == 3 and set(t2["column"]) == {"c=0.9", "c=0.5", "vanilla"}
+    for _, row in t2.iterrows():
+        metrics = client.get_run(row["run_id"]).data.metrics
+        assert row["test_error"] == pytest.approx(metrics["test_error"])
+        assert row["certified_invertible"] == (metrics["certified_invertible"] == 1.0)
+    t4 = pd.read_csv(out / "table4_bits_per_dim.csv")
+    (row,) = t4.itertuples()
+    metrics = client.get_run(row.run_id).data.metrics
+    assert row.test_bpd == pytest.approx(metrics["test_bpd"])
+    assert row.test_standard_error == pytest.approx(metrics["test_standard_error"])
+    est = pd.read_csv(out / "estimator_bias_std.csv")
+    assert list(est["n_terms"]) == [1, 2, 3, 5, 10, 20]
+    # with 20 terms the truncation is negligible: what is left is Monte-Carlo noise around zero
+    assert est["abs_bias_bits_per_dim"].iloc[-1] < 4 * est["bias_stderr_bits_per_dim"].iloc[-1]
+    assert (est["std_bits_per_dim"] > 0).all()
+    text = Path(out / "report.md").read_text()
+    for run_id in list(t2["run_id"]) + list(t4["run_id"]):
+        assert run_id in text
+    assert len(finished_runs("classify")) == 3 and len(runs_of("analysis")) == 1
+
+
+def test_paper_values_are_available_for_the_table():
+    assert PAPER_TABLE2[("cifar10", "c=0.9")] == 6.78 and PAPER_TABLE2[("mnist", "vanilla")] == 0.38
+
+
+def test_unknown_scale_is_refused():
+    with pytest.raises(ValueError, match="unknown scale"):
+        reproduce.config_from_preset("quick", scale="huge")
