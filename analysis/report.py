@@ -1,7 +1,7 @@
 """``mlflow run . -e report``: the paper's tables and figures from runs already tracked.
 
     python -m analysis.report                                   # all experiments, into outputs/report
-    python -m analysis.report --filter-string "params.dataset = 'cifar10'" --output-dir outputs/cifar
+    python -m analysis.report --filter-string "params.config.dataset = 'cifar10'" --output-dir outputs/cifar
 
 Writes CSV tables (each beside the paper's numbers, with run IDs), PNG and PDF figures, and
 ``report.md`` showing them all; everything is also logged to an MLflow run in experiment ``analysis``.
@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import shutil
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -21,12 +21,12 @@ import pandas as pd
 import torch
 from mlflow.tracking import MlflowClient
 
-from analysis.tables import finished_runs, table2, table4
+from analysis.tables import config, finished_runs, table2, table4
 from experiments import cli
 from pipeline.data import dequantize, load_dataset, pad_images
 from pipeline.diagnostics import logdet_estimator_study
 from pipeline.plotting import new_figure
-from pipeline.tracking import PROJECT_ROOT, configure_tracking, load_model, log_params_flat, tracked_run
+from pipeline.tracking import PROJECT_ROOT, configure_tracking, load_model, log_config, tracked_run
 
 log = logging.getLogger("analysis.report")
 
@@ -134,7 +134,8 @@ def _classify_figures(t2: pd.DataFrame, runs: pd.DataFrame, report: Report, out:
     fig6, ax6 = new_figure(7, 4)
     fig8, ax8 = new_figure()
     for _, r in runs.iterrows():
-        label = f"{r['params.model']}" + (f" c={r['params.coeff']}" if r["params.model"] == "iresnet" else "")
+        model = config(r, "model")
+        label = f"{model}" + (f" c={config(r, 'coeff')}" if model == "iresnet" else "")
         label += f" ({r['run_id'][:8]})"
         if "layer_spectral_norms.csv" in {a.path for a in client.list_artifacts(r["run_id"])}:
             norms = pd.read_csv(client.download_artifacts(r["run_id"], "layer_spectral_norms.csv"))
@@ -159,8 +160,9 @@ def _estimator_study(runs: pd.DataFrame, cfg: ReportConfig, report: Report, out:
     """Figs. 4/9 on the latest density run: its trained model, real test images, exact log-det."""
     latest = runs.sort_values("start_time").iloc[-1]
     model = load_model(latest["run_id"])
-    data = load_dataset(latest["params.dataset"], latest.get("params.data_dir") or None)
-    pad = int(latest["params.pad"])
+    data_dir = config(latest, "data_dir")
+    data = load_dataset(config(latest, "dataset"), None if data_dir in (None, "None", "") else data_dir)
+    pad = int(config(latest, "pad"))
     generator = torch.Generator().manual_seed(0)
     x = dequantize(pad_images(data.test.images[: cfg.estimator_images], pad), data.n_levels, generator=generator)
     torch.manual_seed(0)
@@ -228,7 +230,7 @@ def run(cfg: ReportConfig) -> str:
         report.figure(f"Sweep {r.get('tags.optuna_study', '')} (run {r['run_id']})", [f for f in files if f])
     path = report.write()
     with tracked_run(cfg.experiment_name, run_name=cfg.run_name) as active:
-        log_params_flat({k: v for k, v in asdict(cfg).items() if k != "progress"})
+        log_config(cfg)
         mlflow.log_metrics(
             {
                 "n_density_runs": len(density_runs),

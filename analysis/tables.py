@@ -55,13 +55,18 @@ def finished_runs(experiment: str, filter_string: str = "") -> pd.DataFrame:
     return runs.reset_index(drop=True)
 
 
+def config(row: pd.Series, name: str) -> object:
+    """A run's resolved configuration value (logged as ``config.<name>`` by every entry point)."""
+    return row.get(f"params.config.{name}")
+
+
 def _column(row: pd.Series) -> str:
-    model = row["params.model"]
+    model = config(row, "model")
     if model == "resnet":
         return "vanilla"
     if model == "resnet-bn":
         return "vanilla-bn"
-    return f"c={float(row['params.coeff']):g}"
+    return f"c={float(config(row, 'coeff')):g}"
 
 
 def table2(classify_runs: pd.DataFrame) -> pd.DataFrame:
@@ -83,11 +88,11 @@ def table2(classify_runs: pd.DataFrame) -> pd.DataFrame:
         column = _column(r)
         rows.append(
             {
-                "dataset": r["params.dataset"],
-                "model": r["params.model"],
+                "dataset": config(r, "dataset"),
+                "model": config(r, "model"),
                 "column": column,
                 "test_error": r["metrics.test_error"],
-                "paper_test_error": PAPER_TABLE2.get((r["params.dataset"], column)),
+                "paper_test_error": PAPER_TABLE2.get((config(r, "dataset"), column)),
                 "certified_invertible": bool(r.get("metrics.certified_invertible", 0.0) == 1.0),
                 "max_block_lipschitz": r.get("metrics.max_block_lipschitz"),
                 "run_id": r["run_id"],
@@ -103,12 +108,12 @@ def table4(density_runs: pd.DataFrame) -> pd.DataFrame:
         return pd.DataFrame(columns=columns)
     rows = [
         {
-            "dataset": r["params.dataset"],
+            "dataset": config(r, "dataset"),
             "model": "i-ResNet",
             "test_bpd": r["metrics.test_bpd"],
             "test_standard_error": r["metrics.test_standard_error"],
             "test_bias_bound": r["metrics.test_bias_bound"],
-            "paper_bpd": PAPER_TABLE4.get(r["params.dataset"], {}).get("i-ResNet"),
+            "paper_bpd": PAPER_TABLE4.get(config(r, "dataset"), {}).get("i-ResNet"),
             "run_id": r["run_id"],
         }
         for _, r in density_runs.iterrows()

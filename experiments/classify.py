@@ -29,7 +29,7 @@ from pipeline.data.augment import AUGMENTATIONS, Augmentation
 from pipeline.diagnostics import certified_lipschitz, layer_operator_norms, reconstruction_error_curve
 from pipeline.models import ClassifierArchitecture, ResidualClassifier
 from pipeline.plotting import new_figure, save_figure, save_image_grid
-from pipeline.tracking import PROJECT_ROOT, log_json, log_model, log_params_flat, tracked_run
+from pipeline.tracking import PROJECT_ROOT, log_config, log_json, log_model, log_params_flat, tracked_run
 from pipeline.training.device import check_device_name, resolve_device
 from pipeline.training.loop import EpochHook, LoopConfig, fit, restore
 from pipeline.training.schedule import linear_warmup, step_decay
@@ -226,7 +226,7 @@ def run(cfg: ClassifyConfig, *, on_epoch_end: EpochHook | None = None) -> str:
             with torch.no_grad():  # ActNorm's data-dependent initialisation
                 model.train()
                 model(prepare(train_split.images[torch.randperm(len(train_split))[:512]], train=False))
-            log_params_flat({k: v for k, v in asdict(cfg).items() if k not in ("resume", "progress")})
+            log_config(cfg)
             log_params_flat(
                 {
                     "input_shape": arch.input_shape,

@@ -31,7 +31,7 @@ from pipeline.evaluation import EvalProtocol, diagonal_gaussian_baseline_bits_pe
 from pipeline.metrics import bits_per_dim
 from pipeline.models import FlowArchitecture, IResNetFlow
 from pipeline.plotting import new_figure, save_figure, save_image_grid
-from pipeline.tracking import PROJECT_ROOT, log_json, log_model, log_params_flat, tracked_run
+from pipeline.tracking import PROJECT_ROOT, log_config, log_json, log_model, log_params_flat, tracked_run
 from pipeline.training.device import check_device_name, resolve_device
 from pipeline.training.loop import EpochHook, LoopConfig, fit, restore
 from pipeline.training.schedule import linear_warmup
@@ -237,7 +237,7 @@ def run(cfg: DensityConfig, *, on_epoch_end: EpochHook | None = None) -> str:
             state = None
             with torch.no_grad():  # ActNorm's data-dependent initialisation on a large batch
                 model(prepare(train_split.images[torch.randperm(len(train_split))[:512]]))
-            log_params_flat({k: v for k, v in asdict(cfg).items() if k not in ("resume", "progress")})
+            log_config(cfg)
             log_params_flat(
                 {
                     "n_levels": n_levels,

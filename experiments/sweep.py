@@ -19,7 +19,7 @@ import sys
 import tempfile
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,7 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from experiments import classify, cli, density
-from pipeline.tracking import PROJECT_ROOT, RunStopped, log_json, log_params_flat, tracked_run
+from pipeline.tracking import PROJECT_ROOT, RunStopped, log_config, log_json, log_params_flat, tracked_run
 
 log = logging.getLogger("experiments.sweep")
 
@@ -304,7 +304,7 @@ def run(cfg: SweepConfig) -> str:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     finished = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
     with tracked_run(cfg.experiment_name, run_name=cfg.run_name or f"sweep-{cfg.study_name}") as parent:
-        log_params_flat({k: v for k, v in asdict(cfg).items() if k != "progress"})
+        log_config(cfg)
         log_json(cfg.space(), "search_space.json")
         mlflow.set_tag("optuna_study", cfg.study_name)
         remaining = cfg.n_trials - len(study.get_trials(deepcopy=False, states=finished))

@@ -30,7 +30,7 @@ from pipeline.layers.branches import mlp_branch
 from pipeline.models import VECTOR_FLOW_PRESETS, FlowModel, vector_flow
 from pipeline.models.glow import matched_glow, n_parameters
 from pipeline.plotting import new_figure, save_figure
-from pipeline.tracking import PROJECT_ROOT, log_json, log_params_flat, tracked_run
+from pipeline.tracking import PROJECT_ROOT, log_config, log_json, tracked_run
 from pipeline.training.device import resolve_device
 from pipeline.training.loop import LoopConfig, fit
 from pipeline.transforms import InvertibleResidualBlock
@@ -236,7 +236,7 @@ def run(cfg: ToyConfig) -> str:
     datasets, model_names = cfg.dataset_names(), cfg.model_names()
     with tracked_run(cfg.experiment_name, run_name=cfg.run_name) as active, tempfile.TemporaryDirectory() as tmp:
         run_id, out = active.info.run_id, Path(tmp)
-        log_params_flat({k: v for k, v in asdict(cfg).items() if k != "progress"})
+        log_config(cfg)
         rows = []
         fig, axes = new_figure(3.2 * (1 + len(model_names)), 3.2 * len(datasets))
         axes.remove()

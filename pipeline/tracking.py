@@ -116,7 +116,7 @@ def log_json(obj: Any, artifact_file: str) -> None:
 
 
 def log_params_flat(params: dict[str, Any], prefix: str = "") -> None:
-    """Log a nested dict as flat ``a.b`` params (MLflow caps a value at a few thousand chars)."""
+    """Log a nested dict as flat ``a.b`` params. A key already logged with another value raises (MLflow)."""
     flat: dict[str, Any] = {}
 
     def walk(d: dict[str, Any], pre: str) -> None:
@@ -127,10 +127,23 @@ def log_params_flat(params: dict[str, Any], prefix: str = "") -> None:
                 flat[f"{pre}{k}"] = v
 
     walk(params, prefix)
-    existing = mlflow.active_run().data.params if mlflow.active_run() else {}
-    new = {k: v for k, v in flat.items() if k not in existing}
-    if new:
-        mlflow.log_params(new)
+    if flat:
+        mlflow.log_params(flat)
+
+
+CONFIG_PREFIX = "config."
+
+
+def log_config(config: Any) -> None:
+    """Log the *resolved* configuration dataclass as ``config.<field>`` params.
+
+    Under ``mlflow run`` the CLI has already logged the raw entry-point parameters under their bare
+    names (an unset one as ``''``); the resolved values get their own prefix, so runs started either
+    way carry the same ``config.*`` params.
+    """
+    from dataclasses import asdict
+
+    log_params_flat({k: v for k, v in asdict(config).items() if k not in ("resume", "progress")}, CONFIG_PREFIX)
 
 
 MODEL_ARTIFACT = "model"

@@ -52,6 +52,8 @@ def test_mlflow_project_entry_point_end_to_end(store):
     assert submitted.get_status() == "FINISHED"
     run = MlflowClient().get_run(submitted.run_id)
     assert run.info.status == "FINISHED"
+    # the resolved configuration, not the raw (possibly empty) entry-point parameters
+    assert run.data.params["config.dataset"] == "digits8x8" and run.data.params["config.lr"] == "0.003"
     for key in (
         "test_bpd",
         "test_standard_error",
