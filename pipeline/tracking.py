@@ -89,9 +89,12 @@ def tracked_run(
         if launched_run and launched_run != resume_run_id:
             client.set_tag(launched_run, "mlflow.note.content", f"resumed run {resume_run_id}; see that run")
             client.set_tag(launched_run, "resumed_run_id", resume_run_id)
+            os.environ.pop("MLFLOW_RUN_ID", None)
         run = mlflow.start_run(run_id=resume_run_id)
     elif launched_run and mlflow.active_run() is None:
         run = mlflow.start_run(run_id=launched_run)
+        # claimed: a later start_run(nested=True) would otherwise silently resume this run again
+        os.environ.pop("MLFLOW_RUN_ID", None)
     elif mlflow.active_run() is not None:
         parent = mlflow.active_run()
         run = mlflow.start_run(experiment_id=parent.info.experiment_id, run_name=run_name, nested=True)

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import mlflow
 import optuna
 import pytest
 from mlflow.tracking import MlflowClient
@@ -93,6 +94,27 @@ def test_pruned_trials_end_killed(store, monkeypatch):
     assert study.trials[1].state == optuna.trial.TrialState.PRUNED
     killed = [r for r in runs_of("sweep") if r.data.tags.get("optuna_trial") == "1"]
     assert [r.info.status for r in killed] == ["KILLED"]
+
+
+@pytest.mark.slow
+def test_sweep_through_mlflow_run_nests_every_trial_under_the_launched_run(store):
+    submitted = mlflow.projects.run(
+        str(sweep.PROJECT_ROOT),
+        entry_point="sweep",
+        env_manager="local",
+        experiment_name="sweep",
+        parameters={
+            "n_trials": "2",
+            "storage": f"journal:{store / 's.journal'}",
+            "pruner": "none",
+            "target_overrides": TINY_DENSITY.replace("epochs=2", "epochs=1"),
+        },
+    )
+    assert submitted.get_status() == "FINISHED"
+    children = [r for r in runs_of("sweep") if r.data.tags.get("mlflow.parentRunId") == submitted.run_id]
+    assert sorted(r.data.tags["optuna_trial"] for r in children) == ["0", "1"]
+    assert all(r.info.status == "FINISHED" for r in children)
+    assert MlflowClient().get_run(submitted.run_id).data.metrics["trials_complete"] == 2
 
 
 @pytest.mark.slow
