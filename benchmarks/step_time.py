@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from pipeline.logging_setup import setup_logging
 from pipeline.models import ClassifierArchitecture, FlowArchitecture, IResNetFlow, ResidualClassifier
+from pipeline.models.base import n_parameters
 from pipeline.training.device import resolve_device
 from pipeline.transforms import PowerSeriesLogDet
 
@@ -121,7 +122,7 @@ def _measure(case: Case, args: dict, queue) -> None:  # noqa: ANN001
             "images_per_second": args["batch"] / statistics.median(times),
             "peak_memory_mib": peak,
             "memory_above_start_mib": peak - base,
-            "n_parameters": sum(p.numel() for p in model.parameters()),
+            "n_parameters": n_parameters(model),
             "device": str(device),
         }
     )

@@ -28,10 +28,11 @@ from pipeline.data import DATASETS, ImageSplit, epoch_batches, iterate_batches, 
 from pipeline.data.augment import AUGMENTATIONS, Augmentation
 from pipeline.diagnostics import certified_lipschitz, layer_operator_norms, reconstruction_error_curve
 from pipeline.models import ClassifierArchitecture, ResidualClassifier
+from pipeline.models.base import n_parameters
 from pipeline.plotting import new_figure, save_figure, save_image_grid
-from pipeline.tracking import PROJECT_ROOT, log_config, log_json, log_model, log_params_flat, tracked_run
+from pipeline.tracking import PROJECT_ROOT, log_json, log_model, tracked_run
 from pipeline.training.device import check_device_name, resolve_device
-from pipeline.training.loop import EpochHook, LoopConfig, fit, restore
+from pipeline.training.loop import EpochHook, LoopConfig, fit
 from pipeline.training.schedule import linear_warmup, step_decay
 from pipeline.transforms import FixedPointConfig, InverseReport
 
@@ -217,28 +218,25 @@ def run(cfg: ClassifyConfig, *, on_epoch_end: EpochHook | None = None) -> str:
 
     with tracked_run(cfg.experiment_name, run_name=cfg.run_name, resume_run_id=cfg.resume) as active:
         run_id = active.info.run_id
-        ckpt_path = Path(cfg.checkpoint_dir) / run_id / "last.pt"
-        if cfg.resume:
-            state, _ = restore(ckpt_path, model, optimizer, scheduler, device)
-            log.info("resumed run %s at epoch %d", run_id, state.epoch)
-        else:
-            state = None
-            with torch.no_grad():  # ActNorm's data-dependent initialisation
-                model.train()
-                model(prepare(train_split.images[torch.randperm(len(train_split))[:512]], train=False))
-            log_config(cfg)
-            log_params_flat(
-                {
-                    "input_shape": arch.input_shape,
-                    "num_classes": arch.num_classes,
-                    "n_parameters": sum(p.numel() for p in model.parameters()),
-                    "resolved_device": str(device),
-                    "invertible_by_construction": arch.invertible,
-                }
-            )
-            log_json(asdict(cfg), "config.json")
+        state, ckpt_path = cli.start_or_resume(
+            cfg,
+            run_id,
+            model,
+            optimizer,
+            scheduler,
+            device,
+            # ActNorm's data-dependent initialisation (the model is in train mode from construction)
+            initialize=lambda: model(prepare(train_split.images[torch.randperm(len(train_split))[:512]], train=False)),
+            params={
+                "input_shape": arch.input_shape,
+                "num_classes": arch.num_classes,
+                "n_parameters": n_parameters(model),
+                "resolved_device": str(device),
+                "invertible_by_construction": arch.invertible,
+            },
+        )
+        if state is None:
             log_json({"mean": mean.tolist(), "std": std.tolist()}, "normalization.json")
-        mlflow.set_tag("checkpoint", str(ckpt_path))
         mlflow.set_tag("model", cfg.model)
 
         def step_fn(batch):  # noqa: ANN001, ANN202

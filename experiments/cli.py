@@ -1,4 +1,4 @@
-"""Command-line plumbing shared by the entry points: typed options from a config dataclass.
+"""Plumbing shared by the entry points: typed options from a config dataclass, starting or resuming a run.
 
 Every field of the config becomes ``--field-name``; an option left unset (or passed as an empty
 string, as ``mlflow run`` does for an unset parameter) takes the preset's value.
@@ -9,13 +9,15 @@ from __future__ import annotations
 import argparse
 import logging
 from collections.abc import Callable
-from dataclasses import fields, replace
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
 from pipeline.data import DatasetNotFoundError
 from pipeline.logging_setup import setup_logging
+from pipeline.tracking import log_config, log_json, log_params_flat
 from pipeline.training.checkpoint import load_checkpoint
+from pipeline.training.loop import LoopState, restore
 
 C = TypeVar("C")
 
@@ -80,6 +82,44 @@ def config_for_resume(config_cls: type[C], run_id: str, **overrides: Any) -> C:
     if overrides.get("epochs", saved["epochs"]) < saved["epochs"]:
         raise ValueError(f"cannot shorten a run on resume ({saved['epochs']} epochs were configured)")
     return replace(config_cls(**saved), resume=run_id, **overrides)
+
+
+def start_or_resume(
+    cfg: Any,
+    run_id: str,
+    model: Any,
+    optimizer: Any,
+    scheduler: Any,
+    device: Any,
+    *,
+    initialize: Callable[[], None],
+    params: dict[str, Any],
+) -> tuple[LoopState | None, Path]:
+    """Inside the active run: restore the checkpoint of a resumed run, or initialise and log a new one.
+
+    ``initialize`` runs under ``no_grad`` on a new run (ActNorm's data-dependent init); ``params``
+    are derived values logged beside the resolved configuration. Returns the loop state (``None``
+    for a new run) and the checkpoint path.
+    """
+    import mlflow
+    import torch
+
+    ckpt_path = Path(cfg.checkpoint_dir) / run_id / "last.pt"
+    mlflow.set_tag("checkpoint", str(ckpt_path))
+    if cfg.resume:
+        state, ckpt = restore(ckpt_path, model, optimizer, scheduler, device)
+        logging.getLogger(type(cfg).__module__).info(
+            "resumed run %s at epoch %d (step %d)", run_id, state.epoch, state.step
+        )
+        if ckpt.get("config", {}).get("epochs") != cfg.epochs:
+            mlflow.set_tag("epochs_extended_to", cfg.epochs)
+        return state, ckpt_path
+    with torch.no_grad():
+        initialize()
+    log_config(cfg)
+    log_params_flat(params)
+    log_json(asdict(cfg), "config.json")
+    return None, ckpt_path
 
 
 def entry_point_main(

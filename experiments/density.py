@@ -30,10 +30,11 @@ from pipeline.data import (
 from pipeline.evaluation import EvalProtocol, diagonal_gaussian_baseline_bits_per_dim, evaluate_bits_per_dim
 from pipeline.metrics import bits_per_dim
 from pipeline.models import FlowArchitecture, IResNetFlow
+from pipeline.models.base import n_parameters
 from pipeline.plotting import new_figure, save_figure, save_image_grid
-from pipeline.tracking import PROJECT_ROOT, log_config, log_json, log_model, log_params_flat, tracked_run
+from pipeline.tracking import PROJECT_ROOT, log_json, log_model, tracked_run
 from pipeline.training.device import check_device_name, resolve_device
-from pipeline.training.loop import EpochHook, LoopConfig, fit, restore
+from pipeline.training.loop import EpochHook, LoopConfig, fit
 from pipeline.training.schedule import linear_warmup
 from pipeline.transforms import FixedPointConfig, InverseReport, make_estimator
 from pipeline.transforms.logdet import LogDetEstimator
@@ -211,8 +212,6 @@ def run(cfg: DensityConfig, *, on_epoch_end: EpochHook | None = None) -> str:
     eval_split = val_split if val_split is not None else data.test
     if cfg.eval_max_images:
         eval_split = eval_split.subset(torch.arange(min(cfg.eval_max_images, len(eval_split))))
-    if cfg.amp and device.type != "cuda":
-        log.warning("amp is CUDA-only; training in float32 on %s", device)
 
     torch.manual_seed(cfg.seed)
     arch = cfg.architecture(_input_shape(data.train, cfg.pad))
@@ -227,27 +226,22 @@ def run(cfg: DensityConfig, *, on_epoch_end: EpochHook | None = None) -> str:
 
     with tracked_run(cfg.experiment_name, run_name=cfg.run_name, resume_run_id=cfg.resume) as active:
         run_id = active.info.run_id
-        ckpt_path = Path(cfg.checkpoint_dir) / run_id / "last.pt"
-        if cfg.resume:
-            state, ckpt = restore(ckpt_path, model, optimizer, scheduler, device)
-            log.info("resumed run %s at epoch %d (step %d)", run_id, state.epoch, state.step)
-            if ckpt.get("config", {}).get("epochs") != cfg.epochs:
-                mlflow.set_tag("epochs_extended_to", cfg.epochs)
-        else:
-            state = None
-            with torch.no_grad():  # ActNorm's data-dependent initialisation on a large batch
-                model(prepare(train_split.images[torch.randperm(len(train_split))[:512]]))
-            log_config(cfg)
-            log_params_flat(
-                {
-                    "n_levels": n_levels,
-                    "input_shape": arch.input_shape,
-                    "n_parameters": sum(p.numel() for p in model.parameters()),
-                    "resolved_device": str(device),
-                }
-            )
-            log_json(asdict(cfg), "config.json")
-        mlflow.set_tag("checkpoint", str(ckpt_path))
+        state, ckpt_path = cli.start_or_resume(
+            cfg,
+            run_id,
+            model,
+            optimizer,
+            scheduler,
+            device,
+            # ActNorm's data-dependent initialisation on a large batch
+            initialize=lambda: model(prepare(train_split.images[torch.randperm(len(train_split))[:512]])),
+            params={
+                "n_levels": n_levels,
+                "input_shape": arch.input_shape,
+                "n_parameters": n_parameters(model),
+                "resolved_device": str(device),
+            },
+        )
 
         def step_fn(batch):  # noqa: ANN001, ANN202
             images, _ = batch

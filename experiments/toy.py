@@ -28,7 +28,8 @@ from experiments import cli
 from pipeline.data.toy import TOY_DATASETS, sample_toy
 from pipeline.layers.branches import mlp_branch
 from pipeline.models import VECTOR_FLOW_PRESETS, FlowModel, vector_flow
-from pipeline.models.glow import matched_glow, n_parameters
+from pipeline.models.base import n_parameters
+from pipeline.models.glow import matched_glow
 from pipeline.plotting import new_figure, save_figure
 from pipeline.tracking import PROJECT_ROOT, log_config, log_json, tracked_run
 from pipeline.training.device import resolve_device

@@ -78,5 +78,9 @@ class FlowModel(nn.Module):
             block.estimator = estimator
 
 
+def n_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
 def make_prior(shape: tuple[int, ...], learnable: bool) -> DiagonalGaussian:
     return DiagonalGaussian(shape, learnable=learnable)

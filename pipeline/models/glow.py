@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from pipeline.models.base import FlowModel, make_prior
+from pipeline.models.base import FlowModel, make_prior, n_parameters
 from pipeline.transforms.actnorm import ActNorm
 from pipeline.transforms.base import InverseReport, Transform, TransformSequence
 from pipeline.transforms.coupling import AffineCoupling, InvertibleLinear
@@ -35,10 +35,6 @@ class GlowFlow(FlowModel):
     def inverse(self, zs: list[Tensor], *, report: InverseReport | None = None) -> Tensor:
         (z,) = zs
         return self.flow.inverse(z)
-
-
-def n_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 def matched_glow(reference: FlowModel, n_hidden_layers: int = 2) -> GlowFlow:

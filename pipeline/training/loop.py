@@ -99,6 +99,8 @@ def fit(
     """
     state = state or LoopState()
     device = next(model.parameters()).device
+    if config.amp and device.type != "cuda":
+        log.warning("amp is CUDA-only; training in float32 on %s", device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if config.amp and device.type == "cuda" else nullcontext()
     params = [p for p in model.parameters() if p.requires_grad]
     while state.epoch < config.epochs:

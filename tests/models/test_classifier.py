@@ -3,6 +3,7 @@ import torch
 
 from pipeline.layers.branches import branch_lipschitz_bound
 from pipeline.models import ClassifierArchitecture, iresnet_classifier, resnet_classifier
+from pipeline.models.base import n_parameters
 from pipeline.transforms import FixedPointConfig, InverseReport
 
 
@@ -26,8 +27,7 @@ def test_iresnet_features_reconstruct_the_input(float64):
 def test_vanilla_resnet_is_the_same_architecture_unconstrained():
     iresnet, vanilla = iresnet_classifier("quick"), resnet_classifier("quick")
     assert vanilla.arch.coeff is None and not vanilla.arch.invertible and iresnet.arch.invertible
-    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
-    assert count(iresnet) == count(vanilla)
+    assert n_parameters(iresnet) == n_parameters(vanilla)
     bn = resnet_classifier("quick", batchnorm=True)
     assert any(isinstance(m, torch.nn.BatchNorm2d) for b in bn.residual_blocks() for m in b.branch.modules())
     assert bn(torch.randn(2, 1, 28, 28)).shape == (2, 10)

@@ -1,7 +1,8 @@
 import torch
 
 from pipeline.models import vector_flow
-from pipeline.models.glow import GlowFlow, matched_glow, n_parameters
+from pipeline.models.base import n_parameters
+from pipeline.models.glow import GlowFlow, matched_glow
 from pipeline.transforms.coupling import AffineCoupling, InvertibleLinear
 from tests.transforms.helpers import dense_jacobians
 
