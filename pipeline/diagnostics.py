@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import replace
 
 import torch
 from torch import Tensor, nn
 
 from pipeline.layers.branches import branch_linear_layers
 from pipeline.layers.operator_norm import layer_operator_norm
-from pipeline.transforms.inverse import FixedPointConfig
 from pipeline.transforms.residual import InvertibleResidualBlock
 
 
@@ -30,8 +30,8 @@ def _blocks(model: nn.Module) -> list[InvertibleResidualBlock]:
 def reconstruction_error_curve(model: nn.Module, x: Tensor, iterations: Sequence[int]) -> list[dict[str, float]]:
     """Relative reconstruction error ``||x_rec - x|| / ||x||`` after exactly ``k`` iterations per block.
 
-    ``model`` must have ``features(x)`` and ``reconstruct(features)`` (a classifier). The blocks'
-    inverse settings are restored afterwards.
+    ``model`` must have ``features(x)`` and ``reconstruct(features)`` (a classifier). Each block keeps
+    its inverse method (plain or Anderson); its settings are restored afterwards.
     """
     blocks = _blocks(model)
     saved = [b.inverse_config for b in blocks]
@@ -40,8 +40,8 @@ def reconstruction_error_curve(model: nn.Module, x: Tensor, iterations: Sequence
     rows = []
     try:
         for k in iterations:
-            for b in blocks:  # no early stop: exactly k iterations
-                b.inverse_config = FixedPointConfig(atol=1e-300, rtol=0.0, max_iterations=int(k), warn=False)
+            for b, cfg in zip(blocks, saved, strict=True):  # no early stop: exactly k iterations, same method
+                b.inverse_config = replace(cfg, atol=1e-300, rtol=0.0, max_iterations=int(k), warn=False, strict=False)
             x_rec = model.reconstruct(features)
             rel = (x_rec - x).flatten(1).norm(dim=1) / norm
             rows.append(
@@ -119,3 +119,61 @@ def logdet_estimator_study(
             }
         )
     return rows
+
+
+@torch.no_grad()
+def residual_block_inputs(flow: nn.Module, x: Tensor) -> list[Tensor]:
+    """The input of every residual block of ``flow`` on ``x`` (eval mode; one cheap pass, 1-term series)."""
+    from pipeline.transforms.logdet import PowerSeriesLogDet
+
+    inputs: list[Tensor] = []
+    hooks = [b.register_forward_pre_hook(lambda _m, args: inputs.append(args[0].detach())) for b in _blocks(flow)]
+    was_training = flow.training
+    flow.eval()
+    try:
+        flow(x, estimator=PowerSeriesLogDet(n_terms=1))
+    finally:
+        for h in hooks:
+            h.remove()
+        flow.train(was_training)
+    return inputs
+
+
+@torch.no_grad()
+def logdet_variance_report(flow: nn.Module, x: Tensor, estimator, *, n_repeats: int = 16) -> list[dict]:  # noqa: ANN001
+    """Per-block spread of a stochastic log-det estimator at fixed inputs (variance control).
+
+    For each residual block, ``n_repeats`` independent calls of ``estimator`` (fresh probes and, for
+    the Russian roulette, fresh series lengths) on the block's real input: the mean estimate, its
+    standard deviation per image (averaged over the images), in nats and in bits per dimension of the
+    whole input, and the estimator's expected vector-Jacobian products. Blocks draw independently, so
+    the flow's total variance is the sum (see :func:`total_logdet_std_bits_per_dim`).
+    """
+    if n_repeats < 2:
+        raise ValueError(f"n_repeats must be >= 2 to measure a spread, got {n_repeats}")
+    was_training = flow.training
+    flow.eval()
+    per_bit = 1.0 / (x[0].numel() * math.log(2))
+    rows = []
+    try:
+        for i, (block, inp) in enumerate(zip(_blocks(flow), residual_block_inputs(flow, x), strict=True)):
+            draws = torch.stack([estimator(block.branch, inp)[1] for _ in range(n_repeats)]).double()  # (R, B)
+            std = float(draws.std(dim=0).mean())
+            rows.append(
+                {
+                    "block": i,
+                    "input_dim": inp[0].numel(),
+                    "mean_logdet_nats": float(draws.mean()),
+                    "std_nats": std,
+                    "std_bits_per_dim": std * per_bit,
+                    "expected_vjps": estimator.expected_vjps(),
+                }
+            )
+    finally:
+        flow.train(was_training)
+    return rows
+
+
+def total_logdet_std_bits_per_dim(rows: list[dict]) -> float:
+    """Standard deviation of the whole flow's log-det estimate (independent blocks), in bits/dim."""
+    return math.sqrt(sum(r["std_bits_per_dim"] ** 2 for r in rows))

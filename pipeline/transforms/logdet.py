@@ -1,24 +1,45 @@
-"""Estimators of ``log det(I + J_g(x))`` for a residual branch ``g`` (Algorithm 2 of the paper).
+"""Estimators of ``log det(I + J_g(x))`` for a residual branch ``g`` (Algorithm 2 of the paper, and Residual Flows).
 
 Each estimator is a callable ``estimator(g, x) -> (g(x), logdet)`` returning the branch output
 (so the block needs a single forward of ``g``) and a per-sample log-determinant. When autograd is
 enabled the result is differentiable (for training); under ``torch.no_grad()`` the estimate is
 computed with a local graph that is freed straight after, and returned detached.
 
-New estimators (for example an unbiased Russian-roulette series) subclass :class:`LogDetEstimator`.
+* :class:`ExactLogDet`: the full Jacobian, brute force (low dimensions, tests).
+* :class:`PowerSeriesLogDet`: ``sum_{k<=n} (-1)^{k+1} tr(J^k)/k`` with Hutchinson traces (the paper;
+  biased by the truncation, Theorem 3).
+* :class:`RussianRouletteLogDet`: the same series with a random number of terms, each term
+  reweighted by the inverse probability of being reached, so the estimate is *unbiased*
+  (Chen et al. 2019, Residual Flows): ``n_exact_terms`` always, then ``N`` more with ``N``
+  geometric or Poisson.
+
+Both series estimators take ``gradient=``:
+
+* ``"backprop"``: differentiate through the series (a graph through every vector-Jacobian product;
+  memory grows with the number of terms).
+* ``"neumann"``: the Neumann-series gradient ``d/dθ log det(I+J) = tr((I+J)^{-1} dJ/dθ)``, estimated
+  by ``w^T (dJ/dθ) v`` with ``w^T = sum_k (-1)^k c_{k+1} v^T J^k`` (the same weights ``c`` as the value,
+  so it is the gradient of the value's expectation). The series runs once in the forward pass with
+  no graph and yields both the log-det value and ``w``; backward contracts ``w`` with one
+  double-backward through the block, weighted per sample by the upstream gradient. Memory does not
+  grow with the number of terms, and unlike the public implementations the returned log-det *value*
+  is the estimate itself, not a surrogate scalar whose value means nothing.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 Branch = Callable[[Tensor], Tensor]
 
 PROBES = ("gaussian", "rademacher")
+GRADIENTS = ("backprop", "neumann")
+ROULETTE_DISTRIBUTIONS = ("geometric", "poisson")
 
 
 def sample_probe(like: Tensor, kind: str) -> Tensor:
@@ -41,6 +62,10 @@ class LogDetEstimator:
 
     def estimate(self, g: Branch, x: Tensor, differentiable: bool) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
+
+    def expected_vjps(self) -> float:
+        """Expected vector-Jacobian products per call and probe (the cost, in backward passes of ``g``)."""
+        return math.nan
 
     def __call__(self, g: Branch, x: Tensor) -> tuple[Tensor, Tensor]:
         differentiable = torch.is_grad_enabled()
@@ -68,6 +93,9 @@ class ExactLogDet(LogDetEstimator):
         if self.max_dim < 1:
             raise ValueError(f"max_dim must be >= 1, got {self.max_dim}")
 
+    def expected_vjps(self) -> float:
+        return float(self.max_dim)
+
     def estimate(self, g: Branch, x: Tensor, differentiable: bool) -> tuple[Tensor, Tensor]:
         gx = g(x)
         batch, d = x.shape[0], x[0].numel()
@@ -85,8 +113,65 @@ class ExactLogDet(LogDetEstimator):
         return gx, torch.linalg.slogdet(eye + jac).logabsdet
 
 
-@dataclass(frozen=True)
-class PowerSeriesLogDet(LogDetEstimator):
+@dataclass(frozen=True, kw_only=True)
+class _SeriesLogDet(LogDetEstimator):
+    """``sum_{k=1}^{m} (-1)^{k+1} c_k v^T J^k v / k`` with Hutchinson probes ``v``.
+
+    Subclasses choose the number of terms ``m`` and the weights ``c_k`` (:meth:`series_weights`,
+    drawn afresh for every probe). Each probe costs ``m`` vector-Jacobian products.
+    """
+
+    n_probes: int = 1
+    probe: str = "gaussian"
+    gradient: str = "backprop"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.n_probes, int) or self.n_probes < 1:
+            raise ValueError(f"n_probes must be an integer >= 1, got {self.n_probes!r}")
+        if self.probe not in PROBES:
+            raise ValueError(f"unknown probe {self.probe!r}; choose one of {PROBES}")
+        if self.gradient not in GRADIENTS:
+            raise ValueError(f"unknown gradient {self.gradient!r}; choose one of {GRADIENTS}")
+
+    def series_weights(self) -> list[float]:
+        """``[c_1, ..., c_m]`` for one probe (random for the Russian roulette)."""
+        raise NotImplementedError
+
+    def series(self, gx: Tensor, x: Tensor, *, create_graph: bool, neumann: bool) -> tuple[Tensor, list]:
+        """The averaged value over probes and, with ``neumann``, each probe's ``(w, v)``.
+
+        ``w = sum_{k=0}^{m-1} (-1)^k c_{k+1} J^{T k} v`` is the Neumann vector: ``w^T (dJ) v`` estimates
+        the derivative of the value's expectation. It reuses the value's vector-Jacobian products.
+        """
+        value = x.new_zeros(x.shape[0])
+        pairs = []
+        for _ in range(self.n_probes):
+            weights = self.series_weights()
+            v = sample_probe(x, self.probe)
+            u = v  # after k products, u = (J^T)^k v, i.e. the row vector v^T J^k
+            w = v * weights[0] if weights else torch.zeros_like(v)  # no terms drawn: value and gradient 0
+            for k, c in enumerate(weights, start=1):
+                (u,) = torch.autograd.grad(gx, x, u, create_graph=create_graph, retain_graph=True)
+                value = value + ((-1) ** (k + 1) * c / k) * _flat_dot(u, v)
+                if neumann and k < len(weights):
+                    w = w + ((-1) ** k * weights[k]) * u  # weights[k] = c_{k+1} weights v^T J^k
+            if neumann:
+                pairs.append((w, v))
+        return value / self.n_probes, pairs
+
+    def estimate(self, g: Branch, x: Tensor, differentiable: bool) -> tuple[Tensor, Tensor]:
+        if differentiable and self.gradient == "neumann":
+            if not isinstance(g, nn.Module):
+                raise TypeError("the Neumann gradient needs the branch as an nn.Module (its parameters get gradients)")
+            params = [p for p in g.parameters() if p.requires_grad]
+            return _NeumannLogDet.apply(self, g, x, *params)
+        gx = g(x)
+        value, _ = self.series(gx, x, create_graph=differentiable, neumann=False)
+        return gx, value
+
+
+@dataclass(frozen=True, kw_only=True)
+class PowerSeriesLogDet(_SeriesLogDet):
     """Truncated power series ``sum_{k=1}^{n} (-1)^{k+1} tr(J^k) / k`` with Hutchinson traces.
 
     ``v^T J^k v`` is computed by ``k`` vector-Jacobian products, never forming ``J``. Biased by the
@@ -94,35 +179,126 @@ class PowerSeriesLogDet(LogDetEstimator):
     """
 
     n_terms: int = 5
-    n_probes: int = 1
-    probe: str = "gaussian"
     name = "power_series"
 
     def __post_init__(self) -> None:
         if not isinstance(self.n_terms, int) or self.n_terms < 1:
             raise ValueError(f"n_terms must be an integer >= 1, got {self.n_terms!r}")
-        if not isinstance(self.n_probes, int) or self.n_probes < 1:
-            raise ValueError(f"n_probes must be an integer >= 1, got {self.n_probes!r}")
-        if self.probe not in PROBES:
-            raise ValueError(f"unknown probe {self.probe!r}; choose one of {PROBES}")
+        super().__post_init__()
 
-    def estimate(self, g: Branch, x: Tensor, differentiable: bool) -> tuple[Tensor, Tensor]:
-        gx = g(x)
-        logdet = x.new_zeros(x.shape[0])
-        for _ in range(self.n_probes):
-            v = sample_probe(x, self.probe)
-            w = v
-            for k in range(1, self.n_terms + 1):
-                (w,) = torch.autograd.grad(gx, x, w, create_graph=differentiable, retain_graph=True)
-                logdet = logdet + ((-1) ** (k + 1) / k) * _flat_dot(w, v)
-        return gx, logdet / self.n_probes
+    def series_weights(self) -> list[float]:
+        return [1.0] * self.n_terms
+
+    def expected_vjps(self) -> float:
+        return float(self.n_terms)
 
 
-ESTIMATORS: dict[str, type[LogDetEstimator]] = {"exact": ExactLogDet, "power_series": PowerSeriesLogDet}
+@dataclass(frozen=True, kw_only=True)
+class RussianRouletteLogDet(_SeriesLogDet):
+    """Unbiased series: ``n_exact_terms`` always, then ``N`` more, term ``k`` weighted by ``1/P(reached)``.
+
+    ``N ~ Geometric(p)`` on ``{1, 2, ...}`` (``P(N >= j) = (1-p)^{j-1}``) or ``N ~ Poisson(rate)``
+    (``P(N >= j) = P(Gamma(j) <= rate)``). The expectation over ``N`` is the infinite series, i.e. the
+    exact ``log det(I + J)``; the variance is finite when the terms decay faster than the weights
+    grow (for the geometric, roughly ``rho(J)^2 < 1 - p``). One ``N`` per probe and call, shared by
+    the batch. Expected cost ``n_exact_terms + E[N]`` vector-Jacobian products per probe.
+    """
+
+    n_exact_terms: int = 2
+    distribution: str = "geometric"
+    p: float = 0.5  # geometric success probability: E[N] = 1/p
+    rate: float = 2.0  # Poisson mean: E[N] = rate
+    gradient: str = "neumann"
+    name = "russian_roulette"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.n_exact_terms, int) or self.n_exact_terms < 0:
+            raise ValueError(f"n_exact_terms must be an integer >= 0, got {self.n_exact_terms!r}")
+        if self.distribution not in ROULETTE_DISTRIBUTIONS:
+            raise ValueError(f"unknown distribution {self.distribution!r}; choose one of {ROULETTE_DISTRIBUTIONS}")
+        if not 0.0 < self.p < 1.0:
+            raise ValueError(f"the geometric parameter p must be in (0, 1), got {self.p}")
+        if not (math.isfinite(self.rate) and self.rate > 0):
+            raise ValueError(f"the Poisson rate must be > 0, got {self.rate}")
+        super().__post_init__()
+
+    def survival(self, j: int) -> float:
+        """``P(N >= j)``."""
+        if j <= (1 if self.distribution == "geometric" else 0):
+            return 1.0
+        if self.distribution == "geometric":
+            return (1.0 - self.p) ** (j - 1)
+        # P(Poisson(rate) >= j) = P(Gamma(j, 1) <= rate): the regularised lower incomplete gamma, no cancellation
+        return float(torch.special.gammainc(torch.tensor(float(j), dtype=torch.float64), torch.tensor(self.rate)))
+
+    def draw(self) -> int:
+        """One draw of ``N`` from the global torch generator (reproducible, checkpointed with the RNG state)."""
+        if self.distribution == "geometric":
+            return int(torch.empty((), dtype=torch.float64).geometric_(self.p))
+        return int(torch.poisson(torch.tensor(self.rate, dtype=torch.float64)))
+
+    def series_weights(self) -> list[float]:
+        extra = self.draw()
+        return [1.0] * self.n_exact_terms + [1.0 / self.survival(j) for j in range(1, extra + 1)]
+
+    def expected_vjps(self) -> float:
+        return self.n_exact_terms + (1.0 / self.p if self.distribution == "geometric" else self.rate)
+
+
+class _NeumannLogDet(torch.autograd.Function):
+    """``(g(x), logdet)`` whose log-det gradient is the Neumann estimate; no graph is kept through the series.
+
+    Forward: ``g(x)`` with its graph, then the series without one (value and Neumann vectors ``w``).
+    Backward: one double-backward ``d/d(x, θ) sum_i a_i w_i^T J(x_i) v_i`` (``a`` the upstream
+    per-sample gradient of the log-det), merged with the ordinary backward of ``g(x)`` in one pass.
+    """
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
+    def forward(ctx, estimator: _SeriesLogDet, branch: nn.Module, x: Tensor, *params: Tensor):  # noqa: ANN001, ANN205
+        ctx.set_materialize_grads(False)
+        with torch.enable_grad():
+            x_ = x.detach().requires_grad_(True)
+            gx = branch(x_)
+            value, pairs = estimator.series(gx, x_, create_graph=False, neumann=True)
+        # g(x) is saved with its graph (an intermediate keeps its grad_fn): the engine releases it after a
+        # plain backward and keeps it under retain_graph=True, as for any built-in op
+        ctx.n_params, ctx.n_probes = len(params), len(pairs)
+        ctx.save_for_backward(x_, gx, *params, *(w for w, _ in pairs), *(v for _, v in pairs))
+        return gx.detach(), value.detach()
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx, grad_gx: Tensor | None, grad_value: Tensor | None):  # noqa: ANN001, ANN205
+        x_, gx, *rest = ctx.saved_tensors
+        params, ws, vs = rest[: ctx.n_params], rest[ctx.n_params : -ctx.n_probes], rest[-ctx.n_probes :]
+        outputs, grad_outputs = [], []
+        with torch.enable_grad():
+            if grad_gx is not None:
+                outputs.append(gx)
+                grad_outputs.append(grad_gx)
+            if grad_value is not None:
+                surrogate = x_.new_zeros(x_.shape[0])
+                for w, v in zip(ws, vs, strict=True):
+                    (wj,) = torch.autograd.grad(gx, x_, w, create_graph=True, retain_graph=True)
+                    surrogate = surrogate + _flat_dot(wj, v)
+                outputs.append(surrogate / ctx.n_probes)
+                grad_outputs.append(grad_value)
+            if not outputs:
+                return (None,) * (3 + ctx.n_params)
+            grads = torch.autograd.grad(outputs, [x_, *params], grad_outputs, allow_unused=True, retain_graph=True)
+        return (None, None, grads[0] if ctx.needs_input_grad[2] else None, *grads[1:])
+
+
+ESTIMATORS: dict[str, type[LogDetEstimator]] = {
+    "exact": ExactLogDet,
+    "power_series": PowerSeriesLogDet,
+    "russian_roulette": RussianRouletteLogDet,
+}
 
 
 def make_estimator(name: str, **kwargs) -> LogDetEstimator:  # noqa: ANN003
-    """Build an estimator by name, e.g. ``make_estimator("power_series", n_terms=10)``."""
+    """Build an estimator by name, e.g. ``make_estimator("russian_roulette", n_exact_terms=2, gradient="neumann")``."""
     try:
         cls = ESTIMATORS[name]
     except KeyError:

@@ -135,3 +135,25 @@ def test_presets_build():
     flow = iresnet_flow("quick")
     assert flow.arch.n_blocks == (4, 4)
     assert iresnet_flow("mnist", n_blocks=(1, 1, 1)).input_shape == (1, 32, 32)
+
+
+def test_variance_report_measures_each_blocks_estimator_spread(float64):
+    from pipeline.diagnostics import logdet_variance_report, total_logdet_std_bits_per_dim
+    from pipeline.transforms import RussianRouletteLogDet
+
+    # without ActNorm the residual blocks carry the whole log-det, so their means must add up to it
+    flow = iresnet_flow("quick", input_shape=(1, 4, 4), n_blocks=(2, 1), hidden_channels=4, actnorm=False).eval()
+    x = torch.rand(3, 1, 4, 4) - 0.5
+    exact_rows = logdet_variance_report(flow, x, ExactLogDet(), n_repeats=3)
+    assert len(exact_rows) == 3 and all(r["std_nats"] == 0 for r in exact_rows)  # deterministic: no spread
+    with torch.no_grad():
+        _, logdet = flow(x, estimator=ExactLogDet())
+    assert sum(r["mean_logdet_nats"] for r in exact_rows) == pytest.approx(float(logdet.mean()), rel=1e-10)
+    rows = logdet_variance_report(flow, x, RussianRouletteLogDet(), n_repeats=40)
+    assert all(r["std_nats"] > 0 for r in rows) and rows[0]["expected_vjps"] == 4
+    # more probes, less spread (variance ~ 1/probes)
+    one = total_logdet_std_bits_per_dim(logdet_variance_report(flow, x, PowerSeriesLogDet(n_terms=3), n_repeats=60))
+    many = total_logdet_std_bits_per_dim(
+        logdet_variance_report(flow, x, PowerSeriesLogDet(n_terms=3, n_probes=16), n_repeats=60)
+    )
+    assert many < one / 2

@@ -1,11 +1,19 @@
+import dataclasses
 import math
 
 import pytest
 import torch
 
 from pipeline.bounds import logdet_bounds, power_series_truncation_bound
+from pipeline.layers import SpectralNormLinear
 from pipeline.layers.branches import branch_lipschitz_bound, conv_branch, mlp_branch
-from pipeline.transforms import ExactLogDet, PowerSeriesLogDet, make_estimator, sample_probe
+from pipeline.transforms import (
+    ExactLogDet,
+    PowerSeriesLogDet,
+    RussianRouletteLogDet,
+    make_estimator,
+    sample_probe,
+)
 from tests.transforms.helpers import dense_jacobians, power_series_from_dense
 
 
@@ -140,3 +148,212 @@ def test_estimator_arguments_are_validated():
 def test_rademacher_probe_is_plus_minus_one():
     v = sample_probe(torch.empty(1000), "rademacher")
     assert set(v.unique().tolist()) == {-1.0, 1.0}
+
+
+# --- unbiased (Russian-roulette) series and the Neumann gradient -------------------------------------------
+def _strong_linear_branch(d=4, radius=0.6):
+    """A branch whose Jacobian is a fixed symmetric matrix with eigenvalues up to ``radius``.
+
+    Large eigenvalues make the truncation bias of a short series obvious (so an unbiasedness test has
+    power), while ``radius^2 < 1 - p`` keeps the geometric Russian roulette's variance finite.
+    """
+    q, _ = torch.linalg.qr(torch.randn(d, d))
+    weight = q @ torch.diag(torch.linspace(0.3, 1.0, d)) @ q.t()
+    layer = SpectralNormLinear(d, d, coeff=radius, n_power_iterations=5)
+    with torch.no_grad():
+        layer.weight.copy_(weight * 2)
+    x = torch.randn(2, d)
+    for _ in range(50):
+        layer(x)
+    return torch.nn.Sequential(layer).eval(), x
+
+
+@pytest.fixture
+def strong(float64):
+    return _strong_linear_branch()
+
+
+def _estimates(estimator, branch, x1, n_calls, batch):
+    """Independent estimates at one input: every call draws its own series length, every row its own probe."""
+    return torch.cat([estimator(branch, x1.expand(batch, *x1.shape[1:]))[1] for _ in range(n_calls)])
+
+
+@pytest.mark.parametrize(
+    "estimator",
+    [
+        RussianRouletteLogDet(n_exact_terms=2, distribution="geometric", p=0.5),
+        RussianRouletteLogDet(n_exact_terms=1, distribution="poisson", rate=2.0),
+        RussianRouletteLogDet(n_exact_terms=0, distribution="geometric", p=0.6, probe="rademacher"),
+    ],
+)
+def test_russian_roulette_mean_equals_the_exact_logdet(strong, estimator):
+    branch, x = strong
+    exact, jac = _exact(branch, x[:1])
+    with torch.no_grad():
+        estimates = _estimates(estimator, branch, x[:1], n_calls=400, batch=10)
+    stderr = estimates.std() / math.sqrt(estimates.numel())
+    assert abs(estimates.mean() - exact) < 4 * stderr
+    # the test has the power to see a bias: truncating after two terms would be off by more than 4 SE
+    assert abs(power_series_from_dense(jac, 2) - exact) > 4 * stderr
+
+
+def test_russian_roulette_is_unbiased_on_a_convolutional_branch(conv):
+    branch, x = conv
+    exact, _ = _exact(branch, x[:1])
+    with torch.no_grad():
+        estimates = _estimates(RussianRouletteLogDet(), branch, x[:1], n_calls=200, batch=10)
+    assert abs(estimates.mean() - exact) < 4 * estimates.std() / math.sqrt(estimates.numel())
+
+
+def test_roulette_weights_are_inverse_reach_probabilities():
+    geo = RussianRouletteLogDet(n_exact_terms=2, p=0.25)
+    assert [geo.survival(j) for j in (1, 2, 3)] == [1.0, 0.75, 0.75**2]
+    poisson = RussianRouletteLogDet(distribution="poisson", rate=1.5)
+    pmf = [math.exp(-1.5) * 1.5**i / math.factorial(i) for i in range(40)]
+    for j in (0, 1, 2, 5):
+        assert poisson.survival(j) == pytest.approx(sum(pmf[j:]), rel=1e-10)
+    torch.manual_seed(3)
+    draws = [geo.draw() for _ in range(4000)]
+    assert min(draws) >= 1 and sum(draws) / len(draws) == pytest.approx(1 / 0.25, rel=0.05)
+    torch.manual_seed(3)
+    weights = geo.series_weights()
+    torch.manual_seed(3)
+    n = geo.draw()
+    assert weights == [1.0, 1.0] + [1 / 0.75 ** (j - 1) for j in range(1, n + 1)]
+    assert geo.expected_vjps() == 2 + 4 and poisson.expected_vjps() == 2 + 1.5
+
+
+def _flat_param_grad(value, params):
+    grads = torch.autograd.grad(value, params, allow_unused=True, retain_graph=True)
+    return torch.cat([(torch.zeros_like(p) if g is None else g).flatten() for p, g in zip(params, grads, strict=True)])
+
+
+def _mean_gradient(estimator, branch, x1, params, n_calls=150, batch=200):
+    """Average over independent calls of d(mean estimate)/d(θ, x1); each call draws its own series length."""
+    per_call = []
+    for _ in range(n_calls):
+        xb = x1.detach().expand(batch, *x1.shape[1:]).clone().requires_grad_(True)
+        _, est = estimator(branch, xb)
+        per_call.append(torch.cat([_flat_param_grad(est.mean(), params), _input_grad(est.mean(), xb).sum(dim=0)]))
+    return torch.stack(per_call).mean(dim=0)
+
+
+def _exact_gradient(branch, x1, params):
+    x1 = x1.detach().requires_grad_(True)
+    _, exact = ExactLogDet()(branch, x1)
+    return torch.cat([_flat_param_grad(exact.sum(), params), _input_grad(exact.sum(), x1).sum(dim=0)])
+
+
+def _input_grad(value, x):
+    """d value / dx per row, flattened (zero where the log-det does not depend on x, as for a linear branch)."""
+    (g,) = torch.autograd.grad(value, x, retain_graph=True, allow_unused=True)
+    return (torch.zeros_like(x) if g is None else g).flatten(1)
+
+
+@pytest.mark.parametrize("name", ["strong", "mlp"])
+@pytest.mark.parametrize(
+    "estimator",
+    [
+        RussianRouletteLogDet(gradient="neumann"),
+        RussianRouletteLogDet(gradient="backprop"),
+        RussianRouletteLogDet(gradient="neumann", distribution="poisson", n_exact_terms=1),
+        PowerSeriesLogDet(n_terms=20, gradient="neumann"),
+    ],
+)
+def test_estimated_gradient_matches_autograd_of_the_exact_logdet(name, estimator, request):
+    branch, x = request.getfixturevalue(name)
+    branch.train()  # gradients w.r.t. parameters, through the normalisation
+    params = [p for p in branch.parameters() if p.requires_grad]
+    exact = _exact_gradient(branch, x[:1], params)
+    assert exact.norm() > 0
+    assert (_mean_gradient(estimator, branch, x[:1], params) - exact).norm() / exact.norm() < 0.03
+
+
+def test_the_gradient_check_sees_a_truncation_bias(strong):
+    """The check above can fail: short series (the gradient of two or three terms) miss by more than its tolerance."""
+    branch, x = strong
+    branch.train()
+    params = [p for p in branch.parameters() if p.requires_grad]
+    exact = _exact_gradient(branch, x[:1], params)
+    for n_terms in (2, 3):
+        estimate = _mean_gradient(PowerSeriesLogDet(n_terms=n_terms, gradient="neumann"), branch, x[:1], params)
+        assert (estimate - exact).norm() / exact.norm() > 0.03
+
+
+@pytest.mark.parametrize(
+    "estimator", [RussianRouletteLogDet(), PowerSeriesLogDet(n_terms=4, n_probes=2, gradient="neumann")]
+)
+def test_memory_saving_backward_equals_the_explicit_surrogate(mlp, estimator):
+    """Same draws: the value is the series estimate; gradients (x, θ) are the per-sample weighted surrogate w^T J v."""
+    branch, x = mlp
+    branch.eval()  # fixed normalisation, so both passes see the same branch
+    params = [p for p in branch.parameters() if p.requires_grad]
+    weights = torch.tensor([0.3, -1.7, 2.0])  # a loss that weighs samples unequally
+
+    torch.manual_seed(11)
+    xa = x.clone().requires_grad_(True)
+    gx_a, value_a = estimator(branch, xa)
+    loss_a = (weights * value_a).sum() + (gx_a**2).sum()
+    grads_a = torch.autograd.grad(loss_a, [xa, *params], allow_unused=True)
+
+    torch.manual_seed(11)
+    xb = x.clone().requires_grad_(True)
+    gx_b = branch(xb)
+    value_b, pairs = estimator.series(gx_b, xb, create_graph=False, neumann=True)
+    surrogate = sum(
+        (torch.autograd.grad(gx_b, xb, w, create_graph=True)[0] * v).flatten(1).sum(1) for w, v in pairs
+    ) / len(pairs)
+    loss_b = (weights * surrogate).sum() + (gx_b**2).sum()
+    grads_b = torch.autograd.grad(loss_b, [xb, *params], allow_unused=True)
+
+    assert torch.allclose(value_a, value_b, atol=1e-12)  # the logged value is the estimate itself
+    torch.manual_seed(11)
+    _, value_c = dataclasses.replace(estimator, gradient="backprop")(branch, x.clone().requires_grad_(True))
+    assert torch.allclose(value_a, value_c, atol=1e-12)
+    for ga, gb in zip(grads_a, grads_b, strict=True):
+        if gb is None:
+            assert ga is None or torch.count_nonzero(ga) == 0
+        else:
+            assert torch.allclose(ga, gb, atol=1e-12)
+
+
+def test_neumann_gradient_keeps_no_graph_through_the_series(float64):
+    """Saved activations do not grow with the number of terms (they do when backpropagating through the series)."""
+    branch = mlp_branch(8, (64, 64), coeff=0.9).train()
+    x = torch.randn(64, 8, requires_grad=True)
+
+    def saved_bytes(estimator):
+        total = 0
+
+        def pack(t):
+            nonlocal total
+            total += t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            _, value = estimator(branch, x)
+        return total
+
+    backprop = [saved_bytes(PowerSeriesLogDet(n_terms=n)) for n in (2, 8)]
+    neumann = [saved_bytes(PowerSeriesLogDet(n_terms=n, gradient="neumann")) for n in (2, 8)]
+    assert backprop[1] > 2 * backprop[0]
+    assert neumann[1] == neumann[0]
+
+
+def test_neumann_gradient_needs_a_module_branch(mlp):
+    branch, x = mlp
+    with pytest.raises(TypeError, match="nn.Module"):
+        RussianRouletteLogDet()(lambda t: branch(t), x)
+
+
+def test_roulette_arguments_are_validated():
+    for kwargs, message in [
+        ({"n_exact_terms": -1}, "n_exact_terms"),
+        ({"distribution": "binomial"}, "distribution"),
+        ({"p": 1.0}, "geometric parameter"),
+        ({"rate": 0.0}, "rate"),
+        ({"gradient": "adjoint"}, "gradient"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            RussianRouletteLogDet(**kwargs)
+    assert isinstance(make_estimator("russian_roulette", n_exact_terms=3), RussianRouletteLogDet)
