@@ -17,18 +17,22 @@ from pipeline.layers.operator_norm import layer_operator_norm
 from pipeline.layers.spectral import SpectralNormConv2d, SpectralNormLinear
 
 
-def _linear(n_in: int, n_out: int, coeff: float | None, n_power_iterations: int) -> nn.Module:
+def _linear(n_in: int, n_out: int, coeff: float | None, n_power_iterations: int, power_tol: float) -> nn.Module:
     if coeff is None:
         return nn.Linear(n_in, n_out)
-    return SpectralNormLinear(n_in, n_out, coeff=coeff, n_power_iterations=n_power_iterations)
+    return SpectralNormLinear(n_in, n_out, coeff=coeff, n_power_iterations=n_power_iterations, power_tol=power_tol)
 
 
-def _conv(n_in: int, n_out: int, kernel: int, coeff: float | None, n_power_iterations: int) -> nn.Module:
+def _conv(
+    n_in: int, n_out: int, kernel: int, coeff: float | None, n_power_iterations: int, power_tol: float
+) -> nn.Module:
     if kernel % 2 == 0:
         raise ValueError(f"kernel sizes must be odd (size-preserving padding), got {kernel}")
     if coeff is None:
         return nn.Conv2d(n_in, n_out, kernel, padding=kernel // 2)
-    return SpectralNormConv2d(n_in, n_out, kernel, coeff=coeff, n_power_iterations=n_power_iterations)
+    return SpectralNormConv2d(
+        n_in, n_out, kernel, coeff=coeff, n_power_iterations=n_power_iterations, power_tol=power_tol
+    )
 
 
 def mlp_branch(
@@ -38,6 +42,7 @@ def mlp_branch(
     activation: str = "elu",
     coeff: float | None = 0.9,
     n_power_iterations: int = 5,
+    power_tol: float = 0.0,
     preactivation: bool = False,
 ) -> nn.Sequential:
     """``dim -> hidden[0] -> ... -> hidden[-1] -> dim`` with an activation between linear maps."""
@@ -46,7 +51,7 @@ def mlp_branch(
     for i, (n_in, n_out) in enumerate(zip(widths[:-1], widths[1:], strict=True)):
         if i > 0:
             layers.append(make_activation(activation))
-        layers.append(_linear(n_in, n_out, coeff, n_power_iterations))
+        layers.append(_linear(n_in, n_out, coeff, n_power_iterations, power_tol))
     return nn.Sequential(*layers)
 
 
@@ -58,6 +63,7 @@ def conv_branch(
     activation: str = "elu",
     coeff: float | None = 0.9,
     n_power_iterations: int = 5,
+    power_tol: float = 0.0,
     preactivation: bool = False,
     batchnorm: bool = False,
 ) -> nn.Sequential:
@@ -79,7 +85,7 @@ def conv_branch(
     for i, (n_in, n_out, k) in enumerate(zip(widths[:-1], widths[1:], kernel_sizes, strict=True)):
         if i > 0 or preactivation:
             act(n_in)
-        layers.append(_conv(n_in, n_out, k, coeff, n_power_iterations))
+        layers.append(_conv(n_in, n_out, k, coeff, n_power_iterations, power_tol))
     return nn.Sequential(*layers)
 
 

@@ -5,13 +5,18 @@ The largest singular value is estimated by power iteration on the *operator* the
 padding), not on the reshaped kernel, whose norm is a different number. The weight is then only
 ever shrunk: ``W * min(1, c / sigma)`` (a soft constraint, as in the paper).
 
-In training mode every forward runs ``n_power_iterations`` steps and refreshes the stored
-estimate; in eval mode the stored estimate is reused, so evaluation is deterministic.
+In training mode every forward runs ``n_power_iterations`` steps, warm-started from the previous
+step's vectors, and refreshes the stored estimate; with ``power_tol > 0`` it keeps going until the
+estimate changes by at most ``power_tol`` (relative) in one step, up to ``max_power_iterations``.
+In eval mode the stored estimate is reused, so evaluation is deterministic; so it is inside
+:func:`frozen_power_iteration` (the inverse holds the operator fixed while it solves).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -20,13 +25,20 @@ from torch import Tensor, nn
 DEFAULT_INIT_ITERATIONS = 50  # a good first estimate keeps the first steps from overshooting c
 
 
-def _check_spectral_args(coeff: float, n_power_iterations: int) -> None:
+DEFAULT_MAX_POWER_ITERATIONS = 100  # cap of the tolerance-driven power iteration per training step
+
+
+def _check_spectral_args(coeff: float, n_power_iterations: int, power_tol: float = 0.0) -> None:
     if not (isinstance(coeff, (int, float)) and math.isfinite(coeff) and 0.0 < coeff < 1.0):
         raise ValueError(
             f"Lipschitz coefficient must satisfy 0 < c < 1 for the block to be invertible, got c={coeff!r}"
         )
     if not isinstance(n_power_iterations, int) or n_power_iterations < 0:
         raise ValueError(f"n_power_iterations must be an integer >= 0, got {n_power_iterations!r}")
+    if not (math.isfinite(power_tol) and power_tol >= 0):
+        raise ValueError(f"power_tol must be >= 0 (0: a fixed number of iterations), got {power_tol!r}")
+    if power_tol > 0 and n_power_iterations == 0:
+        raise ValueError("power_tol > 0 needs n_power_iterations >= 1 (the minimum per training step)")
 
 
 def _normalize(x: Tensor, eps: float = 1e-12) -> Tensor:
@@ -41,12 +53,20 @@ class _SpectralNorm(nn.Module):
     v: Tensor
     sigma: Tensor
 
-    def __init__(self, coeff: float, n_power_iterations: int, n_init_iterations: int) -> None:
+    def __init__(
+        self, coeff: float, n_power_iterations: int, n_init_iterations: int, power_tol: float, max_power_iterations: int
+    ) -> None:
         super().__init__()
-        _check_spectral_args(coeff, n_power_iterations)
+        _check_spectral_args(coeff, n_power_iterations, power_tol)
+        if max_power_iterations < max(n_power_iterations, 1):
+            raise ValueError(f"max_power_iterations must be >= n_power_iterations, got {max_power_iterations}")
         self.coeff = float(coeff)
         self.n_power_iterations = n_power_iterations
         self.n_init_iterations = n_init_iterations
+        self.power_tol = float(power_tol)
+        self.max_power_iterations = max_power_iterations
+        self.power_iteration_frozen = False  # set by frozen_power_iteration()
+        self.last_power_iterations = 0  # steps taken by the last training forward (logged per layer)
         self.register_buffer("sigma", torch.ones(()))
         self.register_buffer("initialized", torch.tensor(False))
 
@@ -62,12 +82,33 @@ class _SpectralNorm(nn.Module):
 
     # -- power iteration --------------------------------------------------------------------
     @torch.no_grad()
-    def power_iteration(self, n: int) -> None:
-        """Run ``n`` power-iteration steps on the operator, updating ``u`` and ``v`` in place."""
+    def power_iteration(self, n: int) -> Tensor | None:
+        """Run ``n`` power-iteration steps on the operator, updating ``u`` and ``v`` in place.
+
+        Returns the last step's estimate ``||A v||`` (``None`` for ``n = 0``).
+        """
         w = self.weight.detach()
+        sigma = None
         for _ in range(n):
             self.v.copy_(_normalize(self._adjoint(self.u, w)))
-            self.u.copy_(_normalize(self._operator(self.v, w)))
+            image = self._operator(self.v, w)
+            sigma = image.norm()
+            self.u.copy_(image / sigma.clamp_min(1e-12))
+        return sigma
+
+    @torch.no_grad()
+    def _training_power_iteration(self) -> int:
+        """The per-step update: ``n_power_iterations`` steps, then (``power_tol > 0``) on to the tolerance."""
+        previous = self.sigma.clone()
+        sigma = self.power_iteration(self.n_power_iterations)
+        steps = self.n_power_iterations
+        if self.power_tol > 0:
+            # one host sync per check; warm-started, most steps stop at the first
+            while steps < self.max_power_iterations and abs(float(sigma - previous)) > self.power_tol * float(sigma):
+                previous = sigma
+                sigma = self.power_iteration(1)
+                steps += 1
+        return steps
 
     def normalized_weight(self, x: Tensor | None = None) -> Tensor:
         """The weight rescaled to operator norm ``<= c`` (by the current estimate)."""
@@ -79,7 +120,8 @@ class _SpectralNorm(nn.Module):
             self.initialized.fill_(True)
             self._refresh_sigma()
         if self.training:
-            self.power_iteration(self.n_power_iterations)
+            if not self.power_iteration_frozen:
+                self.last_power_iterations = self._training_power_iteration()
             # u, v are constants for autograd (cloned: the next step updates them in place)
             u, v = self.u.clone(), self.v.clone()
             sigma = (u * self._operator(v, self.weight)).sum()
@@ -124,9 +166,11 @@ class SpectralNormLinear(_SpectralNorm):
         coeff: float = 0.9,
         n_power_iterations: int = 5,
         n_init_iterations: int = DEFAULT_INIT_ITERATIONS,
+        power_tol: float = 0.0,
+        max_power_iterations: int = DEFAULT_MAX_POWER_ITERATIONS,
         bias: bool = True,
     ) -> None:
-        super().__init__(coeff, n_power_iterations, n_init_iterations)
+        super().__init__(coeff, n_power_iterations, n_init_iterations, power_tol, max_power_iterations)
         ref = nn.Linear(in_features, out_features, bias=bias)
         self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter(ref.weight.detach().clone())
@@ -171,9 +215,11 @@ class SpectralNormConv2d(_SpectralNorm):
         coeff: float = 0.9,
         n_power_iterations: int = 5,
         n_init_iterations: int = DEFAULT_INIT_ITERATIONS,
+        power_tol: float = 0.0,
+        max_power_iterations: int = DEFAULT_MAX_POWER_ITERATIONS,
         bias: bool = True,
     ) -> None:
-        super().__init__(coeff, n_power_iterations, n_init_iterations)
+        super().__init__(coeff, n_power_iterations, n_init_iterations, power_tol, max_power_iterations)
         padding = kernel_size // 2 if padding is None else padding
         ref = nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, padding=padding, bias=bias)
         self.in_channels, self.out_channels = in_channels, out_channels
@@ -224,3 +270,21 @@ class SpectralNormConv2d(_SpectralNorm):
 
 
 SPECTRAL_LAYERS = (SpectralNormLinear, SpectralNormConv2d)
+
+
+@contextmanager
+def frozen_power_iteration(module: nn.Module) -> Iterator[None]:
+    """Hold every spectral normalisation inside ``module`` fixed: no power-iteration update, even in training.
+
+    The normalised weight stays differentiable (through the stored ``u``, ``v``); only the estimate
+    stops moving, so an iterative solver sees one and the same operator at every evaluation.
+    """
+    layers = [m for m in module.modules() if isinstance(m, _SpectralNorm)]
+    previous = [layer.power_iteration_frozen for layer in layers]
+    for layer in layers:
+        layer.power_iteration_frozen = True
+    try:
+        yield
+    finally:
+        for layer, was in zip(layers, previous, strict=True):
+            layer.power_iteration_frozen = was

@@ -40,6 +40,7 @@ class ClassifierArchitecture:
     activation: str = "elu"
     coeff: float | None = 0.9  # None: unconstrained (vanilla) residual branches
     n_power_iterations: int = 1
+    power_tol: float = 0.0  # > 0: power iteration per step runs to this relative change of sigma
     norm: str = "actnorm"  # before each block
     branch_batchnorm: bool = False  # BatchNorm inside the branch (vanilla "ResNet-BN" only)
 
@@ -59,7 +60,7 @@ class ClassifierArchitecture:
         if self.norm not in NORMS:
             raise ValueError(f"unknown norm {self.norm!r}; choose one of {NORMS}")
         if self.coeff is not None:
-            _check_spectral_args(self.coeff, self.n_power_iterations)
+            _check_spectral_args(self.coeff, self.n_power_iterations, self.power_tol)
         if self.branch_batchnorm and self.coeff is not None:
             raise ValueError("branch_batchnorm voids the invertibility guarantee; use it only with coeff=None")
         self.stage_shapes()
@@ -114,6 +115,7 @@ class ResidualClassifier(nn.Module):
                     activation=arch.activation,
                     coeff=arch.coeff,
                     n_power_iterations=arch.n_power_iterations,
+                    power_tol=arch.power_tol,
                     preactivation=not first,  # pre-activation blocks, as in the paper's classifier
                     batchnorm=arch.branch_batchnorm,
                 )

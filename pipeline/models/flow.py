@@ -35,6 +35,7 @@ class FlowArchitecture:
     activation: str = "elu"
     coeff: float = 0.9
     n_power_iterations: int = 5
+    power_tol: float = 0.0  # > 0: power iteration per step runs to this relative change of sigma
     actnorm: bool = True
     learnable_prior: bool = True
     squeeze_first: bool = True  # squeeze before the first level too (as the reference code does)
@@ -53,7 +54,7 @@ class FlowArchitecture:
             raise ValueError(f"hidden_channels needs one width >= 1 (or one per level), got {self.hidden_channels}")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"unknown activation {self.activation!r}; choose one of {sorted(ACTIVATIONS)}")
-        _check_spectral_args(self.coeff, self.n_power_iterations)
+        _check_spectral_args(self.coeff, self.n_power_iterations, self.power_tol)
         self.level_shapes()  # raises on sizes that do not squeeze/split
 
     def level_shapes(self) -> list[tuple[int, int, int]]:
@@ -112,6 +113,7 @@ class IResNetFlow(FlowModel):
                     activation=arch.activation,
                     coeff=arch.coeff,
                     n_power_iterations=arch.n_power_iterations,
+                    power_tol=arch.power_tol,
                 )
                 steps.append(InvertibleResidualBlock(branch, estimator=estimator, inverse_config=inverse_config))
             levels.append(TransformSequence(*steps))

@@ -25,6 +25,7 @@ class VectorFlowArchitecture:
     activation: str = "elu"
     coeff: float = 0.9
     n_power_iterations: int = 5
+    power_tol: float = 0.0  # > 0: power iteration per step runs to this relative change of sigma
     actnorm: bool = True  # after each block, as in the paper's toy model
     learnable_prior: bool = False
 
@@ -34,7 +35,7 @@ class VectorFlowArchitecture:
             raise ValueError(f"dim, n_blocks and hidden widths must be >= 1, got {self}")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"unknown activation {self.activation!r}; choose one of {sorted(ACTIVATIONS)}")
-        _check_spectral_args(self.coeff, self.n_power_iterations)
+        _check_spectral_args(self.coeff, self.n_power_iterations, self.power_tol)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -62,6 +63,7 @@ class VectorFlow(FlowModel):
                 activation=arch.activation,
                 coeff=arch.coeff,
                 n_power_iterations=arch.n_power_iterations,
+                power_tol=arch.power_tol,
             )
             steps.append(InvertibleResidualBlock(branch, estimator=estimator, inverse_config=inverse_config))
             if arch.actnorm:

@@ -2,12 +2,20 @@
 
 from pipeline.transforms.actnorm import ActNorm
 from pipeline.transforms.base import InverseReport, Transform, TransformSequence
-from pipeline.transforms.inverse import FixedPointConfig, FixedPointResult, InverseDidNotConverge, fixed_point_inverse
+from pipeline.transforms.inverse import (
+    INVERSE_METHODS,
+    FixedPointConfig,
+    FixedPointResult,
+    InverseDidNotConverge,
+    fixed_point_inverse,
+    solve_fixed_point,
+)
 from pipeline.transforms.logdet import (
     ESTIMATORS,
     ExactLogDet,
     LogDetEstimator,
     PowerSeriesLogDet,
+    RussianRouletteLogDet,
     make_estimator,
     sample_probe,
 )
@@ -16,6 +24,7 @@ from pipeline.transforms.residual import InvertibleResidualBlock
 
 __all__ = [
     "ESTIMATORS",
+    "INVERSE_METHODS",
     "ActNorm",
     "ExactLogDet",
     "FixedPointConfig",
@@ -26,10 +35,12 @@ __all__ = [
     "InvertibleResidualBlock",
     "LogDetEstimator",
     "PowerSeriesLogDet",
+    "RussianRouletteLogDet",
     "Squeeze",
     "Transform",
     "TransformSequence",
     "fixed_point_inverse",
     "make_estimator",
     "sample_probe",
+    "solve_fixed_point",
 ]

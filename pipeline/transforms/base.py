@@ -23,6 +23,7 @@ class InverseReport:
     iterations: list[int] = field(default_factory=list)  # most iterations any sample needed
     max_residual: list[float] = field(default_factory=list)  # largest final ||x + g(x) - y||
     n_not_converged: list[int] = field(default_factory=list)
+    n_fallback: list[int] = field(default_factory=list)  # samples where Anderson stalled and plain finished
 
     @property
     def converged(self) -> bool:
@@ -39,6 +40,7 @@ class InverseReport:
             "inverse_total_iterations": float(self.total_iterations),
             "inverse_max_residual": max(self.max_residual, default=0.0),
             "inverse_not_converged": float(sum(self.n_not_converged)),
+            "inverse_fallbacks": float(sum(self.n_fallback)),
         }
 
 

@@ -1,10 +1,25 @@
-"""Inverting ``y = x + g(x)`` by fixed-point iteration (Algorithm 1 of the paper).
+"""Inverting ``y = x + g(x)``: the fixed point of Algorithm 1, plain or Anderson-accelerated, with implicit gradients.
 
-``x^0 = y, x^{k+1} = y - g(x^k)`` converges exponentially when ``Lip(g) < 1`` (Banach). Each
-sample stops on its own *residual* ``||x + g(x) - y||`` measured against ``atol + rtol * ||y||``
-(the residual of ``x^k`` is exactly ``||x^k - x^{k+1}||``, so checking it costs nothing extra),
-and the returned point is the one whose residual was measured. Samples that have not converged
-after ``max_iterations`` are reported, never silently returned as if exact.
+Both methods share one stopping rule: each sample stops on its own *residual*
+``||x + g(x) - y||`` measured against ``atol + rtol * ||y||`` (the residual of ``x`` is exactly
+``||T(x) - x||`` with ``T(x) = y - g(x)``, so checking it costs nothing extra), the returned point is
+one whose residual was measured, and samples that miss the tolerance in ``max_iterations``
+evaluations of ``g`` are reported, never silently returned as if exact.
+
+* ``"plain"``: ``x^0 = y, x^{k+1} = y - g(x^k)``, converging exponentially when ``Lip(g) < 1``
+  (Banach). With ``max_iterations = k`` it returns ``x^k``, as in the paper.
+* ``"anderson"``: Anderson acceleration (type II, Walker & Ni 2011). The next iterate mixes the
+  last ``anderson_memory`` images ``T(x^j)`` with the weights that minimise the mixed residual,
+  still one evaluation of ``g`` per iteration. Anderson is not monotone; a sample whose best residual
+  has not improved for ``stall_iterations`` iterations (or whose mixed iterate is not finite) falls
+  back to the plain iteration from its best point, which converges whenever ``Lip(g) < 1``. Returns
+  the iterate with the smallest measured residual.
+
+Gradients: when autograd is on and ``y`` or the parameters of ``g`` need gradients, the solution
+carries the *implicit* gradient ``dx/dy = (I + J_g(x))^{-1}``, ``dx/dθ = -(I + J_g(x))^{-1} dg/dθ``.
+Backward solves ``u = v - J_g(x)^T u`` by the same method (a contraction too), to ``backward_rtol``
+relative to the incoming gradient; no graph is kept through the iterations, only one evaluation of
+``g`` at the solution.
 """
 
 from __future__ import annotations
@@ -14,9 +29,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 log = logging.getLogger(__name__)
+
+INVERSE_METHODS = ("plain", "anderson")
 
 
 class InverseDidNotConverge(RuntimeError):
@@ -25,73 +42,186 @@ class InverseDidNotConverge(RuntimeError):
 
 @dataclass(frozen=True)
 class FixedPointConfig:
-    """Stopping rule for the fixed-point inverse."""
+    """Stopping rule and method of the inverse (and of its implicit backward)."""
 
     atol: float = 1e-6
     rtol: float = 1e-6
-    max_iterations: int = 100
+    max_iterations: int = 100  # evaluations of g per sample
     strict: bool = False  # raise instead of warning when a sample does not converge
     warn: bool = True  # log non-convergence (off for deliberate fixed-iteration studies)
+    method: str = "plain"  # or "anderson"
+    anderson_memory: int = 5  # past iterates mixed
+    anderson_damping: float = 1.0  # beta: 1 mixes images only
+    anderson_regularization: float = 1e-10  # Tikhonov, relative to the largest squared residual
+    stall_iterations: int = 10  # Anderson: fall back to plain after this many steps without a new best
+    backward_rtol: float = 1e-6  # implicit gradient: residual relative to the incoming gradient
 
     def __post_init__(self) -> None:
         if self.atol < 0 or self.rtol < 0 or (self.atol == 0 and self.rtol == 0):
             raise ValueError(f"need atol >= 0, rtol >= 0 and not both zero, got atol={self.atol}, rtol={self.rtol}")
         if not isinstance(self.max_iterations, int) or self.max_iterations < 1:
             raise ValueError(f"max_iterations must be an integer >= 1, got {self.max_iterations!r}")
+        if self.method not in INVERSE_METHODS:
+            raise ValueError(f"unknown inverse method {self.method!r}; choose one of {INVERSE_METHODS}")
+        if not isinstance(self.anderson_memory, int) or self.anderson_memory < 1:
+            raise ValueError(f"anderson_memory must be an integer >= 1, got {self.anderson_memory!r}")
+        if not 0 < self.anderson_damping <= 1:
+            raise ValueError(f"anderson_damping must be in (0, 1], got {self.anderson_damping}")
+        if self.anderson_regularization < 0 or self.stall_iterations < 1 or not self.backward_rtol > 0:
+            raise ValueError("need anderson_regularization >= 0, stall_iterations >= 1 and backward_rtol > 0")
 
 
 @dataclass
 class FixedPointResult:
-    x: Tensor  # the reconstruction
+    x: Tensor  # the solution
     iterations: Tensor  # per sample: evaluations of g until the residual met the tolerance
     residual: Tensor  # per sample: ||x + g(x) - y|| at the returned x
     converged: Tensor  # per sample, bool
+    fell_back: Tensor  # per sample, bool: Anderson stalled and the plain iteration finished the job
 
 
 def _flat_norm(x: Tensor) -> Tensor:
     return x.reshape(x.shape[0], -1).norm(dim=1)
 
 
+def _anderson_mix(xs: Tensor, fs: Tensor, config: FixedPointConfig) -> Tensor:
+    """Mix the history ``xs``/``fs = T(xs)`` of shape ``(b, n, d)``: ``sum_j a_j (beta f_j + (1-beta) x_j)``.
+
+    ``a`` minimises ``||sum_j a_j (f_j - x_j)||`` subject to ``sum_j a_j = 1``: ``a = H^{-1} 1 / 1^T H^{-1} 1``
+    with ``H`` the (regularised) Gram matrix of the residuals, solved in float64 (it is n x n).
+    """
+    residuals = (fs - xs).double()
+    gram = residuals @ residuals.transpose(1, 2)
+    n = gram.shape[-1]
+    scale = gram.diagonal(dim1=1, dim2=2).amax(dim=1).clamp_min(torch.finfo(torch.float64).tiny)
+    eye = torch.eye(n, dtype=gram.dtype, device=gram.device)
+    gram = gram + (config.anderson_regularization * scale)[:, None, None] * eye
+    z, _ = torch.linalg.solve_ex(gram, torch.ones(gram.shape[0], n, 1, dtype=gram.dtype, device=gram.device))
+    alpha = (z / z.sum(dim=1, keepdim=True)).transpose(1, 2).to(xs.dtype)  # (b, 1, n); NaN if singular
+    beta = config.anderson_damping
+    mixed = alpha @ fs if beta == 1.0 else beta * (alpha @ fs) + (1 - beta) * (alpha @ xs)
+    return mixed[:, 0]
+
+
 @torch.no_grad()
-def fixed_point_inverse(
-    g: Callable[[Tensor], Tensor], y: Tensor, config: FixedPointConfig = FixedPointConfig()
+def solve_fixed_point(
+    step: Callable[[Tensor, Tensor], Tensor], x0: Tensor, tol: Tensor, config: FixedPointConfig
 ) -> FixedPointResult:
-    """Solve ``x + g(x) = y`` per sample. ``g`` must act on each sample independently."""
-    batch = y.shape[0]
-    tol = config.atol + config.rtol * _flat_norm(y)
-    x = y.clone()
-    residual = torch.full((batch,), float("inf"), dtype=y.dtype, device=y.device)
-    iterations = torch.zeros(batch, dtype=torch.long, device=y.device)
-    active = torch.ones(batch, dtype=torch.bool, device=y.device)
-    for _ in range(config.max_iterations):
+    """Solve ``x = T(x)`` per sample, with ``step(x_active, idx) = T(x)`` for the samples ``idx`` of the batch.
+
+    ``tol`` is the per-sample tolerance on the residual ``||T(x) - x||``. Converged samples drop out of
+    the batch, so ``step`` is only evaluated on the ones still iterating.
+    """
+    batch, anderson = x0.shape[0], config.method == "anderson"
+    x = x0.clone()
+    residual = torch.full((batch,), float("inf"), dtype=x0.dtype, device=x0.device)
+    iterations = torch.zeros(batch, dtype=torch.long, device=x0.device)
+    active = torch.ones(batch, dtype=torch.bool, device=x0.device)
+    fell_back = torch.zeros(batch, dtype=torch.bool, device=x0.device)
+    if anderson:
+        m, d = config.anderson_memory, x0[0].numel()
+        xs, fs = x0.new_zeros(batch, m, d), x0.new_zeros(batch, m, d)
+        best_x, best_f = x0.clone(), x0.clone()
+        since_best = torch.zeros(batch, dtype=torch.long, device=x0.device)
+
+    def column(mask: Tensor) -> Tensor:
+        return mask.reshape(-1, *[1] * (x0.dim() - 1))
+
+    for it in range(config.max_iterations):
         idx = active.nonzero(as_tuple=True)[0]
         if idx.numel() == 0:
             break
-        x_act, y_act = x[idx], y[idx]
-        x_next = y_act - g(x_act)
-        res = _flat_norm(x_next - x_act)  # = ||x_act + g(x_act) - y_act||
-        residual[idx] = res
+        x_act = x[idx]
+        f_act = step(x_act, idx)
+        res = _flat_norm(f_act - x_act)
         iterations[idx] += 1
         done = res <= tol[idx]
+        if anderson:
+            improved = res < residual[idx]
+            residual[idx] = torch.where(improved, res, residual[idx])
+            best_x[idx] = torch.where(column(improved), x_act, best_x[idx])
+            best_f[idx] = torch.where(column(improved), f_act, best_f[idx])
+            since_best[idx] = torch.where(improved, 0, since_best[idx] + 1)
+            slot, n = it % m, min(it + 1, m)
+            xs[idx, slot], fs[idx, slot] = x_act.flatten(1), f_act.flatten(1)
+            mixed = _anderson_mix(xs[idx, :n], fs[idx, :n], config).reshape(x_act.shape)
+            stalled = (since_best[idx] >= config.stall_iterations) | ~torch.isfinite(mixed.flatten(1)).all(dim=1)
+            newly = stalled & ~fell_back[idx]
+            fell_back[idx] |= stalled
+            proposal = torch.where(column(fell_back[idx]), f_act, mixed)
+            # a sample that has just stalled restarts the plain iteration from its best point
+            proposal = torch.where(column(newly), best_f[idx], proposal)
+        else:
+            residual[idx] = res
+            proposal = f_act
         # converged samples keep the iterate whose residual was measured; the others step on
-        x[idx] = torch.where(done.reshape(-1, *[1] * (y.dim() - 1)), x_act, x_next)
+        x[idx] = torch.where(column(done), x_act, proposal)
         active[idx[done]] = False
-    if active.any():
-        # the last step moved the unconverged samples past their measured residual: measure again
+    if active.any():  # out of iterations: measure the last proposal too
         idx = active.nonzero(as_tuple=True)[0]
-        residual[idx] = _flat_norm(x[idx] + g(x[idx]) - y[idx])
+        res = _flat_norm(step(x[idx], idx) - x[idx])
         iterations[idx] += 1
-        active[idx[residual[idx] <= tol[idx]]] = False
-    converged = ~active
-    if not bool(converged.all()):
-        n_bad = int((~converged).sum())
-        msg = (
-            f"fixed-point inverse: {n_bad}/{batch} samples did not reach atol={config.atol}, rtol={config.rtol} "
-            f"in {config.max_iterations} iterations (largest residual {float(residual.max()):.3e}); "
-            "is Lip(g) < 1?"
-        )
-        if config.strict:
-            raise InverseDidNotConverge(msg)
-        if config.warn:
-            log.warning(msg)
-    return FixedPointResult(x=x, iterations=iterations, residual=residual, converged=converged)
+        if anderson:
+            improved = res < residual[idx]
+            residual[idx] = torch.where(improved, res, residual[idx])
+            best_x[idx] = torch.where(column(improved), x[idx], best_x[idx])
+        else:
+            residual[idx] = res
+    if anderson:
+        x = best_x
+    return FixedPointResult(
+        x=x, iterations=iterations, residual=residual, converged=residual <= tol, fell_back=fell_back
+    )
+
+
+def _check_convergence(result: FixedPointResult, config: FixedPointConfig, what: str, tolerance: str) -> None:
+    if bool(result.converged.all()):
+        return
+    n_bad, batch = int((~result.converged).sum()), result.converged.numel()
+    msg = (
+        f"{what}: {n_bad}/{batch} samples did not reach {tolerance} in {config.max_iterations} iterations "
+        f"({config.method}; largest residual {float(result.residual.max()):.3e}); is Lip(g) < 1?"
+    )
+    if config.strict:
+        raise InverseDidNotConverge(msg)
+    if config.warn:
+        log.warning(msg)
+
+
+def _needs_gradient(g: Callable[[Tensor], Tensor], y: Tensor) -> bool:
+    return y.requires_grad or (isinstance(g, nn.Module) and any(p.requires_grad for p in g.parameters()))
+
+
+def _attach_implicit_gradient(g: Callable[[Tensor], Tensor], y: Tensor, x: Tensor, config: FixedPointConfig) -> Tensor:
+    """``x`` (the solution) as a function of ``y`` and θ through the implicit function theorem."""
+    z = x.detach().requires_grad_(True)
+    gz = g(z)  # the one evaluation with a graph: J_g(x)^T products for the adjoint, and dg/dθ
+    step_out = y - gz  # d/dy = I, d/dθ = -dg/dθ; the hook turns its incoming v into (I + J)^{-T} v
+
+    def adjoint(v: Tensor) -> Tensor:
+        def step(u: Tensor, idx: Tensor) -> Tensor:
+            full = torch.zeros_like(v)
+            full[idx] = u
+            (jtu,) = torch.autograd.grad(gz, z, full, retain_graph=True)
+            return v[idx] - jtu[idx]
+
+        tol = config.backward_rtol * _flat_norm(v)
+        result = solve_fixed_point(step, v, tol, config)
+        _check_convergence(result, config, "implicit gradient of the inverse", f"rtol={config.backward_rtol}")
+        return result.x
+
+    step_out.register_hook(adjoint)
+    return x.detach() + (step_out - step_out.detach())  # the value stays exactly the solution
+
+
+def fixed_point_inverse(
+    g: Callable[[Tensor], Tensor], y: Tensor, config: FixedPointConfig = FixedPointConfig()
+) -> FixedPointResult:
+    """Solve ``x + g(x) = y`` per sample (``g`` must act on each sample independently)."""
+    with torch.no_grad():
+        tol = config.atol + config.rtol * _flat_norm(y)
+        result = solve_fixed_point(lambda x, idx: y[idx] - g(x), y, tol, config)
+    _check_convergence(result, config, "fixed-point inverse", f"atol={config.atol}, rtol={config.rtol}")
+    if torch.is_grad_enabled() and _needs_gradient(g, y):
+        result.x = _attach_implicit_gradient(g, y, result.x, config)
+    return result

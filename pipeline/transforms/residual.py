@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from pipeline.layers.branches import branch_lipschitz_bound
+from pipeline.layers.spectral import frozen_power_iteration
 from pipeline.transforms.base import InverseReport, Transform
 from pipeline.transforms.inverse import FixedPointConfig, fixed_point_inverse
 from pipeline.transforms.logdet import LogDetEstimator, PowerSeriesLogDet
@@ -43,11 +44,14 @@ class InvertibleResidualBlock(Transform):
         return x + self.branch(x)
 
     def inverse(self, y: Tensor, *, report: InverseReport | None = None) -> Tensor:
-        result = fixed_point_inverse(self.branch, y, self.inverse_config)
+        # one fixed operator for the whole solve (and its implicit gradient), even in training mode
+        with frozen_power_iteration(self.branch):
+            result = fixed_point_inverse(self.branch, y, self.inverse_config)
         if report is not None:
             report.iterations.append(int(result.iterations.max()))
             report.max_residual.append(float(result.residual.max()))
             report.n_not_converged.append(int((~result.converged).sum()))
+            report.n_fallback.append(int(result.fell_back.sum()))
         return result.x
 
     def lipschitz_bound(self, *, method: str = "certified") -> float:

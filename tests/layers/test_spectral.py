@@ -109,3 +109,48 @@ def test_bad_coefficient_is_refused(coeff):
 def test_negative_power_iterations_are_refused():
     with pytest.raises(ValueError, match="n_power_iterations"):
         SpectralNormLinear(2, 2, n_power_iterations=-1)
+
+
+def test_power_iteration_runs_to_its_tolerance_and_is_warm_started(float64):
+    layer = SpectralNormConv2d(3, 4, 3, coeff=0.7, n_power_iterations=1, power_tol=1e-12, max_power_iterations=5000)
+    x = torch.randn(2, 3, 6, 6)
+    layer(x)  # first forward: initialisation (50 steps) plus the tolerance-driven update
+    first = layer.last_power_iterations
+    assert first > 1
+    sigma_dense = _dense_conv_norm(layer, layer.weight.detach())
+    assert float(layer.sigma) == pytest.approx(sigma_dense, rel=1e-8)
+    layer(x)  # the weight did not move: warm-started, one step meets the tolerance
+    assert layer.last_power_iterations == 1
+    with torch.no_grad():
+        layer.weight.add_(0.05 * torch.randn_like(layer.weight))
+    layer(x)
+    assert 1 < layer.last_power_iterations < first + 50
+    assert float(layer.sigma) == pytest.approx(_dense_conv_norm(layer, layer.weight.detach()), rel=1e-8)
+
+
+def test_a_fixed_number_of_iterations_without_tolerance(float64):
+    layer = SpectralNormLinear(5, 7, coeff=0.5, n_power_iterations=3)
+    layer(torch.randn(2, 5))
+    assert layer.last_power_iterations == 3
+
+
+def test_the_tolerance_loop_is_capped(float64):
+    layer = SpectralNormLinear(5, 7, coeff=0.5, n_power_iterations=1, power_tol=1e-300, max_power_iterations=7)
+    with torch.no_grad():
+        layer.weight.copy_(torch.eye(7, 5))  # a repeated top singular value: no gap, never meets 1e-300 exactly
+        layer.weight[0, 1] = 1e-3
+    layer(torch.randn(2, 5))
+    assert layer.last_power_iterations <= 7
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"power_tol": -1e-3}, "power_tol"),
+        ({"power_tol": 1e-3, "n_power_iterations": 0}, "power_tol > 0 needs"),
+        ({"n_power_iterations": 5, "max_power_iterations": 2}, "max_power_iterations"),
+    ],
+)
+def test_power_iteration_settings_are_validated(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SpectralNormLinear(2, 2, **kwargs)
