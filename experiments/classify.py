@@ -10,7 +10,6 @@ Every option left unset takes the preset's value.
 
 from __future__ import annotations
 
-import csv
 import logging
 import math
 import sys
@@ -30,7 +29,7 @@ from pipeline.diagnostics import certified_lipschitz, layer_operator_norms, reco
 from pipeline.models import ClassifierArchitecture, ResidualClassifier
 from pipeline.models.base import n_parameters
 from pipeline.plotting import new_figure, save_figure, save_image_grid
-from pipeline.tracking import PROJECT_ROOT, log_json, log_model, tracked_run
+from pipeline.tracking import PROJECT_ROOT, log_json, log_model, tracked_run, write_csv
 from pipeline.training.device import check_device_name, resolve_device
 from pipeline.training.loop import EpochHook, LoopConfig, fit
 from pipeline.training.schedule import linear_warmup, step_decay
@@ -63,6 +62,8 @@ class ClassifyConfig:
     activation: str = "elu"
     coeff: float = 0.9
     n_power_iterations: int = 1
+    power_tol: float = 0.0  # > 0: each step's power iteration runs to this relative change of sigma
+    inverse_method: str = "plain"  # or "anderson", for the reconstructions
     # optimisation
     optimizer: str = "sgd"
     lr: float = 0.1
@@ -116,6 +117,7 @@ class ClassifyConfig:
             raise ValueError(f"validation_fraction must be in [0, 1), got {self.validation_fraction}")
         check_device_name(self.device)
         self.architecture((1, 32, 32), 10)  # the library validates the rest (c in (0, 1), stages, ...)
+        self.inverse_config()
 
     def architecture(self, input_shape: tuple[int, int, int], num_classes: int) -> ClassifierArchitecture:
         vanilla = self.model != "iresnet"
@@ -130,8 +132,14 @@ class ClassifyConfig:
             activation=self.activation,
             coeff=None if vanilla else self.coeff,
             n_power_iterations=self.n_power_iterations,
+            power_tol=0.0 if vanilla else self.power_tol,
             norm="none" if self.model == "resnet-bn" else "actnorm",
             branch_batchnorm=self.model == "resnet-bn",
+        )
+
+    def inverse_config(self) -> FixedPointConfig:
+        return FixedPointConfig(
+            atol=self.inverse_tol, rtol=self.inverse_tol, max_iterations=200, method=self.inverse_method
         )
 
 
@@ -206,9 +214,7 @@ def run(cfg: ClassifyConfig, *, on_epoch_end: EpochHook | None = None) -> str:
 
     torch.manual_seed(cfg.seed)
     arch = cfg.architecture(data.shape, data.num_classes)
-    model = ResidualClassifier(
-        arch, inverse_config=FixedPointConfig(atol=cfg.inverse_tol, rtol=cfg.inverse_tol, max_iterations=200)
-    ).to(device)
+    model = ResidualClassifier(arch, inverse_config=cfg.inverse_config()).to(device)
     optimizer = _optimizer(cfg, model.parameters())
     steps_per_epoch = len(train_split) // cfg.batch_size
     if steps_per_epoch < 1:
@@ -287,18 +293,11 @@ def run(cfg: ClassifyConfig, *, on_epoch_end: EpochHook | None = None) -> str:
             state=state,
             evaluate=evaluate,
             checkpoint_extra={"config": asdict(cfg)},
-            on_epoch_end=on_epoch_end,
+            on_epoch_end=cli.chain_epoch_hooks(lambda epoch, _: cli.log_spectral_estimates(model, epoch), on_epoch_end),
         )
         _measure_invertibility(model, data.test, prepare, mean, std, cfg)
         log_model(model)
     return run_id
-
-
-def _write_csv(rows: list[dict], path: Path) -> None:
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
 
 
 @torch.no_grad()
@@ -312,7 +311,7 @@ def _measure_invertibility(
         out = Path(tmp)
         # Fig. 8: error after exactly k iterations per block
         curve = reconstruction_error_curve(model, x, cfg.recon_iterations)
-        _write_csv(curve, out / "reconstruction_vs_iterations.csv")
+        write_csv(curve, out / "reconstruction_vs_iterations.csv")
         for row in curve:
             value = row["rel_error_mean"]
             mlflow.log_metric("recon_rel_error_mean", value if math.isfinite(value) else 1e30, step=row["iterations"])
@@ -341,7 +340,7 @@ def _measure_invertibility(
         )
         # Fig. 6: certified largest singular value of every operator
         norms = layer_operator_norms(model)
-        _write_csv(norms, out / "layer_spectral_norms.csv")
+        write_csv(norms, out / "layer_spectral_norms.csv")
         fig, ax = new_figure(7, 4)
         ax.plot(range(len(norms)), [r["norm"] for r in norms], marker=".", linestyle="none")
         ax.axhline(1.0, color="k", linewidth=0.8)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 from collections.abc import Callable
-from dataclasses import asdict, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -17,11 +17,89 @@ from pipeline.data import DatasetNotFoundError
 from pipeline.logging_setup import setup_logging
 from pipeline.tracking import log_config, log_json, log_params_flat
 from pipeline.training.checkpoint import load_checkpoint
-from pipeline.training.loop import LoopState, restore
+from pipeline.training.loop import EpochHook, LoopState, restore
+from pipeline.transforms.logdet import (
+    ExactLogDet,
+    LogDetEstimator,
+    PowerSeriesLogDet,
+    RussianRouletteLogDet,
+)
 
 C = TypeVar("C")
 
 RESUME_OVERRIDABLE = ("epochs", "device", "progress", "checkpoint_dir")
+
+
+@dataclass(frozen=True)
+class EstimatorOptions:
+    """The log-det estimator of a run, as flat options (inherited by the density and toy configs).
+
+    ``estimator``: ``power_series`` (the paper: ``n_terms``, biased by the truncation),
+    ``russian_roulette`` (unbiased: ``n_exact_terms`` plus a ``roulette``-distributed number more) or
+    ``exact`` (brute force, low dimensions). ``gradient``: ``backprop`` through the series, or
+    ``neumann`` (memory-saving; same expected gradient). ``n_probes`` Hutchinson probes of kind ``probe``.
+    """
+
+    estimator: str = "power_series"
+    n_terms: int = 5
+    n_exact_terms: int = 2
+    roulette: str = "geometric"
+    roulette_p: float = 0.5
+    roulette_rate: float = 2.0
+    gradient: str = "backprop"
+    n_probes: int = 1
+    probe: str = "gaussian"
+
+    def __post_init__(self) -> None:
+        self.training_estimator()  # validates every option (the library raises with a clear message)
+
+    def training_estimator(self) -> LogDetEstimator:
+        series = dict(n_probes=self.n_probes, probe=self.probe, gradient=self.gradient)
+        if self.estimator == "power_series":
+            return PowerSeriesLogDet(n_terms=self.n_terms, **series)
+        if self.estimator == "russian_roulette":
+            return RussianRouletteLogDet(
+                n_exact_terms=self.n_exact_terms,
+                distribution=self.roulette,
+                p=self.roulette_p,
+                rate=self.roulette_rate,
+                **series,
+            )
+        if self.estimator == "exact":
+            return ExactLogDet()
+        raise ValueError(
+            f"unknown log-det estimator {self.estimator!r}; choose power_series, russian_roulette or exact"
+        )
+
+
+def chain_epoch_hooks(*hooks: EpochHook | None) -> EpochHook:
+    """One ``on_epoch_end`` that calls each hook given (``None`` skipped), in order."""
+
+    def call(epoch: int, metrics: dict[str, float]) -> None:
+        for hook in hooks:
+            if hook is not None:
+                hook(epoch, metrics)
+
+    return call
+
+
+def log_spectral_estimates(model: Any, epoch: int) -> None:
+    """Log every spectrally normalised layer's power-iteration estimate (and the steps it took) at ``epoch``."""
+    import mlflow
+
+    from pipeline.diagnostics import spectral_estimates
+
+    rows = spectral_estimates(model)
+    if not rows:  # a vanilla network
+        return
+    metrics = {f"sigma/b{r['block']:03d}_l{r['layer']}": r["sigma"] for r in rows}
+    steps = [r["power_iterations"] for r in rows]
+    metrics |= {
+        "sigma_max": max(r["sigma"] for r in rows),
+        "power_iterations_mean": sum(steps) / len(steps),
+        "power_iterations_max": max(steps),
+    }
+    mlflow.log_metrics(metrics, step=epoch)
 
 
 def _optional(kind: type) -> Callable[[str], Any]:

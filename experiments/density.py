@@ -27,24 +27,28 @@ from pipeline.data import (
     load_dataset,
     pad_images,
 )
+from pipeline.diagnostics import logdet_variance_report, total_logdet_std_bits_per_dim
 from pipeline.evaluation import EvalProtocol, diagonal_gaussian_baseline_bits_per_dim, evaluate_bits_per_dim
 from pipeline.metrics import bits_per_dim
 from pipeline.models import FlowArchitecture, IResNetFlow
 from pipeline.models.base import n_parameters
 from pipeline.plotting import new_figure, save_figure, save_image_grid
-from pipeline.tracking import PROJECT_ROOT, log_json, log_model, tracked_run
+from pipeline.tracking import PROJECT_ROOT, log_json, log_model, tracked_run, write_csv
 from pipeline.training.device import check_device_name, resolve_device
 from pipeline.training.loop import EpochHook, LoopConfig, fit
 from pipeline.training.schedule import linear_warmup
-from pipeline.transforms import FixedPointConfig, InverseReport, make_estimator
-from pipeline.transforms.logdet import LogDetEstimator
+from pipeline.transforms import FixedPointConfig, InverseReport
 
 log = logging.getLogger("experiments.density")
 
 
 @dataclass(frozen=True)
-class DensityConfig:
-    """Everything a density run needs; validated in one place (``__post_init__``)."""
+class DensityConfig(cli.EstimatorOptions):
+    """Everything a density run needs; validated in one place (``__post_init__``).
+
+    The training log-det estimator's options (``estimator``, ``n_terms``, ``gradient``, ...) come from
+    :class:`experiments.cli.EstimatorOptions`.
+    """
 
     preset: str = "quick"
     # data
@@ -58,12 +62,9 @@ class DensityConfig:
     hidden_channels: tuple[int, ...] = (32,)  # one width for every level, or one per level
     coeff: float = 0.9
     n_power_iterations: int = 5
+    power_tol: float = 0.0  # > 0: each step's power iteration runs to this relative change of sigma
     activation: str = "elu"
-    # log-det estimator used for training
-    estimator: str = "power_series"
-    n_terms: int = 5
-    n_probes: int = 1
-    probe: str = "gaussian"
+    inverse_method: str = "plain"  # or "anderson" (same tolerance, fewer evaluations of g)
     # optimisation
     epochs: int = 10
     batch_size: int = 64
@@ -83,6 +84,7 @@ class DensityConfig:
     n_samples: int = 64
     sample_temperature: float = 1.0
     inverse_tol: float = 1e-6
+    variance_repeats: int = 16  # per-block log-det variance report at the end (0: off)
     # bookkeeping
     experiment_name: str = "density"
     run_name: str | None = None
@@ -101,7 +103,10 @@ class DensityConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("pad", "warmup_steps", "eval_every", "eval_max_images"):
+        super().__post_init__()  # the estimator options
+        if self.variance_repeats == 1:
+            raise ValueError("variance_repeats must be 0 (off) or >= 2 (a spread needs two draws)")
+        for name in ("pad", "warmup_steps", "eval_every", "eval_max_images", "variance_repeats"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0.0 <= self.validation_fraction < 1.0:
@@ -116,9 +121,8 @@ class DensityConfig:
             raise ValueError(f"inverse_tol must be > 0, got {self.inverse_tol}")
         # the library validates its own pieces; building them here fails before any run starts
         self.architecture((1, 2 ** len(self.n_blocks), 2 ** len(self.n_blocks)))
-        self.training_estimator()
         self.protocol()
-        FixedPointConfig(atol=self.inverse_tol, rtol=self.inverse_tol)
+        self.inverse_config()
         check_device_name(self.device)
 
     def architecture(self, input_shape: tuple[int, int, int]) -> FlowArchitecture:
@@ -129,12 +133,13 @@ class DensityConfig:
             activation=self.activation,
             coeff=self.coeff,
             n_power_iterations=self.n_power_iterations,
+            power_tol=self.power_tol,
         )
 
-    def training_estimator(self) -> LogDetEstimator:
-        if self.estimator == "power_series":
-            return make_estimator("power_series", n_terms=self.n_terms, n_probes=self.n_probes, probe=self.probe)
-        return make_estimator(self.estimator)
+    def inverse_config(self) -> FixedPointConfig:
+        return FixedPointConfig(
+            atol=self.inverse_tol, rtol=self.inverse_tol, max_iterations=200, method=self.inverse_method
+        )
 
     def protocol(self) -> EvalProtocol:
         return EvalProtocol(bias_tol=self.bias_tol, se_tol=self.se_tol, max_passes=self.max_passes)
@@ -215,8 +220,7 @@ def run(cfg: DensityConfig, *, on_epoch_end: EpochHook | None = None) -> str:
 
     torch.manual_seed(cfg.seed)
     arch = cfg.architecture(_input_shape(data.train, cfg.pad))
-    inverse_config = FixedPointConfig(atol=cfg.inverse_tol, rtol=cfg.inverse_tol, max_iterations=200)
-    model = IResNetFlow(arch, estimator=cfg.training_estimator(), inverse_config=inverse_config).to(device)
+    model = IResNetFlow(arch, estimator=cfg.training_estimator(), inverse_config=cfg.inverse_config()).to(device)
     optimizer = torch.optim.Adamax(model.parameters(), lr=cfg.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_warmup(cfg.warmup_steps))
     n_levels, pad = data.n_levels, cfg.pad
@@ -293,7 +297,7 @@ def run(cfg: DensityConfig, *, on_epoch_end: EpochHook | None = None) -> str:
             state=state,
             evaluate=evaluate,
             checkpoint_extra={"config": asdict(cfg)},
-            on_epoch_end=on_epoch_end,
+            on_epoch_end=cli.chain_epoch_hooks(lambda epoch, _: cli.log_spectral_estimates(model, epoch), on_epoch_end),
         )
         _log_final_artifacts(model, data.test, prepare, cfg, run_id, len(train_split) // cfg.batch_size)
     return run_id
@@ -335,6 +339,15 @@ def _log_final_artifacts(  # noqa: ANN001
             "lipschitz.json",
         )
         mlflow.log_metric("max_block_lipschitz_certified", max(lips))
+        if cfg.variance_repeats:  # how noisy the training log-det is, block by block
+            rows = logdet_variance_report(model, x[:16], cfg.training_estimator(), n_repeats=cfg.variance_repeats)
+            write_csv(rows, out / "logdet_variance.csv")
+            mlflow.log_metrics(
+                {
+                    "train_logdet_std_bpd": total_logdet_std_bits_per_dim(rows),
+                    "train_logdet_std_bpd_max_block": max(r["std_bits_per_dim"] for r in rows),
+                }
+            )
         mlflow.log_artifacts(str(out))
     log_model(model)
 

@@ -10,7 +10,6 @@ Models come from :data:`TOY_MODELS` (a name -> builder registry), so another flo
 
 from __future__ import annotations
 
-import csv
 import logging
 import math
 import sys
@@ -31,16 +30,24 @@ from pipeline.models import VECTOR_FLOW_PRESETS, FlowModel, vector_flow
 from pipeline.models.base import n_parameters
 from pipeline.models.glow import matched_glow
 from pipeline.plotting import new_figure, save_figure
-from pipeline.tracking import PROJECT_ROOT, log_config, log_json, tracked_run
+from pipeline.tracking import PROJECT_ROOT, log_config, log_json, tracked_run, write_csv
 from pipeline.training.device import resolve_device
 from pipeline.training.loop import LoopConfig, fit
-from pipeline.transforms import InvertibleResidualBlock
+from pipeline.transforms import ExactLogDet, InvertibleResidualBlock
 
 log = logging.getLogger("experiments.toy")
 
+EXACT = ExactLogDet()  # evaluation: the exact 2-D log-det, whatever estimator trained the model
+
 
 @dataclass(frozen=True)
-class ToyConfig:
+class ToyConfig(cli.EstimatorOptions):
+    """The toy run; the i-ResNet's training log-det options come from :class:`experiments.cli.EstimatorOptions`.
+
+    Test NLLs and plotted densities always use the exact 2-D log-det, whatever the training estimator.
+    """
+
+    estimator: str = "exact"  # brute force is cheap in 2-D (the paper); any estimator can train instead
     preset: str = "quick"
     datasets: str = "8gaussians"  # comma-separated names, or "all"
     models: str = "glow,iresnet"  # comma-separated names from TOY_MODELS
@@ -79,6 +86,7 @@ class ToyConfig:
         return names
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         self.dataset_names()
         self.model_names()
         if self.architecture not in VECTOR_FLOW_PRESETS:
@@ -103,7 +111,7 @@ class ToyConfig:
 
 
 def _iresnet(cfg: ToyConfig) -> FlowModel:
-    return vector_flow(cfg.architecture, coeff=cfg.coeff)
+    return vector_flow(cfg.architecture, coeff=cfg.coeff, estimator=cfg.training_estimator())
 
 
 TOY_MODELS: dict[str, Callable[[ToyConfig], FlowModel]] = {
@@ -128,7 +136,7 @@ def density_grid(model: FlowModel, limit: float, size: int, device: torch.device
     points = torch.stack([xx.reshape(-1), yy.reshape(-1)], dim=1)
     model.eval()
     with torch.no_grad():
-        log_p = torch.cat([model.log_prob(chunk) for chunk in points.split(4096)])
+        log_p = torch.cat([model.log_prob(chunk, estimator=EXACT) for chunk in points.split(4096)])
     return coords.cpu().numpy(), log_p.exp().reshape(size, size).cpu().numpy()
 
 
@@ -252,7 +260,7 @@ def run(cfg: ToyConfig) -> str:
                     model, dataset, cfg, device, prefix, Path(cfg.checkpoint_dir) / run_id / f"{dataset}-{name}.pt"
                 )
                 with torch.no_grad():
-                    nll = float(-model.log_prob(test).mean())
+                    nll = float(-model.log_prob(test, estimator=EXACT).mean())
                     samples = model.sample(cfg.n_samples).cpu().numpy()
                 coords, density = density_grid(model, cfg.grid_limit, cfg.grid_size, device)
                 mass = grid_mass(coords, density)
@@ -288,10 +296,7 @@ def run(cfg: ToyConfig) -> str:
                 ax.set_yticks([])
                 ax.set_aspect("equal")
         save_figure(fig, out / "fig2_densities.png")
-        with open(out / "test_nll.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
+        write_csv(rows, out / "test_nll.csv")
         if cfg.dynamics:
             mlflow.log_metrics(_dynamics_figure(cfg, device, out))
         log_json(asdict(cfg), "config.json")

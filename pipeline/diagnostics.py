@@ -6,6 +6,8 @@
   every residual branch (Fig. 6).
 * :func:`certified_lipschitz`: per-block certified ``Lip(g)`` and whether all are below one,
   i.e. whether the network is *certified* invertible.
+* :func:`spectral_estimates`: every layer's power-iteration estimate and the steps it took.
+* :func:`logdet_variance_report`: per-block spread of a stochastic log-det estimator.
 """
 
 from __future__ import annotations
@@ -77,6 +79,30 @@ def layer_operator_norms(model: nn.Module, *, method: str = "certified") -> list
                     "norm": layer_operator_norm(layer, method=method, input_hw=input_hw),
                 }
             )
+    return rows
+
+
+def spectral_estimates(model: nn.Module) -> list[dict]:
+    """The power-iteration state of every spectrally normalised layer of every residual branch.
+
+    ``sigma`` is the running estimate of the raw weight's operator norm (the layer applies
+    ``W * min(1, c / sigma)``), ``power_iterations`` the steps its last training forward took.
+    """
+    from pipeline.layers.spectral import SPECTRAL_LAYERS
+
+    rows = []
+    for i, block in enumerate(_blocks(model)):
+        for j, layer in enumerate(branch_linear_layers(block.branch)):
+            if isinstance(layer, SPECTRAL_LAYERS):
+                rows.append(
+                    {
+                        "block": i,
+                        "layer": j,
+                        "sigma": float(layer.sigma),
+                        "coeff": layer.coeff,
+                        "power_iterations": layer.last_power_iterations,
+                    }
+                )
     return rows
 
 

@@ -114,6 +114,16 @@ def tracked_run(
         mlflow.end_run(status="FINISHED")
 
 
+def write_csv(rows: list[dict], path: Path) -> None:
+    """Rows (dicts with the same keys) as a CSV file with a header, for an artifact folder."""
+    import csv
+
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
 def log_json(obj: Any, artifact_file: str) -> None:
     mlflow.log_text(json.dumps(obj, indent=2, sort_keys=True, default=str), artifact_file)
 

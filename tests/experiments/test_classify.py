@@ -89,6 +89,17 @@ def test_briefly_trained_iresnet_reconstructs_and_is_certified(store):
     assert run.data.metrics["test_error"] < 90  # it learned something in two epochs
 
 
+def test_power_tolerance_and_anderson_reconstructions(store):
+    cfg = classify.config_from_preset(
+        "quick", **TINY, power_tol=1e-3, inverse_method="anderson", checkpoint_dir=str(store / "ckpt")
+    )
+    run = MlflowClient().get_run(classify.run(cfg))
+    m = run.data.metrics
+    assert run.info.status == "FINISHED" and run.data.params["config.inverse_method"] == "anderson"
+    assert m["recon_inverse_not_converged"] == 0 and m["recon_rel_error_max"] < 1e-4
+    assert m["power_iterations_mean"] >= 1 and any(k.startswith("sigma/b") for k in m)
+
+
 def test_classify_resume_reproduces_an_uninterrupted_run(store, crash_after_epoch):
     cfg = classify.config_from_preset("quick", **TINY, model="resnet-bn", checkpoint_dir=str(store / "ckpt"))
     straight = classify.run(cfg)

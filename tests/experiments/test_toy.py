@@ -72,3 +72,24 @@ def test_density_grid_of_an_untrained_flow_integrates_to_one():
 def test_bad_toy_configuration_is_refused(kw, message):
     with pytest.raises(ValueError, match=message):
         toy.config_from_preset("quick", **kw)
+
+
+def test_toy_trains_with_the_unbiased_estimator_and_evaluates_exactly(store):
+    cfg = toy.config_from_preset(
+        "quick",
+        **{**TINY, "dynamics": False},
+        models="iresnet",
+        estimator="russian_roulette",
+        gradient="neumann",
+        checkpoint_dir=str(store / "ckpt"),
+    )
+    run = MlflowClient().get_run(toy.run(cfg))
+    assert run.info.status == "FINISHED" and run.data.params["config.estimator"] == "russian_roulette"
+    m = run.data.metrics
+    assert m["8gaussians/iresnet/grid_mass"] == pytest.approx(1.0, abs=0.03)  # exact densities integrate to 1
+    assert m["8gaussians/iresnet/test_nll"] < 10
+
+
+def test_toy_refuses_a_bad_estimator():
+    with pytest.raises(ValueError, match="unknown log-det estimator"):
+        toy.config_from_preset("quick", estimator="neumann")
