@@ -1,15 +1,20 @@
-"""Training-step time and peak memory: vanilla ResNet vs i-ResNet classifier vs i-ResNet flow.
+"""Training-step time and memory: vanilla ResNet vs i-ResNet classifier vs i-ResNet flow (with each log-det option).
 
     python -m benchmarks.step_time                       # CPU-sized defaults, current device
     python -m benchmarks.step_time --device cuda --image 3 32 32 --blocks 7 7 7 --hidden 32 64 128 --batch 128
     python -m benchmarks.step_time --json results.json
 
 Every case uses the same residual stages (blocks and bottleneck widths per stage), the same input and
-the same batch; each runs in a fresh subprocess so peak memory is its own. Ratios are to case (a).
+the same batch; each runs in a fresh subprocess so its memory is its own. Ratios are to case (a).
 The flow's levels factor out half their channels, so its later stages carry fewer channels than
 the classifier's: the comparison is of the same blocks, bottleneck widths and batch, not of
-identical FLOPs. Peak memory is CUDA's peak allocation on a GPU and the process's peak RSS on CPU
-(which includes the PyTorch runtime); ``+MiB`` is the growth during the timed steps.
+identical FLOPs. Memory: ``peak`` is CUDA's peak allocation on a GPU and the process's peak RSS on
+CPU (which includes the PyTorch runtime); ``+MiB`` is the growth from before the first step to the
+peak (activations, graphs, gradients and optimizer state), the number the memory targets compare.
+
+The issue's targets, each a ratio measured in the same run, are printed below the table:
+i-ResNet / ResNet classifier step <= 1.3; 5-term flow step / classifier step <= 3; memory growth of
+a flow step with the memory-saving (Neumann) gradient / without it (backprop through 5 terms) <= 0.5.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from pipeline.logging_setup import setup_logging
 from pipeline.models import ClassifierArchitecture, FlowArchitecture, IResNetFlow, ResidualClassifier
 from pipeline.models.base import n_parameters
 from pipeline.training.device import resolve_device
-from pipeline.transforms import PowerSeriesLogDet
+from pipeline.transforms import LogDetEstimator, PowerSeriesLogDet, RussianRouletteLogDet
 
 log = logging.getLogger("benchmarks.step_time")
 
@@ -39,15 +44,50 @@ log = logging.getLogger("benchmarks.step_time")
 class Case:
     name: str
     kind: str  # "resnet", "iresnet", "flow"
-    n_terms: int = 0
+    estimator: LogDetEstimator | None = None
 
 
 CASES = [
     Case("(a) vanilla ResNet", "resnet"),
     Case("(b) i-ResNet classifier", "iresnet"),
-    Case("(c) i-ResNet flow, 1 term", "flow", 1),
-    Case("(c) i-ResNet flow, 5 terms", "flow", 5),
-    Case("(c) i-ResNet flow, 10 terms", "flow", 10),
+    Case("(c) flow, 1 term", "flow", PowerSeriesLogDet(n_terms=1)),
+    Case("(c) flow, 5 terms, backprop", "flow", PowerSeriesLogDet(n_terms=5)),
+    Case("(c) flow, 5 terms, Neumann", "flow", PowerSeriesLogDet(n_terms=5, gradient="neumann")),
+    Case("(c) flow, 10 terms, backprop", "flow", PowerSeriesLogDet(n_terms=10)),
+    Case("(c) flow, 10 terms, Neumann", "flow", PowerSeriesLogDet(n_terms=10, gradient="neumann")),
+    Case("(d) flow, roulette, Neumann", "flow", RussianRouletteLogDet(n_exact_terms=2, gradient="neumann")),
+]
+# (name, numerator case, denominator case, quantity, target): the issue's acceptance ratios
+TARGETS = [
+    ("i-ResNet / ResNet classifier step", "(b) i-ResNet classifier", "(a) vanilla ResNet", "seconds_per_step", 1.3),
+    (
+        "5-term flow (Neumann) / classifier step",
+        "(c) flow, 5 terms, Neumann",
+        "(b) i-ResNet classifier",
+        "seconds_per_step",
+        3.0,
+    ),
+    (
+        "5-term flow (backprop) / classifier step",
+        "(c) flow, 5 terms, backprop",
+        "(b) i-ResNet classifier",
+        "seconds_per_step",
+        None,
+    ),
+    (
+        "memory, Neumann / backprop (5 terms)",
+        "(c) flow, 5 terms, Neumann",
+        "(c) flow, 5 terms, backprop",
+        "memory_above_start_mib",
+        0.5,
+    ),
+    (
+        "memory, Neumann / backprop (10 terms)",
+        "(c) flow, 10 terms, Neumann",
+        "(c) flow, 10 terms, backprop",
+        "memory_above_start_mib",
+        0.5,
+    ),
 ]
 
 
@@ -68,7 +108,7 @@ def _measure(case: Case, args: dict, queue) -> None:  # noqa: ANN001
         arch = FlowArchitecture(
             input_shape=shape, n_blocks=blocks, hidden_channels=hidden, n_power_iterations=args["power_iterations"]
         )
-        model = IResNetFlow(arch, estimator=PowerSeriesLogDet(n_terms=case.n_terms)).to(device)
+        model = IResNetFlow(arch, estimator=case.estimator).to(device)
 
         def loss_fn():  # noqa: ANN202
             return -model.log_prob(x).mean()
@@ -97,14 +137,15 @@ def _measure(case: Case, args: dict, queue) -> None:  # noqa: ANN001
         loss_fn().backward()
         optimizer.step()
 
-    for _ in range(args["warmup"]):
-        step()
     sync()
-    if device.type == "cuda":
+    if device.type == "cuda":  # before the first step: parameters and inputs only
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated() / 2**20
     else:
         base = _current_rss_mib()
+    for _ in range(args["warmup"]):
+        step()
+    sync()
     times = []
     for _ in range(args["steps"]):
         start = time.perf_counter()
@@ -139,22 +180,39 @@ def run(args: dict) -> list[dict]:
         proc.join()
         results.append(result)
         log.info("%s: %.3f s/step", case.name, result["seconds_per_step"])
-    ref_time, ref_mem = results[0]["seconds_per_step"], results[0]["peak_memory_mib"]
+    ref_time, ref_mem = results[0]["seconds_per_step"], results[0]["memory_above_start_mib"]
     for r in results:
         r["time_ratio"] = r["seconds_per_step"] / ref_time
-        r["memory_ratio"] = r["peak_memory_mib"] / ref_mem
+        r["memory_ratio"] = r["memory_above_start_mib"] / ref_mem
     return results
 
 
-def format_table(results: list[dict]) -> str:
-    header = f"{'case':32} {'s/step':>8} {'img/s':>8} {'x time':>7} {'peak MiB':>9} {'+MiB':>7} {'x mem':>6}"
+def check_targets(results: list[dict]) -> list[dict]:
+    """The issue's ratios, each from this run's own measurements."""
+    by_name = {r["case"]: r for r in results}
+    rows = []
+    for name, numerator, denominator, quantity, target in TARGETS:
+        ratio = by_name[numerator][quantity] / by_name[denominator][quantity]
+        rows.append(
+            {"ratio": name, "value": ratio, "target": target, "met": None if target is None else ratio <= target}
+        )
+    return rows
+
+
+def format_table(results: list[dict], targets: list[dict]) -> str:
+    header = f"{'case':32} {'s/step':>8} {'img/s':>8} {'x time':>7} {'peak MiB':>9} {'+MiB':>7} {'x +MiB':>7}"
     rows = [header, "-" * len(header)]
     for r in results:
         rows.append(
             f"{r['case']:32} {r['seconds_per_step']:8.3f} {r['images_per_second']:8.1f} "
             f"{r['time_ratio']:7.2f} {r['peak_memory_mib']:9.0f} {r['memory_above_start_mib']:7.0f} "
-            f"{r['memory_ratio']:6.2f}"
+            f"{r['memory_ratio']:7.2f}"
         )
+    rows += ["", f"{'target ratio':42} {'value':>7} {'target':>7}  met"]
+    for t in targets:
+        target = "-" if t["target"] is None else f"<= {t['target']:g}"
+        met = "-" if t["met"] is None else ("yes" if t["met"] else "NO")
+        rows.append(f"{t['ratio']:42} {t['value']:7.2f} {target:>7}  {met}")
     return "\n".join(rows)
 
 
@@ -175,10 +233,11 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--blocks and --hidden need one value per stage")
     setup_logging()
     results = run(args)
-    print(format_table(results))  # noqa: T201 - the table is this script's output
+    targets = check_targets(results)
+    print(format_table(results, targets))  # noqa: T201 - the table is this script's output
     if args["json"]:
         with open(args["json"], "w") as f:
-            json.dump({"config": args, "results": results}, f, indent=2)
+            json.dump({"config": args, "results": results, "targets": targets}, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -90,8 +90,8 @@ def _anderson_mix(xs: Tensor, fs: Tensor, config: FixedPointConfig) -> Tensor:
     ``a`` minimises ``||sum_j a_j (f_j - x_j)||`` subject to ``sum_j a_j = 1``: ``a = H^{-1} 1 / 1^T H^{-1} 1``
     with ``H`` the (regularised) Gram matrix of the residuals, solved in float64 (it is n x n).
     """
-    residuals = (fs - xs).double()
-    gram = residuals @ residuals.transpose(1, 2)
+    residuals = fs - xs
+    gram = (residuals @ residuals.transpose(1, 2)).double()  # n x n: the solve is cheap in float64
     n = gram.shape[-1]
     scale = gram.diagonal(dim1=1, dim2=2).amax(dim=1).clamp_min(torch.finfo(torch.float64).tiny)
     eye = torch.eye(n, dtype=gram.dtype, device=gram.device)
@@ -105,9 +105,11 @@ def _anderson_mix(xs: Tensor, fs: Tensor, config: FixedPointConfig) -> Tensor:
 
 @torch.no_grad()
 def solve_fixed_point(
-    step: Callable[[Tensor, Tensor], Tensor], x0: Tensor, tol: Tensor, config: FixedPointConfig
+    step: Callable[[Tensor, Tensor | slice], Tensor], x0: Tensor, tol: Tensor, config: FixedPointConfig
 ) -> FixedPointResult:
     """Solve ``x = T(x)`` per sample, with ``step(x_active, idx) = T(x)`` for the samples ``idx`` of the batch.
+
+    ``idx`` indexes the batch dimension: an index tensor, or ``slice(None)`` while every sample is active.
 
     ``tol`` is the per-sample tolerance on the residual ``||T(x) - x||``. Converged samples drop out of
     the batch, so ``step`` is only evaluated on the ones still iterating.
@@ -127,35 +129,38 @@ def solve_fixed_point(
     def column(mask: Tensor) -> Tensor:
         return mask.reshape(-1, *[1] * (x0.dim() - 1))
 
+    everyone = torch.arange(batch, device=x0.device)
     for it in range(config.max_iterations):
-        idx = active.nonzero(as_tuple=True)[0]
+        # while no sample has converged, index with a slice (views, no gathers): the common case
+        idx = everyone if bool(active.all()) else active.nonzero(as_tuple=True)[0]
         if idx.numel() == 0:
             break
-        x_act = x[idx]
-        f_act = step(x_act, idx)
+        sel = slice(None) if idx is everyone else idx
+        x_act = x[sel]
+        f_act = step(x_act, sel)
         res = _flat_norm(f_act - x_act)
-        iterations[idx] += 1
-        done = res <= tol[idx]
+        iterations[sel] += 1
+        done = res <= tol[sel]
         if anderson:
-            improved = res < residual[idx]
-            residual[idx] = torch.where(improved, res, residual[idx])
-            best_x[idx] = torch.where(column(improved), x_act, best_x[idx])
-            best_f[idx] = torch.where(column(improved), f_act, best_f[idx])
-            since_best[idx] = torch.where(improved, 0, since_best[idx] + 1)
+            improved = res < residual[sel]
+            residual[sel] = torch.where(improved, res, residual[sel])
+            best_x[sel] = torch.where(column(improved), x_act, best_x[sel])
+            best_f[sel] = torch.where(column(improved), f_act, best_f[sel])
+            since_best[sel] = torch.where(improved, 0, since_best[sel] + 1)
             slot, n = it % m, min(it + 1, m)
-            xs[idx, slot], fs[idx, slot] = x_act.flatten(1), f_act.flatten(1)
-            mixed = _anderson_mix(xs[idx, :n], fs[idx, :n], config).reshape(x_act.shape)
-            stalled = (since_best[idx] >= config.stall_iterations) | ~torch.isfinite(mixed.flatten(1)).all(dim=1)
-            newly = stalled & ~fell_back[idx]
-            fell_back[idx] |= stalled
-            proposal = torch.where(column(fell_back[idx]), f_act, mixed)
+            xs[sel, slot], fs[sel, slot] = x_act.flatten(1), f_act.flatten(1)
+            mixed = _anderson_mix(xs[sel, :n], fs[sel, :n], config).reshape(x_act.shape)
+            stalled = (since_best[sel] >= config.stall_iterations) | ~torch.isfinite(mixed.flatten(1)).all(dim=1)
+            newly = stalled & ~fell_back[sel]
+            fell_back[sel] |= stalled
+            proposal = torch.where(column(fell_back[sel]), f_act, mixed)
             # a sample that has just stalled restarts the plain iteration from its best point
-            proposal = torch.where(column(newly), best_f[idx], proposal)
+            proposal = torch.where(column(newly), best_f[sel], proposal)
         else:
-            residual[idx] = res
+            residual[sel] = res
             proposal = f_act
         # converged samples keep the iterate whose residual was measured; the others step on
-        x[idx] = torch.where(column(done), x_act, proposal)
+        x[sel] = torch.where(column(done), x_act, proposal)
         active[idx[done]] = False
     if active.any():  # out of iterations: measure the last proposal too
         idx = active.nonzero(as_tuple=True)[0]
@@ -199,7 +204,7 @@ def _attach_implicit_gradient(g: Callable[[Tensor], Tensor], y: Tensor, x: Tenso
     step_out = y - gz  # d/dy = I, d/dθ = -dg/dθ; the hook turns its incoming v into (I + J)^{-T} v
 
     def adjoint(v: Tensor) -> Tensor:
-        def step(u: Tensor, idx: Tensor) -> Tensor:
+        def step(u: Tensor, idx: Tensor | slice) -> Tensor:
             full = torch.zeros_like(v)
             full[idx] = u
             (jtu,) = torch.autograd.grad(gz, z, full, retain_graph=True)

@@ -1,0 +1,389 @@
+"""Against the peers, on one machine in one run: normflows (``Residual``) and FrEIA (``IResNetLayer``).
+
+    pip install -e '.[bench]'                  # the peers, pinned
+    python -m benchmarks.peers                 # 2-D toy (8gaussians), 10 blocks of 2-64-64-64-2, c = 0.9
+    python -m benchmarks.peers --steps 1000 --device cuda --json peers.json
+
+Every row trains the same architecture on the same stream of 2-D samples (same seed, batch, Adam
+learning rate and number of steps): ``--blocks`` residual blocks whose branch is an MLP
+``2-64-64-64-2`` with each linear map spectrally normalised to ``c``, a standard-normal base, no
+ActNorm. Each peer is paired with our library configured the same way:
+
+* FrEIA's ``IResNetLayer``: ELU, truncated series with ``--terms`` terms and Rademacher probes,
+  Lipschitz correction after every optimizer step. Its log-det is computed without a graph, so its
+  training gradient ignores the log-det (FrEIA 0.2): the ``logdet grad`` column says so.
+* normflows' ``Residual`` (Residual Flows' code): pre-activation LipSwish, 5 power iterations per
+  step (``update_lipschitz`` after every optimizer step, as the library requires), unbiased Russian
+  roulette (geometric p = 0.5, 2 exact terms) with the Neumann gradient computed in the forward
+  pass; also with its exact 2-D log-det (``brute_force``).
+
+Columns: median step time; memory growth from before the first step to the peak (CUDA allocations,
+or the process's RSS on CPU; each row runs in its own process); the test NLL after training, in nats,
+from the *exact* 2-D log-det of each library's own forward map (the same harness for all); the error
+of each library's training log-det estimate against that exact value (mean and mean absolute, nats,
+in training mode); and each library's inverse on the test latents: max absolute error and time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import multiprocessing as mp
+import resource
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from pipeline.data.toy import sample_toy
+from pipeline.layers.branches import mlp_branch
+from pipeline.logging_setup import setup_logging
+from pipeline.training.device import resolve_device
+from pipeline.transforms import (
+    ExactLogDet,
+    FixedPointConfig,
+    InvertibleResidualBlock,
+    LogDetEstimator,
+    PowerSeriesLogDet,
+    RussianRouletteLogDet,
+    TransformSequence,
+)
+
+log = logging.getLogger("benchmarks.peers")
+
+_LOG_2PI = math.log(2 * math.pi)
+
+
+def standard_normal_log_prob(z: Tensor) -> Tensor:
+    return -0.5 * (z**2 + _LOG_2PI).sum(dim=1)
+
+
+def exact_log_prob(forward_map: Callable[[Tensor], Tensor], x: Tensor) -> tuple[Tensor, Tensor]:
+    """``log p(x)`` and ``log|det J|`` of a 2-D flow from its forward map alone (brute-force Jacobian)."""
+    x = x.detach().requires_grad_(True)
+    with torch.enable_grad():
+        z = forward_map(x)
+        rows = [torch.autograd.grad(z[:, i].sum(), x, retain_graph=True)[0] for i in range(2)]
+    jac = torch.stack(rows, dim=1)  # (B, 2, 2)
+    logdet = torch.log(torch.abs(jac[:, 0, 0] * jac[:, 1, 1] - jac[:, 0, 1] * jac[:, 1, 0]))
+    return (standard_normal_log_prob(z.detach()) + logdet).detach(), logdet.detach()
+
+
+@dataclass
+class Adapter:
+    """One library's flow behind a common interface."""
+
+    module: nn.Module
+    loss: Callable[[Tensor], Tensor]  # training NLL (mean), with the library's own estimator
+    logdet_estimate: Callable[[Tensor], Tensor]  # the library's training estimate, per sample
+    forward_map: Callable[[Tensor], Tensor]  # x -> z, to check everything against the exact log-det
+    invert: Callable[[Tensor], Tensor]  # z -> x, the library's own inverse
+    after_step: Callable[[], None] = field(default=lambda: None)
+    logdet_gradient: bool = True  # does the training loss differentiate through the log-det?
+
+
+# --- ours ---------------------------------------------------------------------------------------------
+def ours(args: dict, activation: str, preactivation: bool, estimator: LogDetEstimator, method: str) -> Adapter:
+    blocks = [
+        InvertibleResidualBlock(
+            mlp_branch(
+                2,
+                (args["width"],) * 3,
+                activation=activation,
+                coeff=args["coeff"],
+                n_power_iterations=args["power_iterations"],
+                preactivation=preactivation,
+            ),
+            estimator=estimator,
+            inverse_config=FixedPointConfig(atol=1e-6, rtol=1e-6, max_iterations=1000, method=method),
+        )
+        for _ in range(args["blocks"])
+    ]
+    flow = TransformSequence(*blocks)
+
+    def loss(x: Tensor) -> Tensor:
+        z, logdet = flow(x)
+        return -(standard_normal_log_prob(z) + logdet).mean()
+
+    return Adapter(
+        module=flow,
+        loss=loss,
+        logdet_estimate=lambda x: flow(x)[1],
+        forward_map=flow.map,
+        invert=flow.inverse,
+    )
+
+
+# --- FrEIA ----------------------------------------------------------------------------------------------
+def freia(args: dict) -> Adapter:
+    from FrEIA.modules import IResNetLayer
+
+    layers = nn.ModuleList(
+        IResNetLayer(
+            [(2,)],
+            internal_size=args["width"],
+            n_internal_layers=2,  # 2 -> 64 -> 64 -> 64 -> 2
+            jacobian_iterations=args["terms"],
+            hutchinson_samples=1,
+            fixed_point_iterations=50,
+            spectral_norm_max=args["coeff"],
+        )
+        for _ in range(args["blocks"])
+    )
+    for layer in layers:
+        layer.lipschitz_correction()
+
+    def forward(x: Tensor) -> tuple[Tensor, Tensor]:
+        logdet = x.new_zeros(x.shape[0])
+        for layer in layers:
+            (x,), jac = layer([x])
+            logdet = logdet + jac
+        return x, logdet
+
+    def forward_map(x: Tensor) -> Tensor:
+        for layer in layers:
+            x = x + layer.residual(x)
+        return x
+
+    def invert(z: Tensor) -> Tensor:
+        for layer in reversed(layers):
+            (z,), _ = layer([z], rev=True, jac=False)
+        return z
+
+    def after_step() -> None:
+        for layer in layers:
+            layer.lipschitz_correction()
+
+    def loss(x: Tensor) -> Tensor:
+        z, logdet = forward(x)
+        return -(standard_normal_log_prob(z) + logdet).mean()
+
+    def estimate(x: Tensor) -> Tensor:
+        with torch.enable_grad():
+            return forward(x.detach().requires_grad_(True))[1].detach()
+
+    return Adapter(
+        module=layers,
+        loss=loss,
+        logdet_estimate=estimate,
+        forward_map=forward_map,
+        invert=invert,
+        after_step=after_step,
+        logdet_gradient=False,  # its VJPs are taken without create_graph
+    )
+
+
+# --- normflows ----------------------------------------------------------------------------------------
+def normflows(args: dict, brute_force: bool) -> Adapter:
+    import normflows as nf
+
+    flows = nn.ModuleList(
+        nf.flows.Residual(
+            nf.nets.LipschitzMLP(
+                [2] + [args["width"]] * 3 + [2],
+                lipschitz_const=args["coeff"],
+                max_lipschitz_iter=args["power_iterations"],
+                init_zeros=False,  # the same (default) initialisation as the other rows
+            ),
+            reverse=False,  # forward(x) = x + g(x), the data -> latent direction
+            reduce_memory=True,
+            n_exact_terms=2,
+            geom_p=0.5,
+            brute_force=brute_force,
+        )
+        for _ in range(args["blocks"])
+    )
+
+    def after_step() -> None:  # the library's contract: its forward uses stored vectors, updated here
+        nf.utils.update_lipschitz(flows, args["power_iterations"])
+
+    after_step()
+
+    def forward(x: Tensor) -> tuple[Tensor, Tensor]:
+        logdet = x.new_zeros(x.shape[0])
+        for flow in flows:
+            x, ld = flow(x)
+            logdet = logdet + ld
+        return x, logdet
+
+    def forward_map(x: Tensor) -> Tensor:
+        for flow in flows:
+            x = x + flow.iresblock.nnet(x)
+        return x
+
+    def invert(z: Tensor) -> Tensor:
+        for flow in reversed(flows):
+            z, _ = flow.inverse(z)
+        return z
+
+    def loss(x: Tensor) -> Tensor:
+        z, logdet = forward(x)
+        return -(standard_normal_log_prob(z) + logdet).mean()
+
+    return Adapter(
+        module=flows,
+        loss=loss,
+        logdet_estimate=lambda x: forward(x)[1].detach(),
+        forward_map=forward_map,
+        invert=invert,
+        after_step=after_step,
+    )
+
+
+# (row name, builder); the peer rows come right after the row of ours they are paired with
+ROWS: list[tuple[str, Callable[[dict], Adapter]]] = [
+    ("ours: ELU, exact", lambda a: ours(a, "elu", False, ExactLogDet(), "plain")),
+    (
+        "ours: ELU, series (Neumann)",
+        lambda a: ours(
+            a, "elu", False, PowerSeriesLogDet(n_terms=a["terms"], probe="rademacher", gradient="neumann"), "anderson"
+        ),
+    ),
+    ("FrEIA IResNetLayer: ELU, series", freia),
+    (
+        "ours: LipSwish, roulette (Neumann)",
+        lambda a: ours(a, "lipswish", True, RussianRouletteLogDet(n_exact_terms=2, gradient="neumann"), "anderson"),
+    ),
+    ("normflows Residual: LipSwish, roulette", lambda a: normflows(a, brute_force=False)),
+    ("ours: LipSwish, exact", lambda a: ours(a, "lipswish", True, ExactLogDet(), "plain")),
+    ("normflows Residual: LipSwish, exact", lambda a: normflows(a, brute_force=True)),
+]
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+def _measure(index: int, args: dict, queue) -> None:  # noqa: ANN001
+    name, build = ROWS[index]
+    try:
+        torch.manual_seed(args["seed"])
+        device = resolve_device(args["device"])
+        adapter = build(args)
+        adapter.module.to(device)
+        optimizer = torch.optim.Adam(adapter.module.parameters(), lr=args["lr"])
+        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        test = sample_toy(args["dataset"], args["n_test"], seed=10_000).to(device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated() / 2**20
+        else:
+            base = _rss_mib()
+        times = []
+        adapter.module.train()
+        for step in range(args["steps"]):
+            x = sample_toy(args["dataset"], args["batch"], seed=step).to(device)
+            sync()
+            start = time.perf_counter()
+            optimizer.zero_grad(set_to_none=True)
+            loss = adapter.loss(x)
+            loss.backward()
+            optimizer.step()
+            adapter.after_step()
+            sync()
+            times.append(time.perf_counter() - start)
+        if device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated() / 2**20
+        else:
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        # accuracy of the training estimator against the exact log-det of the same map
+        estimate = adapter.logdet_estimate(test).detach()
+        adapter.module.eval()
+        log_prob, exact = exact_log_prob(adapter.forward_map, test)
+        error = estimate - exact
+        # the library's own inverse of the test latents
+        with torch.no_grad():
+            z = adapter.forward_map(test)
+            sync()
+            start = time.perf_counter()
+            x_rec = adapter.invert(z).detach()  # normflows' inverse re-enables grad inside
+            sync()
+            inverse_seconds = time.perf_counter() - start
+        queue.put(
+            {
+                "row": name,
+                "seconds_per_step": statistics.median(times[args["warmup"] :]),
+                "memory_above_start_mib": peak - base,
+                "test_nll": float(-log_prob.mean()),
+                "logdet_mean_error": float(error.mean()),
+                "logdet_mean_abs_error": float(error.abs().mean()),
+                "inverse_max_abs_error": float((x_rec - test).abs().max()),
+                "inverse_seconds": inverse_seconds,
+                "logdet_gradient": adapter.logdet_gradient,
+                "device": str(device),
+            }
+        )
+    except Exception as exc:  # noqa: BLE001 - a peer that fails (or is missing) is a row, not a crash
+        queue.put({"row": name, "error": f"{type(exc).__name__}: {exc}"})
+
+
+def run(args: dict) -> list[dict]:
+    ctx = mp.get_context("spawn")
+    results = []
+    for index, (name, _) in enumerate(ROWS):
+        queue = ctx.Queue()
+        proc = ctx.Process(target=_measure, args=(index, args, queue))
+        proc.start()
+        result = queue.get()
+        proc.join()
+        results.append(result)
+        log.info("%s: %s", name, result.get("error") or f"{result['seconds_per_step'] * 1e3:.1f} ms/step")
+    return results
+
+
+def format_table(results: list[dict]) -> str:
+    header = (
+        f"{'row':40} {'ms/step':>8} {'+MiB':>6} {'test NLL':>9} {'ld err':>8} {'|ld err|':>9} "
+        f"{'inv err':>9} {'inv ms':>7} {'logdet grad':>12}"
+    )
+    out = [header, "-" * len(header)]
+    for r in results:
+        if "error" in r:
+            out.append(f"{r['row']:40} failed: {r['error']}")
+            continue
+        out.append(
+            f"{r['row']:40} {r['seconds_per_step'] * 1e3:8.1f} {r['memory_above_start_mib']:6.0f} "
+            f"{r['test_nll']:9.3f} {r['logdet_mean_error']:8.4f} {r['logdet_mean_abs_error']:9.4f} "
+            f"{r['inverse_max_abs_error']:9.1e} {r['inverse_seconds'] * 1e3:7.1f} "
+            f"{'yes' if r['logdet_gradient'] else 'NO':>12}"
+        )
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dataset", default="8gaussians")
+    parser.add_argument("--blocks", type=int, default=10)
+    parser.add_argument("--width", type=int, default=64)
+    parser.add_argument("--coeff", type=float, default=0.9)
+    parser.add_argument("--power-iterations", type=int, default=5)
+    parser.add_argument("--terms", type=int, default=20, help="series terms of the truncated estimators")
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--warmup", type=int, default=10, help="steps left out of the median time")
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--n-test", type=int, default=2000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", help="also write the results to this JSON file")
+    args = vars(parser.parse_args(argv))
+    if not 0 < args["coeff"] < 1:
+        parser.error("--coeff must satisfy 0 < c < 1")
+    if args["steps"] <= args["warmup"]:
+        parser.error("--steps must exceed --warmup")
+    setup_logging()
+    results = run(args)
+    print(format_table(results))  # noqa: T201 - the table is this script's output
+    if args["json"]:
+        with open(args["json"], "w") as f:
+            json.dump({"config": args, "results": results}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

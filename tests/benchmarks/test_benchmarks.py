@@ -1,0 +1,82 @@
+"""The benchmark scripts run, measure what they say, and check the issue's ratios (tiny sizes; no timing asserted)."""
+
+import pytest
+
+from benchmarks import inverse, peers, step_time
+
+
+class _Queue(list):
+    put = list.append
+
+
+def test_step_time_targets_are_ratios_of_this_runs_cases():
+    results = [
+        {"case": c.name, "seconds_per_step": 1.0 + i, "memory_above_start_mib": 10.0 * (i + 1)}
+        for i, c in enumerate(step_time.CASES)
+    ]
+    by_name = {r["case"]: r for r in results}
+    rows = {t["ratio"]: t for t in step_time.check_targets(results)}
+    memory = rows["memory, Neumann / backprop (5 terms)"]
+    expected = (
+        by_name["(c) flow, 5 terms, Neumann"]["memory_above_start_mib"]
+        / by_name["(c) flow, 5 terms, backprop"]["memory_above_start_mib"]
+    )
+    assert memory["value"] == pytest.approx(expected) and memory["met"] == (expected <= 0.5)
+    assert "met" in step_time.format_table(
+        [
+            r | {"images_per_second": 1.0, "time_ratio": 1.0, "peak_memory_mib": 1.0, "memory_ratio": 1.0}
+            for r in results
+        ],
+        list(rows.values()),
+    )
+
+
+@pytest.mark.parametrize("model", ["flow", "worst-case"])
+def test_inverse_benchmark_reaches_its_target_error_with_both_methods(model):
+    args = dict(
+        device="cpu",
+        dtype="float64",
+        model=model,
+        dim=16,
+        coeffs=[0.9],
+        image=[1, 8, 8],
+        blocks=[1, 1],
+        hidden=8,
+        batch=4,
+        target_error=1e-6,
+        json=None,
+    )
+    rows = inverse.run(args)
+    assert [r["method"] for r in rows] == ["plain", "anderson"]
+    assert all(r["met_target"] and r["relative_error"] <= 1e-6 and r["g_evaluations"] > 0 for r in rows)
+    assert "anderson" in inverse.format_table(rows)
+
+
+def test_each_peer_row_trains_and_is_checked_against_the_exact_logdet():
+    args = dict(
+        device="cpu",
+        dataset="8gaussians",
+        blocks=2,
+        width=16,
+        coeff=0.9,
+        power_iterations=2,
+        terms=5,
+        steps=6,
+        warmup=2,
+        batch=64,
+        lr=1e-3,
+        n_test=100,
+        seed=0,
+    )
+    rows = {}
+    for index, (name, _) in enumerate(peers.ROWS):
+        queue = _Queue()
+        peers._measure(index, args, queue)
+        rows[name] = queue[0]
+    assert not [r for r in rows.values() if "error" in r]  # both peers installed and running
+    exact = rows["ours: ELU, exact"]
+    assert abs(exact["logdet_mean_abs_error"]) < 1e-5  # our exact estimator agrees with the harness
+    assert exact["inverse_max_abs_error"] < 1e-4
+    assert rows["FrEIA IResNetLayer: ELU, series"]["logdet_gradient"] is False
+    assert all(r["test_nll"] > 0 and r["seconds_per_step"] > 0 for r in rows.values())
+    assert "normflows" in peers.format_table(list(rows.values()))
