@@ -4,6 +4,7 @@
     python -m experiments.classify --model resnet-bn
     python -m experiments.classify --preset paper-cifar10 --data-dir ~/data --device cuda --coeff 0.7
     python -m experiments.classify --resume <run_id>
+    torchrun --nproc_per_node 4 -m experiments.classify --preset paper-cifar10 --data-dir ~/data   # 4 GPUs
 
 Every option left unset takes the preset's value.
 """
@@ -29,8 +30,16 @@ from pipeline.diagnostics import certified_lipschitz, layer_operator_norms, reco
 from pipeline.models import ClassifierArchitecture, ResidualClassifier
 from pipeline.models.base import n_parameters
 from pipeline.plotting import new_figure, save_figure, save_image_grid
-from pipeline.tracking import PROJECT_ROOT, log_json, log_model, tracked_run, write_csv
-from pipeline.training.device import check_device_name, resolve_device
+from pipeline.tracking import PROJECT_ROOT, log_json, log_model, write_csv
+from pipeline.training.device import check_device_name
+from pipeline.training.distributed import (
+    DistributedContext,
+    check_global_batch,
+    init_distributed,
+    shard_batches,
+    shutdown,
+    wrap_model,
+)
 from pipeline.training.loop import EpochHook, LoopConfig, fit
 from pipeline.training.schedule import linear_warmup, step_decay
 from pipeline.transforms import FixedPointConfig, InverseReport
@@ -190,9 +199,18 @@ def _optimizer(cfg: ClassifyConfig, params) -> torch.optim.Optimizer:  # noqa: A
 def run(cfg: ClassifyConfig, *, on_epoch_end: EpochHook | None = None) -> str:
     """Train, evaluate and measure invertibility; returns the MLflow run id.
 
-    ``on_epoch_end(epoch, metrics)`` sees each epoch's metrics (a sweep reports and prunes there).
+    ``on_epoch_end(epoch, metrics)`` sees each epoch's metrics (a sweep reports and prunes there). Under
+    ``torchrun`` the ranks train data-parallel (see :mod:`pipeline.training.distributed`).
     """
-    device = resolve_device(cfg.device)
+    ctx, device = init_distributed(cfg.device)
+    try:
+        return _run(cfg, ctx, device, on_epoch_end)
+    finally:
+        shutdown(ctx)
+
+
+def _run(cfg: ClassifyConfig, ctx: DistributedContext, device: torch.device, on_epoch_end: EpochHook | None) -> str:
+    check_global_batch(cfg.batch_size, ctx)
     data = load_dataset(cfg.dataset, cfg.data_dir, download=cfg.download)
     if data.n_levels != 256:
         log.info(
@@ -222,8 +240,7 @@ def run(cfg: ClassifyConfig, *, on_epoch_end: EpochHook | None = None) -> str:
     warmup, decay = linear_warmup(cfg.warmup_steps), step_decay(cfg.milestones, cfg.lr_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup(step) * decay(step // steps_per_epoch))
 
-    with tracked_run(cfg.experiment_name, run_name=cfg.run_name, resume_run_id=cfg.resume) as active:
-        run_id = active.info.run_id
+    with cli.main_rank_run(cfg, ctx) as run_id:
         state, ckpt_path = cli.start_or_resume(
             cfg,
             run_id,
@@ -240,14 +257,17 @@ def run(cfg: ClassifyConfig, *, on_epoch_end: EpochHook | None = None) -> str:
                 "resolved_device": str(device),
                 "invertible_by_construction": arch.invertible,
             },
+            ctx=ctx,
         )
-        if state is None:
-            log_json({"mean": mean.tolist(), "std": std.tolist()}, "normalization.json")
-        mlflow.set_tag("model", cfg.model)
+        if ctx.is_main:
+            if state is None:
+                log_json({"mean": mean.tolist(), "std": std.tolist()}, "normalization.json")
+            mlflow.set_tag("model", cfg.model)
+        train_model = wrap_model(model, ctx, device)  # DDP under torchrun (after the initialisation)
 
         def step_fn(batch):  # noqa: ANN001, ANN202
             images, labels = batch
-            logits = model(prepare(images, train=True))
+            logits = train_model(prepare(images, train=True))
             labels = labels.to(device)
             loss = F.cross_entropy(logits, labels)
             accuracy = (logits.argmax(dim=1) == labels).float().mean()
@@ -273,7 +293,7 @@ def run(cfg: ClassifyConfig, *, on_epoch_end: EpochHook | None = None) -> str:
                 metrics["test_error"], metrics["test_loss"] = error_and_loss(data.test)
             return metrics
 
-        batches = epoch_batches(train_split, cfg.batch_size, cfg.seed)
+        batches = shard_batches(epoch_batches(train_split, cfg.batch_size, cfg.seed), ctx)
         loop = LoopConfig(
             epochs=cfg.epochs,
             checkpoint_path=ckpt_path,
@@ -282,6 +302,7 @@ def run(cfg: ClassifyConfig, *, on_epoch_end: EpochHook | None = None) -> str:
             eval_every=1,
             amp=cfg.amp,
             progress=cfg.progress,
+            distributed=ctx,
         )
         fit(
             model,
@@ -295,8 +316,10 @@ def run(cfg: ClassifyConfig, *, on_epoch_end: EpochHook | None = None) -> str:
             checkpoint_extra={"config": asdict(cfg)},
             on_epoch_end=cli.chain_epoch_hooks(lambda epoch, _: cli.log_spectral_estimates(model, epoch), on_epoch_end),
         )
-        _measure_invertibility(model, data.test, prepare, mean, std, cfg)
-        log_model(model)
+        cli.log_replica_consistency(model, ctx)
+        if ctx.is_main:
+            _measure_invertibility(model, data.test, prepare, mean, std, cfg)
+            log_model(model)
     return run_id
 
 

@@ -8,15 +8,22 @@ from __future__ import annotations
 
 import argparse
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
 from pipeline.data import DatasetNotFoundError
 from pipeline.logging_setup import setup_logging
-from pipeline.tracking import log_config, log_json, log_params_flat
+from pipeline.tracking import log_config, log_json, log_params_flat, tracked_run
 from pipeline.training.checkpoint import load_checkpoint
+from pipeline.training.distributed import (
+    SINGLE_PROCESS,
+    DistributedContext,
+    broadcast_object,
+    replica_deviation,
+)
 from pipeline.training.loop import EpochHook, LoopState, restore
 from pipeline.transforms.logdet import (
     ExactLogDet,
@@ -36,8 +43,9 @@ class EstimatorOptions:
 
     ``estimator``: ``power_series`` (the paper: ``n_terms``, biased by the truncation),
     ``russian_roulette`` (unbiased: ``n_exact_terms`` plus a ``roulette``-distributed number more) or
-    ``exact`` (brute force, low dimensions). ``gradient``: ``backprop`` through the series, or
-    ``neumann`` (memory-saving; same expected gradient). ``n_probes`` Hutchinson probes of kind ``probe``.
+    ``exact`` (brute force, low dimensions). ``gradient``: ``neumann`` (the default: memory-saving and
+    faster, the same expected gradient) or ``backprop`` through the series (the paper's formulation).
+    ``n_probes`` Hutchinson probes of kind ``probe``.
     """
 
     estimator: str = "power_series"
@@ -46,7 +54,7 @@ class EstimatorOptions:
     roulette: str = "geometric"
     roulette_p: float = 0.5
     roulette_rate: float = 2.0
-    gradient: str = "backprop"
+    gradient: str = "neumann"  # same expected gradient as backprop, faster and without a graph per term
     n_probes: int = 1
     probe: str = "gaussian"
 
@@ -162,6 +170,16 @@ def config_for_resume(config_cls: type[C], run_id: str, **overrides: Any) -> C:
     return replace(config_cls(**saved), resume=run_id, **overrides)
 
 
+@contextmanager
+def main_rank_run(cfg: Any, ctx: DistributedContext) -> Iterator[str]:
+    """The run's MLflow run: rank 0 opens (or resumes) it; every rank gets its id."""
+    if ctx.is_main:
+        with tracked_run(cfg.experiment_name, run_name=cfg.run_name, resume_run_id=cfg.resume) as active:
+            yield broadcast_object(active.info.run_id, ctx)
+    else:
+        yield broadcast_object(None, ctx)
+
+
 def start_or_resume(
     cfg: Any,
     run_id: str,
@@ -172,32 +190,54 @@ def start_or_resume(
     *,
     initialize: Callable[[], None],
     params: dict[str, Any],
+    ctx: DistributedContext = SINGLE_PROCESS,
 ) -> tuple[LoopState | None, Path]:
     """Inside the active run: restore the checkpoint of a resumed run, or initialise and log a new one.
 
-    ``initialize`` runs under ``no_grad`` on a new run (ActNorm's data-dependent init); ``params``
-    are derived values logged beside the resolved configuration. Returns the loop state (``None``
-    for a new run) and the checkpoint path.
+    ``initialize`` runs under ``no_grad`` on a new run (ActNorm's data-dependent init; on every rank,
+    before the model is wrapped, so DDP then broadcasts rank 0's result); ``params`` are derived
+    values logged beside the resolved configuration (rank 0). Under torchrun each rank then reseeds,
+    so ranks draw different noise. Returns the loop state (``None`` for a new run) and the checkpoint path.
     """
     import mlflow
     import torch
 
     ckpt_path = Path(cfg.checkpoint_dir) / run_id / "last.pt"
-    mlflow.set_tag("checkpoint", str(ckpt_path))
+    if ctx.is_main:
+        mlflow.set_tag("checkpoint", str(ckpt_path))
     if cfg.resume:
-        state, ckpt = restore(ckpt_path, model, optimizer, scheduler, device)
-        logging.getLogger(type(cfg).__module__).info(
-            "resumed run %s at epoch %d (step %d)", run_id, state.epoch, state.step
-        )
-        if ckpt.get("config", {}).get("epochs") != cfg.epochs:
-            mlflow.set_tag("epochs_extended_to", cfg.epochs)
+        state, ckpt = restore(ckpt_path, model, optimizer, scheduler, device, ctx)
+        if ctx.is_main:
+            logging.getLogger(type(cfg).__module__).info(
+                "resumed run %s at epoch %d (step %d)", run_id, state.epoch, state.step
+            )
+            if ckpt.get("config", {}).get("epochs") != cfg.epochs:
+                mlflow.set_tag("epochs_extended_to", cfg.epochs)
         return state, ckpt_path
     with torch.no_grad():
         initialize()
-    log_config(cfg)
-    log_params_flat(params)
-    log_json(asdict(cfg), "config.json")
+    if ctx.enabled:
+        torch.manual_seed(cfg.seed * 100_003 + 1 + ctx.rank)
+    if ctx.is_main:
+        log_config(cfg)
+        log_params_flat({**params, **({"distributed_world_size": ctx.world_size} if ctx.enabled else {})})
+        log_json(asdict(cfg), "config.json")
     return None, ckpt_path
+
+
+def log_replica_consistency(model: Any, ctx: DistributedContext, tolerance: float = 1e-4) -> None:
+    """Under torchrun: check that every rank holds the same parameters and buffers (spectral state included)."""
+    if not ctx.enabled:
+        return
+    import mlflow
+
+    deviation = replica_deviation(model, ctx)
+    if ctx.is_main:
+        mlflow.log_metrics({"ddp_replica_max_deviation": deviation, "ddp_world_size": ctx.world_size})
+        if deviation > tolerance:
+            logging.getLogger(type(model).__module__).warning(
+                "replicas differ by up to %.3e across %d ranks", deviation, ctx.world_size
+            )
 
 
 def entry_point_main(

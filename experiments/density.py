@@ -3,6 +3,7 @@
     python -m experiments.density --preset quick
     python -m experiments.density --preset paper-cifar10 --data-dir ~/data --device cuda
     python -m experiments.density --resume <run_id>        # continue from the last epoch
+    torchrun --nproc_per_node 8 -m experiments.density --preset paper-cifar10 --data-dir ~/data   # 8 GPUs
 
 Every option left unset takes the preset's value.
 """
@@ -33,8 +34,16 @@ from pipeline.metrics import bits_per_dim
 from pipeline.models import FlowArchitecture, IResNetFlow
 from pipeline.models.base import n_parameters
 from pipeline.plotting import new_figure, save_figure, save_image_grid
-from pipeline.tracking import PROJECT_ROOT, log_json, log_model, tracked_run, write_csv
-from pipeline.training.device import check_device_name, resolve_device
+from pipeline.tracking import PROJECT_ROOT, log_json, log_model, write_csv
+from pipeline.training.device import check_device_name
+from pipeline.training.distributed import (
+    DistributedContext,
+    check_global_batch,
+    init_distributed,
+    shard_batches,
+    shutdown,
+    wrap_model,
+)
 from pipeline.training.loop import EpochHook, LoopConfig, fit
 from pipeline.training.schedule import linear_warmup
 from pipeline.transforms import FixedPointConfig, InverseReport
@@ -206,8 +215,19 @@ def _log_history_figure(run_id: str, out: Path, steps_per_epoch: int) -> None:
 
 
 def run(cfg: DensityConfig, *, on_epoch_end: EpochHook | None = None) -> str:
-    """Train and evaluate; returns the MLflow run id. ``on_epoch_end(epoch, metrics)`` sees each epoch's metrics."""
-    device = resolve_device(cfg.device)
+    """Train and evaluate; returns the MLflow run id. ``on_epoch_end(epoch, metrics)`` sees each epoch's metrics.
+
+    Under ``torchrun`` the ranks train data-parallel (see :mod:`pipeline.training.distributed`).
+    """
+    ctx, device = init_distributed(cfg.device)
+    try:
+        return _run(cfg, ctx, device, on_epoch_end)
+    finally:
+        shutdown(ctx)
+
+
+def _run(cfg: DensityConfig, ctx: DistributedContext, device: torch.device, on_epoch_end: EpochHook | None) -> str:
+    check_global_batch(cfg.batch_size, ctx)
     data = load_dataset(cfg.dataset, cfg.data_dir, download=cfg.download)  # fails before a run exists
     train_split, val_split = (
         data.split_validation(cfg.validation_fraction, seed=cfg.seed)
@@ -228,8 +248,7 @@ def run(cfg: DensityConfig, *, on_epoch_end: EpochHook | None = None) -> str:
     def prepare(images: torch.Tensor) -> torch.Tensor:
         return dequantize(pad_images(images.to(device), pad), n_levels)
 
-    with tracked_run(cfg.experiment_name, run_name=cfg.run_name, resume_run_id=cfg.resume) as active:
-        run_id = active.info.run_id
+    with cli.main_rank_run(cfg, ctx) as run_id:
         state, ckpt_path = cli.start_or_resume(
             cfg,
             run_id,
@@ -245,12 +264,14 @@ def run(cfg: DensityConfig, *, on_epoch_end: EpochHook | None = None) -> str:
                 "n_parameters": n_parameters(model),
                 "resolved_device": str(device),
             },
+            ctx=ctx,
         )
+        train_model = wrap_model(model, ctx, device)  # DDP under torchrun (after the initialisation)
 
         def step_fn(batch):  # noqa: ANN001, ANN202
             images, _ = batch
             x = prepare(images)
-            zs, logdet = model(x)
+            zs, logdet = train_model(x)
             log_prob = model.prior_log_prob(zs) + logdet
             bpd = bits_per_dim(log_prob, model.dim, n_levels).mean()
             return bpd, {"bpd": float(bpd.detach()), "logdet": float(logdet.detach().mean())}
@@ -272,7 +293,7 @@ def run(cfg: DensityConfig, *, on_epoch_end: EpochHook | None = None) -> str:
                 metrics |= bpd_metrics(data.test, "test")
             return metrics
 
-        if state is None:  # reference points: the untrained model (epoch 0) and a diagonal Gaussian
+        if state is None and ctx.is_main:  # reference points: the untrained model (epoch 0) and a diagonal Gaussian
             mlflow.log_metrics(evaluate(0), step=0)
             baseline = diagonal_gaussian_baseline_bits_per_dim(train_split, data.test, n_levels=n_levels, pad=pad)
             mlflow.log_metric("baseline_diagonal_gaussian_test_bpd", baseline)
@@ -284,9 +305,10 @@ def run(cfg: DensityConfig, *, on_epoch_end: EpochHook | None = None) -> str:
             eval_every=cfg.eval_every,
             amp=cfg.amp,
             progress=cfg.progress,
+            distributed=ctx,
         )
 
-        batches = epoch_batches(train_split, cfg.batch_size, cfg.seed)
+        batches = shard_batches(epoch_batches(train_split, cfg.batch_size, cfg.seed), ctx)
         fit(
             model,
             optimizer,
@@ -299,7 +321,9 @@ def run(cfg: DensityConfig, *, on_epoch_end: EpochHook | None = None) -> str:
             checkpoint_extra={"config": asdict(cfg)},
             on_epoch_end=cli.chain_epoch_hooks(lambda epoch, _: cli.log_spectral_estimates(model, epoch), on_epoch_end),
         )
-        _log_final_artifacts(model, data.test, prepare, cfg, run_id, len(train_split) // cfg.batch_size)
+        cli.log_replica_consistency(model, ctx)
+        if ctx.is_main:
+            _log_final_artifacts(model, data.test, prepare, cfg, run_id, len(train_split) // cfg.batch_size)
     return run_id
 
 

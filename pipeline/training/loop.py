@@ -5,6 +5,10 @@ step and RNG state; a resumed run continues from the next epoch and, because bat
 function of (seed, epoch) and the RNG state is restored, reproduces an uninterrupted run exactly.
 A non-finite loss stops the run with :class:`NonFiniteLossError` before the optimizer step, so
 the last checkpoint on disk stays the last good one.
+
+Under ``torchrun`` (``LoopConfig.distributed``) every rank runs the loop on its shard; the non-finite
+check is collective (all ranks stop together), logged metrics are averaged over the ranks, and only
+rank 0 logs, evaluates, calls ``on_epoch_end`` and writes checkpoints (with every rank's RNG state).
 """
 
 from __future__ import annotations
@@ -24,6 +28,13 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from pipeline.training.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from pipeline.training.distributed import (
+    SINGLE_PROCESS,
+    DistributedContext,
+    all_gather_object,
+    any_rank,
+    mean_over_ranks,
+)
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +53,7 @@ class LoopConfig:
     amp: bool = False  # bfloat16 autocast (CUDA only)
     progress: bool = True
     metric_prefix: str = ""  # e.g. "8gaussians/glow/" when several models train inside one run
+    distributed: DistributedContext = SINGLE_PROCESS
 
 
 @dataclass
@@ -54,26 +66,37 @@ StepFn = Callable[[Any], tuple[Tensor, dict[str, float]]]
 EpochHook = Callable[[int, dict[str, float]], None]
 
 
-def _checkpoint_state(model: nn.Module, optimizer, scheduler, state: LoopState, extra: dict) -> dict[str, Any]:  # noqa: ANN001
+def _checkpoint_state(  # noqa: ANN001
+    model: nn.Module, optimizer, scheduler, state: LoopState, extra: dict, rngs: list[dict]
+) -> dict[str, Any]:
     return {
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "epoch": state.epoch,
         "step": state.step,
-        "rng": rng_state(),
+        "rng": rngs[0],
+        "rng_per_rank": rngs,
         **extra,
     }
 
 
-def restore(path: Path, model: nn.Module, optimizer, scheduler, device: torch.device) -> tuple[LoopState, dict]:  # noqa: ANN001
+def restore(  # noqa: ANN001
+    path: Path, model: nn.Module, optimizer, scheduler, device: torch.device, ctx: DistributedContext = SINGLE_PROCESS
+) -> tuple[LoopState, dict]:
     """Load a checkpoint into model/optimizer/scheduler; returns the loop state and the whole dict."""
     ckpt = load_checkpoint(path, map_location=device)
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
     if scheduler is not None and ckpt.get("scheduler") is not None:
         scheduler.load_state_dict(ckpt["scheduler"])
-    set_rng_state(ckpt["rng"])
+    per_rank = ckpt.get("rng_per_rank", [ckpt["rng"]])
+    if len(per_rank) != ctx.world_size:
+        raise ValueError(
+            f"the checkpoint at {path} was written by {len(per_rank)} process(es); resume it with the same number "
+            f"(this run has {ctx.world_size}) so every rank continues its own random stream"
+        )
+    set_rng_state(per_rank[ctx.rank])
     return LoopState(epoch=ckpt["epoch"], step=ckpt["step"]), ckpt
 
 
@@ -99,6 +122,7 @@ def fit(
     """
     state = state or LoopState()
     device = next(model.parameters()).device
+    ctx = config.distributed
     if config.amp and device.type != "cuda":
         log.warning("amp is CUDA-only; training in float32 on %s", device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if config.amp and device.type == "cuda" else nullcontext()
@@ -110,16 +134,17 @@ def fit(
         bar = tqdm(
             batches(epoch),
             desc=f"epoch {epoch}/{config.epochs}",
-            disable=None if config.progress else True,
+            disable=None if config.progress and ctx.is_main else True,
             leave=False,
         )
         for batch in bar:
             with autocast:
                 loss, metrics = step_fn(batch)
-            if not torch.isfinite(loss):
+            if any_rank(not bool(torch.isfinite(loss)), ctx, device):
                 raise NonFiniteLossError(
-                    f"training loss became {loss.item()} at epoch {epoch}, step {state.step + 1}; the run is stopped "
-                    f"and the last good checkpoint (epoch {state.epoch}) is kept at {config.checkpoint_path}"
+                    f"training loss became {loss.item()} at epoch {epoch}, step {state.step + 1} (on rank {ctx.rank} "
+                    f"or another); the run is stopped and the last good checkpoint (epoch {state.epoch}) is kept at "
+                    f"{config.checkpoint_path}"
                 )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -135,24 +160,33 @@ def fit(
                 totals[k] = totals.get(k, 0.0) + v
             count += 1
             if state.step % config.log_every == 0 or state.step == 1:
-                mlflow.log_metrics(
-                    {f"{config.metric_prefix}train_{k}": v for k, v in metrics.items()}
-                    | {f"{config.metric_prefix}lr": optimizer.param_groups[0]["lr"]},
-                    step=state.step,
-                )
+                logged = mean_over_ranks(metrics, ctx, device)
+                if ctx.is_main:
+                    mlflow.log_metrics(
+                        {f"{config.metric_prefix}train_{k}": v for k, v in logged.items()}
+                        | {f"{config.metric_prefix}lr": optimizer.param_groups[0]["lr"]},
+                        step=state.step,
+                    )
             bar.set_postfix(loss=f"{metrics['loss']:.4g}")
         bar.close()
         seconds = time.perf_counter() - started
         epoch_metrics = {f"epoch_train_{k}": v / max(count, 1) for k, v in totals.items()}
         epoch_metrics |= {"epoch_seconds": seconds, "train_images_per_second": seen / seconds if seconds else math.nan}
-        if evaluate is not None and (epoch == config.epochs or (config.eval_every and epoch % config.eval_every == 0)):
-            epoch_metrics |= evaluate(epoch)
-        mlflow.log_metrics({f"{config.metric_prefix}{k}": v for k, v in epoch_metrics.items()}, step=epoch)
-        log.info("epoch %d: %s", epoch, ", ".join(f"{k}={v:.4g}" for k, v in epoch_metrics.items()))
+        epoch_metrics = mean_over_ranks(epoch_metrics, ctx, device)
+        epoch_metrics["train_images_per_second"] *= ctx.world_size  # every rank's images, in the same time
         state.epoch = epoch
-        save_checkpoint(
-            config.checkpoint_path, _checkpoint_state(model, optimizer, scheduler, state, checkpoint_extra or {})
-        )
-        if on_epoch_end is not None:
-            on_epoch_end(epoch, epoch_metrics)
+        eval_epoch = epoch == config.epochs or (config.eval_every and epoch % config.eval_every == 0)
+        if ctx.is_main and evaluate is not None and eval_epoch:
+            epoch_metrics |= evaluate(epoch)
+        rngs = all_gather_object(rng_state(), ctx)  # (the other ranks wait here for rank 0's evaluation)
+        if ctx.is_main:
+            mlflow.log_metrics({f"{config.metric_prefix}{k}": v for k, v in epoch_metrics.items()}, step=epoch)
+            log.info("epoch %d: %s", epoch, ", ".join(f"{k}={v:.4g}" for k, v in epoch_metrics.items()))
+            save_checkpoint(
+                config.checkpoint_path,
+                _checkpoint_state(model, optimizer, scheduler, state, checkpoint_extra or {}, rngs),
+            )
+            if on_epoch_end is not None:
+                on_epoch_end(epoch, epoch_metrics)
+        ctx.barrier()  # the others wait for rank 0's evaluation and checkpoint
     return state

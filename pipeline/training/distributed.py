@@ -1,0 +1,196 @@
+"""Data-parallel training with PyTorch's own engine: ``torchrun`` + ``DistributedDataParallel``.
+
+    torchrun --nproc_per_node 8 -m experiments.density --preset paper-cifar10 --data-dir ~/data
+    torchrun --nnodes 2 --node_rank 0 --master_addr HOST --nproc_per_node 8 -m experiments.classify ...
+
+``torchrun`` sets ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK``; :func:`init_distributed` reads them (a
+plain ``python -m ...`` is a world of one, and nothing here changes its behaviour). NCCL on GPUs
+(one per process, ``cuda:LOCAL_RANK``), gloo on CPUs.
+
+What keeps the replicas one model:
+
+* ``batch_size`` is the *global* batch: each step's batch is split across the ranks
+  (:func:`shard_batches`), so a run means the same thing at any world size;
+* the model is wrapped after its data-dependent initialisation, so DDP broadcasts rank 0's
+  parameters and buffers (ActNorm, spectral-norm vectors) at the start, and ``broadcast_buffers``
+  re-sends the buffers (the power-iteration vectors ``u``, ``v`` and ``sigma``) at every forward;
+  gradients are averaged, so every rank takes the same optimizer step;
+* :func:`replica_deviation` checks it: the largest difference of any parameter or buffer across
+  ranks, logged at the end of a run;
+* each rank draws its own noise (dequantisation, Hutchinson probes, roulette lengths) from a
+  rank-specific seed; checkpoints keep every rank's RNG state, so a resume is exact.
+
+Only rank 0 logs to MLflow, evaluates, and writes checkpoints and artifacts; the others wait at a
+barrier. Multi-node resume needs the checkpoint directory on a shared filesystem.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from pipeline.training.device import resolve_device
+
+BARRIER_TIMEOUT = datetime.timedelta(hours=3)  # rank 0 evaluates while the others wait
+
+
+@dataclass(frozen=True)
+class DistributedContext:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+
+SINGLE_PROCESS = DistributedContext()
+
+
+def launched_by_torchrun() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def init_distributed(device_name: str) -> tuple[DistributedContext, torch.device]:
+    """Join the process group torchrun describes (if any) and pick this rank's device."""
+    if not launched_by_torchrun():
+        return SINGLE_PROCESS, resolve_device(device_name)
+    ctx = DistributedContext(
+        rank=int(os.environ["RANK"]),
+        world_size=int(os.environ["WORLD_SIZE"]),
+        local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+    )
+    device = resolve_device(device_name)
+    if device.type == "cuda":
+        device = torch.device("cuda", ctx.local_rank)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group(
+            backend="nccl" if device.type == "cuda" else "gloo",
+            timeout=BARRIER_TIMEOUT,
+            **({"device_id": device} if device.type == "cuda" else {}),
+        )
+    return ctx, device
+
+
+def shutdown(ctx: DistributedContext) -> None:
+    if ctx.enabled and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def wrap_model(model: nn.Module, ctx: DistributedContext, device: torch.device) -> nn.Module:
+    """``DistributedDataParallel`` around ``model`` (after its initialisation), or ``model`` itself alone.
+
+    On GPUs, BatchNorm layers (the classifier's head, the vanilla ResNet-BN's branches) become
+    SyncBatchNorm in place (same parameters and buffers), so batch statistics are the global batch's.
+    PyTorch's SyncBatchNorm is GPU-only: on CPUs the running statistics follow rank 0 (DDP broadcasts
+    buffers at every forward).
+    """
+    if not ctx.enabled:
+        return model
+    if device.type == "cuda":
+        nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=True
+    )
+
+
+def check_global_batch(batch_size: int, ctx: DistributedContext) -> None:
+    if batch_size % ctx.world_size:
+        raise ValueError(
+            f"batch_size {batch_size} is the global batch and must divide evenly among {ctx.world_size} processes"
+        )
+
+
+def shard_batches(batches: Callable[[int], Iterable[Any]], ctx: DistributedContext) -> Callable[[int], Iterator[Any]]:
+    """Each rank's part of every global batch (tuples of tensors split along the batch dimension)."""
+    if not ctx.enabled:
+        return batches
+
+    def sharded(epoch: int) -> Iterator[Any]:
+        for batch in batches(epoch):
+            yield tuple(t.tensor_split(ctx.world_size)[ctx.rank] for t in batch)
+
+    return sharded
+
+
+def broadcast_object(obj: Any, ctx: DistributedContext) -> Any:
+    """Rank 0's ``obj`` on every rank."""
+    if not ctx.enabled:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def all_gather_object(obj: Any, ctx: DistributedContext) -> list[Any]:
+    if not ctx.enabled:
+        return [obj]
+    out: list[Any] = [None] * ctx.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def mean_over_ranks(values: dict[str, float], ctx: DistributedContext, device: torch.device) -> dict[str, float]:
+    """Average scalar metrics over the ranks (every rank must call it with the same keys)."""
+    if not ctx.enabled or not values:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return dict(zip(keys, (t / ctx.world_size).tolist(), strict=True))
+
+
+def any_rank(flag: bool, ctx: DistributedContext, device: torch.device) -> bool:
+    """True on every rank if ``flag`` is true on any (so all ranks stop together)."""
+    if not ctx.enabled:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def _replicated_tensors(model: nn.Module) -> list[torch.Tensor]:
+    """Parameters and buffers every rank must hold identically (BatchNorm's running statistics excepted:
+    without SyncBatchNorm each rank updates them from its own shard after the last broadcast)."""
+    running = {
+        id(b)
+        for m in model.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm)
+        for b in (m.running_mean, m.running_var)
+        if b is not None
+    }
+    return [t for t in [*model.parameters(), *model.buffers()] if t.is_floating_point() and id(t) not in running]
+
+
+def replica_deviation(model: nn.Module, ctx: DistributedContext) -> float:
+    """Largest absolute difference of any replicated tensor between a rank and rank 0 (max over ranks).
+
+    Covers every parameter and buffer, the spectral normalisation's ``u``, ``v`` and ``sigma`` included.
+    """
+    if not ctx.enabled:
+        return 0.0
+    worst = 0.0
+    for tensor in _replicated_tensors(model):
+        reference = tensor.detach().clone()
+        dist.broadcast(reference, src=0)
+        worst = max(worst, float((tensor.detach() - reference).abs().max()) if tensor.numel() else 0.0)
+    t = torch.tensor([worst], dtype=torch.float64, device=next(model.parameters()).device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())

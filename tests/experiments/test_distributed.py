@@ -1,0 +1,126 @@
+"""torchrun + DistributedDataParallel for density and classify: two CPU processes on the gloo backend."""
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from tests.experiments.conftest import runs_of
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _torchrun(store: Path, module: str, *args: str) -> None:
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(_free_port()),
+        "-m",
+        module,
+        *args,
+        "--device",
+        "cpu",
+        "--progress",
+        "false",
+        "--checkpoint-dir",
+        str(store / "ckpt"),
+    ]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{store / 'mlflow.db'}", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+
+
+def _one_finished_run(experiment: str):
+    (run,) = runs_of(experiment)  # rank 0 alone logs: one run, not one per process
+    assert run.info.status == "FINISHED"
+    m = run.data.metrics
+    assert m["ddp_world_size"] == 2 and run.data.params["distributed_world_size"] == "2"
+    # parameters and buffers (spectral u, v, sigma; ActNorm) are the same on both ranks at the end
+    assert m["ddp_replica_max_deviation"] < 1e-6
+    return run
+
+
+@pytest.mark.slow
+def test_density_trains_data_parallel_and_logs_once(store):
+    _torchrun(
+        store,
+        "experiments.density",
+        "--dataset",
+        "digits8x8",
+        "--n-blocks",
+        "1 1",
+        "--hidden-channels",
+        "8",
+        "--n-terms",
+        "2",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "64",
+        "--eval-max-images",
+        "40",
+        "--max-passes",
+        "3",
+        "--se-tol",
+        "0.05",
+        "--n-samples",
+        "8",
+        "--variance-repeats",
+        "0",
+        "--log-every",
+        "1",
+    )
+    run = _one_finished_run("density")
+    client = MlflowClient()
+    assert "test_bpd" in run.data.metrics and "sigma_max" in run.data.metrics
+    steps_per_epoch = 1437 // 64  # digits8x8 has 1437 training images; 64 is the global batch
+    history = client.get_metric_history(run.info.run_id, "train_loss")
+    assert [h.step for h in history] == list(range(1, 2 * steps_per_epoch + 1))  # one value per step, not per rank
+    ckpt = torch.load(store / "ckpt" / run.info.run_id / "last.pt", weights_only=False)
+    assert ckpt["epoch"] == 2 and len(ckpt["rng_per_rank"]) == 2
+    assert not torch.equal(ckpt["rng_per_rank"][0]["torch"], ckpt["rng_per_rank"][1]["torch"])  # own noise
+
+
+@pytest.mark.slow
+def test_classify_trains_data_parallel(store):
+    _torchrun(
+        store,
+        "experiments.classify",
+        "--dataset",
+        "digits8x8",
+        "--n-blocks",
+        "1 1",
+        "--hidden-channels",
+        "8 8",
+        "--strides",
+        "1 2",
+        "--injective-padding",
+        "1",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "128",
+        "--milestones",
+        "",
+        "--recon-images",
+        "4",
+        "--recon-iterations",
+        "1 5",
+    )
+    run = _one_finished_run("classify")
+    assert "test_error" in run.data.metrics and run.data.tags["certified_invertible"] in ("true", "false")
