@@ -20,7 +20,6 @@ the relative error reached, and the ratios plain / Anderson.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import statistics
 import time
@@ -28,6 +27,7 @@ import time
 import torch
 from torch import nn
 
+from benchmarks.common import emit
 from pipeline.distributions import DiagonalGaussian
 from pipeline.layers import SpectralNormLinear
 from pipeline.logging_setup import setup_logging
@@ -197,10 +197,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("every coefficient must satisfy 0 < c < 1")
     setup_logging()
     rows = run(args)
-    print(format_table(rows))  # noqa: T201 - the table is this script's output
-    if args["json"]:
-        with open(args["json"], "w") as f:
-            json.dump({"config": args, "results": rows}, f, indent=2)
+    emit(format_table(rows), args["json"], {"config": args, "results": rows})
 
 
 if __name__ == "__main__":

@@ -17,21 +17,20 @@ ActNorm. Each peer is paired with our library configured the same way:
   roulette (geometric p = 0.5, 2 exact terms) with the Neumann gradient computed in the forward
   pass; also with its exact 2-D log-det (``brute_force``).
 
-Columns: median step time; memory growth from before the first step to the peak (CUDA allocations,
-or the process's RSS on CPU; each row runs in its own process); the test NLL after training, in nats,
-from the *exact* 2-D log-det of each library's own forward map (the same harness for all); the error
-of each library's training log-det estimate against that exact value (mean and mean absolute, nats,
-in training mode); and each library's inverse on the test latents: max absolute error and time.
+Columns: median step time (each row runs ``--repeats`` times, interleaved with the others; the median
+of the rounds is shown, as CPU timings drift by 10-20% between processes); memory growth from before
+the first step to the peak (CUDA allocations, or the process's RSS on CPU; each row runs in its own
+process); the test NLL after training, in nats, from the *exact* 2-D log-det of each library's own
+forward map (the same harness for all); the error of each library's training log-det estimate against
+that exact value (mean and mean absolute, nats, in training mode); and each library's inverse on the
+test latents: max absolute error and time.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
-import multiprocessing as mp
-import resource
 import statistics
 import time
 from collections.abc import Callable
@@ -40,6 +39,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from benchmarks.common import emit, in_fresh_process, memory_now_mib, memory_peak_mib
 from pipeline.data.toy import sample_toy
 from pipeline.layers.branches import mlp_branch
 from pipeline.logging_setup import setup_logging
@@ -113,7 +113,7 @@ def ours(args: dict, activation: str, preactivation: bool, estimator: LogDetEsti
     return Adapter(
         module=flow,
         loss=loss,
-        logdet_estimate=lambda x: flow(x)[1],
+        logdet_estimate=lambda x: flow(x)[1].detach(),
         forward_map=flow.map,
         invert=flow.inverse,
     )
@@ -255,11 +255,6 @@ ROWS: list[tuple[str, Callable[[dict], Adapter]]] = [
 ]
 
 
-def _rss_mib() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
-
-
 def _measure(index: int, args: dict, queue) -> None:  # noqa: ANN001
     name, build = ROWS[index]
     try:
@@ -270,11 +265,7 @@ def _measure(index: int, args: dict, queue) -> None:  # noqa: ANN001
         optimizer = torch.optim.Adam(adapter.module.parameters(), lr=args["lr"])
         sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
         test = sample_toy(args["dataset"], args["n_test"], seed=10_000).to(device)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated() / 2**20
-        else:
-            base = _rss_mib()
+        base = memory_now_mib(device)
         times = []
         adapter.module.train()
         for step in range(args["steps"]):
@@ -288,12 +279,9 @@ def _measure(index: int, args: dict, queue) -> None:  # noqa: ANN001
             adapter.after_step()
             sync()
             times.append(time.perf_counter() - start)
-        if device.type == "cuda":
-            peak = torch.cuda.max_memory_allocated() / 2**20
-        else:
-            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        peak = memory_peak_mib(device)
         # accuracy of the training estimator against the exact log-det of the same map
-        estimate = adapter.logdet_estimate(test).detach()
+        estimate = adapter.logdet_estimate(test.clone()).detach()  # a copy: normflows sets requires_grad on it
         adapter.module.eval()
         log_prob, exact = exact_log_prob(adapter.forward_map, test)
         error = estimate - exact
@@ -324,17 +312,25 @@ def _measure(index: int, args: dict, queue) -> None:  # noqa: ANN001
 
 
 def run(args: dict) -> list[dict]:
-    ctx = mp.get_context("spawn")
-    results = []
-    for index, (name, _) in enumerate(ROWS):
-        queue = ctx.Queue()
-        proc = ctx.Process(target=_measure, args=(index, args, queue))
-        proc.start()
-        result = queue.get()
-        proc.join()
-        results.append(result)
-        log.info("%s: %s", name, result.get("error") or f"{result['seconds_per_step'] * 1e3:.1f} ms/step")
-    return results
+    """Every row ``--repeats`` times, the rows interleaved (machine drift hits them alike); per row the
+    median step time over the repeats and the rest from the first (the training is seeded, so identical)."""
+    rounds: list[list[dict]] = []
+    for repeat in range(args["repeats"]):
+        results = []
+        for index, (name, _) in enumerate(ROWS):
+            result = in_fresh_process(_measure, index, args)
+            results.append(result)
+            status = result.get("error") or f"{result['seconds_per_step'] * 1e3:.1f} ms/step"
+            log.info("round %d/%d, %s: %s", repeat + 1, args["repeats"], name, status)
+        rounds.append(results)
+    merged = []
+    for per_row in zip(*rounds, strict=True):
+        first = dict(per_row[0])
+        if "error" not in first:
+            first["seconds_per_step"] = statistics.median(r["seconds_per_step"] for r in per_row)
+            first["seconds_per_step_rounds"] = [r["seconds_per_step"] for r in per_row]
+        merged.append(first)
+    return merged
 
 
 def format_table(results: list[dict]) -> str:
@@ -371,6 +367,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--n-test", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeats", type=int, default=3, help="rounds over all rows; the step time is their median")
     parser.add_argument("--json", help="also write the results to this JSON file")
     args = vars(parser.parse_args(argv))
     if not 0 < args["coeff"] < 1:
@@ -379,10 +376,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--steps must exceed --warmup")
     setup_logging()
     results = run(args)
-    print(format_table(results))  # noqa: T201 - the table is this script's output
-    if args["json"]:
-        with open(args["json"], "w") as f:
-            json.dump({"config": args, "results": results}, f, indent=2)
+    emit(format_table(results), args["json"], {"config": args, "results": results})
 
 
 if __name__ == "__main__":

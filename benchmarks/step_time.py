@@ -20,10 +20,7 @@ a flow step with the memory-saving (Neumann) gradient / without it (backprop thr
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import multiprocessing as mp
-import resource
 import statistics
 import time
 from dataclasses import dataclass
@@ -31,6 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from benchmarks.common import emit, in_fresh_process, memory_now_mib, memory_peak_mib
 from pipeline.logging_setup import setup_logging
 from pipeline.models import ClassifierArchitecture, FlowArchitecture, IResNetFlow, ResidualClassifier
 from pipeline.models.base import n_parameters
@@ -91,11 +89,6 @@ TARGETS = [
 ]
 
 
-def _current_rss_mib() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
-
-
 def _measure(case: Case, args: dict, queue) -> None:  # noqa: ANN001
     torch.manual_seed(0)
     torch.set_num_threads(args["threads"]) if args["threads"] else None
@@ -138,11 +131,7 @@ def _measure(case: Case, args: dict, queue) -> None:  # noqa: ANN001
         optimizer.step()
 
     sync()
-    if device.type == "cuda":  # before the first step: parameters and inputs only
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated() / 2**20
-    else:
-        base = _current_rss_mib()
+    base = memory_now_mib(device)  # before the first step: parameters and inputs only
     for _ in range(args["warmup"]):
         step()
     sync()
@@ -152,10 +141,7 @@ def _measure(case: Case, args: dict, queue) -> None:  # noqa: ANN001
         step()
         sync()
         times.append(time.perf_counter() - start)
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated() / 2**20
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    peak = memory_peak_mib(device)
     queue.put(
         {
             "case": case.name,
@@ -170,14 +156,9 @@ def _measure(case: Case, args: dict, queue) -> None:  # noqa: ANN001
 
 
 def run(args: dict) -> list[dict]:
-    ctx = mp.get_context("spawn")
     results = []
     for case in CASES:
-        queue = ctx.Queue()
-        proc = ctx.Process(target=_measure, args=(case, args, queue))
-        proc.start()
-        result = queue.get()
-        proc.join()
+        result = in_fresh_process(_measure, case, args)
         results.append(result)
         log.info("%s: %.3f s/step", case.name, result["seconds_per_step"])
     ref_time, ref_mem = results[0]["seconds_per_step"], results[0]["memory_above_start_mib"]
@@ -234,10 +215,7 @@ def main(argv: list[str] | None = None) -> None:
     setup_logging()
     results = run(args)
     targets = check_targets(results)
-    print(format_table(results, targets))  # noqa: T201 - the table is this script's output
-    if args["json"]:
-        with open(args["json"], "w") as f:
-            json.dump({"config": args, "results": results, "targets": targets}, f, indent=2)
+    emit(format_table(results, targets), args["json"], {"config": args, "results": results, "targets": targets})
 
 
 if __name__ == "__main__":

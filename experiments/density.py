@@ -39,9 +39,8 @@ from pipeline.training.device import check_device_name
 from pipeline.training.distributed import (
     DistributedContext,
     check_global_batch,
-    init_distributed,
+    distributed_session,
     shard_batches,
-    shutdown,
     wrap_model,
 )
 from pipeline.training.loop import EpochHook, LoopConfig, fit
@@ -219,11 +218,8 @@ def run(cfg: DensityConfig, *, on_epoch_end: EpochHook | None = None) -> str:
 
     Under ``torchrun`` the ranks train data-parallel (see :mod:`pipeline.training.distributed`).
     """
-    ctx, device = init_distributed(cfg.device)
-    try:
+    with distributed_session(cfg.device) as (ctx, device):
         return _run(cfg, ctx, device, on_epoch_end)
-    finally:
-        shutdown(ctx)
 
 
 def _run(cfg: DensityConfig, ctx: DistributedContext, device: torch.device, on_epoch_end: EpochHook | None) -> str:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import datetime
 import os
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -92,6 +93,16 @@ def init_distributed(device_name: str) -> tuple[DistributedContext, torch.device
 def shutdown(ctx: DistributedContext) -> None:
     if ctx.enabled and dist.is_initialized():
         dist.destroy_process_group()
+
+
+@contextmanager
+def distributed_session(device_name: str) -> Iterator[tuple[DistributedContext, torch.device]]:
+    """``(context, device)`` for an entry point's run: joins torchrun's process group (if any), leaves it after."""
+    ctx, device = init_distributed(device_name)
+    try:
+        yield ctx, device
+    finally:
+        shutdown(ctx)
 
 
 def wrap_model(model: nn.Module, ctx: DistributedContext, device: torch.device) -> nn.Module:
