@@ -42,6 +42,8 @@ def _check_spectral_args(coeff: float, n_power_iterations: int, power_tol: float
 
 
 def _normalize(x: Tensor, eps: float = 1e-12) -> Tensor:
+    if x.dim() == 1:
+        return F.normalize(x, dim=0, eps=eps)  # one call: this runs inside every training forward
     return x / x.norm().clamp_min(eps)
 
 
@@ -52,6 +54,12 @@ class _SpectralNorm(nn.Module):
     u: Tensor
     v: Tensor
     sigma: Tensor
+    # class-level defaults, so models pickled (logged to MLflow) before these existed still load and run
+    power_tol: float = 0.0
+    max_power_iterations: int = DEFAULT_MAX_POWER_ITERATIONS
+    power_iteration_frozen: bool = False
+    last_power_iterations: int = 0
+    _ready: bool = False
 
     def __init__(
         self, coeff: float, n_power_iterations: int, n_init_iterations: int, power_tol: float, max_power_iterations: int
@@ -67,6 +75,7 @@ class _SpectralNorm(nn.Module):
         self.max_power_iterations = max_power_iterations
         self.power_iteration_frozen = False  # set by frozen_power_iteration()
         self.last_power_iterations = 0  # steps taken by the last training forward (logged per layer)
+        self._ready = False  # mirrors the `initialized` buffer once it has been seen True
         self.register_buffer("sigma", torch.ones(()))
         self.register_buffer("initialized", torch.tensor(False))
 
@@ -87,19 +96,24 @@ class _SpectralNorm(nn.Module):
 
         Returns the last step's estimate ``||A v||`` (``None`` for ``n = 0``).
         """
+        if n == 0:
+            return None
         w = self.weight.detach()
-        sigma = None
-        for _ in range(n):
-            self.v.copy_(_normalize(self._adjoint(self.u, w)))
-            image = self._operator(self.v, w)
-            sigma = image.norm()
-            self.u.copy_(image / sigma.clamp_min(1e-12))
+        u = self.u
+        for i in range(n):  # on local tensors, the buffers written once at the end (few calls per step)
+            v = _normalize(self._adjoint(u, w))
+            image = self._operator(v, w)
+            if i < n - 1:
+                u = _normalize(image)
+        sigma = torch.linalg.vector_norm(image)
+        self.v.copy_(v)
+        self.u.copy_(image / sigma.clamp_min(1e-12))
         return sigma
 
     @torch.no_grad()
     def _training_power_iteration(self) -> int:
         """The per-step update: ``n_power_iterations`` steps, then (``power_tol > 0``) on to the tolerance."""
-        previous = self.sigma.clone()
+        previous = self.sigma.clone() if self.power_tol > 0 else None
         sigma = self.power_iteration(self.n_power_iterations)
         steps = self.n_power_iterations
         if self.power_tol > 0:
@@ -112,13 +126,15 @@ class _SpectralNorm(nn.Module):
 
     def normalized_weight(self, x: Tensor | None = None) -> Tensor:
         """The weight rescaled to operator norm ``<= c`` (by the current estimate)."""
-        if not bool(self.initialized):
-            if x is None:
-                raise RuntimeError(f"{type(self).__name__} has not seen an input yet; call it on data first")
-            self._init_vectors(x)
-            self.power_iteration(self.n_init_iterations)
-            self.initialized.fill_(True)
-            self._refresh_sigma()
+        if not self._ready:  # a Python flag first: reading the buffer costs a host sync on GPUs
+            if not bool(self.initialized):
+                if x is None:
+                    raise RuntimeError(f"{type(self).__name__} has not seen an input yet; call it on data first")
+                self._init_vectors(x)
+                self.power_iteration(self.n_init_iterations)
+                self.initialized.fill_(True)
+                self._refresh_sigma()
+            self._ready = True
         if self.training:
             if not self.power_iteration_frozen:
                 self.last_power_iterations = self._training_power_iteration()
@@ -147,6 +163,7 @@ class _SpectralNorm(nn.Module):
         return float(torch.clamp(self.sigma, max=self.coeff))
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001
+        self._ready = False  # re-read the loaded `initialized` flag on the next forward
         # u and v are sized lazily from the first input; size them from the checkpoint instead
         for name in ("u", "v"):
             key = prefix + name
@@ -182,7 +199,7 @@ class SpectralNormLinear(_SpectralNorm):
         return weight @ v
 
     def _adjoint(self, u: Tensor, weight: Tensor) -> Tensor:
-        return weight.t() @ u
+        return u @ weight  # W^T u for a vector u
 
     def _init_vectors(self, x: Tensor) -> None:
         self.u = self.u.to(dtype=self.weight.dtype, device=self.weight.device)
