@@ -108,7 +108,8 @@ class SweepConfig:
                 f"got {self.validation_fraction}"
             )
         self.space()  # validates the space file
-        self.base_overrides()
+        # the overrides must make a valid target configuration: refused now, not in every trial
+        target.module.config_from_preset(self.target_preset, **self.base_overrides())
 
     @property
     def multi_objective(self) -> bool:

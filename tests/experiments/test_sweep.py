@@ -202,3 +202,17 @@ def test_multi_objective_mode_logs_the_pareto_front(store):
     front = json.loads(Path(client.download_artifacts(parent_id, "pareto_front.json")).read_text())
     assert {t["number"] for t in front} == {t.number for t in study.best_trials}
     assert client.get_run(parent_id).data.metrics["pareto_front_size"] == len(front)
+
+
+def test_trials_can_train_with_any_estimator_through_target_overrides():
+    from experiments.sweep import SweepConfig
+
+    cfg = SweepConfig(target_overrides="estimator=russian_roulette gradient=neumann n_exact_terms=3 epochs=1")
+    assert cfg.base_overrides() == {
+        "estimator": "russian_roulette",
+        "gradient": "neumann",
+        "n_exact_terms": 3,
+        "epochs": 1,
+    }
+    with pytest.raises(ValueError, match="unknown log-det estimator"):  # refused before any trial runs
+        SweepConfig(target_overrides="estimator=roulette")
