@@ -79,12 +79,20 @@ class Adapter:
     """One library's flow behind a common interface."""
 
     module: nn.Module
-    loss: Callable[[Tensor], Tensor]  # training NLL (mean), with the library's own estimator
-    logdet_estimate: Callable[[Tensor], Tensor]  # the library's training estimate, per sample
+    forward: Callable[[Tensor], tuple[Tensor, Tensor]]  # x -> (z, log-det by the library's training estimator)
     forward_map: Callable[[Tensor], Tensor]  # x -> z, to check everything against the exact log-det
     invert: Callable[[Tensor], Tensor]  # z -> x, the library's own inverse
     after_step: Callable[[], None] = field(default=lambda: None)
     logdet_gradient: bool = True  # does the training loss differentiate through the log-det?
+
+    def loss(self, x: Tensor) -> Tensor:
+        """The training NLL (mean), with the library's own estimator."""
+        z, logdet = self.forward(x)
+        return -(standard_normal_log_prob(z) + logdet).mean()
+
+    def logdet_estimate(self, x: Tensor) -> Tensor:
+        """The library's training log-det estimate, per sample."""
+        return self.forward(x)[1].detach()
 
 
 # --- ours ---------------------------------------------------------------------------------------------
@@ -105,18 +113,7 @@ def ours(args: dict, activation: str, preactivation: bool, estimator: LogDetEsti
         for _ in range(args["blocks"])
     ]
     flow = TransformSequence(*blocks)
-
-    def loss(x: Tensor) -> Tensor:
-        z, logdet = flow(x)
-        return -(standard_normal_log_prob(z) + logdet).mean()
-
-    return Adapter(
-        module=flow,
-        loss=loss,
-        logdet_estimate=lambda x: flow(x)[1].detach(),
-        forward_map=flow.map,
-        invert=flow.inverse,
-    )
+    return Adapter(module=flow, forward=flow, forward_map=flow.map, invert=flow.inverse)
 
 
 # --- FrEIA ----------------------------------------------------------------------------------------------
@@ -159,18 +156,9 @@ def freia(args: dict) -> Adapter:
         for layer in layers:
             layer.lipschitz_correction()
 
-    def loss(x: Tensor) -> Tensor:
-        z, logdet = forward(x)
-        return -(standard_normal_log_prob(z) + logdet).mean()
-
-    def estimate(x: Tensor) -> Tensor:
-        with torch.enable_grad():
-            return forward(x.detach().requires_grad_(True))[1].detach()
-
     return Adapter(
         module=layers,
-        loss=loss,
-        logdet_estimate=estimate,
+        forward=forward,
         forward_map=forward_map,
         invert=invert,
         after_step=after_step,
@@ -221,14 +209,9 @@ def normflows(args: dict, brute_force: bool) -> Adapter:
             z, _ = flow.inverse(z)
         return z
 
-    def loss(x: Tensor) -> Tensor:
-        z, logdet = forward(x)
-        return -(standard_normal_log_prob(z) + logdet).mean()
-
     return Adapter(
         module=flows,
-        loss=loss,
-        logdet_estimate=lambda x: forward(x)[1].detach(),
+        forward=forward,
         forward_map=forward_map,
         invert=invert,
         after_step=after_step,
