@@ -41,7 +41,7 @@ from pipeline.training.distributed import (
 )
 from pipeline.training.loop import EpochHook, LoopConfig, fit
 from pipeline.training.schedule import linear_warmup, step_decay
-from pipeline.transforms import FixedPointConfig, InverseReport
+from pipeline.transforms import InverseReport
 
 log = logging.getLogger("experiments.classify")
 
@@ -50,8 +50,11 @@ OPTIMIZERS = ("sgd", "adam", "adamax")
 
 
 @dataclass(frozen=True)
-class ClassifyConfig:
-    """Everything a classification run needs; validated in one place (``__post_init__``)."""
+class ClassifyConfig(cli.InverseOptions):
+    """Everything a classification run needs; validated in one place (``__post_init__``).
+
+    The inverse's options (``inverse_tol``, ``inverse_method``) come from :class:`experiments.cli.InverseOptions`.
+    """
 
     preset: str = "quick"
     # data
@@ -71,7 +74,6 @@ class ClassifyConfig:
     coeff: float = 0.9
     n_power_iterations: int = 1
     power_tol: float = 0.0  # > 0: each step's power iteration runs to this relative change of sigma
-    inverse_method: str = "plain"  # or "anderson", for the reconstructions
     # optimisation
     optimizer: str = "sgd"
     lr: float = 0.1
@@ -91,7 +93,6 @@ class ClassifyConfig:
     eval_batch_size: int = 500
     recon_images: int = 16
     recon_iterations: tuple[int, ...] = (1, 2, 3, 5, 7, 10, 15, 20, 30, 50, 75, 100)
-    inverse_tol: float = 1e-6
     # bookkeeping
     experiment_name: str = "classify"
     run_name: str | None = None
@@ -103,6 +104,7 @@ class ClassifyConfig:
     def __post_init__(self) -> None:
         for name in ("n_blocks", "hidden_channels", "strides", "milestones", "recon_iterations"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
+        super().__post_init__()  # the inverse options
         if self.dataset not in DATASETS:
             raise ValueError(f"unknown dataset {self.dataset!r}; choose one of {sorted(DATASETS)}")
         if self.model not in MODELS:
@@ -119,13 +121,10 @@ class ClassifyConfig:
             raise ValueError(f"need lr > 0 and 0 < lr_decay <= 1, got {self.lr}, {self.lr_decay}")
         if not self.recon_iterations or min(self.recon_iterations) < 1:
             raise ValueError(f"recon_iterations must be positive, got {self.recon_iterations}")
-        if not self.inverse_tol > 0:
-            raise ValueError(f"inverse_tol must be > 0, got {self.inverse_tol}")
         if not 0.0 <= self.validation_fraction < 1.0:
             raise ValueError(f"validation_fraction must be in [0, 1), got {self.validation_fraction}")
         check_device_name(self.device)
         self.architecture((1, 32, 32), 10)  # the library validates the rest (c in (0, 1), stages, ...)
-        self.inverse_config()
 
     def architecture(self, input_shape: tuple[int, int, int], num_classes: int) -> ClassifierArchitecture:
         vanilla = self.model != "iresnet"
@@ -143,11 +142,6 @@ class ClassifyConfig:
             power_tol=0.0 if vanilla else self.power_tol,
             norm="none" if self.model == "resnet-bn" else "actnorm",
             branch_batchnorm=self.model == "resnet-bn",
-        )
-
-    def inverse_config(self) -> FixedPointConfig:
-        return FixedPointConfig(
-            atol=self.inverse_tol, rtol=self.inverse_tol, max_iterations=200, method=self.inverse_method
         )
 
 

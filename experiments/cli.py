@@ -25,6 +25,7 @@ from pipeline.training.distributed import (
     replica_deviation,
 )
 from pipeline.training.loop import EpochHook, LoopState, restore
+from pipeline.transforms.inverse import FixedPointConfig
 from pipeline.transforms.logdet import (
     ExactLogDet,
     LogDetEstimator,
@@ -60,6 +61,7 @@ class EstimatorOptions:
 
     def __post_init__(self) -> None:
         self.training_estimator()  # validates every option (the library raises with a clear message)
+        _next_post_init(self, EstimatorOptions)
 
     def training_estimator(self) -> LogDetEstimator:
         series = dict(n_probes=self.n_probes, probe=self.probe, gradient=self.gradient)
@@ -78,6 +80,32 @@ class EstimatorOptions:
         raise ValueError(
             f"unknown log-det estimator {self.estimator!r}; choose power_series, russian_roulette or exact"
         )
+
+
+@dataclass(frozen=True)
+class InverseOptions:
+    """How a run inverts its blocks (reconstructions, samples), inherited by the density and classify configs."""
+
+    inverse_tol: float = 1e-6  # atol = rtol on the per-sample residual
+    inverse_method: str = "plain"  # or "anderson" (same tolerance, fewer evaluations of g)
+
+    def __post_init__(self) -> None:
+        if not self.inverse_tol > 0:
+            raise ValueError(f"inverse_tol must be > 0, got {self.inverse_tol}")
+        self.inverse_config()  # validates the method
+        _next_post_init(self, InverseOptions)
+
+    def inverse_config(self) -> FixedPointConfig:
+        return FixedPointConfig(
+            atol=self.inverse_tol, rtol=self.inverse_tol, max_iterations=200, method=self.inverse_method
+        )
+
+
+def _next_post_init(obj: Any, after: type) -> None:
+    """Cooperative ``__post_init__``: a config inheriting several option sets validates each of them."""
+    following = getattr(super(after, obj), "__post_init__", None)
+    if following is not None:
+        following()
 
 
 def chain_epoch_hooks(*hooks: EpochHook | None) -> EpochHook:

@@ -45,17 +45,18 @@ from pipeline.training.distributed import (
 )
 from pipeline.training.loop import EpochHook, LoopConfig, fit
 from pipeline.training.schedule import linear_warmup
-from pipeline.transforms import FixedPointConfig, InverseReport
+from pipeline.transforms import InverseReport
 
 log = logging.getLogger("experiments.density")
 
 
 @dataclass(frozen=True)
-class DensityConfig(cli.EstimatorOptions):
+class DensityConfig(cli.EstimatorOptions, cli.InverseOptions):
     """Everything a density run needs; validated in one place (``__post_init__``).
 
     The training log-det estimator's options (``estimator``, ``n_terms``, ``gradient``, ...) come from
-    :class:`experiments.cli.EstimatorOptions`.
+    :class:`experiments.cli.EstimatorOptions`, the inverse's (``inverse_tol``, ``inverse_method``) from
+    :class:`experiments.cli.InverseOptions`.
     """
 
     preset: str = "quick"
@@ -72,7 +73,6 @@ class DensityConfig(cli.EstimatorOptions):
     n_power_iterations: int = 5
     power_tol: float = 0.0  # > 0: each step's power iteration runs to this relative change of sigma
     activation: str = "elu"
-    inverse_method: str = "plain"  # or "anderson" (same tolerance, fewer evaluations of g)
     # optimisation
     epochs: int = 10
     batch_size: int = 64
@@ -91,7 +91,6 @@ class DensityConfig(cli.EstimatorOptions):
     max_passes: int = 20
     n_samples: int = 64
     sample_temperature: float = 1.0
-    inverse_tol: float = 1e-6
     variance_repeats: int = 16  # per-block log-det variance report at the end (0: off)
     # bookkeeping
     experiment_name: str = "density"
@@ -111,7 +110,7 @@ class DensityConfig(cli.EstimatorOptions):
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        super().__post_init__()  # the estimator options
+        super().__post_init__()  # the estimator and inverse options
         if self.variance_repeats == 1:
             raise ValueError("variance_repeats must be 0 (off) or >= 2 (a spread needs two draws)")
         for name in ("pad", "warmup_steps", "eval_every", "eval_max_images", "variance_repeats"):
@@ -125,12 +124,9 @@ class DensityConfig(cli.EstimatorOptions):
             raise ValueError(f"grad_clip must be >= 0, got {self.grad_clip}")
         if not self.sample_temperature >= 0:
             raise ValueError(f"sample_temperature must be >= 0, got {self.sample_temperature}")
-        if not self.inverse_tol > 0:
-            raise ValueError(f"inverse_tol must be > 0, got {self.inverse_tol}")
         # the library validates its own pieces; building them here fails before any run starts
         self.architecture((1, 2 ** len(self.n_blocks), 2 ** len(self.n_blocks)))
         self.protocol()
-        self.inverse_config()
         check_device_name(self.device)
 
     def architecture(self, input_shape: tuple[int, int, int]) -> FlowArchitecture:
@@ -142,11 +138,6 @@ class DensityConfig(cli.EstimatorOptions):
             coeff=self.coeff,
             n_power_iterations=self.n_power_iterations,
             power_tol=self.power_tol,
-        )
-
-    def inverse_config(self) -> FixedPointConfig:
-        return FixedPointConfig(
-            atol=self.inverse_tol, rtol=self.inverse_tol, max_iterations=200, method=self.inverse_method
         )
 
     def protocol(self) -> EvalProtocol:
