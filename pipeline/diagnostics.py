@@ -85,8 +85,10 @@ def layer_operator_norms(model: nn.Module, *, method: str = "certified") -> list
 def spectral_estimates(model: nn.Module) -> list[dict]:
     """The power-iteration state of every spectrally normalised layer of every residual branch.
 
-    ``sigma`` is the running estimate of the raw weight's operator norm (the layer applies
-    ``W * min(1, c / sigma)``), ``power_iterations`` the steps its last training forward took.
+    ``sigma`` is the running estimate of the raw weight's operator norm (a training forward applies
+    ``W * min(1, c / sigma)``), ``power_iterations`` the steps its last training forward took, and
+    ``training_norm_ratio`` the norm a training forward with that estimate applies to the current
+    weight, over ``c`` (above 1: the soft constraint overshoots; eval mode never does).
     """
     from pipeline.layers.spectral import SPECTRAL_LAYERS
 
@@ -101,6 +103,7 @@ def spectral_estimates(model: nn.Module) -> list[dict]:
                         "sigma": float(layer.sigma),
                         "coeff": layer.coeff,
                         "power_iterations": layer.last_power_iterations,
+                        "training_norm_ratio": layer.training_norm_ratio(),
                     }
                 )
     return rows

@@ -32,8 +32,10 @@ class DiagonalGaussian(nn.Module):
             raise ValueError(f"expected samples of shape (B, {', '.join(map(str, self.shape))}), got {tuple(z.shape)}")
         normalized = (z - self.mean) * torch.exp(-self.log_std)
         per_dim = -0.5 * (normalized**2 + _LOG_2PI) - self.log_std
-        return per_dim.reshape(z.shape[0], -1).sum(dim=1)
+        return per_dim.flatten(1).sum(dim=1)
 
     def sample(self, n: int, *, temperature: float = 1.0) -> Tensor:
+        if not isinstance(n, int) or n < 0:
+            raise ValueError(f"the number of samples must be an integer >= 0, got {n!r}")
         eps = torch.randn(n, *self.shape, dtype=self.mean.dtype, device=self.mean.device)
         return self.mean + temperature * torch.exp(self.log_std) * eps

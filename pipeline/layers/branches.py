@@ -1,7 +1,8 @@
 """Residual branches ``g = W_k o phi o ... o phi o W_1`` for invertible residual blocks.
 
-With spectrally normalised ``W_i`` (coefficient ``c``) and 1-Lipschitz ``phi``, ``Lip(g) <= c^k``
-by the estimate, and :func:`branch_lipschitz_bound` certifies it with exact operator norms.
+With spectrally normalised ``W_i`` (coefficient ``c``) and 1-Lipschitz ``phi``, ``Lip(g) <= c^k`` in
+eval mode (each layer applies its certified weight), and :func:`branch_lipschitz_bound` certifies it.
+``lipschitz="strict"`` makes it hold at every training forward too.
 ``coeff=None`` builds the same branch unconstrained (the paper's "vanilla" ResNet).
 """
 
@@ -17,22 +18,18 @@ from pipeline.layers.operator_norm import layer_operator_norm
 from pipeline.layers.spectral import SpectralNormConv2d, SpectralNormLinear
 
 
-def _linear(n_in: int, n_out: int, coeff: float | None, n_power_iterations: int, power_tol: float) -> nn.Module:
+def _linear(n_in: int, n_out: int, coeff: float | None, spectral: dict) -> nn.Module:
     if coeff is None:
         return nn.Linear(n_in, n_out)
-    return SpectralNormLinear(n_in, n_out, coeff=coeff, n_power_iterations=n_power_iterations, power_tol=power_tol)
+    return SpectralNormLinear(n_in, n_out, coeff=coeff, **spectral)
 
 
-def _conv(
-    n_in: int, n_out: int, kernel: int, coeff: float | None, n_power_iterations: int, power_tol: float
-) -> nn.Module:
+def _conv(n_in: int, n_out: int, kernel: int, coeff: float | None, spectral: dict) -> nn.Module:
     if kernel % 2 == 0:
         raise ValueError(f"kernel sizes must be odd (size-preserving padding), got {kernel}")
     if coeff is None:
         return nn.Conv2d(n_in, n_out, kernel, padding=kernel // 2)
-    return SpectralNormConv2d(
-        n_in, n_out, kernel, coeff=coeff, n_power_iterations=n_power_iterations, power_tol=power_tol
-    )
+    return SpectralNormConv2d(n_in, n_out, kernel, coeff=coeff, **spectral)
 
 
 def mlp_branch(
@@ -43,15 +40,17 @@ def mlp_branch(
     coeff: float | None = 0.9,
     n_power_iterations: int = 5,
     power_tol: float = 0.0,
+    lipschitz: str = "soft",
     preactivation: bool = False,
 ) -> nn.Sequential:
     """``dim -> hidden[0] -> ... -> hidden[-1] -> dim`` with an activation between linear maps."""
     widths = [dim, *hidden, dim]
+    spectral = dict(n_power_iterations=n_power_iterations, power_tol=power_tol, lipschitz=lipschitz)
     layers: list[nn.Module] = [make_activation(activation)] if preactivation else []
     for i, (n_in, n_out) in enumerate(zip(widths[:-1], widths[1:], strict=True)):
         if i > 0:
             layers.append(make_activation(activation))
-        layers.append(_linear(n_in, n_out, coeff, n_power_iterations, power_tol))
+        layers.append(_linear(n_in, n_out, coeff, spectral))
     return nn.Sequential(*layers)
 
 
@@ -64,6 +63,7 @@ def conv_branch(
     coeff: float | None = 0.9,
     n_power_iterations: int = 5,
     power_tol: float = 0.0,
+    lipschitz: str = "soft",
     preactivation: bool = False,
     batchnorm: bool = False,
 ) -> nn.Sequential:
@@ -75,6 +75,7 @@ def conv_branch(
     if batchnorm and coeff is not None:
         raise ValueError("batchnorm inside the branch voids the Lipschitz guarantee; use it only with coeff=None")
     widths = [channels] + [hidden] * (len(kernel_sizes) - 1) + [channels]
+    spectral = dict(n_power_iterations=n_power_iterations, power_tol=power_tol, lipschitz=lipschitz)
     layers: list[nn.Module] = []
 
     def act(n: int) -> None:
@@ -85,7 +86,7 @@ def conv_branch(
     for i, (n_in, n_out, k) in enumerate(zip(widths[:-1], widths[1:], kernel_sizes, strict=True)):
         if i > 0 or preactivation:
             act(n_in)
-        layers.append(_conv(n_in, n_out, k, coeff, n_power_iterations, power_tol))
+        layers.append(_conv(n_in, n_out, k, coeff, spectral))
     return nn.Sequential(*layers)
 
 

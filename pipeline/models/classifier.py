@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from pipeline.layers.activations import ACTIVATIONS, make_activation
 from pipeline.layers.branches import conv_branch
-from pipeline.layers.spectral import _check_spectral_args
+from pipeline.layers.spectral import check_spectral_args
 from pipeline.transforms.actnorm import ActNorm
 from pipeline.transforms.base import InverseReport, Transform, TransformSequence
 from pipeline.transforms.inverse import FixedPointConfig
@@ -41,6 +41,7 @@ class ClassifierArchitecture:
     coeff: float | None = 0.9  # None: unconstrained (vanilla) residual branches
     n_power_iterations: int = 1
     power_tol: float = 0.0  # > 0: power iteration per step runs to this relative change of sigma
+    lipschitz: str = "soft"  # "strict": Lip(g) <= c at every training forward too (certified bound per step)
     norm: str = "actnorm"  # before each block
     branch_batchnorm: bool = False  # BatchNorm inside the branch (vanilla "ResNet-BN" only)
 
@@ -60,7 +61,7 @@ class ClassifierArchitecture:
         if self.norm not in NORMS:
             raise ValueError(f"unknown norm {self.norm!r}; choose one of {NORMS}")
         if self.coeff is not None:
-            _check_spectral_args(self.coeff, self.n_power_iterations, self.power_tol)
+            check_spectral_args(self.coeff, self.n_power_iterations, self.power_tol, self.lipschitz)
         if self.branch_batchnorm and self.coeff is not None:
             raise ValueError("branch_batchnorm voids the invertibility guarantee; use it only with coeff=None")
         self.stage_shapes()
@@ -116,6 +117,7 @@ class ResidualClassifier(nn.Module):
                     coeff=arch.coeff,
                     n_power_iterations=arch.n_power_iterations,
                     power_tol=arch.power_tol,
+                    lipschitz=arch.lipschitz,
                     preactivation=not first,  # pre-activation blocks, as in the paper's classifier
                     batchnorm=arch.branch_batchnorm,
                 )

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from pipeline.layers.activations import ACTIVATIONS
 from pipeline.layers.branches import conv_branch
-from pipeline.layers.spectral import _check_spectral_args
+from pipeline.layers.spectral import check_spectral_args
 from pipeline.models.base import FlowModel, make_prior
 from pipeline.transforms.actnorm import ActNorm
 from pipeline.transforms.base import InverseReport, Transform, TransformSequence
@@ -36,6 +36,7 @@ class FlowArchitecture:
     coeff: float = 0.9
     n_power_iterations: int = 5
     power_tol: float = 0.0  # > 0: power iteration per step runs to this relative change of sigma
+    lipschitz: str = "soft"  # "strict": Lip(g) <= c at every training forward too (certified bound per step)
     actnorm: bool = True
     learnable_prior: bool = True
     squeeze_first: bool = True  # squeeze before the first level too (as the reference code does)
@@ -54,7 +55,7 @@ class FlowArchitecture:
             raise ValueError(f"hidden_channels needs one width >= 1 (or one per level), got {self.hidden_channels}")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"unknown activation {self.activation!r}; choose one of {sorted(ACTIVATIONS)}")
-        _check_spectral_args(self.coeff, self.n_power_iterations, self.power_tol)
+        check_spectral_args(self.coeff, self.n_power_iterations, self.power_tol, self.lipschitz)
         self.level_shapes()  # raises on sizes that do not squeeze/split
 
     def level_shapes(self) -> list[tuple[int, int, int]]:
@@ -114,6 +115,7 @@ class IResNetFlow(FlowModel):
                     coeff=arch.coeff,
                     n_power_iterations=arch.n_power_iterations,
                     power_tol=arch.power_tol,
+                    lipschitz=arch.lipschitz,
                 )
                 steps.append(InvertibleResidualBlock(branch, estimator=estimator, inverse_config=inverse_config))
             levels.append(TransformSequence(*steps))

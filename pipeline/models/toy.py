@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from pipeline.layers.activations import ACTIVATIONS
 from pipeline.layers.branches import mlp_branch
-from pipeline.layers.spectral import _check_spectral_args
+from pipeline.layers.spectral import check_spectral_args
 from pipeline.models.base import FlowModel, make_prior
 from pipeline.transforms.actnorm import ActNorm
 from pipeline.transforms.base import InverseReport, Transform, TransformSequence
@@ -26,6 +26,7 @@ class VectorFlowArchitecture:
     coeff: float = 0.9
     n_power_iterations: int = 5
     power_tol: float = 0.0  # > 0: power iteration per step runs to this relative change of sigma
+    lipschitz: str = "soft"  # "strict": Lip(g) <= c at every training forward too (certified bound per step)
     actnorm: bool = True  # after each block, as in the paper's toy model
     learnable_prior: bool = False
 
@@ -35,7 +36,7 @@ class VectorFlowArchitecture:
             raise ValueError(f"dim, n_blocks and hidden widths must be >= 1, got {self}")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"unknown activation {self.activation!r}; choose one of {sorted(ACTIVATIONS)}")
-        _check_spectral_args(self.coeff, self.n_power_iterations, self.power_tol)
+        check_spectral_args(self.coeff, self.n_power_iterations, self.power_tol, self.lipschitz)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -64,6 +65,7 @@ class VectorFlow(FlowModel):
                 coeff=arch.coeff,
                 n_power_iterations=arch.n_power_iterations,
                 power_tol=arch.power_tol,
+                lipschitz=arch.lipschitz,
             )
             steps.append(InvertibleResidualBlock(branch, estimator=estimator, inverse_config=inverse_config))
             if arch.actnorm:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
@@ -28,6 +30,14 @@ class ActNorm(Transform):
 
     @torch.no_grad()
     def _initialize(self, x: Tensor) -> None:
+        # a bad first batch would set bias and scale to NaN for good: refuse it instead
+        if x.shape[0] == 0:
+            raise ValueError("ActNorm's data-dependent initialisation needs a non-empty first batch")
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError(
+                "ActNorm's data-dependent initialisation got a batch with NaN or inf values; "
+                "it would make every later output NaN. Check the data (or the layers before this one)"
+            )
         channels_last = x.transpose(0, 1).reshape(self.num_features, -1)
         self.bias.copy_(-channels_last.mean(dim=1))
         std = channels_last.std(dim=1)
@@ -40,7 +50,7 @@ class ActNorm(Transform):
         if not bool(self.initialized):
             self._initialize(x)
         y = (x + self._view(self.bias, x)) * self._view(self.log_scale, x).exp()
-        spatial = x[0, 0].numel()
+        spatial = math.prod(x.shape[2:])
         logdet = (spatial * self.log_scale.sum()).expand(x.shape[0])
         return y, logdet
 

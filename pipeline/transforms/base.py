@@ -7,6 +7,7 @@ several estimators take an ``estimator`` keyword; the others ignore it.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -27,7 +28,7 @@ class InverseReport:
 
     @property
     def converged(self) -> bool:
-        return not any(self.n_not_converged)
+        return not any(self.n_not_converged) and not any(math.isnan(r) for r in self.max_residual)
 
     @property
     def total_iterations(self) -> int:
@@ -38,7 +39,10 @@ class InverseReport:
             "inverse_blocks": float(len(self.iterations)),
             "inverse_max_iterations": float(max(self.iterations, default=0)),
             "inverse_total_iterations": float(self.total_iterations),
-            "inverse_max_residual": max(self.max_residual, default=0.0),
+            # max() skips a NaN that is not first: a NaN residual must show
+            "inverse_max_residual": float("nan")
+            if any(math.isnan(r) for r in self.max_residual)
+            else max(self.max_residual, default=0.0),
             "inverse_not_converged": float(sum(self.n_not_converged)),
             "inverse_fallbacks": float(sum(self.n_fallback)),
         }
@@ -98,7 +102,7 @@ class TransformSequence(Transform):
 
 
 def sum_except_batch(x: Tensor) -> Tensor:
-    return x.reshape(x.shape[0], -1).sum(dim=1)
+    return x.flatten(1).sum(dim=1)  # reshape(B, -1) is ambiguous for an empty batch
 
 
 def zeros_logdet(x: Tensor) -> Tensor:

@@ -25,6 +25,7 @@ relative to the incoming gradient; no graph is kept through the iterations, only
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -81,7 +82,12 @@ class FixedPointResult:
 
 
 def _flat_norm(x: Tensor) -> Tensor:
-    return x.reshape(x.shape[0], -1).norm(dim=1)
+    return x.flatten(1).norm(dim=1)  # reshape(B, -1) is ambiguous for an empty batch
+
+
+def _within(residual: Tensor, tol: Tensor) -> Tensor:
+    """Converged: a finite residual within a finite tolerance (an overflowing ||y|| makes tol inf)."""
+    return torch.isfinite(residual) & torch.isfinite(tol) & (residual <= tol)
 
 
 def _anderson_mix(xs: Tensor, fs: Tensor, config: FixedPointConfig) -> Tensor:
@@ -121,7 +127,7 @@ def solve_fixed_point(
     active = torch.ones(batch, dtype=torch.bool, device=x0.device)
     fell_back = torch.zeros(batch, dtype=torch.bool, device=x0.device)
     if anderson:
-        m, d = config.anderson_memory, x0[0].numel()
+        m, d = config.anderson_memory, math.prod(x0.shape[1:])
         xs, fs = x0.new_zeros(batch, m, d), x0.new_zeros(batch, m, d)
         best_x, best_f = x0.clone(), x0.clone()
         since_best = torch.zeros(batch, dtype=torch.long, device=x0.device)
@@ -140,7 +146,7 @@ def solve_fixed_point(
         f_act = step(x_act, sel)
         res = _flat_norm(f_act - x_act)
         iterations[sel] += 1
-        done = res <= tol[sel]
+        done = _within(res, tol[sel])
         if anderson:
             improved = res < residual[sel]
             residual[sel] = torch.where(improved, res, residual[sel])
@@ -175,7 +181,7 @@ def solve_fixed_point(
     if anderson:
         x = best_x
     return FixedPointResult(
-        x=x, iterations=iterations, residual=residual, converged=residual <= tol, fell_back=fell_back
+        x=x, iterations=iterations, residual=residual, converged=_within(residual, tol), fell_back=fell_back
     )
 
 

@@ -52,7 +52,7 @@ def sample_probe(like: Tensor, kind: str) -> Tensor:
 
 
 def _flat_dot(a: Tensor, b: Tensor) -> Tensor:
-    return (a * b).reshape(a.shape[0], -1).sum(dim=1)
+    return (a * b).flatten(1).sum(dim=1)
 
 
 class LogDetEstimator:
@@ -98,7 +98,7 @@ class ExactLogDet(LogDetEstimator):
 
     def estimate(self, g: Branch, x: Tensor, differentiable: bool) -> tuple[Tensor, Tensor]:
         gx = g(x)
-        batch, d = x.shape[0], x[0].numel()
+        batch, d = x.shape[0], math.prod(x.shape[1:])
         if d > self.max_dim:
             raise ValueError(
                 f"exact log-determinant needs the full {d}x{d} Jacobian per sample, above max_dim={self.max_dim}; "

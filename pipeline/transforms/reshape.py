@@ -14,6 +14,9 @@ class Squeeze(Transform):
     def forward(self, x: Tensor, *, estimator=None) -> tuple[Tensor, Tensor]:  # noqa: ANN001
         if x.dim() != 4 or x.shape[-1] % 2 or x.shape[-2] % 2:
             raise ValueError(f"Squeeze needs (B, C, H, W) with even H and W, got shape {tuple(x.shape)}")
+        if x.shape[0] == 0:  # pixel_unshuffle returns an empty batch unchanged, in the wrong shape
+            b, c, h, w = x.shape
+            return x.new_empty(0, 4 * c, h // 2, w // 2), zeros_logdet(x)
         return F.pixel_unshuffle(x, 2), zeros_logdet(x)
 
     def map(self, x: Tensor) -> Tensor:
@@ -22,6 +25,9 @@ class Squeeze(Transform):
     def inverse(self, y: Tensor, *, report: InverseReport | None = None) -> Tensor:
         if y.dim() != 4 or y.shape[1] % 4:
             raise ValueError(f"inverse Squeeze needs (B, 4C, H, W), got shape {tuple(y.shape)}")
+        if y.shape[0] == 0:
+            b, c, h, w = y.shape
+            return y.new_empty(0, c // 4, 2 * h, 2 * w)
         return F.pixel_shuffle(y, 2)
 
 

@@ -48,8 +48,8 @@ class InvertibleResidualBlock(Transform):
         with frozen_power_iteration(self.branch):
             result = fixed_point_inverse(self.branch, y, self.inverse_config)
         if report is not None:
-            report.iterations.append(int(result.iterations.max()))
-            report.max_residual.append(float(result.residual.max()))
+            report.iterations.append(int(result.iterations.max()) if y.shape[0] else 0)
+            report.max_residual.append(float(result.residual.max()) if y.shape[0] else 0.0)  # max() keeps a NaN
             report.n_not_converged.append(int((~result.converged).sum()))
             report.n_fallback.append(int(result.fell_back.sum()))
         return result.x

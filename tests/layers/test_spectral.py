@@ -147,7 +147,8 @@ def test_the_tolerance_loop_is_capped(float64):
     "kwargs,message",
     [
         ({"power_tol": -1e-3}, "power_tol"),
-        ({"power_tol": 1e-3, "n_power_iterations": 0}, "power_tol > 0 needs"),
+        ({"n_power_iterations": 0}, "n_power_iterations must be an integer >= 1"),
+        ({"lipschitz": "hard"}, "unknown lipschitz mode"),
         ({"n_power_iterations": 5, "max_power_iterations": 2}, "max_power_iterations"),
     ],
 )
