@@ -43,16 +43,19 @@ class Case:
     name: str
     kind: str  # "resnet", "iresnet", "flow"
     estimator: LogDetEstimator | None = None
+    lipschitz: str = "soft"  # "strict": a certified bound divides every training forward
 
 
 CASES = [
     Case("(a) vanilla ResNet", "resnet"),
     Case("(b) i-ResNet classifier", "iresnet"),
+    Case("(b) i-ResNet classifier, strict", "iresnet", lipschitz="strict"),
     Case("(c) flow, 1 term", "flow", PowerSeriesLogDet(n_terms=1)),
     Case("(c) flow, 5 terms, backprop", "flow", PowerSeriesLogDet(n_terms=5)),
     Case("(c) flow, 5 terms, Neumann", "flow", PowerSeriesLogDet(n_terms=5, gradient="neumann")),
     Case("(c) flow, 10 terms, backprop", "flow", PowerSeriesLogDet(n_terms=10)),
     Case("(c) flow, 10 terms, Neumann", "flow", PowerSeriesLogDet(n_terms=10, gradient="neumann")),
+    Case("(c) flow, 5 terms, Neumann, strict", "flow", PowerSeriesLogDet(n_terms=5, gradient="neumann"), "strict"),
     Case("(d) flow, roulette, Neumann", "flow", RussianRouletteLogDet(n_exact_terms=2, gradient="neumann")),
 ]
 # (name, numerator case, denominator case, quantity, target): the acceptance ratios
@@ -69,6 +72,15 @@ TARGETS = [
         "5-term flow (backprop) / classifier step",
         "(c) flow, 5 terms, backprop",
         "(b) i-ResNet classifier",
+        "seconds_per_step",
+        None,
+    ),
+    ("strict / soft i-ResNet classifier step", "(b) i-ResNet classifier, strict", "(b) i-ResNet classifier",
+     "seconds_per_step", None),
+    (
+        "strict / soft 5-term flow step",
+        "(c) flow, 5 terms, Neumann, strict",
+        "(c) flow, 5 terms, Neumann",
         "seconds_per_step",
         None,
     ),
@@ -99,7 +111,11 @@ def _measure(case: Case, args: dict, queue) -> None:  # noqa: ANN001
     y = torch.randint(0, 10, (args["batch"],), device=device)
     if case.kind == "flow":
         arch = FlowArchitecture(
-            input_shape=shape, n_blocks=blocks, hidden_channels=hidden, n_power_iterations=args["power_iterations"]
+            input_shape=shape,
+            n_blocks=blocks,
+            hidden_channels=hidden,
+            n_power_iterations=args["power_iterations"],
+            lipschitz=case.lipschitz,
         )
         model = IResNetFlow(arch, estimator=case.estimator).to(device)
 
@@ -116,6 +132,7 @@ def _measure(case: Case, args: dict, queue) -> None:  # noqa: ANN001
             init_squeeze=True,
             coeff=0.9 if case.kind == "iresnet" else None,
             n_power_iterations=args["power_iterations"],
+            lipschitz=case.lipschitz,
         )
         model = ResidualClassifier(arch).to(device)
 

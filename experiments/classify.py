@@ -74,6 +74,7 @@ class ClassifyConfig(cli.InverseOptions):
     coeff: float = 0.9
     n_power_iterations: int = 1
     power_tol: float = 0.0  # > 0: each step's power iteration runs to this relative change of sigma
+    lipschitz: str = "soft"  # "strict": every training forward applies norms <= c (certified bound per step)
     # optimisation
     optimizer: str = "sgd"
     lr: float = 0.1
@@ -140,6 +141,7 @@ class ClassifyConfig(cli.InverseOptions):
             coeff=None if vanilla else self.coeff,
             n_power_iterations=self.n_power_iterations,
             power_tol=0.0 if vanilla else self.power_tol,
+            lipschitz=self.lipschitz,
             norm="none" if self.model == "resnet-bn" else "actnorm",
             branch_batchnorm=self.model == "resnet-bn",
         )

@@ -72,6 +72,7 @@ class DensityConfig(cli.EstimatorOptions, cli.InverseOptions):
     coeff: float = 0.9
     n_power_iterations: int = 5
     power_tol: float = 0.0  # > 0: each step's power iteration runs to this relative change of sigma
+    lipschitz: str = "soft"  # "strict": every training forward applies norms <= c (certified bound per step)
     activation: str = "elu"
     # optimisation
     epochs: int = 10
@@ -138,6 +139,7 @@ class DensityConfig(cli.EstimatorOptions, cli.InverseOptions):
             coeff=self.coeff,
             n_power_iterations=self.n_power_iterations,
             power_tol=self.power_tol,
+            lipschitz=self.lipschitz,
         )
 
     def protocol(self) -> EvalProtocol:

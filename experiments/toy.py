@@ -53,6 +53,7 @@ class ToyConfig(cli.EstimatorOptions):
     models: str = "glow,iresnet"  # comma-separated names from TOY_MODELS
     architecture: str = "quick"  # i-ResNet vector-flow preset; Glow is matched to it in depth and parameters
     coeff: float = 0.9
+    lipschitz: str = "soft"  # "strict": every training forward applies norms <= c (certified bound per step)
     steps: int = 2000
     steps_per_epoch: int = 250  # checkpoint and log epoch metrics this often
     batch_size: int = 256
@@ -107,11 +108,11 @@ class ToyConfig(cli.EstimatorOptions):
             raise ValueError("dynamics_depth must be even (the x^3 target sits at half depth)")
         if not self.lr > 0 or not self.grid_limit > 0:
             raise ValueError("lr and grid_limit must be > 0")
-        vector_flow(self.architecture, coeff=self.coeff, n_blocks=1)  # validates c
+        vector_flow(self.architecture, coeff=self.coeff, lipschitz=self.lipschitz, n_blocks=1)  # validates c
 
 
 def _iresnet(cfg: ToyConfig) -> FlowModel:
-    return vector_flow(cfg.architecture, coeff=cfg.coeff, estimator=cfg.training_estimator())
+    return vector_flow(cfg.architecture, coeff=cfg.coeff, lipschitz=cfg.lipschitz, estimator=cfg.training_estimator())
 
 
 TOY_MODELS: dict[str, Callable[[ToyConfig], FlowModel]] = {
@@ -167,7 +168,15 @@ def train_toy_model(
     loop = LoopConfig(
         epochs=epochs, checkpoint_path=checkpoint, log_every=50, progress=cfg.progress, metric_prefix=prefix
     )
-    fit(model, optimizer, None, batches, step_fn, loop)
+    fit(
+        model,
+        optimizer,
+        None,
+        batches,
+        step_fn,
+        loop,
+        on_epoch_end=lambda epoch, _: cli.log_spectral_estimates(model, epoch, prefix=prefix),
+    )
     return model.eval()
 
 

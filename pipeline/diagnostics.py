@@ -7,6 +7,7 @@
 * :func:`certified_lipschitz`: per-block certified ``Lip(g)`` and whether all are below one,
   i.e. whether the network is *certified* invertible.
 * :func:`spectral_estimates`: every layer's power-iteration estimate and the steps it took.
+* :func:`training_norm_ratios`: the norm a training forward applies, over ``c`` (the soft mode's overshoot).
 * :func:`logdet_variance_report`: per-block spread of a stochastic log-det estimator.
 """
 
@@ -86,9 +87,7 @@ def spectral_estimates(model: nn.Module) -> list[dict]:
     """The power-iteration state of every spectrally normalised layer of every residual branch.
 
     ``sigma`` is the running estimate of the raw weight's operator norm (a training forward applies
-    ``W * min(1, c / sigma)``), ``power_iterations`` the steps its last training forward took, and
-    ``training_norm_ratio`` the norm a training forward with that estimate applies to the current
-    weight, over ``c`` (above 1: the soft constraint overshoots; eval mode never does).
+    ``W * min(1, c / sigma)``), ``power_iterations`` the steps its last training forward took.
     """
     from pipeline.layers.spectral import SPECTRAL_LAYERS
 
@@ -103,10 +102,28 @@ def spectral_estimates(model: nn.Module) -> list[dict]:
                         "sigma": float(layer.sigma),
                         "coeff": layer.coeff,
                         "power_iterations": layer.last_power_iterations,
-                        "training_norm_ratio": layer.training_norm_ratio(),
                     }
                 )
     return rows
+
+
+def training_norm_ratios(model: nn.Module, *, max_layers: int | None = None, offset: int = 0) -> list[dict]:
+    """Applied norm / c of a training forward, per spectrally normalised layer (the soft mode's overshoot).
+
+    The norm a training forward with each layer's current estimate applies to its current weight,
+    measured against the exact (or converged Lanczos) norm, divided by ``c``: above 1 the soft
+    constraint overshoots (strict mode: at most 1; eval mode never overshoots). Each layer costs an
+    eval-time normalisation (reused by the next evaluation), so ``max_layers`` measures a sample,
+    starting at layer ``offset`` (wrapping around): rotate the offset to cover every layer over time.
+    """
+    from pipeline.layers.spectral import SPECTRAL_LAYERS
+
+    layers = [m for m in model.modules() if isinstance(m, SPECTRAL_LAYERS)]
+    if not layers:
+        return []
+    n = len(layers) if max_layers is None else min(max_layers, len(layers))
+    chosen = [(offset + k) % len(layers) for k in range(n)]
+    return [{"layer": i, "coeff": layers[i].coeff, "ratio": layers[i].training_norm_ratio()} for i in chosen]
 
 
 def certified_lipschitz(model: nn.Module) -> tuple[list[float], bool]:
