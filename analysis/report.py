@@ -21,7 +21,7 @@ import pandas as pd
 import torch
 from mlflow.tracking import MlflowClient
 
-from analysis.tables import config, finished_runs, table2, table4
+from analysis.tables import config, finished_runs, table2, table4, unfinished_runs
 from experiments import cli
 from pipeline.data import dequantize, load_dataset, pad_images
 from pipeline.diagnostics import logdet_estimator_study
@@ -99,9 +99,14 @@ class Report:
     def __init__(self, out: Path) -> None:
         self.out, self.lines = out, ["# i-ResNet: reproduced tables and figures", ""]
 
-    def table(self, title: str, df: pd.DataFrame, csv_name: str) -> None:
+    def table(self, title: str, df: pd.DataFrame, csv_name: str, unfinished: list[tuple[str, str, str]] = ()) -> None:
+        """A table; where it is empty, ``unfinished`` names the matching runs that exist but did not finish."""
         df.to_csv(self.out / csv_name, index=False)
         self.lines += [f"## {title}", "", f"CSV: `{csv_name}`", "", _markdown_table(df)]
+        if df.empty and unfinished:
+            listed = ", ".join(f"`{run_id}` ({name or 'unnamed'}, {status})" for run_id, name, status in unfinished)
+            self.lines += [f"Matching runs that did not finish: {listed}.", ""]
+            log.warning("%s is empty; matching runs that did not finish: %s", title, listed)
 
     def figure(self, title: str, files: list[str], note: str = "") -> None:
         if not files:
@@ -200,9 +205,19 @@ def run(cfg: ReportConfig) -> str:
     sweep_runs = finished_runs(cfg.sweep_experiment, cfg.filter_string)
 
     t2 = table2(classify_runs)
-    report.table("Table 2: classification test error (%)", t2, "table2_classification.csv")
+    report.table(
+        "Table 2: classification test error (%)",
+        t2,
+        "table2_classification.csv",
+        unfinished_runs(cfg.classify_experiment, cfg.filter_string) if t2.empty else [],
+    )
     t4 = table4(density_runs)
-    report.table("Table 4: bits/dim", t4, "table4_bits_per_dim.csv")
+    report.table(
+        "Table 4: bits/dim",
+        t4,
+        "table4_bits_per_dim.csv",
+        unfinished_runs(cfg.density_experiment, cfg.filter_string) if t4.empty else [],
+    )
     _classify_figures(t2, classify_runs, report, out)
     if not density_runs.empty:
         _estimator_study(density_runs, cfg, report, out)
@@ -237,6 +252,8 @@ def run(cfg: ReportConfig) -> str:
                 "n_classify_runs": len(classify_runs),
                 "n_toy_runs": len(toy_runs),
                 "n_sweep_runs": len(sweep_runs),
+                "table2_rows": len(t2),
+                "table4_rows": len(t4),
             }
         )
         mlflow.log_artifacts(str(out))

@@ -9,14 +9,17 @@ Each scale is a list of (entry point, preset, overrides): data, not code.
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from dataclasses import dataclass
 from typing import Any
 
+from mlflow.tracking import MlflowClient
+
 from analysis import report
 from experiments import classify, cli, density, toy
-from pipeline.tracking import PROJECT_ROOT
+from pipeline.tracking import PROJECT_ROOT, orchestrator_run
 
 log = logging.getLogger("analysis.reproduce")
 
@@ -60,7 +63,7 @@ SCALES: dict[str, list[tuple[str, str, dict[str, Any]]]] = {
     ],
     "quick": [
         ("density", "quick", {}),
-        *[("classify", "quick", {"model": "iresnet", "coeff": c}) for c in (0.3, 0.5, 0.7, 0.9)],
+        *[("classify", "quick", {"model": "iresnet", "coeff": c}) for c in (0.3, 0.5, 0.6, 0.7, 0.8, 0.9)],
         ("classify", "quick", {"model": "resnet"}),
         ("classify", "quick", {"model": "resnet-bn"}),
         ("toy", "quick", {}),
@@ -119,17 +122,45 @@ PRESETS: dict[str, dict] = {"quick": {}}
 
 
 def run(cfg: ReproduceConfig) -> str:
-    for entry, preset, overrides in SCALES[cfg.scale]:
-        log.info("reproduce (%s): %s, preset %s %s", cfg.scale, entry, preset, overrides or "")
-        ENTRY_POINTS[entry].run(cfg.entry_config(entry, preset, overrides))
-    return report.run(
-        report.config_from_preset(
-            "quick",
-            filter_string=f"tags.mlflow.runName LIKE '{cfg.tag}-%'",
-            output_dir=cfg.output_dir,
-            run_name=f"{cfg.tag}-report",
+    """Train what the scale lists, then build the report; returns the orchestrator's run id.
+
+    The orchestrator's run (under ``mlflow run``: the launched run, claimed before any training
+    starts) lists the runs it made (``runs.json``, and a ``run.NN.<entry>`` tag each) and links the
+    report (``report_run_id``). Every training is a run of its own in its entry point's experiment,
+    tagged ``reproduce_run_id``: not a nested child, because nesting keeps a child in its parent's
+    experiment, where ``report`` and the MLflow UI's per-experiment views would not find it. The
+    report reads exactly these runs. A table the scale promised that comes out empty fails the run.
+    """
+    client = MlflowClient()
+    with orchestrator_run("reproduce", run_name=f"{cfg.tag}-{cfg.scale}") as run_id:
+        client.set_tag(run_id, "reproduce_scale", cfg.scale)
+        made = []
+        for i, (entry, preset, overrides) in enumerate(SCALES[cfg.scale]):
+            log.info("reproduce (%s): %s, preset %s %s", cfg.scale, entry, preset, overrides or "")
+            child = ENTRY_POINTS[entry].run(cfg.entry_config(entry, preset, overrides))
+            client.set_tag(child, "reproduce_run_id", run_id)
+            client.set_tag(run_id, f"run.{i:02d}.{entry}", child)
+            made.append({"entry": entry, "preset": preset, "overrides": overrides, "run_id": child})
+            client.log_text(run_id, json.dumps(made, indent=2, default=str), "runs.json")
+        report_id = report.run(
+            report.config_from_preset(
+                "quick",
+                filter_string=f"tags.reproduce_run_id = '{run_id}'",
+                output_dir=cfg.output_dir,
+                run_name=f"{cfg.tag}-report",
+            )
         )
-    )
+        client.set_tag(run_id, "report_run_id", report_id)
+        metrics = client.get_run(report_id).data.metrics
+        promised = {"Table 2": ("classify", "table2_rows"), "Table 4": ("density", "table4_rows")}
+        empty = [
+            name
+            for name, (entry, metric) in promised.items()
+            if any(e == entry for e, _, _ in SCALES[cfg.scale]) and not metrics.get(metric)
+        ]
+        if empty:
+            raise RuntimeError(f"{' and '.join(empty)} came out empty; see report run {report_id} for the runs' states")
+    return run_id
 
 
 def config_from_preset(preset: str, **overrides) -> ReproduceConfig:  # noqa: ANN003

@@ -55,6 +55,18 @@ def finished_runs(experiment: str, filter_string: str = "") -> pd.DataFrame:
     return runs.reset_index(drop=True)
 
 
+def unfinished_runs(experiment: str, filter_string: str = "") -> list[tuple[str, str, str]]:
+    """``(run_id, run name, status)`` of the top-level runs matching ``filter_string`` that are not FINISHED."""
+    exp = mlflow.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    query = "attributes.status != 'FINISHED'" + (f" and {filter_string}" if filter_string else "")
+    runs = mlflow.search_runs([exp.experiment_id], filter_string=query)
+    if "tags.mlflow.parentRunId" in runs:
+        runs = runs[runs["tags.mlflow.parentRunId"].isna()]
+    return [(r["run_id"], r.get("tags.mlflow.runName", ""), r["status"]) for _, r in runs.iterrows()]
+
+
 def config(row: pd.Series, name: str) -> object:
     """A run's resolved configuration value (logged as ``config.<name>`` by every entry point)."""
     return row.get(f"params.config.{name}")

@@ -72,7 +72,7 @@ class SweepConfig:
     target: str = "density"
     target_preset: str = "quick"
     target_overrides: str = "epochs=2 eval_max_images=500"  # "field=value ..." applied to every trial
-    lipschitz: str = "soft"  # every trial's Lipschitz mode ("strict": norms <= c at every training forward too)
+    lipschitz: str | None = None  # every trial's Lipschitz mode (None: the target's; "strict": norms <= c always)
     study_name: str = "iresnet-sweep"
     storage: str = ""  # "": sqlite:///<project>/optuna.db; "journal:PATH"; or any SQLAlchemy URL
     n_trials: int = 8  # in total, across all workers on the study
@@ -156,7 +156,8 @@ class SweepConfig:
         except SystemExit:
             raise ValueError(f"bad target_overrides {self.target_overrides!r}") from None
         parsed.pop("preset")
-        return {"lipschitz": self.lipschitz} | {k: v for k, v in parsed.items() if v is not None}
+        chosen = {} if self.lipschitz is None else {"lipschitz": self.lipschitz}
+        return chosen | {k: v for k, v in parsed.items() if v is not None}
 
 
 PRESETS: dict[str, dict] = {

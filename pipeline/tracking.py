@@ -114,6 +114,34 @@ def tracked_run(
         mlflow.end_run(status="FINISHED")
 
 
+@contextmanager
+def orchestrator_run(experiment_name: str, *, run_name: str | None = None) -> Iterator[str]:
+    """A run for a job that starts other runs (``reproduce``): its id, never the active (fluent) run.
+
+    Under ``mlflow run`` it is the launched run, claimed here first, so that no training started
+    inside takes it over; otherwise a new run in ``experiment_name``. It is not made active, so every
+    run started inside is a run of its own in its own experiment. It ends FINISHED, or FAILED (with a
+    ``failure`` tag) or KILLED if the body raises.
+    """
+    configure_tracking()
+    client = MlflowClient()
+    launched = os.environ.pop("MLFLOW_RUN_ID", None)
+    run_id = launched or client.create_run(experiment_id(experiment_name), run_name=run_name).info.run_id
+    if launched and run_name:
+        client.set_tag(run_id, "mlflow.runName", run_name)
+    try:
+        yield run_id
+    except KeyboardInterrupt:
+        client.set_terminated(run_id, status="KILLED")
+        raise
+    except BaseException as exc:
+        client.set_tag(run_id, "failure", f"{type(exc).__name__}: {exc}"[:5000])
+        client.set_terminated(run_id, status="FAILED")
+        raise
+    else:
+        client.set_terminated(run_id, status="FINISHED")
+
+
 def write_csv(rows: list[dict], path: Path) -> None:
     """Rows (dicts with the same keys) as a CSV file with a header, for an artifact folder."""
     import csv

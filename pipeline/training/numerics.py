@@ -17,49 +17,52 @@ from __future__ import annotations
 import ctypes
 import logging
 from functools import cache
+from pathlib import Path
 
 import torch
 
 log = logging.getLogger(__name__)
 
-_SUBNORMAL = 1e-39  # a float32 subnormal
 _GRAIN = 32768  # ATen's grain size for element-wise kernels: one chunk per thread at least this long
 
 
 @cache
-def _openmp_runtime() -> ctypes.CDLL | None:
-    """The OpenMP runtime torch has loaded (libgomp, or Intel's libiomp5, which exports the GOMP ABI)."""
+def _openmp_runtimes() -> tuple[ctypes.CDLL, ...]:
+    """The OpenMP runtimes loaded in this process, torch's own first (libgomp, or Intel's libiomp5 with the GOMP ABI).
+
+    Other wheels bring their own copy (scikit-learn's libgomp): a team of that copy is not torch's.
+    """
     try:
         with open("/proc/self/maps") as maps:
             paths = {line.split()[-1] for line in maps if "gomp" in line or "iomp5" in line}
     except OSError:
-        return None
-    for path in sorted(paths):
+        return ()
+    torch_dir = str(Path(torch.__file__).resolve().parent)
+    runtimes = []
+    for path in sorted(paths, key=lambda p: (not p.startswith(torch_dir), p)):
         try:
-            lib = ctypes.CDLL(path)  # already loaded: the same handle torch uses
+            lib = ctypes.CDLL(path)  # already loaded: the same handle
             lib.GOMP_parallel  # noqa: B018 - the symbol must exist
         except (OSError, AttributeError):
             continue
-        return lib
-    return None
+        runtimes.append(lib)
+    return tuple(runtimes)
 
 
-def _in_every_openmp_thread(enabled: bool) -> bool:
-    lib = _openmp_runtime()
-    if lib is None:
-        return False
+def _in_every_thread_of(lib: ctypes.CDLL, enabled: bool) -> None:
     callback_type = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
     callback = callback_type(lambda _data: torch.set_flush_denormal(enabled))
     lib.GOMP_parallel.argtypes = [callback_type, ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint]
     lib.GOMP_parallel.restype = None
     lib.GOMP_parallel(callback, None, torch.get_num_threads(), 0)  # each team member runs the callback
-    return True
 
 
 def denormals_flushed_in_every_thread() -> bool:
     """Whether every intra-op thread flushes: a subnormal times one is zero in every thread's chunk."""
     n = max(torch.get_num_threads(), 1) * _GRAIN * 4
-    return bool(((torch.full((n,), _SUBNORMAL) * 1.0) == 0).all())
+    # the smallest float32 subnormal from its bit pattern: converting 1e-39 under FTZ would already give 0
+    subnormal = torch.ones(n, dtype=torch.int32).view(torch.float32)
+    return bool(((subnormal * 1.0) == 0).all())
 
 
 def flush_denormals(enabled: bool = True) -> bool:
@@ -73,12 +76,16 @@ def flush_denormals(enabled: bool = True) -> bool:
         if enabled:
             log.warning("this CPU cannot flush subnormal floats to zero (no FTZ/DAZ); subnormals may slow training")
         return False
-    reached = _in_every_openmp_thread(enabled)
     holds = denormals_flushed_in_every_thread() == enabled
+    for runtime in _openmp_runtimes():  # torch's own first; verified after each
+        if holds:
+            break
+        _in_every_thread_of(runtime, enabled)
+        holds = denormals_flushed_in_every_thread() == enabled
     if enabled and not holds:
         log.warning(
-            "subnormal floats are flushed in the main thread only (OpenMP runtime %s); call flush_denormals() "
-            "before the first parallel operation",
-            "not found" if not reached else "reached, but a worker did not flush",
+            "subnormal floats are flushed in the main thread only (%d OpenMP runtimes tried); call "
+            "flush_denormals() before the first parallel operation",
+            len(_openmp_runtimes()),
         )
     return holds

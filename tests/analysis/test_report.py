@@ -1,24 +1,45 @@
 """The report, built from a small real tracking store made here (the smoke scale of `reproduce`)."""
 
+import json
 from pathlib import Path
 
+import mlflow
+import mlflow.projects
 import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from analysis import reproduce
+from analysis import report, reproduce
 from analysis.tables import PAPER_TABLE2, finished_runs
+from pipeline.tracking import PROJECT_ROOT
 from tests.experiments.conftest import runs_of
 
 
 @pytest.mark.slow
-def test_reproduce_smoke_then_report_files_and_cells_match_the_logged_metrics(store):
+def test_reproduce_through_mlflow_run_then_report_files_and_cells_match_the_logged_metrics(store):
+    """The real `mlflow run . -e reproduce -P scale=smoke`: the launched run orchestrates, each training has its own."""
     out = store / "report"
-    cfg = reproduce.config_from_preset(
-        "quick", scale="smoke", output_dir=str(out), checkpoint_dir=str(store / "ckpt"), progress=False
+    submitted = mlflow.projects.run(
+        str(PROJECT_ROOT),
+        entry_point="reproduce",
+        env_manager="local",
+        experiment_name="reproduce",
+        parameters={"scale": "smoke", "output_dir": str(out), "checkpoint_dir": str(store / "ckpt")},
     )
-    report_id = reproduce.run(cfg)
+    assert submitted.get_status() == "FINISHED"
     client = MlflowClient()
+    orchestrator = client.get_run(submitted.run_id)
+    assert orchestrator.info.status == "FINISHED"
+    made = json.loads(Path(client.download_artifacts(submitted.run_id, "runs.json")).read_text())
+    assert [m["entry"] for m in made] == [entry for entry, _, _ in reproduce.SCALES["smoke"]]
+    for i, m in enumerate(made):
+        child = client.get_run(m["run_id"])
+        assert child.info.status == "FINISHED"
+        assert client.get_experiment(child.info.experiment_id).name == m["entry"]
+        assert child.data.tags["reproduce_run_id"] == submitted.run_id
+        assert child.data.tags["mlflow.runName"] == f"reproduce-{m['entry']}"
+        assert orchestrator.data.tags[f"run.{i:02d}.{m['entry']}"] == m["run_id"]
+    report_id = orchestrator.data.tags["report_run_id"]
     assert client.get_run(report_id).info.status == "FINISHED"
 
     expected = [
@@ -63,6 +84,21 @@ def test_reproduce_smoke_then_report_files_and_cells_match_the_logged_metrics(st
     for run_id in list(t2["run_id"]) + list(t4["run_id"]):
         assert run_id in text
     assert len(finished_runs("classify")) == 3 and len(runs_of("analysis")) == 1
+
+
+def test_an_empty_table_names_the_runs_that_did_not_finish(store):
+    client = MlflowClient()
+    exp = client.create_experiment("density")
+    running = client.create_run(exp, run_name="reproduce-density", tags={"reproduce_run_id": "abc"}).info.run_id
+    failed = client.create_run(exp, run_name="reproduce-density", tags={"reproduce_run_id": "abc"}).info.run_id
+    client.set_terminated(failed, status="FAILED")
+    out = store / "report"
+    report_id = report.run(
+        report.config_from_preset("quick", filter_string="tags.reproduce_run_id = 'abc'", output_dir=str(out))
+    )
+    text = (out / "report.md").read_text()
+    assert f"`{running}` (reproduce-density, RUNNING)" in text and f"`{failed}` (reproduce-density, FAILED)" in text
+    assert client.get_run(report_id).data.metrics["table4_rows"] == 0
 
 
 def test_paper_values_are_available_for_the_table():

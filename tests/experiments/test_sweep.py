@@ -8,6 +8,7 @@ from pathlib import Path
 
 import mlflow
 import optuna
+import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -115,6 +116,9 @@ def test_sweep_through_mlflow_run_nests_every_trial_under_the_launched_run(store
     assert sorted(r.data.tags["optuna_trial"] for r in children) == ["0", "1"]
     assert all(r.info.status == "FINISHED" for r in children)
     assert MlflowClient().get_run(submitted.run_id).data.metrics["trials_complete"] == 2
+    # the launched run lists the runs it made
+    trials = pd.read_csv(MlflowClient().download_artifacts(submitted.run_id, "trials.csv"))
+    assert sorted(trials["user_attrs_mlflow_run_id"]) == sorted(r.info.run_id for r in children)
 
 
 @pytest.mark.slow

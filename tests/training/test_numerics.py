@@ -15,7 +15,11 @@ def two_threads():
 
 
 def test_flushing_holds_in_every_intra_op_thread(two_threads):
+    import sklearn.datasets  # noqa: F401 - brings its own libgomp: the one to reach is torch's
+
     flush_denormals(False)
+    assert not denormals_flushed_in_every_thread()
+    torch.set_flush_denormal(True)  # torch's own switch reaches the calling thread only
     assert not denormals_flushed_in_every_thread()
     assert flush_denormals(True)
     assert denormals_flushed_in_every_thread()
@@ -28,7 +32,7 @@ def test_flushing_changes_nothing_a_metric_can_see(two_threads):
     a, b = torch.randn(1_000_000) * 1e-20, torch.randn(1_000_000) * 1e-19  # products ~1e-39: subnormal
     results = []
     for enabled in (False, True):
-        flush_denormals(enabled)
+        assert flush_denormals(enabled)
         results.append(a * b)
     flush_denormals(False)  # the checks below must see subnormals as they are (DAZ reads them as zero)
     plain, flushed = results
