@@ -3,6 +3,7 @@
     python -m benchmarks.step_time                       # CPU-sized defaults, current device
     python -m benchmarks.step_time --device cuda --image 3 32 32 --blocks 7 7 7 --hidden 32 64 128 --batch 128
     python -m benchmarks.step_time --json results.json
+    python -m benchmarks.step_time --train-steps 300 [--no-flush]   # also step each model after training
 
 Every case uses the same residual stages (blocks and bottleneck widths per stage), the same input and
 the same batch; each runs in a fresh subprocess so its memory is its own. Ratios are to case (a).
@@ -11,6 +12,11 @@ the classifier's: the comparison is of the same blocks, bottleneck widths and ba
 identical FLOPs. Memory: ``peak`` is CUDA's peak allocation on a GPU and the process's peak RSS on
 CPU (which includes the PyTorch runtime); ``+MiB`` is the growth from before the first step to the
 peak (activations, graphs, gradients and optimizer state), the number the memory targets compare.
+
+With ``--train-steps N`` every model is also timed after N training steps (SGD, lr 0.1, momentum 0.9,
+weight decay 5e-4, on its benchmark batch): a trained network can produce subnormal floats (ELU's
+gradient at very negative pre-activations) that a fresh one does not. Each process flushes subnormals
+to zero in every thread first, as the entry points do (``--no-flush`` shows the cost without).
 
 The issue's targets, each a ratio measured in the same run, are printed below the table:
 i-ResNet / ResNet classifier step <= 1.3; 5-term flow step / classifier step <= 3; memory growth of
@@ -33,6 +39,7 @@ from pipeline.logging_setup import setup_logging
 from pipeline.models import ClassifierArchitecture, FlowArchitecture, IResNetFlow, ResidualClassifier
 from pipeline.models.base import n_parameters
 from pipeline.training.device import resolve_device
+from pipeline.training.numerics import flush_denormals
 from pipeline.transforms import LogDetEstimator, PowerSeriesLogDet, RussianRouletteLogDet
 
 log = logging.getLogger("benchmarks.step_time")
@@ -58,7 +65,8 @@ CASES = [
     Case("(c) flow, 5 terms, Neumann, strict", "flow", PowerSeriesLogDet(n_terms=5, gradient="neumann"), "strict"),
     Case("(d) flow, roulette, Neumann", "flow", RussianRouletteLogDet(n_exact_terms=2, gradient="neumann")),
 ]
-# (name, numerator case, denominator case, quantity, target): the acceptance ratios
+# (name, numerator case, denominator case, quantity, target): the acceptance ratios; a quantity pair
+# (numerator's, denominator's) compares two measurements of one case
 TARGETS = [
     ("i-ResNet / ResNet classifier step", "(b) i-ResNet classifier", "(a) vanilla ResNet", "seconds_per_step", 1.3),
     (
@@ -85,6 +93,13 @@ TARGETS = [
         None,
     ),
     (
+        "trained / fresh i-ResNet classifier step",
+        "(b) i-ResNet classifier",
+        "(b) i-ResNet classifier",
+        ("seconds_per_step_trained", "seconds_per_step"),
+        1.1,
+    ),
+    (
         "memory, Neumann / backprop (5 terms)",
         "(c) flow, 5 terms, Neumann",
         "(c) flow, 5 terms, backprop",
@@ -104,6 +119,8 @@ TARGETS = [
 def _measure(case: Case, args: dict, queue) -> None:  # noqa: ANN001
     torch.manual_seed(0)
     torch.set_num_threads(args["threads"]) if args["threads"] else None
+    if args["flush"]:
+        flush_denormals()
     device = resolve_device(args["device"])
     shape = tuple(args["image"])
     blocks, hidden = tuple(args["blocks"]), tuple(args["hidden"])
@@ -159,8 +176,24 @@ def _measure(case: Case, args: dict, queue) -> None:  # noqa: ANN001
         sync()
         times.append(time.perf_counter() - start)
     peak = memory_peak_mib(device)
+    trained = {}
+    if args["train_steps"]:
+        trainer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+        for _ in range(args["train_steps"]):
+            trainer.zero_grad(set_to_none=True)
+            loss_fn().backward()
+            trainer.step()
+        sync()
+        times_trained = []
+        for _ in range(args["steps"]):
+            start = time.perf_counter()
+            step()
+            sync()
+            times_trained.append(time.perf_counter() - start)
+        trained = {"seconds_per_step_trained": statistics.median(times_trained)}
     queue.put(
         {
+            **trained,
             "case": case.name,
             "seconds_per_step": statistics.median(times),
             "images_per_second": args["batch"] / statistics.median(times),
@@ -190,7 +223,10 @@ def check_targets(results: list[dict]) -> list[dict]:
     by_name = {r["case"]: r for r in results}
     rows = []
     for name, numerator, denominator, quantity, target in TARGETS:
-        ratio = by_name[numerator][quantity] / by_name[denominator][quantity]
+        top, bottom = quantity if isinstance(quantity, tuple) else (quantity, quantity)
+        if top not in by_name[numerator]:  # e.g. no --train-steps
+            continue
+        ratio = by_name[numerator][top] / by_name[denominator][bottom]
         rows.append(
             {"ratio": name, "value": ratio, "target": target, "met": None if target is None else ratio <= target}
         )
@@ -201,10 +237,11 @@ def format_table(results: list[dict], targets: list[dict]) -> str:
     header = f"{'case':32} {'s/step':>8} {'img/s':>8} {'x time':>7} {'peak MiB':>9} {'+MiB':>7} {'x +MiB':>7}"
     rows = [header, "-" * len(header)]
     for r in results:
+        trained = r.get("seconds_per_step_trained")
         rows.append(
             f"{r['case']:32} {r['seconds_per_step']:8.3f} {r['images_per_second']:8.1f} "
             f"{r['time_ratio']:7.2f} {r['peak_memory_mib']:9.0f} {r['memory_above_start_mib']:7.0f} "
-            f"{r['memory_ratio']:7.2f}"
+            f"{r['memory_ratio']:7.2f}" + ("" if trained is None else f"  trained {trained:.3f} s/step")
         )
     rows += ["", f"{'target ratio':42} {'value':>7} {'target':>7}  met"]
     for t in targets:
@@ -225,6 +262,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: the default)")
+    parser.add_argument("--train-steps", type=int, default=0, help="also time each model after this many steps")
+    parser.add_argument("--no-flush", dest="flush", action="store_false", help="keep subnormal floats")
     parser.add_argument("--json", help="also write the results to this JSON file")
     args = vars(parser.parse_args(argv))
     if len(args["blocks"]) != len(args["hidden"]):

@@ -31,6 +31,30 @@ def test_step_time_targets_are_ratios_of_this_runs_cases():
     )
 
 
+def test_step_time_times_each_model_fresh_and_after_training():
+    args = dict(
+        device="cpu",
+        image=[1, 8, 8],
+        blocks=[1, 1],
+        hidden=[4, 4],
+        batch=4,
+        power_iterations=1,
+        warmup=1,
+        steps=2,
+        threads=0,
+        train_steps=3,
+        flush=False,
+    )
+    queue = _Queue()
+    case = next(c for c in step_time.CASES if c.name == "(b) i-ResNet classifier")
+    step_time._measure(case, args, queue)
+    (result,) = queue
+    assert result["seconds_per_step"] > 0 and result["seconds_per_step_trained"] > 0
+    rows = {t["ratio"]: t for t in step_time.check_targets([result | {"case": c.name} for c in step_time.CASES])}
+    trained = rows["trained / fresh i-ResNet classifier step"]
+    assert trained["value"] == pytest.approx(result["seconds_per_step_trained"] / result["seconds_per_step"])
+
+
 @pytest.mark.parametrize("model", ["flow", "worst-case"])
 def test_inverse_benchmark_reaches_its_target_error_with_both_methods(model):
     args = dict(
