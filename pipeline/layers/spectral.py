@@ -113,6 +113,7 @@ class _SpectralNorm(nn.Module):
     power_iteration_frozen: bool = False
     last_power_iterations: int = 0
     lipschitz: str = "soft"
+    _step_bound_is_exact: bool = False  # whether _step_bound is the norm itself (linear layers)
     _ready: bool = False
     _eval: EvalNormalization | None = None
 
@@ -270,15 +271,14 @@ class _SpectralNorm(nn.Module):
     def _normalize_for_eval(self, key: tuple, w: Tensor) -> EvalNormalization:
         if self.lipschitz == "strict":  # the map training applies: the step bound, with the latest estimate
             bound = float(self._step_bound(w))
-            exact = isinstance(self, SpectralNormLinear)
+            exact = self._step_bound_is_exact
             proof = CertifiedNorm(bound, bound if exact else None, "exact" if exact else "fft")
-            norm = EvalNormalization(key, self.sigma, max(bound, float(self.sigma)), "training", True, proof)
+            reference, method, converged = max(bound, float(self.sigma)), "training", True
         else:
             reference, method, converged, proof = self._estimate_norm(w)
             if not converged:  # fall back to what can be proved
                 proof = self._prove_norm(w, None)
-            norm = EvalNormalization(key, self.sigma, reference, method, converged, proof)
-        norm.sigma = self._divisor(norm.reference, w)
+        norm = EvalNormalization(key, self._divisor(reference, w), reference, method, converged, proof)
         self._apply_proof(norm)
         return norm
 
@@ -381,6 +381,8 @@ class SpectralNormLinear(_SpectralNorm):
 
     def _adjoint(self, u: Tensor, weight: Tensor) -> Tensor:
         return u @ weight  # W^T u for a vector u
+
+    _step_bound_is_exact = True
 
     def _step_bound(self, weight: Tensor) -> Tensor:
         return torch.linalg.matrix_norm(weight.double(), ord=2)  # exact, and cheap for a matrix
