@@ -159,44 +159,40 @@ def _measure(case: Case, args: dict, queue) -> None:  # noqa: ANN001
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
-    def step() -> None:
-        optimizer.zero_grad(set_to_none=True)
+    def step(opt: torch.optim.Optimizer = optimizer) -> None:
+        opt.zero_grad(set_to_none=True)
         loss_fn().backward()
-        optimizer.step()
+        opt.step()
+
+    def median_step_seconds() -> float:
+        times = []
+        for _ in range(args["steps"]):
+            start = time.perf_counter()
+            step()
+            sync()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
 
     sync()
     base = memory_now_mib(device)  # before the first step: parameters and inputs only
     for _ in range(args["warmup"]):
         step()
     sync()
-    times = []
-    for _ in range(args["steps"]):
-        start = time.perf_counter()
-        step()
-        sync()
-        times.append(time.perf_counter() - start)
+    seconds = median_step_seconds()
     peak = memory_peak_mib(device)
     trained = {}
     if args["train_steps"]:
         trainer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
         for _ in range(args["train_steps"]):
-            trainer.zero_grad(set_to_none=True)
-            loss_fn().backward()
-            trainer.step()
+            step(trainer)
         sync()
-        times_trained = []
-        for _ in range(args["steps"]):
-            start = time.perf_counter()
-            step()
-            sync()
-            times_trained.append(time.perf_counter() - start)
-        trained = {"seconds_per_step_trained": statistics.median(times_trained)}
+        trained = {"seconds_per_step_trained": median_step_seconds()}
     queue.put(
         {
             **trained,
             "case": case.name,
-            "seconds_per_step": statistics.median(times),
-            "images_per_second": args["batch"] / statistics.median(times),
+            "seconds_per_step": seconds,
+            "images_per_second": args["batch"] / seconds,
             "peak_memory_mib": peak,
             "memory_above_start_mib": peak - base,
             "n_parameters": n_parameters(model),
