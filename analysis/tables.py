@@ -43,27 +43,25 @@ PAPER_TABLE4: dict[str, dict[str, float]] = {
 }
 
 
-def finished_runs(experiment: str, filter_string: str = "") -> pd.DataFrame:
-    """FINISHED top-level runs of an experiment (empty frame if it does not exist)."""
+def _top_level_runs(experiment: str, status_clause: str, filter_string: str) -> pd.DataFrame:
     exp = mlflow.get_experiment_by_name(experiment)
     if exp is None:
         return pd.DataFrame()
-    query = "attributes.status = 'FINISHED'" + (f" and {filter_string}" if filter_string else "")
+    query = status_clause + (f" and {filter_string}" if filter_string else "")
     runs = mlflow.search_runs([exp.experiment_id], filter_string=query)
     if "tags.mlflow.parentRunId" in runs:
         runs = runs[runs["tags.mlflow.parentRunId"].isna()]
     return runs.reset_index(drop=True)
 
 
+def finished_runs(experiment: str, filter_string: str = "") -> pd.DataFrame:
+    """FINISHED top-level runs of an experiment (empty frame if it does not exist)."""
+    return _top_level_runs(experiment, "attributes.status = 'FINISHED'", filter_string)
+
+
 def unfinished_runs(experiment: str, filter_string: str = "") -> list[tuple[str, str, str]]:
     """``(run_id, run name, status)`` of the top-level runs matching ``filter_string`` that are not FINISHED."""
-    exp = mlflow.get_experiment_by_name(experiment)
-    if exp is None:
-        return []
-    query = "attributes.status != 'FINISHED'" + (f" and {filter_string}" if filter_string else "")
-    runs = mlflow.search_runs([exp.experiment_id], filter_string=query)
-    if "tags.mlflow.parentRunId" in runs:
-        runs = runs[runs["tags.mlflow.parentRunId"].isna()]
+    runs = _top_level_runs(experiment, "attributes.status != 'FINISHED'", filter_string)
     return [(r["run_id"], r.get("tags.mlflow.runName", ""), r["status"]) for _, r in runs.iterrows()]
 
 
