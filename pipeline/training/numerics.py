@@ -57,12 +57,17 @@ def _in_every_thread_of(lib: ctypes.CDLL, enabled: bool) -> None:
     lib.GOMP_parallel(callback, None, torch.get_num_threads(), 0)  # each team member runs the callback
 
 
-def denormals_flushed_in_every_thread() -> bool:
-    """Whether every intra-op thread flushes: a subnormal times one is zero in every thread's chunk."""
-    n = max(torch.get_num_threads(), 1) * _GRAIN * 4
+def _flushed_fraction() -> float:
+    """Fraction of a subnormal tensor that an element-wise op flushes: 1 if every thread flushes, 0 if none does."""
+    n = max(torch.get_num_threads(), 1) * _GRAIN * 4  # every thread gets a chunk
     # the smallest float32 subnormal from its bit pattern: converting 1e-39 under FTZ would already give 0
     subnormal = torch.ones(n, dtype=torch.int32).view(torch.float32)
-    return bool(((subnormal * 1.0) == 0).all())
+    return float(((subnormal * 1.0) == 0).float().mean())
+
+
+def denormals_flushed_in_every_thread() -> bool:
+    """Whether every intra-op thread flushes: a subnormal times one is zero in every thread's chunk."""
+    return _flushed_fraction() == 1.0
 
 
 def flush_denormals(enabled: bool = True) -> bool:
@@ -76,12 +81,13 @@ def flush_denormals(enabled: bool = True) -> bool:
         if enabled:
             log.warning("this CPU cannot flush subnormal floats to zero (no FTZ/DAZ); subnormals may slow training")
         return False
-    holds = denormals_flushed_in_every_thread() == enabled
+    target = 1.0 if enabled else 0.0  # every thread flushes, or none does
+    holds = _flushed_fraction() == target
     for runtime in _openmp_runtimes():  # torch's own first; verified after each
         if holds:
             break
         _in_every_thread_of(runtime, enabled)
-        holds = denormals_flushed_in_every_thread() == enabled
+        holds = _flushed_fraction() == target
     if enabled and not holds:
         log.warning(
             "subnormal floats are flushed in the main thread only (%d OpenMP runtimes tried); call "

@@ -7,6 +7,7 @@ from pipeline.training.numerics import denormals_flushed_in_every_thread, flush_
 @pytest.fixture
 def two_threads():
     previous = torch.get_num_threads()
+    assert flush_denormals(True)  # as an entry point run earlier in the same process leaves it
     torch.set_num_threads(2)
     torch.full((4_000_000,), 1.0) * 1.0  # the OpenMP team exists before flushing: its workers do not inherit
     yield
@@ -17,7 +18,7 @@ def two_threads():
 def test_flushing_holds_in_every_intra_op_thread(two_threads):
     import sklearn.datasets  # noqa: F401 - brings its own libgomp: the one to reach is torch's
 
-    flush_denormals(False)
+    assert flush_denormals(False)  # off in every thread, also in workers that were flushed
     assert not denormals_flushed_in_every_thread()
     torch.set_flush_denormal(True)  # torch's own switch reaches the calling thread only
     assert not denormals_flushed_in_every_thread()
