@@ -7,11 +7,12 @@
 * :func:`conv_operator_norm_bound` is a certified upper bound for a zero-padded convolution: it
   is a restriction of a circular one on the padded grid, ``A = P C E`` with ``||P||, ||E|| <= 1``.
 
-* :func:`conv_operator_norm_exact` gives the exact norm of a zero-padded convolution from the Gram
-  matrix of its smaller side, where that is affordable.
+* :func:`conv_operator_norm` gives the tightest affordable certified bound of a zero-padded
+  convolution: exact from the Gram matrix of its smaller side where that is small, a banded
+  Cholesky proof within a slack of a Lanczos estimate where it is larger, else the FFT bound.
 
-The FFT bound is a few per cent loose on small grids (2.5-3% for a 3x3 kernel on 14x14), so
-:func:`conv_operator_norm` (the ``"certified"`` method) takes the exact norm whenever it is affordable.
+The FFT bound is a few per cent loose on small grids (2.5-3% for a 3x3 kernel on 14x14, up to 7% on
+7x7), so the ``"certified"`` method of :func:`layer_operator_norm` takes the exact norm where affordable.
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-DENSE_MAX_ENTRIES = 2**22  # operators up to this many matrix entries get an exact dense SVD
 # exact conv norms from the Gram matrix of the smaller side, d x d: its eigendecomposition costs O(d^3)
 # (d = 784: ~0.05 s on one CPU core)
 GRAM_MAX_DIM = 1024
@@ -100,6 +100,10 @@ class CertifiedNorm:
         return self.method == "exact"
 
 
+def _conv_output_hw(input_hw: tuple[int, int], k: int, stride: int, padding: int) -> tuple[int, int]:
+    return tuple((n + 2 * padding - k) // stride + 1 for n in input_hw)  # type: ignore[return-value]
+
+
 def _conv_output_padding(input_hw: tuple[int, int], output_hw: tuple[int, int], k: int, s: int, p: int) -> list[int]:
     return [n_in - ((n_out - 1) * s - 2 * p + k) for n_in, n_out in zip(input_hw, output_hw, strict=True)]
 
@@ -108,10 +112,9 @@ def conv_gram_dim(weight: Tensor, input_hw: tuple[int, int], stride: int, paddin
     """Rows of the Gram matrix of a convolution's smaller side (0 for a 1x1 kernel: exact from the kernel)."""
     if _is_pointwise(weight, stride, padding):
         return 0
-    c_out, c_in, k_h, k_w = weight.shape
-    h, w = input_hw
-    h_out, w_out = (h + 2 * padding - k_h) // stride + 1, (w + 2 * padding - k_w) // stride + 1
-    return min(c_in * h * w, c_out * h_out * w_out)
+    c_out, c_in, k, _ = weight.shape
+    h_out, w_out = _conv_output_hw(input_hw, k, stride, padding)
+    return min(c_in * input_hw[0] * input_hw[1], c_out * h_out * w_out)
 
 
 def _is_pointwise(weight: Tensor, stride: int, padding: int) -> bool:
@@ -130,7 +133,7 @@ def conv_operator_matrix_sparse(
     w = weight.detach().double().cpu().numpy()
     c_out, c_in, k_h, k_w = w.shape
     h, wd = input_hw
-    h_out, w_out = (h + 2 * padding - k_h) // stride + 1, (wd + 2 * padding - k_w) // stride + 1
+    h_out, w_out = _conv_output_hw(input_hw, k_h, stride, padding)
     oc, oi, oj, ic, di, dj = np.meshgrid(*(np.arange(n) for n in (c_out, h_out, w_out, c_in, k_h, k_w)), indexing="ij")
     i, j = stride * oi + di - padding, stride * oj + dj - padding  # the input pixel each tap reads
     valid = (i >= 0) & (i < h) & (j >= 0) & (j < wd)
@@ -158,7 +161,7 @@ def conv_operator_norm_estimate(
     """
     w = weight.detach().double().cpu()
     c_in = w.shape[1]
-    out_hw = tuple(F.conv2d(w.new_zeros(1, c_in, *input_hw), w, stride=stride, padding=padding).shape[-2:])
+    out_hw = _conv_output_hw(input_hw, w.shape[-1], stride, padding)
     output_padding = _conv_output_padding(input_hw, out_hw, w.shape[-1], stride, padding)
     d = c_in * input_hw[0] * input_hw[1]
 
@@ -228,15 +231,6 @@ def _banded_cholesky_succeeds(gram: scipy.sparse.csr_matrix, bandwidth: int, mu:
     except np.linalg.LinAlgError:
         return False
     return True
-
-
-@torch.no_grad()
-def conv_operator_norm_exact(
-    weight: Tensor, input_hw: tuple[int, int], stride: int, padding: int, *, max_dim: int = GRAM_MAX_DIM
-) -> float | None:
-    """Exact operator norm of a zero-padded convolution, or ``None`` where the Gram matrix is too large."""
-    norm = conv_operator_norm(weight, input_hw, stride, padding, max_dense_dim=max_dim, max_banded_flops=0)
-    return norm.bound if norm.exact else None
 
 
 def layer_operator_norm(

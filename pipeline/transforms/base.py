@@ -28,7 +28,11 @@ class InverseReport:
 
     @property
     def converged(self) -> bool:
-        return not any(self.n_not_converged) and not any(math.isnan(r) for r in self.max_residual)
+        return not any(self.n_not_converged) and not self._nan_residual
+
+    @property
+    def _nan_residual(self) -> bool:
+        return any(math.isnan(r) for r in self.max_residual)
 
     @property
     def total_iterations(self) -> int:
@@ -40,9 +44,7 @@ class InverseReport:
             "inverse_max_iterations": float(max(self.iterations, default=0)),
             "inverse_total_iterations": float(self.total_iterations),
             # max() skips a NaN that is not first: a NaN residual must show
-            "inverse_max_residual": float("nan")
-            if any(math.isnan(r) for r in self.max_residual)
-            else max(self.max_residual, default=0.0),
+            "inverse_max_residual": float("nan") if self._nan_residual else max(self.max_residual, default=0.0),
             "inverse_not_converged": float(sum(self.n_not_converged)),
             "inverse_fallbacks": float(sum(self.n_fallback)),
         }
