@@ -30,7 +30,7 @@ from pipeline.diagnostics import certified_lipschitz, layer_operator_norms, reco
 from pipeline.models import ClassifierArchitecture, ResidualClassifier
 from pipeline.models.base import n_parameters
 from pipeline.plotting import new_figure, save_figure, save_image_grid
-from pipeline.tracking import PROJECT_ROOT, log_json, log_model, write_csv
+from pipeline.tracking import PROJECT_ROOT, log_json, log_metrics, log_model, write_csv
 from pipeline.training.device import check_device_name
 from pipeline.training.distributed import (
     DistributedContext,
@@ -287,6 +287,7 @@ def _run(cfg: ClassifyConfig, ctx: DistributedContext, device: torch.device, on_
 
         batches = shard_batches(epoch_batches(train_split, cfg.batch_size, cfg.seed), ctx)
         loop = LoopConfig(
+            log_metrics=log_metrics,
             epochs=cfg.epochs,
             checkpoint_path=ckpt_path,
             grad_clip=cfg.grad_clip,
@@ -329,7 +330,7 @@ def _measure_invertibility(
         write_csv(curve, out / "reconstruction_vs_iterations.csv")
         for row in curve:
             value = row["rel_error_mean"]
-            mlflow.log_metric("recon_rel_error_mean", value if math.isfinite(value) else 1e30, step=row["iterations"])
+            log_metrics({"recon_rel_error_mean": value if math.isfinite(value) else 1e30}, row["iterations"])
         fig, ax = new_figure()
         ax.semilogy([r["iterations"] for r in curve], [max(r["rel_error_mean"], 1e-16) for r in curve], marker="o")
         ax.set_xlabel("fixed-point iterations per block")
@@ -346,7 +347,7 @@ def _measure_invertibility(
         rows = torch.cat([denormalize(x), denormalize(x_rec).nan_to_num(0.0)])
         save_image_grid(rows, out / "reconstructions.png", nrow=len(x))
         final_error = float(((x_rec - x).flatten(1).norm(dim=1) / x.flatten(1).norm(dim=1)).max())
-        mlflow.log_metrics(
+        log_metrics(
             {
                 "recon_rel_error_max": final_error if math.isfinite(final_error) else 1e30,
                 "inverse_images_per_second": len(x) / seconds,
@@ -367,7 +368,7 @@ def _measure_invertibility(
         save_figure(fig, out / "layer_spectral_norms.png")
         bounds, certified = certified_lipschitz(model)
         log_json({"block_lipschitz_certified": bounds, "certified_invertible": certified}, "lipschitz.json")
-        mlflow.log_metrics(
+        log_metrics(
             {
                 "max_layer_norm": max(r["norm"] for r in norms),
                 "max_block_lipschitz": max(bounds),

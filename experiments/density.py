@@ -34,7 +34,7 @@ from pipeline.metrics import bits_per_dim
 from pipeline.models import FlowArchitecture, IResNetFlow
 from pipeline.models.base import n_parameters
 from pipeline.plotting import new_figure, save_figure, save_image_grid
-from pipeline.tracking import PROJECT_ROOT, log_json, log_model, write_csv
+from pipeline.tracking import PROJECT_ROOT, log_json, log_metrics, log_model, write_csv
 from pipeline.training.device import check_device_name
 from pipeline.training.distributed import (
     DistributedContext,
@@ -283,10 +283,11 @@ def _run(cfg: DensityConfig, ctx: DistributedContext, device: torch.device, on_e
             return metrics
 
         if state is None and ctx.is_main:  # reference points: the untrained model (epoch 0) and a diagonal Gaussian
-            mlflow.log_metrics(evaluate(0), step=0)
+            log_metrics(evaluate(0), step=0)
             baseline = diagonal_gaussian_baseline_bits_per_dim(train_split, data.test, n_levels=n_levels, pad=pad)
-            mlflow.log_metric("baseline_diagonal_gaussian_test_bpd", baseline)
+            log_metrics({"baseline_diagonal_gaussian_test_bpd": baseline})
         loop = LoopConfig(
+            log_metrics=log_metrics,
             epochs=cfg.epochs,
             checkpoint_path=ckpt_path,
             grad_clip=cfg.grad_clip,
@@ -329,14 +330,14 @@ def _log_final_artifacts(  # noqa: ANN001
         report = InverseReport()
         samples = model.sample(cfg.n_samples, temperature=cfg.sample_temperature, report=report)
         save_image_grid(samples[crop] + 0.5, out / f"samples_T{cfg.sample_temperature:g}.png")
-        mlflow.log_metrics({f"sample_{k}": v for k, v in report.summary().items()})
+        log_metrics({f"sample_{k}": v for k, v in report.summary().items()})
         # reconstruction of encoded test images
         x = prepare(test.images[: cfg.n_samples])
         zs, _ = model(x)
         report = InverseReport()
         x_rec = model.inverse(zs, report=report)
         error = (x_rec - x).abs().flatten(1).max(dim=1).values
-        mlflow.log_metrics(
+        log_metrics(
             {
                 "recon_max_abs_error": float(error.max()),
                 "recon_mean_abs_error": float(error.mean()),
@@ -351,11 +352,11 @@ def _log_final_artifacts(  # noqa: ANN001
             {"certified_lipschitz": lips, "estimated_lipschitz": model.lipschitz_bounds(method="estimate")},
             "lipschitz.json",
         )
-        mlflow.log_metric("max_block_lipschitz_certified", max(lips))
+        log_metrics({"max_block_lipschitz_certified": max(lips)})
         if cfg.variance_repeats:  # how noisy the training log-det is, block by block
             rows = logdet_variance_report(model, x[:16], cfg.training_estimator(), n_repeats=cfg.variance_repeats)
             write_csv(rows, out / "logdet_variance.csv")
-            mlflow.log_metrics(
+            log_metrics(
                 {
                     "train_logdet_std_bpd": total_logdet_std_bits_per_dim(rows),
                     "train_logdet_std_bpd_max_block": max(r["std_bits_per_dim"] for r in rows),

@@ -30,7 +30,7 @@ from pipeline.models import VECTOR_FLOW_PRESETS, FlowModel, vector_flow
 from pipeline.models.base import n_parameters
 from pipeline.models.glow import matched_glow
 from pipeline.plotting import new_figure, save_figure
-from pipeline.tracking import PROJECT_ROOT, log_config, log_json, tracked_run, write_csv
+from pipeline.tracking import PROJECT_ROOT, log_config, log_json, log_metrics, tracked_run, write_csv
 from pipeline.training.device import resolve_device
 from pipeline.training.loop import LoopConfig, fit
 from pipeline.transforms import ExactLogDet, InvertibleResidualBlock
@@ -166,6 +166,7 @@ def train_toy_model(
         return nll, {}
 
     loop = LoopConfig(
+        log_metrics=log_metrics,
         epochs=epochs, checkpoint_path=checkpoint, log_every=50, progress=cfg.progress, metric_prefix=prefix
     )
     fit(
@@ -282,7 +283,7 @@ def run(cfg: ToyConfig) -> str:
                         "n_parameters": n_parameters(model),
                     }
                 )
-                mlflow.log_metrics({f"{prefix}test_nll": nll, f"{prefix}grid_mass": mass})
+                log_metrics({f"{prefix}test_nll": nll, f"{prefix}grid_mass": mass})
                 np.save(out / f"density_{dataset}_{name}.npy", density)
                 sample_fig, ax = new_figure(4, 4)
                 ax.scatter(samples[:, 0], samples[:, 1], s=1, alpha=0.5)
@@ -307,7 +308,7 @@ def run(cfg: ToyConfig) -> str:
         save_figure(fig, out / "fig2_densities.png")
         write_csv(rows, out / "test_nll.csv")
         if cfg.dynamics:
-            mlflow.log_metrics(_dynamics_figure(cfg, device, out))
+            log_metrics(_dynamics_figure(cfg, device, out))
         log_json(asdict(cfg), "config.json")
         mlflow.log_artifacts(str(out))
         return run_id

@@ -11,7 +11,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -66,6 +67,15 @@ def experiment_id(name: str) -> str:
     return client.create_experiment(name, artifact_location=location)
 
 
+def run_status(run_id: str) -> str:
+    """``RUNNING``, ``FINISHED``, ``FAILED``, ... of a run in the configured store (ValueError if unknown)."""
+    configure_tracking()
+    try:
+        return MlflowClient().get_run(run_id).info.status
+    except Exception as exc:  # noqa: BLE001 - MLflow raises several types for an unknown id
+        raise ValueError(f"no run {run_id!r} in the tracking store {mlflow.get_tracking_uri()}") from exc
+
+
 class RunStopped(Exception):  # noqa: N818 - a deliberate stop, not an error
     """Raised to stop a run on purpose (e.g. a pruned trial): the run is marked KILLED, not FAILED."""
 
@@ -90,7 +100,12 @@ def tracked_run(
             client.set_tag(launched_run, "mlflow.note.content", f"resumed run {resume_run_id}; see that run")
             client.set_tag(launched_run, "resumed_run_id", resume_run_id)
             os.environ.pop("MLFLOW_RUN_ID", None)
+        previous = client.get_run(resume_run_id)
         run = mlflow.start_run(run_id=resume_run_id)
+        for key in ("failure", "stopped"):  # the interruption is history now: keep it, but not as the run's state
+            if key in previous.data.tags:
+                client.set_tag(resume_run_id, f"previous_{key}", previous.data.tags[key])
+                client.delete_tag(resume_run_id, key)
     elif launched_run and mlflow.active_run() is None:
         run = mlflow.start_run(run_id=launched_run)
         # claimed: a later start_run(nested=True) would otherwise silently resume this run again
@@ -103,15 +118,59 @@ def tracked_run(
     try:
         yield run
     except (KeyboardInterrupt, RunStopped) as exc:
-        mlflow.set_tag("stopped", f"{type(exc).__name__}: {exc}"[:5000] if str(exc) else type(exc).__name__)
-        mlflow.end_run(status="KILLED")
+        _end_active_run("KILLED", "stopped", f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
         raise
     except BaseException as exc:
-        mlflow.set_tag("failure", f"{type(exc).__name__}: {exc}"[:5000])
-        mlflow.end_run(status="FAILED")
+        _end_active_run("FAILED", "failure", f"{type(exc).__name__}: {exc}")
         raise
     else:
         mlflow.end_run(status="FINISHED")
+
+
+def retry_tracking_write(write: Callable[[], Any], *, attempts: int = 4, first_delay_s: float = 2.0) -> Any:
+    """``write()``, retried with exponential backoff when the store fails (locked, briefly unreachable)."""
+    for attempt in range(attempts):
+        try:
+            return write()
+        except Exception as exc:  # noqa: BLE001 - MLflow wraps store errors in several types
+            if attempt == attempts - 1:
+                raise
+            delay = first_delay_s * 2**attempt
+            log.warning("tracking write failed (%s); retrying in %.0f s", exc, delay)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
+    """``mlflow.log_metrics`` to the active run, retried with backoff while the store is locked or unreachable.
+
+    MLflow's SQLite store waits 20 s for a lock; a store held longer (a backup, a long query from another
+    process) would otherwise crash a training over a metric. After the retries the error propagates and
+    the run ends FAILED.
+    """
+    retry_tracking_write(lambda: mlflow.log_metrics(metrics, step=step))
+
+
+def _end_active_run(status: str, tag: str, reason: str) -> None:
+    """End the active run with ``status`` and say why, even when the store is what failed.
+
+    ``mlflow.end_run`` takes the run off the active stack *before* writing, so once it is called the
+    exit hook can no longer end the run FINISHED; the status write is then retried. The reason tag is
+    best effort: a store that refuses it must not leave the run looking finished.
+    """
+    run_id = mlflow.active_run().info.run_id
+    client = MlflowClient()
+    try:
+        mlflow.end_run(status=status)
+    except Exception:  # noqa: BLE001
+        try:
+            retry_tracking_write(lambda: client.set_terminated(run_id, status=status))
+        except Exception:  # noqa: BLE001 - the store is gone: the run stays RUNNING, never FINISHED
+            log.exception("could not record run %s as %s", run_id, status)
+    try:
+        retry_tracking_write(lambda: client.set_tag(run_id, tag, reason[:5000]), attempts=2)
+    except Exception:  # noqa: BLE001
+        log.exception("could not tag run %s with its %s reason", run_id, tag)
 
 
 @contextmanager
@@ -132,14 +191,15 @@ def orchestrator_run(experiment_name: str, *, run_name: str | None = None) -> It
     try:
         yield run_id
     except KeyboardInterrupt:
-        client.set_terminated(run_id, status="KILLED")
+        retry_tracking_write(lambda: client.set_terminated(run_id, status="KILLED"))
         raise
     except BaseException as exc:
-        client.set_tag(run_id, "failure", f"{type(exc).__name__}: {exc}"[:5000])
-        client.set_terminated(run_id, status="FAILED")
+        reason = f"{type(exc).__name__}: {exc}"[:5000]
+        retry_tracking_write(lambda: client.set_terminated(run_id, status="FAILED"))
+        retry_tracking_write(lambda: client.set_tag(run_id, "failure", reason))
         raise
     else:
-        client.set_terminated(run_id, status="FINISHED")
+        retry_tracking_write(lambda: client.set_terminated(run_id, status="FINISHED"))
 
 
 def write_csv(rows: list[dict], path: Path) -> None:

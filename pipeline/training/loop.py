@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import mlflow
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
@@ -40,7 +39,28 @@ log = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(FloatingPointError):
-    """The training loss became NaN or infinite."""
+    """The training loss became NaN or infinite (or, at a checkpoint, a parameter or optimizer value)."""
+
+
+def non_finite_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """Names of the parameters, buffers and optimizer-state tensors holding NaN or inf (one host sync)."""
+    named = [(f"model.{k}", v) for k, v in model.state_dict().items()]
+    for index, per_param in enumerate(optimizer.state.values()):
+        named += [(f"optimizer.state[{index}].{k}", v) for k, v in per_param.items()]
+    named = [(k, v) for k, v in named if torch.is_tensor(v) and v.is_floating_point() and v.numel()]
+    if not named:
+        return []
+    finite = torch.stack([v.isfinite().all() for _, v in named]).tolist()
+    return [k for (k, _), ok in zip(named, finite, strict=True) if not ok]
+
+
+def _last_good_checkpoint(path: Path, epoch: int) -> str:
+    if path.exists():
+        return f"the last good checkpoint (epoch {epoch}) is kept at {path}"
+    return "no checkpoint was written (the run failed in its first epoch)"
+
+
+MetricSink = Callable[[dict[str, float], int], None]
 
 
 @dataclass
@@ -53,6 +73,7 @@ class LoopConfig:
     amp: bool = False  # bfloat16 autocast (CUDA only)
     progress: bool = True
     metric_prefix: str = ""  # e.g. "8gaussians/glow/" when several models train inside one run
+    log_metrics: MetricSink | None = None  # where metrics go, e.g. pipeline.tracking.log_metrics (None: nowhere)
     distributed: DistributedContext = SINGLE_PROCESS
 
 
@@ -114,7 +135,7 @@ def fit(
     on_epoch_end: EpochHook | None = None,
     n_samples: Callable[[Any], int] = lambda batch: len(batch[0]),
 ) -> LoopState:
-    """Train from ``state`` (default: scratch) to ``config.epochs``; log to the active MLflow run.
+    """Train from ``state`` (default: scratch) to ``config.epochs``; metrics go to ``config.log_metrics``.
 
     ``batches(epoch)`` yields the epoch's batches; ``step_fn(batch) -> (loss, metrics)`` computes
     the loss in train mode; ``evaluate(epoch) -> metrics`` runs every ``eval_every`` epochs and
@@ -143,8 +164,8 @@ def fit(
             if any_rank(not bool(torch.isfinite(loss)), ctx, device):
                 raise NonFiniteLossError(
                     f"training loss became {loss.item()} at epoch {epoch}, step {state.step + 1} (on rank {ctx.rank} "
-                    f"or another); the run is stopped and the last good checkpoint (epoch {state.epoch}) is kept at "
-                    f"{config.checkpoint_path}"
+                    f"or another); the run is stopped and "
+                    f"{_last_good_checkpoint(config.checkpoint_path, state.epoch)}"
                 )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -161,11 +182,11 @@ def fit(
             count += 1
             if state.step % config.log_every == 0 or state.step == 1:
                 logged = mean_over_ranks(metrics, ctx, device)
-                if ctx.is_main:
-                    mlflow.log_metrics(
+                if ctx.is_main and config.log_metrics is not None:
+                    config.log_metrics(
                         {f"{config.metric_prefix}train_{k}": v for k, v in logged.items()}
                         | {f"{config.metric_prefix}lr": optimizer.param_groups[0]["lr"]},
-                        step=state.step,
+                        state.step,
                     )
             bar.set_postfix(loss=f"{metrics['loss']:.4g}")
         bar.close()
@@ -174,13 +195,23 @@ def fit(
         epoch_metrics |= {"epoch_seconds": seconds, "train_images_per_second": seen / seconds if seconds else math.nan}
         epoch_metrics = mean_over_ranks(epoch_metrics, ctx, device)
         epoch_metrics["train_images_per_second"] *= ctx.world_size  # every rank's images, in the same time
+        # a finite loss can still come with an update that overflowed: never checkpoint (or evaluate) such a state
+        bad = non_finite_state(model, optimizer) if ctx.is_main else []
+        if any_rank(bool(bad), ctx, device):
+            raise NonFiniteLossError(
+                f"non-finite values after epoch {epoch} in {len(bad)} tensor(s) ({', '.join(bad[:3])}"
+                f"{', ...' if len(bad) > 3 else ''}) although the loss stayed finite; the run is stopped and "
+                f"{_last_good_checkpoint(config.checkpoint_path, state.epoch)}. Lower the learning rate or set "
+                "grad_clip"
+            )
         state.epoch = epoch
         eval_epoch = epoch == config.epochs or (config.eval_every and epoch % config.eval_every == 0)
         if ctx.is_main and evaluate is not None and eval_epoch:
             epoch_metrics |= evaluate(epoch)
         rngs = all_gather_object(rng_state(), ctx)  # (the other ranks wait here for rank 0's evaluation)
         if ctx.is_main:
-            mlflow.log_metrics({f"{config.metric_prefix}{k}": v for k, v in epoch_metrics.items()}, step=epoch)
+            if config.log_metrics is not None:
+                config.log_metrics({f"{config.metric_prefix}{k}": v for k, v in epoch_metrics.items()}, epoch)
             log.info("epoch %d: %s", epoch, ", ".join(f"{k}={v:.4g}" for k, v in epoch_metrics.items()))
             save_checkpoint(
                 config.checkpoint_path,

@@ -158,7 +158,7 @@ def test_non_finite_loss_stops_the_run_and_marks_it_failed(store, monkeypatch):
     cfg = density.config_from_preset("quick", **{**TINY, "batch_size": 32}, checkpoint_dir=str(store / "ckpt"))
     from pipeline.training.loop import NonFiniteLossError
 
-    with pytest.raises(NonFiniteLossError, match="last good checkpoint"):
+    with pytest.raises(NonFiniteLossError, match="no checkpoint was written"):
         density.run(cfg)
     (run,) = _runs()
     assert run.info.status == "FAILED" and "NonFiniteLossError" in run.data.tags["failure"]
