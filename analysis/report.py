@@ -195,14 +195,29 @@ def _estimator_study(runs: pd.DataFrame, cfg: ReportConfig, report: Report, out:
 
 
 def run(cfg: ReportConfig) -> str:
-    configure_tracking()
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    report = Report(out)
+    uri = configure_tracking()
+    experiments = (cfg.density_experiment, cfg.classify_experiment, cfg.toy_experiment, cfg.sweep_experiment)
+    missing = [name for name in experiments if mlflow.get_experiment_by_name(name) is None]
+    if len(missing) == len(experiments):
+        raise ValueError(
+            f"none of the experiments {', '.join(experiments)} exists in the tracking store {uri}; run an entry "
+            "point first, point MLFLOW_TRACKING_URI at the store that holds them, or name them with --*-experiment"
+        )
+    for name in missing:
+        log.warning("experiment %r does not exist in %s: its tables and figures are left out", name, uri)
     density_runs = finished_runs(cfg.density_experiment, cfg.filter_string)
     classify_runs = finished_runs(cfg.classify_experiment, cfg.filter_string)
     toy_runs = finished_runs(cfg.toy_experiment, cfg.filter_string)
     sweep_runs = finished_runs(cfg.sweep_experiment, cfg.filter_string)
+    if all(runs.empty for runs in (density_runs, classify_runs, toy_runs, sweep_runs)):
+        log.warning(
+            "no FINISHED run in %s%s: the tables will be empty",
+            uri,
+            f" matching {cfg.filter_string!r}" * bool(cfg.filter_string),
+        )
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    report = Report(out)
 
     t2 = table2(classify_runs)
     report.table(

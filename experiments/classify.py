@@ -226,9 +226,8 @@ def _run(cfg: ClassifyConfig, ctx: DistributedContext, device: torch.device, on_
     arch = cfg.architecture(data.shape, data.num_classes)
     model = ResidualClassifier(arch, inverse_config=cfg.inverse_config()).to(device)
     optimizer = _optimizer(cfg, model.parameters())
+    batches = epoch_batches(train_split, cfg.batch_size, cfg.seed)  # refuses a batch larger than the data
     steps_per_epoch = len(train_split) // cfg.batch_size
-    if steps_per_epoch < 1:
-        raise ValueError(f"batch_size {cfg.batch_size} exceeds the {len(train_split)} training images")
     warmup, decay = linear_warmup(cfg.warmup_steps), step_decay(cfg.milestones, cfg.lr_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup(step) * decay(step // steps_per_epoch))
 
@@ -285,7 +284,7 @@ def _run(cfg: ClassifyConfig, ctx: DistributedContext, device: torch.device, on_
                 metrics["test_error"], metrics["test_loss"] = error_and_loss(data.test)
             return metrics
 
-        batches = shard_batches(epoch_batches(train_split, cfg.batch_size, cfg.seed), ctx)
+        batches = shard_batches(batches, ctx)
         loop = LoopConfig(
             log_metrics=log_metrics,
             epochs=cfg.epochs,

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields, replace
@@ -16,7 +18,7 @@ from typing import Any, TypeVar
 
 from pipeline.data import DatasetNotFoundError
 from pipeline.logging_setup import setup_logging
-from pipeline.tracking import log_config, log_json, log_params_flat, tracked_run
+from pipeline.tracking import log_config, log_json, log_metrics, log_params_flat, run_status, tracked_run
 from pipeline.training.checkpoint import load_checkpoint
 from pipeline.training.distributed import (
     SINGLE_PROCESS,
@@ -126,7 +128,6 @@ OVERSHOOT_LAYERS_PER_EPOCH = 8  # layers whose training-forward norm is measured
 def log_spectral_estimates(model: Any, epoch: int, prefix: str = "") -> None:
     """Log every spectrally normalised layer's power-iteration estimate (and the steps it took) at ``epoch``,
     and the largest training-forward norm / c on a rotating sample of layers (the soft mode's overshoot)."""
-    import mlflow
 
     from pipeline.diagnostics import spectral_estimates, training_norm_ratios
 
@@ -144,7 +145,7 @@ def log_spectral_estimates(model: Any, epoch: int, prefix: str = "") -> None:
         "power_iterations_max": max(steps),
         "lipschitz_training_ratio_max": max(r["ratio"] for r in sample),
     }
-    mlflow.log_metrics({prefix + k: v for k, v in metrics.items()}, step=epoch)
+    log_metrics({prefix + k: v for k, v in metrics.items()}, epoch)
 
 
 def _optional(kind: type) -> Callable[[str], Any]:
@@ -200,10 +201,16 @@ def config_for_resume(config_cls: type[C], run_id: str, **overrides: Any) -> C:
     path = Path(checkpoint_dir) / run_id / "last.pt"
     if not path.exists():
         raise ValueError(f"cannot resume run {run_id}: no checkpoint at {path}")
-    saved = load_checkpoint(path)["config"]
-    saved = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()}
-    if overrides.get("epochs", saved["epochs"]) < saved["epochs"]:
+    checkpoint = load_checkpoint(path)
+    saved = {k: tuple(v) if isinstance(v, list) else v for k, v in checkpoint["config"].items()}
+    epochs = overrides.get("epochs", saved["epochs"])
+    if epochs < saved["epochs"]:
         raise ValueError(f"cannot shorten a run on resume ({saved['epochs']} epochs were configured)")
+    if checkpoint["epoch"] >= epochs and run_status(run_id) == "FINISHED":
+        raise ValueError(
+            f"run {run_id} already FINISHED all {checkpoint['epoch']} epochs; resuming it would log its final "
+            f"metrics and model again. Pass --epochs N with N > {checkpoint['epoch']} to train it further"
+        )
     return replace(config_cls(**saved), resume=run_id, **overrides)
 
 
@@ -212,6 +219,12 @@ def main_rank_run(cfg: Any, ctx: DistributedContext) -> Iterator[str]:
     """The run's MLflow run: rank 0 opens (or resumes) it; every rank gets its id."""
     if ctx.is_main:
         with tracked_run(cfg.experiment_name, run_name=cfg.run_name, resume_run_id=cfg.resume) as active:
+            if not cfg.resume:
+                entry_point_logger(type(cfg)).info(
+                    "run %s started (continue it after an interruption with --resume %s)",
+                    active.info.run_id,
+                    active.info.run_id,
+                )
             yield broadcast_object(active.info.run_id, ctx)
     else:
         yield broadcast_object(None, ctx)
@@ -245,9 +258,7 @@ def start_or_resume(
     if cfg.resume:
         state, ckpt = restore(ckpt_path, model, optimizer, scheduler, device, ctx)
         if ctx.is_main:
-            logging.getLogger(type(cfg).__module__).info(
-                "resumed run %s at epoch %d (step %d)", run_id, state.epoch, state.step
-            )
+            entry_point_logger(type(cfg)).info("resumed run %s at epoch %d (step %d)", run_id, state.epoch, state.step)
             if ckpt.get("config", {}).get("epochs") != cfg.epochs:
                 mlflow.set_tag("epochs_extended_to", cfg.epochs)
         return state, ckpt_path
@@ -266,15 +277,51 @@ def log_replica_consistency(model: Any, ctx: DistributedContext, tolerance: floa
     """Under torchrun: check that every rank holds the same parameters and buffers (spectral state included)."""
     if not ctx.enabled:
         return
-    import mlflow
 
     deviation = replica_deviation(model, ctx)
     if ctx.is_main:
-        mlflow.log_metrics({"ddp_replica_max_deviation": deviation, "ddp_world_size": ctx.world_size})
+        log_metrics({"ddp_replica_max_deviation": deviation, "ddp_world_size": ctx.world_size})
         if deviation > tolerance:
             logging.getLogger(type(model).__module__).warning(
                 "replicas differ by up to %.3e across %d ranks", deviation, ctx.world_size
             )
+
+
+def entry_point_logger(config_cls: type) -> logging.Logger:
+    """The entry point's logger, named after its module even when it runs as ``__main__`` (``python -m``),
+    so that its records (the run id, "resumed at epoch N") pass :func:`setup_logging`'s project loggers."""
+    module = config_cls.__module__
+    if module == "__main__":
+        spec = getattr(sys.modules["__main__"], "__spec__", None)
+        module = spec.name if spec is not None else "experiments"
+    return logging.getLogger(module)
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Errors that a user's input or environment causes, reported as one line (exit 2), not a traceback.
+
+    Bad values (``ValueError``, ``TypeError``), missing data, paths that cannot be written or read, a
+    diverged training (``FloatingPointError``) and a tracking store that refuses the request.
+    """
+    from mlflow.exceptions import MlflowException
+
+    return (ValueError, TypeError, DatasetNotFoundError, OSError, FloatingPointError, MlflowException)
+
+
+def _tag_launched_run(reason: str) -> None:
+    """Under ``mlflow run``, a failure before the entry point claimed its launched run still says why there."""
+    launched = os.environ.get("MLFLOW_RUN_ID")
+    if not launched:
+        return
+    try:
+        from mlflow.tracking import MlflowClient
+
+        from pipeline.tracking import configure_tracking
+
+        configure_tracking()
+        MlflowClient().set_tag(launched, "failure", reason[:5000])
+    except Exception:  # noqa: BLE001 - the store itself may be the problem; the exit code still says it
+        pass
 
 
 def entry_point_main(
@@ -284,13 +331,15 @@ def entry_point_main(
     argv: list[str] | None,
     description: str | None,
 ) -> int:
-    """Parse, validate (exit 2 with a message on bad input), run; returns the process exit code.
+    """Parse, validate, run; returns the process exit code (0, or 2 with one line on a user error).
 
+    A user error (:func:`user_errors`) is logged as one line naming the cause (the traceback only at
+    DEBUG level); a run it interrupts is already FAILED with the reason as its ``failure`` tag.
     Subnormal floats are flushed to zero in every CPU thread first (:mod:`pipeline.training.numerics`):
     values below ~1e-38 become zero instead of slowing every operation on them 10-100x.
     """
     setup_logging()
-    log = logging.getLogger(config_cls.__module__)
+    log = entry_point_logger(config_cls)
     flush_denormals()
     try:
         args = vars(build_parser(config_cls, presets, description).parse_args(argv))
@@ -302,13 +351,22 @@ def entry_point_main(
             if resume
             else config_from_preset(config_cls, presets, preset, **overrides)
         )
-    except (ValueError, TypeError) as exc:
-        log.error("invalid configuration: %s", exc)
+    except user_errors() as exc:
+        log.error("invalid configuration: %s", _one_line(exc))
+        log.debug("details", exc_info=True)
+        _tag_launched_run(f"invalid configuration: {_one_line(exc)}")
         return 2
     try:
         run_id = run(cfg)
-    except DatasetNotFoundError as exc:
-        log.error("%s", exc)
+    except user_errors() as exc:
+        log.error("%s: %s", type(exc).__name__, _one_line(exc))
+        log.debug("details", exc_info=True)
+        _tag_launched_run(f"{type(exc).__name__}: {_one_line(exc)}")
         return 2
     log.info("finished run %s", run_id)
     return 0
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text if len(text) <= 600 else text[:600] + " ..."

@@ -227,6 +227,8 @@ def _run(cfg: DensityConfig, ctx: DistributedContext, device: torch.device, on_e
     if cfg.eval_max_images:
         eval_split = eval_split.subset(torch.arange(min(cfg.eval_max_images, len(eval_split))))
 
+    batches = shard_batches(epoch_batches(train_split, cfg.batch_size, cfg.seed), ctx)  # refuses a batch > data
+
     torch.manual_seed(cfg.seed)
     arch = cfg.architecture(_input_shape(data.train, cfg.pad))
     model = IResNetFlow(arch, estimator=cfg.training_estimator(), inverse_config=cfg.inverse_config()).to(device)
@@ -298,7 +300,6 @@ def _run(cfg: DensityConfig, ctx: DistributedContext, device: torch.device, on_e
             distributed=ctx,
         )
 
-        batches = shard_batches(epoch_batches(train_split, cfg.batch_size, cfg.seed), ctx)
         fit(
             model,
             optimizer,

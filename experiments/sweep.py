@@ -8,6 +8,22 @@
 Each trial trains the target on the training set minus a held-out validation split and is scored on
 that split (never on the test set). One MLflow parent run per invocation; every trial is a nested
 child run. Pruned trials end KILLED, trials that raise (or hit a NaN) end FAILED and the study goes on.
+
+Several workers on one study (several processes, or machines sharing a database):
+
+* ``--n-trials`` is exact across workers: a trial claims a slot when it starts; a claim beyond the
+  budget (two workers starting the last slot at once) never trains and is recorded FAIL with the user
+  attribute ``excess_claim``.
+* The trial and its MLflow child run are linked when the run starts (trial user attributes
+  ``mlflow_run_id`` / ``mlflow_parent_run_id``, run tags ``optuna_trial`` / ``optuna_study``).
+* With a database storage (the default SQLite file, or PostgreSQL, ...) each trial sends heartbeats
+  (``--heartbeat-interval``); a trial whose worker died (no heartbeat for ``--grace-period``) is
+  marked FAIL by the next worker, its MLflow child and parent runs FAILED with a ``failure`` tag saying
+  so, its slot is freed (and, with ``--retry-dead-trials``, its parameters are tried once more), and
+  the study goes on. A journal file has no heartbeats: a killed worker's trial stays RUNNING.
+* A worker whose budget is spent waits while other workers' trials still run, so that a slot freed
+  by a dead worker is filled: the study ends with ``--n-trials`` trials done.
+* A study in which no trial completed ends FAILED (exit 2).
 """
 
 from __future__ import annotations
@@ -30,7 +46,15 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from experiments import classify, cli, density
-from pipeline.tracking import PROJECT_ROOT, RunStopped, log_config, log_json, log_params_flat, tracked_run
+from pipeline.tracking import (
+    PROJECT_ROOT,
+    RunStopped,
+    log_config,
+    log_json,
+    log_params_flat,
+    on_run_start,
+    tracked_run,
+)
 
 log = logging.getLogger("experiments.sweep")
 
@@ -40,6 +64,7 @@ DEFAULT_SPACE: dict[str, dict] = {
     "n_power_iterations": {"type": "int", "low": 1, "high": 10},
 }
 LR_SPACE = {"type": "float", "low": 1e-4, "high": 1e-1, "log": True}
+DEFAULT_OVERRIDES = {"density": "epochs=2 eval_max_images=500", "classify": "epochs=2"}  # short trials
 
 
 @dataclass(frozen=True)
@@ -71,7 +96,7 @@ class SweepConfig:
     preset: str = "quick"
     target: str = "density"
     target_preset: str = "quick"
-    target_overrides: str = "epochs=2 eval_max_images=500"  # "field=value ..." applied to every trial
+    target_overrides: str | None = None  # "field=value ..." applied to every trial (None: DEFAULT_OVERRIDES)
     lipschitz: str | None = None  # every trial's Lipschitz mode (None: the target's; "strict": norms <= c always)
     study_name: str = "iresnet-sweep"
     storage: str = ""  # "": sqlite:///<project>/optuna.db; "journal:PATH"; or any SQLAlchemy URL
@@ -88,6 +113,9 @@ class SweepConfig:
     run_name: str | None = None
     checkpoint_dir: str = str(PROJECT_ROOT / "checkpoints")
     progress: bool = False
+    heartbeat_interval: int = 10  # seconds between a running trial's heartbeats (database storages)
+    grace_period: int = 0  # seconds without a heartbeat before a trial counts as dead; 0: 3 x the interval
+    retry_dead_trials: bool = True  # try a dead worker's parameters once more (recorded: retried_trial_number)
 
     def __post_init__(self) -> None:
         if self.target not in TARGETS:
@@ -103,14 +131,27 @@ class SweepConfig:
             raise ValueError(f"unknown pruner {self.pruner!r}; choose one of {PRUNERS}")
         if self.n_trials < 1 or self.timeout < 0:
             raise ValueError("n_trials must be >= 1 and timeout >= 0")
+        if self.heartbeat_interval < 1 or self.grace_period < 0:
+            raise ValueError("heartbeat_interval must be >= 1 s and grace_period >= 0")
         if not 0 < self.validation_fraction < 1:
             raise ValueError(
                 f"validation_fraction must be in (0, 1): the objective is a held-out score, "
                 f"got {self.validation_fraction}"
             )
-        self.space()  # validates the space file
-        # the overrides must make a valid target configuration: refused now, not in every trial
-        target.module.config_from_preset(self.target_preset, **self.base_overrides())
+        # the overrides, and every value the space can produce, must make a valid target configuration:
+        # refused now, not in every trial (ranges are checked at both ends, categoricals choice by choice)
+        space = self.space()
+        base = self.base_overrides()
+        target.module.config_from_preset(self.target_preset, **base)
+        for name, spec in space.items():
+            values = spec["choices"] if spec["type"] == "categorical" else (spec["low"], spec["high"])
+            for value in values:
+                try:
+                    target.module.config_from_preset(self.target_preset, **{**base, name: value})
+                except (ValueError, TypeError) as exc:
+                    raise ValueError(
+                        f"search-space value {name}={value!r} is invalid for {self.target}: {exc}"
+                    ) from None
 
     @property
     def multi_objective(self) -> bool:
@@ -122,7 +163,18 @@ class SweepConfig:
             if not path.exists():
                 raise ValueError(f"space file {path} does not exist")
             text = path.read_text()
-            space = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+            try:
+                space = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+            except (json.JSONDecodeError, yaml.YAMLError) as exc:
+                raise ValueError(
+                    f"space file {path} is not valid {'JSON' if path.suffix == '.json' else 'YAML'}: "
+                    f"{' '.join(str(exc).split())}"
+                ) from None
+            if not isinstance(space, dict) or not space:
+                raise ValueError(
+                    f"space file {path} must map parameter names to ranges, e.g. "
+                    f"'coeff: {{type: float, low: 0.5, high: 0.97}}'; got {type(space).__name__}"
+                )
         else:
             space = dict(DEFAULT_SPACE)
             if self.target != "density":
@@ -135,16 +187,24 @@ class SweepConfig:
                 raise ValueError(f"search-space parameter {name!r} is not an option of {self.target}")
             if not isinstance(spec, dict) or spec.get("type") not in ("float", "int", "categorical"):
                 raise ValueError(f"search-space entry {name!r} needs type float, int or categorical: {spec!r}")
-            if spec["type"] == "categorical" and not spec.get("choices"):
-                raise ValueError(f"categorical {name!r} needs choices")
-            if spec["type"] != "categorical" and not spec["low"] < spec["high"]:
+            if spec["type"] == "categorical":
+                if not isinstance(spec.get("choices"), list) or not spec["choices"]:
+                    raise ValueError(f"categorical {name!r} needs a non-empty list of choices, got {spec!r}")
+                continue
+            missing = [key for key in ("low", "high") if key not in spec]
+            if missing:
+                raise ValueError(f"search-space entry {name!r} needs {' and '.join(missing)}: {spec!r}")
+            if not all(isinstance(spec[k], int | float) and not isinstance(spec[k], bool) for k in ("low", "high")):
+                raise ValueError(f"{name!r}: low and high must be numbers, got {spec!r}")
+            if not spec["low"] < spec["high"]:
                 raise ValueError(f"{name!r}: need low < high, got {spec}")
         return space
 
     def base_overrides(self) -> dict[str, Any]:
         """``target_overrides`` parsed with the target's own option types."""
         argv = []
-        for item in self.target_overrides.split():
+        text = DEFAULT_OVERRIDES[self.target] if self.target_overrides is None else self.target_overrides
+        for item in text.split():
             if "=" not in item:
                 raise ValueError(f"target_overrides entries look like field=value, got {item!r}")
             key, value = item.split("=", 1)
@@ -154,7 +214,7 @@ class SweepConfig:
         try:
             parsed = vars(parser.parse_args(argv))
         except SystemExit:
-            raise ValueError(f"bad target_overrides {self.target_overrides!r}") from None
+            raise ValueError(f"bad target_overrides {text!r} for {self.target}") from None
         parsed.pop("preset")
         chosen = {} if self.lipschitz is None else {"lipschitz": self.lipschitz}
         return chosen | {k: v for k, v in parsed.items() if v is not None}
@@ -187,14 +247,44 @@ def suggest(trial: optuna.Trial, space: dict[str, dict]) -> dict[str, Any]:
     return params
 
 
-def make_storage(spec: str) -> str | optuna.storages.BaseStorage:
-    if not spec:
-        return f"sqlite:///{PROJECT_ROOT / 'optuna.db'}"
+def make_storage(
+    spec: str,
+    *,
+    heartbeat_interval: int | None = None,
+    grace_period: int | None = None,
+    on_dead_trial: Callable[[optuna.Study, optuna.trial.FrozenTrial], None] | None = None,
+) -> optuna.storages.BaseStorage:
+    """The study's storage: a journal file (``journal:PATH``), or a database URL (default: the project's
+    SQLite file) with heartbeats every ``heartbeat_interval`` s when given, ``on_dead_trial`` called for a
+    trial found without heartbeat for ``grace_period`` s."""
     if spec.startswith("journal:"):
         from optuna.storages.journal import JournalFileBackend
 
         return optuna.storages.JournalStorage(JournalFileBackend(spec.removeprefix("journal:")))
-    return spec
+    url = spec or f"sqlite:///{PROJECT_ROOT / 'optuna.db'}"
+    if heartbeat_interval is None:
+        return optuna.storages.RDBStorage(url)
+    with warnings.catch_warnings():  # heartbeats are flagged experimental in Optuna
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.storages.RDBStorage(
+            url,
+            heartbeat_interval=heartbeat_interval,
+            grace_period=grace_period or 3 * heartbeat_interval,
+            heartbeat_stale_trial_callback=on_dead_trial,
+        )
+
+
+class ExcessClaim(RuntimeError):
+    """A trial started after the study's budget was already claimed by other workers; it does not train."""
+
+
+def counts_toward_budget(trial: optuna.trial.FrozenTrial) -> bool:
+    """Running or done trials, and failures raised by the objective; not excess claims, not dead workers."""
+    if trial.user_attrs.get("excess_claim"):
+        return False
+    if trial.state == TrialState.FAIL:
+        return bool(trial.user_attrs.get("worker_done"))  # else its worker died: the slot is free again
+    return trial.state in (TrialState.RUNNING, TrialState.COMPLETE, TrialState.PRUNED)
 
 
 def _sampler(cfg: SweepConfig) -> optuna.samplers.BaseSampler:
@@ -219,6 +309,20 @@ def make_objective(cfg: SweepConfig) -> Callable[[optuna.Trial], float | tuple[f
     client = MlflowClient()
 
     def objective(trial: optuna.Trial) -> float | tuple[float, float]:
+        counted = sorted(t.number for t in trial.study.get_trials(deepcopy=False) if counts_toward_budget(t))
+        if trial.number in counted and counted.index(trial.number) >= cfg.n_trials:
+            trial.set_user_attr("excess_claim", True)
+            raise ExcessClaim(f"the study's {cfg.n_trials} trials were already claimed by other workers")
+        try:
+            return run_trial(trial)
+        except Exception as exc:
+            if not isinstance(exc, optuna.TrialPruned):
+                trial.set_user_attr("failure", f"{type(exc).__name__}: {exc}"[:2000])
+            raise
+        finally:  # the worker is alive to record the outcome (a dead worker's trial lacks this)
+            trial.set_user_attr("worker_done", True)
+
+    def run_trial(trial: optuna.Trial) -> float | tuple[float, float]:
         params = suggest(trial, space)
         trial_cfg = target.module.config_from_preset(
             cfg.target_preset,
@@ -237,18 +341,15 @@ def make_objective(cfg: SweepConfig) -> Callable[[optuna.Trial], float | tuple[f
                     raise PrunedRun(f"pruned at epoch {epoch} ({target.metric}={metrics[target.metric]:.4g})")
 
         parent = mlflow.active_run()
-        try:
+        trial.set_user_attr("mlflow_parent_run_id", parent.info.run_id)
+
+        def link(run_id: str) -> None:  # at the child run's start: a worker dying mid-trial leaves both matched
+            client.set_tag(run_id, "optuna_trial", trial.number)
+            client.set_tag(run_id, "optuna_study", cfg.study_name)
+            trial.set_user_attr("mlflow_run_id", run_id)
+
+        with on_run_start(link):
             run_id = target.module.run(trial_cfg, on_epoch_end=report)
-        finally:  # tag the child run whether it finished, failed or was pruned
-            children = client.search_runs(
-                [parent.info.experiment_id],
-                filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}' "
-                f"and tags.mlflow.runName = 'trial-{trial.number}'",
-            )
-            for child in children:
-                client.set_tag(child.info.run_id, "optuna_trial", trial.number)
-                client.set_tag(child.info.run_id, "optuna_study", cfg.study_name)
-                trial.set_user_attr("mlflow_run_id", child.info.run_id)
         metrics = client.get_run(run_id).data.metrics
         value = metrics[target.metric]
         if not math.isfinite(value):
@@ -290,9 +391,40 @@ def _log_study_figures(study: optuna.Study, cfg: SweepConfig, out: Path) -> None
         save_figure(fig, out / f"{name}.png")
 
 
+def _dead_trial_handler(cfg: SweepConfig) -> Callable[[optuna.Study, optuna.trial.FrozenTrial], None]:
+    with warnings.catch_warnings():  # experimental in Optuna since 2.8
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1) if cfg.retry_dead_trials else None
+
+    def on_dead_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        reason = (
+            f"sweep worker died: trial {trial.number} of study {cfg.study_name!r} sent no heartbeat for "
+            f"{cfg.grace_period or 3 * cfg.heartbeat_interval} s"
+        )
+        log.warning("%s; marked FAIL%s", reason, ", retried once" if retry else "")
+        client = MlflowClient()
+        for key in ("mlflow_run_id", "mlflow_parent_run_id"):
+            run_id = trial.user_attrs.get(key)
+            if run_id and client.get_run(run_id).info.status == "RUNNING":
+                client.set_terminated(run_id, status="FAILED")
+                client.set_tag(run_id, "failure", reason)
+        if retry is not None:
+            retry(study, trial)
+
+    return on_dead_trial
+
+
 def run(cfg: SweepConfig) -> str:
     """Run this worker's share of the study under one MLflow parent run; returns its run id."""
-    storage = make_storage(cfg.storage)
+    journal = cfg.storage.startswith("journal:")
+    storage = make_storage(
+        cfg.storage,
+        heartbeat_interval=None if journal else cfg.heartbeat_interval,
+        grace_period=cfg.grace_period,
+        on_dead_trial=_dead_trial_handler(cfg),
+    )
+    if journal:
+        log.warning("a journal storage has no heartbeats: a worker killed mid-trial leaves that trial RUNNING")
     directions = ["minimize", TARGETS[cfg.target].second[1]] if cfg.multi_objective else ["minimize"]
     study = optuna.create_study(
         study_name=cfg.study_name,
@@ -303,24 +435,53 @@ def run(cfg: SweepConfig) -> str:
         pruner=_pruner(cfg),
     )
     if study.directions != [optuna.study.StudyDirection[d.upper()] for d in directions]:
-        raise ValueError(f"study {cfg.study_name!r} exists with other directions; use another --study-name")
+        raise ValueError(
+            f"study {cfg.study_name!r} exists with directions {[d.name.lower() for d in study.directions]}, not "
+            f"{directions} (objective {cfg.objective!r}); use the study's objective or another --study-name"
+        )
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    finished = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
     with tracked_run(cfg.experiment_name, run_name=cfg.run_name or f"sweep-{cfg.study_name}") as parent:
         log_config(cfg)
         log_json(cfg.space(), "search_space.json")
         mlflow.set_tag("optuna_study", cfg.study_name)
-        remaining = cfg.n_trials - len(study.get_trials(deepcopy=False, states=finished))
-        if remaining > 0:
-            study.optimize(
-                make_objective(cfg),
-                n_trials=remaining,
-                timeout=cfg.timeout or None,
-                catch=(Exception,),  # a failing trial is recorded FAILED; the study goes on
-                callbacks=[optuna.study.MaxTrialsCallback(cfg.n_trials, states=finished)],
-            )
+        _optimize(study, cfg, storage)
         _log_study_summary(study, cfg)
+        if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+            failures = [t.user_attrs.get("failure", "") for t in study.get_trials(deepcopy=False)]
+            raise ValueError(
+                f"no trial of study {cfg.study_name!r} completed"
+                + (f"; first failure: {next((f for f in failures if f), '')}" if any(failures) else "")
+            )
     return parent.info.run_id
+
+
+def _optimize(study: optuna.Study, cfg: SweepConfig, storage: optuna.storages.BaseStorage) -> None:
+    """Claim and run trials until the study holds ``n_trials`` (exact across workers; see the module doc)."""
+    import time
+
+    from optuna.storages._heartbeat import is_heartbeat_enabled
+
+    objective = make_objective(cfg)
+    deadline = time.monotonic() + cfg.timeout if cfg.timeout else math.inf
+    heartbeats = is_heartbeat_enabled(storage)
+    while time.monotonic() < deadline:
+        if heartbeats:
+            with warnings.catch_warnings():  # Optuna flags it experimental (since 2.9)
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                optuna.storages.fail_stale_trials(study)
+        trials = study.get_trials(deepcopy=False)
+        counted = [t for t in trials if counts_toward_budget(t)]
+        if len(counted) < cfg.n_trials or any(t.state == TrialState.WAITING for t in trials):
+            study.optimize(
+                objective,
+                n_trials=1,
+                timeout=None if math.isinf(deadline) else max(deadline - time.monotonic(), 0.0),
+                catch=(Exception,),  # a failing trial is recorded FAILED; the study goes on
+            )
+        elif heartbeats and any(t.state == TrialState.RUNNING for t in counted):
+            time.sleep(cfg.heartbeat_interval)  # another worker's trial runs; if that worker dies, its slot frees
+        else:
+            return
 
 
 def _log_study_summary(study: optuna.Study, cfg: SweepConfig) -> None:

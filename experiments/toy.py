@@ -31,7 +31,7 @@ from pipeline.models.base import n_parameters
 from pipeline.models.glow import matched_glow
 from pipeline.plotting import new_figure, save_figure
 from pipeline.tracking import PROJECT_ROOT, log_config, log_json, log_metrics, tracked_run, write_csv
-from pipeline.training.device import resolve_device
+from pipeline.training.device import check_device_name, resolve_device
 from pipeline.training.loop import LoopConfig, fit
 from pipeline.transforms import ExactLogDet, InvertibleResidualBlock
 
@@ -104,6 +104,7 @@ class ToyConfig(cli.EstimatorOptions):
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        check_device_name(self.device)
         if self.dynamics_depth % 2:
             raise ValueError("dynamics_depth must be even (the x^3 target sits at half depth)")
         if not self.lr > 0 or not self.grid_limit > 0:

@@ -76,6 +76,20 @@ def run_status(run_id: str) -> str:
         raise ValueError(f"no run {run_id!r} in the tracking store {mlflow.get_tracking_uri()}") from exc
 
 
+_RUN_START_HOOKS: list[Callable[[str], None]] = []
+
+
+@contextmanager
+def on_run_start(hook: Callable[[str], None]) -> Iterator[None]:
+    """Call ``hook(run_id)`` as soon as :func:`tracked_run` starts a new run inside this block (e.g. a sweep
+    links its trial to the run at once, so a worker that dies mid-trial leaves both records matched)."""
+    _RUN_START_HOOKS.append(hook)
+    try:
+        yield
+    finally:
+        _RUN_START_HOOKS.remove(hook)
+
+
 class RunStopped(Exception):  # noqa: N818 - a deliberate stop, not an error
     """Raised to stop a run on purpose (e.g. a pruned trial): the run is marked KILLED, not FAILED."""
 
@@ -116,6 +130,9 @@ def tracked_run(
     else:
         run = mlflow.start_run(experiment_id=experiment_id(experiment_name), run_name=run_name)
     try:
+        if not resume_run_id:
+            for hook in list(_RUN_START_HOOKS):
+                hook(run.info.run_id)
         yield run
     except (KeyboardInterrupt, RunStopped) as exc:
         _end_active_run("KILLED", "stopped", f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
@@ -251,21 +268,24 @@ MODEL_ARTIFACT = "model"
 
 
 def log_model(model: Any) -> None:
-    """Log ``model`` (moved to CPU) to the active run so :func:`load_model` can reload it.
+    """Log ``model`` to the active run as data (weights + architecture JSON, see
+    :mod:`pipeline.models.serialization`) under ``model/``, so :func:`load_model` can rebuild it."""
+    import tempfile
 
-    A pickled eager module: the flows run autograd inside ``forward``, which tracing formats cannot hold.
-    """
-    import mlflow.pytorch
+    from pipeline.models.serialization import save_model
 
-    mlflow.pytorch.log_model(
-        model.cpu(), name=MODEL_ARTIFACT, serialization_format="pickle", pip_requirements=["torch", "iresnet-pipeline"]
-    )
+    with tempfile.TemporaryDirectory() as tmp:
+        save_model(model, tmp)
+        retry_tracking_write(lambda: mlflow.log_artifacts(tmp, artifact_path=MODEL_ARTIFACT))
 
 
 def load_model(run_id: str, *, map_location: str = "cpu") -> Any:
-    """Reload the model logged by a run (to sample from or evaluate it)."""
-    configure_tracking()
-    import mlflow.pytorch
+    """Rebuild the model logged by a run (in evaluation mode, to sample from or evaluate it)."""
+    import tempfile
 
-    model = mlflow.pytorch.load_model(f"runs:/{run_id}/{MODEL_ARTIFACT}", map_location=map_location)
-    return model.eval()
+    from pipeline.models.serialization import load_model_folder
+
+    configure_tracking()
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=MODEL_ARTIFACT, dst_path=tmp)
+        return load_model_folder(folder, map_location=map_location)

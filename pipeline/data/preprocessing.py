@@ -45,7 +45,15 @@ def iterate_batches(
 
 
 def epoch_batches(split: ImageSplit, batch_size: int, seed: int) -> Callable[[int], Iterator[tuple[Tensor, Tensor]]]:
-    """``epoch -> batches``: a fresh shuffle per epoch, reproducible from ``(seed, epoch)`` (for resuming)."""
+    """``epoch -> batches``: a fresh shuffle per epoch, reproducible from ``(seed, epoch)`` (for resuming).
+
+    Incomplete batches are dropped, so a batch larger than the split would train nothing: refused.
+    """
+    if batch_size > len(split):
+        raise ValueError(
+            f"batch_size {batch_size} exceeds the {len(split)} training images, so no full batch exists; "
+            f"use --batch-size {len(split)} or less"
+        )
 
     def batches(epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
         return iterate_batches(split, batch_size, shuffle=True, seed=seed * 100_003 + epoch, drop_last=True)

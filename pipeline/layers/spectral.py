@@ -107,15 +107,7 @@ class _SpectralNorm(nn.Module):
     u: Tensor
     v: Tensor
     sigma: Tensor
-    # class-level defaults, so models pickled (logged to MLflow) before these existed still load and run
-    power_tol: float = 0.0
-    max_power_iterations: int = DEFAULT_MAX_POWER_ITERATIONS
-    power_iteration_frozen: bool = False
-    last_power_iterations: int = 0
-    lipschitz: str = "soft"
-    _step_bound_is_exact: bool = False  # whether _step_bound is the norm itself (linear layers)
-    _ready: bool = False
-    _eval: EvalNormalization | None = None
+    _step_bound_is_exact: bool = False  # whether _step_bound is the norm itself (linear layers); per class
 
     def __init__(
         self,

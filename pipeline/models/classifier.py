@@ -98,7 +98,7 @@ class ResidualClassifier(nn.Module):
         self.pad = InjectivePad(arch.injective_padding)
         stages: list[Transform] = []
         first = True
-        for stage, (n_blocks, hidden, stride, (c, _, _)) in enumerate(
+        for stage, (n_blocks, hidden, stride, (c, h, w)) in enumerate(
             zip(arch.n_blocks, arch.hidden_channels, arch.strides, arch.stage_shapes(), strict=True)
         ):
             steps: list[Transform] = []
@@ -121,7 +121,7 @@ class ResidualClassifier(nn.Module):
                     preactivation=not first,  # pre-activation blocks, as in the paper's classifier
                     batchnorm=arch.branch_batchnorm,
                 )
-                steps.append(InvertibleResidualBlock(branch, inverse_config=inverse_config))
+                steps.append(InvertibleResidualBlock(branch, inverse_config=inverse_config, input_shape=(c, h, w)))
                 first = False
             stages.append(TransformSequence(*steps))
         self.stages = nn.ModuleList(stages)

@@ -117,7 +117,11 @@ class IResNetFlow(FlowModel):
                     power_tol=arch.power_tol,
                     lipschitz=arch.lipschitz,
                 )
-                steps.append(InvertibleResidualBlock(branch, estimator=estimator, inverse_config=inverse_config))
+                steps.append(
+                    InvertibleResidualBlock(
+                        branch, estimator=estimator, inverse_config=inverse_config, input_shape=(c, h, w)
+                    )
+                )
             levels.append(TransformSequence(*steps))
             last = level == len(arch.n_blocks) - 1
             priors.append(make_prior((c, h, w) if last else (c // 2, h, w), arch.learnable_prior))

@@ -8,9 +8,15 @@ DEVICES = ("auto", "cpu", "cuda")
 
 
 def check_device_name(name: str) -> None:
-    """Validate a device option without touching the hardware (for configs)."""
-    if name not in DEVICES and not name.startswith("cuda:"):
+    """Validate a device option (for configs): a known name, and CUDA only where a GPU is visible."""
+    if name not in DEVICES and not (name.startswith("cuda:") and name[5:].isdigit()):
         raise ValueError(f"unknown device {name!r}; choose one of {DEVICES} or cuda:N")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {name!r} was requested but no CUDA GPU is visible here; use --device cpu or auto")
+        index = int(name[5:]) if name.startswith("cuda:") else 0
+        if index >= torch.cuda.device_count():
+            raise ValueError(f"device {name!r}: only {torch.cuda.device_count()} CUDA device(s) are visible")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -18,6 +24,4 @@ def resolve_device(name: str) -> torch.device:
     check_device_name(name)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"device {name!r} was requested but CUDA is not available on this machine")
     return torch.device(name)

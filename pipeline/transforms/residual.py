@@ -23,12 +23,14 @@ class InvertibleResidualBlock(Transform):
         *,
         estimator: LogDetEstimator | None = None,
         inverse_config: FixedPointConfig | None = None,
+        input_shape: tuple[int, ...] | None = None,
     ) -> None:
         super().__init__()
         self.branch = branch
         self.estimator = estimator if estimator is not None else PowerSeriesLogDet()
         self.inverse_config = inverse_config if inverse_config is not None else FixedPointConfig()
-        self.input_shape: tuple[int, ...] | None = None  # per-sample shape, seen on the first call
+        # per-sample shape: given by a model that knows it, else recorded on the first call
+        self.input_shape: tuple[int, ...] | None = tuple(input_shape) if input_shape is not None else None
 
     def _remember_shape(self, x: Tensor) -> None:
         if self.input_shape is None:

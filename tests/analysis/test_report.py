@@ -108,3 +108,16 @@ def test_paper_values_are_available_for_the_table():
 def test_unknown_scale_is_refused():
     with pytest.raises(ValueError, match="unknown scale"):
         reproduce.config_from_preset("quick", scale="huge")
+
+
+def test_a_report_on_a_store_without_its_experiments_is_refused(store, caplog):
+    out = store / "report"
+    assert report.main(["--output-dir", str(out)]) == 2
+    assert "none of the experiments density, classify, toy, sweep exists" in caplog.text
+    assert not out.exists()
+
+
+def test_a_missing_experiment_is_named_in_a_warning(store, caplog):
+    MlflowClient().create_experiment("density")
+    report.run(report.config_from_preset("quick", output_dir=str(store / "report")))
+    assert "experiment 'classify' does not exist" in caplog.text

@@ -35,8 +35,8 @@ def crash_after_epoch(monkeypatch):
 def assert_same_final_parameters(checkpoint_dir: Path, run_a: str, run_b: str) -> None:
     import torch
 
-    a = torch.load(checkpoint_dir / run_a / "last.pt", weights_only=False)["model"]
-    b = torch.load(checkpoint_dir / run_b / "last.pt", weights_only=False)["model"]
+    a = torch.load(checkpoint_dir / run_a / "last.pt", weights_only=True)["model"]
+    b = torch.load(checkpoint_dir / run_b / "last.pt", weights_only=True)["model"]
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key

@@ -91,7 +91,7 @@ def test_density_trains_data_parallel_and_logs_once(store):
     steps_per_epoch = 1437 // 64  # digits8x8 has 1437 training images; 64 is the global batch
     history = client.get_metric_history(run.info.run_id, "train_loss")
     assert [h.step for h in history] == list(range(1, 2 * steps_per_epoch + 1))  # one value per step, not per rank
-    ckpt = torch.load(store / "ckpt" / run.info.run_id / "last.pt", weights_only=False)
+    ckpt = torch.load(store / "ckpt" / run.info.run_id / "last.pt", weights_only=True)
     assert ckpt["epoch"] == 2 and len(ckpt["rng_per_rank"]) == 2
     assert not torch.equal(ckpt["rng_per_rank"][0]["torch"], ckpt["rng_per_rank"][1]["torch"])  # own noise
 
