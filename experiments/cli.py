@@ -258,6 +258,7 @@ def start_or_resume(
     if cfg.resume:
         state, ckpt = restore(ckpt_path, model, optimizer, scheduler, device, ctx)
         if ctx.is_main:
+            state.logged_step, state.logged_epoch = _last_logged(run_id)
             entry_point_logger(type(cfg)).info("resumed run %s at epoch %d (step %d)", run_id, state.epoch, state.step)
             if ckpt.get("config", {}).get("epochs") != cfg.epochs:
                 mlflow.set_tag("epochs_extended_to", cfg.epochs)
@@ -271,6 +272,16 @@ def start_or_resume(
         log_params_flat({**params, **({"distributed_world_size": ctx.world_size} if ctx.enabled else {})})
         log_json(asdict(cfg), "config.json")
     return None, ckpt_path
+
+
+def _last_logged(run_id: str) -> tuple[int, int]:
+    """The last step of ``train_loss`` and the last epoch of ``epoch_seconds`` a run logged."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    steps = [m.step for m in client.get_metric_history(run_id, "train_loss")]
+    epochs = [m.step for m in client.get_metric_history(run_id, "epoch_seconds")]
+    return max(steps, default=0), max(epochs, default=0)
 
 
 def log_replica_consistency(model: Any, ctx: DistributedContext, tolerance: float = 1e-4) -> None:

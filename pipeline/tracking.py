@@ -38,9 +38,47 @@ def configure_tracking() -> str:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # no phoning home from offline machines
     uri = os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
     mlflow.set_tracking_uri(uri)
+    if uri not in _CHECKED_STORES:
+        check_store_reachable(uri)
+        _CHECKED_STORES.add(uri)
     if uri.startswith("sqlite:///"):
         _initialize_sqlite_store(Path(uri.removeprefix("sqlite:///")))
     return uri
+
+
+_CHECKED_STORES: set[str] = set()
+DATABASE_SCHEMES = ("postgresql", "mysql", "mssql")
+
+
+def check_store_reachable(uri: str, timeout_s: float = 10.0) -> None:
+    """One quick connection to a tracking server or database; ValueError naming the store if it fails.
+
+    MLflow itself retries an unreachable database for about 100 s before its error; a wrong URI
+    should say so at once.
+    """
+    scheme = uri.split(":", 1)[0].split("+", 1)[0].lower()
+    try:
+        if scheme in ("http", "https"):
+            import urllib.request
+
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s):
+                pass
+        elif scheme in DATABASE_SCHEMES:
+            import sqlalchemy
+
+            connect_args = {"connect_timeout": int(timeout_s)} if scheme in ("postgresql", "mysql") else {}
+            engine = sqlalchemy.create_engine(uri, connect_args=connect_args)
+            try:
+                with engine.connect():
+                    pass
+            finally:
+                engine.dispose()
+    except Exception as exc:  # noqa: BLE001 - drivers raise their own types
+        shown = f"{uri.split('://', 1)[0]}://***@{uri.rsplit('@', 1)[1]}" if "@" in uri else uri  # no password
+        raise ValueError(
+            f"the tracking store {shown} is unreachable: {' '.join(str(exc).split())[:300]}. "
+            "Start it, or fix MLFLOW_TRACKING_URI"
+        ) from None
 
 
 def _initialize_sqlite_store(db: Path) -> None:

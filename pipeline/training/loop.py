@@ -81,6 +81,10 @@ class LoopConfig:
 class LoopState:
     epoch: int = 0  # epochs completed
     step: int = 0  # optimizer steps taken
+    # what a resumed run had already logged past its checkpoint (the interrupted epoch): the redone steps
+    # reproduce those values exactly, so they are not logged twice
+    logged_step: int = 0
+    logged_epoch: int = 0
 
 
 StepFn = Callable[[Any], tuple[Tensor, dict[str, float]]]
@@ -180,7 +184,7 @@ def fit(
             for k, v in metrics.items():
                 totals[k] = totals.get(k, 0.0) + v
             count += 1
-            if state.step % config.log_every == 0 or state.step == 1:
+            if (state.step % config.log_every == 0 or state.step == 1) and state.step > state.logged_step:
                 logged = mean_over_ranks(metrics, ctx, device)
                 if ctx.is_main and config.log_metrics is not None:
                     config.log_metrics(
@@ -210,7 +214,7 @@ def fit(
             epoch_metrics |= evaluate(epoch)
         rngs = all_gather_object(rng_state(), ctx)  # (the other ranks wait here for rank 0's evaluation)
         if ctx.is_main:
-            if config.log_metrics is not None:
+            if config.log_metrics is not None and epoch > state.logged_epoch:
                 config.log_metrics({f"{config.metric_prefix}{k}": v for k, v in epoch_metrics.items()}, epoch)
             log.info("epoch %d: %s", epoch, ", ".join(f"{k}={v:.4g}" for k, v in epoch_metrics.items()))
             save_checkpoint(

@@ -1,0 +1,188 @@
+"""Every failure an entry point meets ends in one clear line, the right recorded state, and nothing lost."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from analysis import report
+from experiments import classify, density
+from pipeline.data import load_dataset
+from pipeline.tracking import PROJECT_ROOT, load_model
+from tests.experiments.conftest import SimulatedCrash, runs_of
+from tests.experiments.test_density import TINY
+
+NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+
+
+def _density_args(store, *extra: str) -> list[str]:
+    args = ["--checkpoint-dir", str(store / "ckpt")]
+    for key, value in TINY.items():
+        text = ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+        args += [f"--{key.replace('_', '-')}", text]
+    return args + list(extra)
+
+
+def _one_error_line(caplog) -> str:
+    errors = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1, [r.getMessage() for r in errors]
+    assert errors[0].exc_info is None  # no traceback for a user error
+    return errors[0].getMessage()
+
+
+def test_density_batch_larger_than_the_data_is_refused_before_any_run(store, caplog):
+    assert density.main(_density_args(store, "--batch-size", "100000")) == 2
+    assert "batch_size 100000 exceeds the" in _one_error_line(caplog)
+    assert runs_of("density") == []  # no run that looks finished, and none at all
+
+
+def test_classify_batch_larger_than_the_data_is_one_line(store, caplog):
+    cfg_args = ["--dataset", "digits8x8", "--batch-size", "100000", "--epochs", "1", "--progress", "false"]
+    assert classify.main(cfg_args) == 2
+    assert "exceeds the" in _one_error_line(caplog)
+
+
+@NO_GPU
+@pytest.mark.parametrize("entry", [density, classify])
+def test_a_gpu_that_is_not_there_is_one_line(store, caplog, entry):
+    assert entry.main(["--device", "cuda"]) == 2
+    assert "no CUDA GPU is visible" in _one_error_line(caplog)
+
+
+def test_a_truncated_checkpoint_names_the_file(store, caplog):
+    run_id = density.run(density.config_from_preset("quick", **TINY, checkpoint_dir=str(store / "ckpt")))
+    path = store / "ckpt" / run_id / "last.pt"
+    path.write_bytes(path.read_bytes()[:1000])
+    assert density.main(["--resume", run_id, "--checkpoint-dir", str(store / "ckpt"), "--epochs", "3"]) == 2
+    assert str(path) in _one_error_line(caplog)
+
+
+def test_a_pickled_checkpoint_of_an_older_version_is_refused(store, caplog):
+    run_id = density.run(density.config_from_preset("quick", **TINY, checkpoint_dir=str(store / "ckpt")))
+    path = store / "ckpt" / run_id / "last.pt"
+    state = torch.load(path, weights_only=True)
+    state["model_object"] = torch.nn.Linear(2, 2)  # a pickled module, as older checkpoints held
+    torch.save(state, path)
+    assert density.main(["--resume", run_id, "--checkpoint-dir", str(store / "ckpt"), "--epochs", "3"]) == 2
+    message = _one_error_line(caplog)
+    assert str(path) in message and "could run arbitrary code" in message
+
+
+def test_resuming_against_another_tracking_store_is_one_line(store, caplog, monkeypatch):
+    run_id = density.run(density.config_from_preset("quick", **TINY, checkpoint_dir=str(store / "ckpt")))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store / 'other.db'}")
+    assert density.main(["--resume", run_id, "--checkpoint-dir", str(store / "ckpt"), "--epochs", "3"]) == 2
+    assert f"no run '{run_id}' in sqlite:///{store / 'other.db'}" in _one_error_line(caplog)
+
+
+def test_an_unreachable_tracking_server_is_one_line_at_once(store, caplog, monkeypatch):
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+    assert density.main(_density_args(store)) == 2
+    assert f"the tracking store http://127.0.0.1:{port} is unreachable" in _one_error_line(caplog)
+
+
+def test_report_errors_are_one_line(store, caplog, tmp_path):
+    density.run(density.config_from_preset("quick", **TINY, checkpoint_dir=str(store / "ckpt")))
+    assert report.main(["--filter-string", "params.coeff ==== 'x'", "--output-dir", str(tmp_path / "r")]) == 2
+    _one_error_line(caplog)
+    caplog.clear()
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if os.access(locked, os.W_OK):
+            pytest.skip("running as a user who can write anywhere")
+        assert report.main(["--output-dir", str(locked / "out")]) == 2
+        assert "Permission denied" in _one_error_line(caplog)
+    finally:
+        locked.chmod(0o700)
+
+
+def test_resuming_a_finished_run_is_refused_unless_it_trains_further(store, caplog):
+    ckpt = str(store / "ckpt")
+    run_id = density.run(density.config_from_preset("quick", **TINY, checkpoint_dir=ckpt))
+    n_models = len(MlflowClient().list_artifacts(run_id, "model"))
+    assert density.main(["--resume", run_id, "--checkpoint-dir", ckpt]) == 2
+    assert f"run {run_id} already FINISHED all 2 epochs" in _one_error_line(caplog)
+    assert MlflowClient().get_metric_history(run_id, "test_bpd")[-1].step == 2  # nothing re-logged
+    assert len(MlflowClient().list_artifacts(run_id, "model")) == n_models
+    assert density.main(["--resume", run_id, "--checkpoint-dir", ckpt, "--epochs", "3"]) == 0  # extending is fine
+    assert MlflowClient().get_run(run_id).info.status == "FINISHED"
+
+
+def test_python_m_prints_the_run_id_needed_to_resume(store):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(
+        [sys.executable, "-m", "experiments.density", *_density_args(store, "--epochs", "1")],
+        env=env,
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    (run,) = runs_of("density")
+    assert f"run {run.info.run_id} started (continue it after an interruption with --resume" in out.stderr
+    resumed = subprocess.run(
+        [sys.executable, "-m", "experiments.density", "--resume", run.info.run_id, "--epochs", "2",
+         "--checkpoint-dir", str(store / "ckpt")],
+        env=env, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resumed run {run.info.run_id} at epoch 1" in resumed.stderr
+
+
+def test_a_run_resumed_after_a_crash_mid_epoch_logs_each_step_once(store, monkeypatch):
+    import pipeline.models.base as base
+
+    cfg = density.config_from_preset(
+        "quick", **{**TINY, "epochs": 3, "eval_every": 0, "batch_size": 32, "log_every": 1},
+        checkpoint_dir=str(store / "ckpt"),
+    )  # fmt: skip
+    straight = density.run(cfg)
+    calls = {"n": 0}
+    original = base.FlowModel.prior_log_prob
+    steps_per_epoch = len(load_dataset("digits8x8").train) // 32
+
+    def crash_in_epoch_two(self, zs):
+        if torch.is_grad_enabled():  # training steps only
+            calls["n"] += 1
+            if calls["n"] == steps_per_epoch + 20:
+                raise SimulatedCrash("killed mid-epoch")
+        return original(self, zs)
+
+    monkeypatch.setattr(base.FlowModel, "prior_log_prob", crash_in_epoch_two)
+    with pytest.raises(SimulatedCrash):
+        density.run(cfg)
+    monkeypatch.setattr(base.FlowModel, "prior_log_prob", original)
+    crashed = next(r.info.run_id for r in runs_of("density") if r.info.run_id != straight)
+    client = MlflowClient()
+    assert max(m.step for m in client.get_metric_history(crashed, "train_loss")) > steps_per_epoch  # partial epoch
+    density.run(density.config_for_resume(crashed, checkpoint_dir=str(store / "ckpt")))
+    for key in ("train_loss", "epoch_seconds", "epoch_train_loss"):
+        steps = [m.step for m in client.get_metric_history(crashed, key)]
+        assert len(steps) == len(set(steps)), key  # no step logged twice
+        assert sorted(steps) == sorted(m.step for m in client.get_metric_history(straight, key)), key
+    straight_loss = {m.step: m.value for m in client.get_metric_history(straight, "train_loss")}
+    assert {m.step: m.value for m in client.get_metric_history(crashed, "train_loss")} == straight_loss
+
+
+def test_a_logged_model_is_weights_and_json_and_reloads(store):
+    run_id = density.run(density.config_from_preset("quick", **TINY, checkpoint_dir=str(store / "ckpt")))
+    files = {a.path for a in MlflowClient().list_artifacts(run_id, "model")}
+    assert files == {"model/weights.pt", "model/model.json"}  # no pickle anywhere
+    spec = json.loads(Path(MlflowClient().download_artifacts(run_id, "model/model.json", str(store))).read_text())
+    assert spec["class"] == "IResNetFlow" and spec["architecture"]["n_blocks"] == [1, 1]
+    model = load_model(run_id)
+    x = torch.rand(4, *model.input_shape) - 0.5
+    assert torch.isfinite(model.log_prob(x)).all()
