@@ -44,7 +44,7 @@ from pipeline.training.distributed import (
     wrap_model,
 )
 from pipeline.training.loop import EpochHook, LoopConfig, fit
-from pipeline.training.schedule import linear_warmup
+from pipeline.training.schedule import warmup_then
 from pipeline.transforms import InverseReport
 
 log = logging.getLogger("experiments.density")
@@ -78,6 +78,8 @@ class DensityConfig(cli.EstimatorOptions, cli.InverseOptions):
     epochs: int = 10
     batch_size: int = 64
     lr: float = 3e-3
+    lr_schedule: str = "constant"  # or "cosine": decay to lr * lr_final_fraction at the last step
+    lr_final_fraction: float = 0.0
     warmup_steps: int = 100
     grad_clip: float = 0.0
     seed: int = 0
@@ -87,6 +89,7 @@ class DensityConfig(cli.EstimatorOptions, cli.InverseOptions):
     eval_every: int = 5
     eval_batch_size: int = 250
     eval_max_images: int = 0  # 0: the whole split
+    eval_subset: int = 200  # images of the evaluations before the last epoch (cheap; 0: as the last)
     bias_tol: float = 1e-4
     se_tol: float = 1e-3
     max_passes: int = 20
@@ -114,13 +117,14 @@ class DensityConfig(cli.EstimatorOptions, cli.InverseOptions):
         super().__post_init__()  # the estimator and inverse options
         if self.variance_repeats == 1:
             raise ValueError("variance_repeats must be 0 (off) or >= 2 (a spread needs two draws)")
-        for name in ("pad", "warmup_steps", "eval_every", "eval_max_images", "variance_repeats"):
+        for name in ("pad", "warmup_steps", "eval_every", "eval_max_images", "eval_subset", "variance_repeats"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0.0 <= self.validation_fraction < 1.0:
             raise ValueError(f"validation_fraction must be in [0, 1), got {self.validation_fraction}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        warmup_then(self.lr_schedule, self.warmup_steps, 1, self.lr_final_fraction)  # validates both
         if self.grad_clip < 0:
             raise ValueError(f"grad_clip must be >= 0, got {self.grad_clip}")
         if not self.sample_temperature >= 0:
@@ -226,6 +230,10 @@ def _run(cfg: DensityConfig, ctx: DistributedContext, device: torch.device, on_e
     eval_split = val_split if val_split is not None else data.test
     if cfg.eval_max_images:
         eval_split = eval_split.subset(torch.arange(min(cfg.eval_max_images, len(eval_split))))
+    # evaluations before the last epoch (and the untrained reference) see a cheap subset; the last one all
+    subset_split = (
+        eval_split.subset(torch.arange(min(cfg.eval_subset, len(eval_split)))) if cfg.eval_subset else eval_split
+    )
 
     batches = shard_batches(epoch_batches(train_split, cfg.batch_size, cfg.seed), ctx)  # refuses a batch > data
 
@@ -233,7 +241,10 @@ def _run(cfg: DensityConfig, ctx: DistributedContext, device: torch.device, on_e
     arch = cfg.architecture(_input_shape(data.train, cfg.pad))
     model = IResNetFlow(arch, estimator=cfg.training_estimator(), inverse_config=cfg.inverse_config()).to(device)
     optimizer = torch.optim.Adamax(model.parameters(), lr=cfg.lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_warmup(cfg.warmup_steps))
+    total_steps = cfg.epochs * (len(train_split) // cfg.batch_size)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_then(cfg.lr_schedule, cfg.warmup_steps, total_steps, cfg.lr_final_fraction)
+    )
     n_levels, pad = data.n_levels, cfg.pad
 
     def prepare(images: torch.Tensor) -> torch.Tensor:
@@ -279,7 +290,8 @@ def _run(cfg: DensityConfig, ctx: DistributedContext, device: torch.device, on_e
             ).metrics(prefix)
 
         def evaluate(epoch: int) -> dict[str, float]:
-            metrics = bpd_metrics(eval_split, "val" if val_split is not None else "test")
+            split = eval_split if epoch == cfg.epochs else subset_split  # n_images is logged with every value
+            metrics = bpd_metrics(split, "val" if val_split is not None else "test")
             if val_split is not None and epoch == cfg.epochs:
                 metrics |= bpd_metrics(data.test, "test")
             return metrics

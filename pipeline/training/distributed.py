@@ -90,9 +90,16 @@ def init_distributed(device_name: str) -> tuple[DistributedContext, torch.device
     return ctx, device
 
 
-def shutdown(ctx: DistributedContext) -> None:
-    if ctx.enabled and dist.is_initialized():
-        dist.destroy_process_group()
+def shutdown(ctx: DistributedContext, *, clean: bool = True) -> None:
+    """Leave the process group. After a clean run every rank first waits for the others (rank 0 still
+    logs its final artifacts when the others are done): a rank that tore its group down and exited while
+    a peer still used the group's connections aborted at exit ("terminate called without an active
+    exception"). After an error there is no barrier: a peer may never reach it."""
+    if not (ctx.enabled and dist.is_initialized()):
+        return
+    if clean:
+        dist.barrier()
+    dist.destroy_process_group()
 
 
 @contextmanager
@@ -101,8 +108,10 @@ def distributed_session(device_name: str) -> Iterator[tuple[DistributedContext, 
     ctx, device = init_distributed(device_name)
     try:
         yield ctx, device
-    finally:
-        shutdown(ctx)
+    except BaseException:
+        shutdown(ctx, clean=False)
+        raise
+    shutdown(ctx)
 
 
 def wrap_model(model: nn.Module, ctx: DistributedContext, device: torch.device) -> nn.Module:

@@ -12,6 +12,9 @@ from mlflow.tracking import MlflowClient
 
 from tests.experiments.conftest import runs_of
 
+# IRESNET_DISTRIBUTED_REPEATS=20 runs each distributed test 20 times (the teardown stress run, under load)
+REPEATS = range(int(os.environ.get("IRESNET_DISTRIBUTED_REPEATS", "1")))
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -56,7 +59,8 @@ def _one_finished_run(experiment: str):
 
 
 @pytest.mark.slow
-def test_density_trains_data_parallel_and_logs_once(store):
+@pytest.mark.parametrize("repeat", REPEATS)
+def test_density_trains_data_parallel_and_logs_once(store, repeat):
     _torchrun(
         store,
         "experiments.density",
@@ -97,7 +101,8 @@ def test_density_trains_data_parallel_and_logs_once(store):
 
 
 @pytest.mark.slow
-def test_classify_trains_data_parallel(store):
+@pytest.mark.parametrize("repeat", REPEATS)
+def test_classify_trains_data_parallel(store, repeat):
     _torchrun(
         store,
         "experiments.classify",
