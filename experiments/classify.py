@@ -89,6 +89,7 @@ class ClassifyConfig(cli.InverseOptions):
     grad_clip: float = 0.0
     seed: int = 0
     device: str = "auto"
+    threads: int = 0  # CPU threads of this process; 0: the cores divided among the local workers
     amp: bool = False
     # evaluation and invertibility analysis
     eval_batch_size: int = 500

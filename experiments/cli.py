@@ -20,6 +20,7 @@ from pipeline.data import DatasetNotFoundError
 from pipeline.logging_setup import setup_logging
 from pipeline.tracking import log_config, log_json, log_metrics, log_params_flat, run_status, tracked_run
 from pipeline.training.checkpoint import load_checkpoint
+from pipeline.training.device import apply_thread_budget
 from pipeline.training.distributed import (
     SINGLE_PROCESS,
     DistributedContext,
@@ -362,6 +363,9 @@ def entry_point_main(
             if resume
             else config_from_preset(config_cls, presets, preset, **overrides)
         )
+        threads = apply_thread_budget(getattr(cfg, "threads", 0))
+        flush_denormals()  # again: workers started since (a larger thread count) flush too
+        log.debug("%d CPU threads", threads)
     except user_errors() as exc:
         log.error("invalid configuration: %s", _one_line(exc))
         log.debug("details", exc_info=True)

@@ -84,6 +84,7 @@ class DensityConfig(cli.EstimatorOptions, cli.InverseOptions):
     grad_clip: float = 0.0
     seed: int = 0
     device: str = "auto"
+    threads: int = 0  # CPU threads of this process; 0: the cores divided among the local workers
     amp: bool = False
     # evaluation
     eval_every: int = 5

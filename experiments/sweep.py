@@ -109,6 +109,7 @@ class SweepConfig:
     tune_lr: bool = False
     validation_fraction: float = 0.1
     seed: int = 0
+    threads: int = 0  # CPU threads of this process; 0: the cores divided among the local workers
     experiment_name: str = "sweep"
     run_name: str | None = None
     checkpoint_dir: str = str(PROJECT_ROOT / "checkpoints")

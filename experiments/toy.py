@@ -67,6 +67,7 @@ class ToyConfig(cli.EstimatorOptions):
     dynamics_steps: int = 3000
     seed: int = 0
     device: str = "auto"
+    threads: int = 0  # CPU threads of this process; 0: the cores divided among the local workers
     experiment_name: str = "toy"
     run_name: str | None = None
     checkpoint_dir: str = str(PROJECT_ROOT / "checkpoints")
