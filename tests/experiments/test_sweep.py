@@ -167,66 +167,6 @@ def test_two_workers_on_one_journal_finish_the_requested_trials(store):
     assert len(parents) == 2  # one parent run per worker invocation
 
 
-@pytest.mark.slow
-def test_a_worker_killed_mid_trial_is_failed_by_its_heartbeat_and_the_study_still_completes(store):
-    """kill -9 one worker mid-trial: its trial ends FAIL and its MLflow runs FAILED (with a reason), the other
-    workers fill its slot, exactly --n-trials trials complete, nothing stays RUNNING, and trials and MLflow
-    child runs match one to one."""
-    import signal
-    import time
-
-    db = f"sqlite:///{store / 'optuna.db'}"
-    space = store / "space.json"
-    space.write_text(json.dumps(TINY_SPACE))
-    args = [
-        sys.executable, "-m", "experiments.sweep", "--target", "density", "--storage", db, "--study-name", "hb",
-        "--n-trials", "3", "--space-file", str(space), "--pruner", "none", "--heartbeat-interval", "1",
-        "--grace-period", "3", "--checkpoint-dir", str(store / "ckpt"),
-        "--target-overrides", TINY_DENSITY.replace("epochs=2", "epochs=1"),
-    ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-
-    def start(seed: int, extra: tuple = ()) -> subprocess.Popen:
-        return subprocess.Popen(
-            [*args, "--seed", str(seed), *extra], env=env, cwd=sweep.PROJECT_ROOT, stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        )  # fmt: skip
-
-    # the victim trains long trials (many epochs): it is surely mid-trial when killed
-    victim = start(0, ("--target-overrides", TINY_DENSITY.replace("epochs=2", "epochs=50")))
-    storage = optuna.storages.RDBStorage(db)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        try:
-            trials = optuna.load_study(study_name="hb", storage=storage).trials
-        except KeyError:
-            trials = []
-        if any(t.state == optuna.trial.TrialState.RUNNING and "mlflow_run_id" in t.user_attrs for t in trials):
-            break
-        time.sleep(0.5)
-    victim.send_signal(signal.SIGKILL)
-    victim.wait()
-    workers = [start(seed) for seed in (1, 2)]
-    outputs = [w.communicate(timeout=600)[0].decode() for w in workers]
-    assert all(w.returncode == 0 for w in workers), outputs
-
-    trials = optuna.load_study(study_name="hb", storage=storage).trials
-    states = [t.state for t in trials if not t.user_attrs.get("excess_claim")]
-    assert states.count(optuna.trial.TrialState.COMPLETE) == 3
-    assert optuna.trial.TrialState.RUNNING not in [t.state for t in trials]
-    dead = [t for t in trials if t.state == optuna.trial.TrialState.FAIL and not t.user_attrs.get("excess_claim")]
-    assert len(dead) == 1
-    client = MlflowClient()
-    dead_child = client.get_run(dead[0].user_attrs["mlflow_run_id"])
-    assert dead_child.info.status == "FAILED" and "worker died" in dead_child.data.tags["failure"]
-    assert client.get_run(dead[0].user_attrs["mlflow_parent_run_id"]).info.status == "FAILED"
-    # one to one: every trial that trained has its child run, tagged with the trial's number
-    children = [r for r in runs_of("sweep") if "mlflow.parentRunId" in r.data.tags]
-    linked = {t.user_attrs["mlflow_run_id"]: t.number for t in trials if "mlflow_run_id" in t.user_attrs}
-    assert {r.info.run_id: int(r.data.tags["optuna_trial"]) for r in children} == linked
-    assert all(r.info.status != "RUNNING" for r in runs_of("sweep"))
-
-
 def test_a_sweep_in_which_no_trial_completes_fails(store, monkeypatch):
     def broken(cfg, **kw):
         raise FloatingPointError("training loss became nan")

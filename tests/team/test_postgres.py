@@ -1,0 +1,186 @@
+"""Team scale on a real PostgreSQL server: sweep workers with heartbeats, a tracking server, the dashboard."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+
+from experiments import sweep
+from tests.experiments.conftest import runs_of
+from tests.experiments.test_sweep import TINY_DENSITY, TINY_SPACE
+
+
+@pytest.mark.slow
+def test_a_killed_worker_is_failed_by_its_heartbeat_and_the_study_still_completes(store, postgres_server, monkeypatch):
+    """kill -9 one worker mid-trial: its trial ends FAIL and its MLflow runs FAILED (with a reason), the other
+    workers fill its slot, exactly --n-trials trials complete, nothing stays RUNNING, and trials and MLflow
+    child runs match one to one."""
+    import signal
+    import time
+
+    # Optuna's trials and MLflow's runs both on the real PostgreSQL server, each in its own database (both
+    # keep their schema version in an `alembic_version` table)
+    db = postgres_server.create_database()
+    tracking = postgres_server.create_database()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking)
+    mlflow.set_tracking_uri(tracking)
+    space = store / "space.json"
+    space.write_text(json.dumps(TINY_SPACE))
+    args = [
+        sys.executable, "-m", "experiments.sweep", "--target", "density", "--storage", db, "--study-name", "hb",
+        "--n-trials", "3", "--space-file", str(space), "--pruner", "none", "--heartbeat-interval", "1",
+        "--grace-period", "3", "--checkpoint-dir", str(store / "ckpt"),
+        "--target-overrides", TINY_DENSITY.replace("epochs=2", "epochs=1"),
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def start(seed: int, extra: tuple = ()) -> subprocess.Popen:
+        return subprocess.Popen(
+            [*args, "--seed", str(seed), *extra], env=env, cwd=sweep.PROJECT_ROOT, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )  # fmt: skip
+
+    # the victim trains long trials (many epochs): it is surely mid-trial when killed
+    victim = start(0, ("--target-overrides", TINY_DENSITY.replace("epochs=2", "epochs=50")))
+    storage = optuna.storages.RDBStorage(db)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        try:
+            trials = optuna.load_study(study_name="hb", storage=storage).trials
+        except KeyError:
+            trials = []
+        if any(t.state == optuna.trial.TrialState.RUNNING and "mlflow_run_id" in t.user_attrs for t in trials):
+            break
+        time.sleep(0.5)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    workers = [start(seed) for seed in (1, 2)]
+    outputs = [w.communicate(timeout=600)[0].decode() for w in workers]
+    assert all(w.returncode == 0 for w in workers), outputs
+
+    trials = optuna.load_study(study_name="hb", storage=storage).trials
+    states = [t.state for t in trials if not t.user_attrs.get("excess_claim")]
+    assert states.count(optuna.trial.TrialState.COMPLETE) == 3
+    assert optuna.trial.TrialState.RUNNING not in [t.state for t in trials]
+    dead = [t for t in trials if t.state == optuna.trial.TrialState.FAIL and not t.user_attrs.get("excess_claim")]
+    assert len(dead) == 1
+    client = MlflowClient()
+    dead_child = client.get_run(dead[0].user_attrs["mlflow_run_id"])
+    assert dead_child.info.status == "FAILED" and "worker died" in dead_child.data.tags["failure"]
+    assert client.get_run(dead[0].user_attrs["mlflow_parent_run_id"]).info.status == "FAILED"
+    # one to one: every trial that trained has its child run, tagged with the trial's number
+    children = [r for r in runs_of("sweep") if "mlflow.parentRunId" in r.data.tags]
+    linked = {t.user_attrs["mlflow_run_id"]: t.number for t in trials if "mlflow_run_id" in t.user_attrs}
+    assert {r.info.run_id: int(r.data.tags["optuna_trial"]) for r in children} == linked
+    assert all(r.info.status != "RUNNING" for r in runs_of("sweep"))
+
+
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _serve(cmd: list[str], url: str, log_path) -> subprocess.Popen:
+    """Start a server and wait until ``url`` answers 200 (or fail with its log)."""
+    import time
+    import urllib.request
+
+    log = open(log_path, "w")  # noqa: SIM115 - closed with the process
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{cmd[0]} exited: {Path(log_path).read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return proc
+        except OSError:
+            time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError(f"{cmd[0]} did not answer {url}: {Path(log_path).read_text()[-3000:]}")
+
+
+@pytest.mark.slow
+def test_a_lab_on_one_postgresql_a_tracking_server_and_the_dashboard(store, postgres_server, monkeypatch, tmp_path):
+    """`mlflow server` on PostgreSQL with served artifacts; density, classify, a sweep (its study on PostgreSQL)
+    and the report through it; the model reloads through the server; optuna-dashboard serves the study."""
+    import urllib.request
+
+    import torch
+
+    from analysis import report
+    from experiments import classify, density
+    from pipeline.tracking import load_model
+    from tests.experiments.test_classify import TINY as TINY_CLASSIFY
+    from tests.experiments.test_density import TINY as TINY_DENSITY_CFG
+
+    backend, study_db = postgres_server.create_database(), postgres_server.create_database()
+    port = _free_port()
+    server = _serve(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend, "--serve-artifacts",
+         "--artifacts-destination", str(tmp_path / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1"],
+        f"http://127.0.0.1:{port}/health", tmp_path / "mlflow-server.log",
+    )  # fmt: skip
+    dashboard = None
+    try:
+        uri = f"http://127.0.0.1:{port}"
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        mlflow.set_tracking_uri(uri)
+        ckpt = str(store / "ckpt")
+        density_id = density.run(density.config_from_preset("quick", **TINY_DENSITY_CFG, checkpoint_dir=ckpt))
+        classify_id = classify.run(classify.config_from_preset("quick", **TINY_CLASSIFY, checkpoint_dir=ckpt))
+        space = tmp_path / "space.json"
+        space.write_text(json.dumps(TINY_SPACE))
+        sweep_id = sweep.run(
+            sweep.config_from_preset(
+                "quick", target="density", target_overrides=TINY_DENSITY.replace("epochs=2", "epochs=1"),
+                n_trials=2, space_file=str(space), storage=study_db, study_name="lab", checkpoint_dir=ckpt,
+                pruner="none",
+            )
+        )  # fmt: skip
+        report_id = report.run(report.config_from_preset("quick", output_dir=str(tmp_path / "report")))
+
+        client = MlflowClient()
+        for run_id in (density_id, classify_id, sweep_id, report_id):
+            assert client.get_run(run_id).info.status == "FINISHED"
+        assert client.get_run(density_id).data.metrics["test_bpd"] > 0
+        assert {"samples_T1.png", "model"} <= {a.path for a in client.list_artifacts(density_id)}
+        assert (tmp_path / "artifacts").exists()  # artifacts went through the server to its destination
+        model = load_model(density_id)  # downloaded through the server and rebuilt
+        assert torch.isfinite(model.log_prob(torch.rand(2, *model.input_shape) - 0.5)).all()
+        children = [r for r in runs_of("sweep") if r.data.tags.get("mlflow.parentRunId") == sweep_id]
+        assert len(children) == 2 and all(r.info.status == "FINISHED" for r in children)
+        assert client.get_run(report_id).data.metrics["table4_rows"] >= 1
+
+        dash_port = _free_port()
+        dashboard = _serve(
+            ["optuna-dashboard", study_db, "--host", "127.0.0.1", "--port", str(dash_port)],
+            f"http://127.0.0.1:{dash_port}/", tmp_path / "dashboard.log",
+        )  # fmt: skip
+        with urllib.request.urlopen(f"http://127.0.0.1:{dash_port}/api/studies", timeout=10) as response:
+            studies = json.loads(response.read())["study_summaries"]
+        (lab,) = [s for s in studies if s["study_name"] == "lab"]
+        with urllib.request.urlopen(f"http://127.0.0.1:{dash_port}/api/studies/{lab['study_id']}", timeout=10) as r:
+            trials = json.loads(r.read())["trials"]
+        assert len(trials) == 2 and {t["state"] for t in trials} == {"Complete"}
+        mlflow_ids = {a["value"] for t in trials for a in t["user_attrs"] if a["key"] == "mlflow_run_id"}
+        assert mlflow_ids == {r.info.run_id for r in children}
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        if dashboard is not None:
+            dashboard.terminate()
+            dashboard.wait(timeout=30)
