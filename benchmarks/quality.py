@@ -6,10 +6,13 @@
     python -m benchmarks.quality --contenders iresnet --set lr=1e-2 --set coeff=0.97   # one lever
 
 Every contender trains on the same split of the embedded digits (``digits-mnist5k``: 4,000 train,
-1,000 test, 28x28, 256 levels), the same dequantisation and batches of 64, in its own process with
-**one thread**, for equal *training* CPU seconds (``time.process_time``, evaluation excluded), and is
-scored on the 1,000 test digits with the project's own :func:`pipeline.metrics.bits_per_dim` at 1x and
-2x the budget (``--multiples``):
+1,000 test, 28x28, 256 levels), the same dequantisation and batches of 64 (an i-ResNet setting may
+choose its own), in its own process with **one thread**, for equal *training* CPU seconds
+(``time.process_time``, evaluation excluded), and is scored on the 1,000 test digits with the project's
+own :func:`pipeline.metrics.bits_per_dim`. Each budget (``--budget`` times each of ``--multiples``, 1x and
+2x by default) is its own training from the same seed, so a schedule that decays over the budget
+(``--set lr_schedule=cosine``) ends at it; a constant schedule gives the same result as stopping one
+longer run at the mark.
 
 * ``iresnet``: this project's :class:`~pipeline.models.IResNetFlow`, configured by ``--set`` on top of
   the main job's defaults (``experiments.density``), scored by the pipeline's honest protocol

@@ -262,3 +262,9 @@ def test_trials_can_train_with_any_estimator_through_target_overrides():
     }
     with pytest.raises(ValueError, match="unknown log-det estimator"):  # refused before any trial runs
         SweepConfig(target_overrides="estimator=roulette")
+
+
+def test_reusing_a_study_with_another_objective_is_one_clear_error(store):
+    optuna.create_study(study_name="iresnet-sweep", storage=f"sqlite:///{store / 'optuna.db'}")
+    with pytest.raises(ValueError, match="exists with directions \\['minimize'\\].*objective 'bpd-time'"):
+        sweep.run(_cfg(store, objective="bpd-time"))
