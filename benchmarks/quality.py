@@ -14,10 +14,10 @@ own :func:`pipeline.metrics.bits_per_dim`. Each budget (``--budget`` times each 
 (``--set lr_schedule=cosine``) ends at it; a constant schedule gives the same result as stopping one
 longer run at the mark.
 
-* ``iresnet``: this project's :class:`~pipeline.models.IResNetFlow`, configured by ``--set`` on top of
-  the main job's defaults (``experiments.density``), scored by the pipeline's honest protocol
-  (:func:`pipeline.evaluation.evaluate_bits_per_dim`: Theorem-3 series or unbiased roulette, to the
-  standard-error target). ``bias``/``se`` columns are its own.
+* ``iresnet``: this project's :class:`~pipeline.models.IResNetFlow` with the main job's ``quick`` preset
+  (``experiments.density``; the budget replaces its ``epochs``) and ``--set`` on top, scored by the
+  pipeline's honest protocol (:func:`pipeline.evaluation.evaluate_bits_per_dim`: Theorem-3 series or
+  unbiased roulette, to the standard-error target; the JSON has its standard error and bias bound).
 * ``glow``: normflows' multi-scale Glow (``GlowBlock``: affine coupling, invertible 1x1 convolution,
   ActNorm), L levels of K blocks with ``h`` hidden channels; exact log-det.
 * ``realnvp``: the same multi-scale frame from normflows parts with RealNVP's steps (affine coupling
@@ -37,7 +37,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 
 import torch
 from torch import Tensor, nn
@@ -70,7 +70,7 @@ class Contender:
 
 # --- this project's flow --------------------------------------------------------------------------
 def _iresnet(settings: dict, train_x: Tensor, clock: dict) -> Contender:
-    from experiments.density import DensityConfig
+    from experiments.density import DensityConfig, config_from_preset
     from pipeline.evaluation import evaluate_bits_per_dim
     from pipeline.models import IResNetFlow
     from pipeline.training.schedule import cosine_factor, linear_warmup
@@ -80,7 +80,7 @@ def _iresnet(settings: dict, train_x: Tensor, clock: dict) -> Contender:
     unknown = sorted(set(settings) - known)
     if unknown:
         raise ValueError(f"unknown density settings {unknown}")
-    cfg = replace(DensityConfig(progress=False), **settings)
+    cfg = config_from_preset("quick", **{"progress": False, **settings})  # the main job's settings, then --set
     model = IResNetFlow(cfg.architecture((1, 28, 28)), estimator=cfg.training_estimator())
     with torch.no_grad():
         model(train_x[:512])  # ActNorm's data-dependent initialisation, as the main job does
@@ -302,7 +302,8 @@ def _train_and_score(name: str, settings: dict, args: dict, budget: float) -> di
             if cpu >= budget:
                 break
     start = time.process_time()
-    scored = contender.score(data.test)
+    test = data.test.subset(torch.arange(args["test_images"])) if args.get("test_images") else data.test
+    scored = contender.score(test)
     row = {
         "contender": name,
         "settings": settings,
@@ -381,6 +382,7 @@ def main(argv: list[str] | None = None) -> None:
         help="a peer setting: levels, blocks, hidden, lr (default 2, 4, 32, 1e-3)",
     )
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--test-images", type=int, default=0, help="score on the first N test digits (0: all)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="also write the results to this JSON file")
     args = vars(parser.parse_args(argv))

@@ -2,7 +2,7 @@
 
 import pytest
 
-from benchmarks import inverse, peers, step_time
+from benchmarks import inverse, peers, quality, step_time
 
 
 class _Queue(list):
@@ -104,3 +104,18 @@ def test_each_peer_row_trains_and_is_checked_against_the_exact_logdet():
     assert rows["FrEIA IResNetLayer: ELU, series"]["logdet_gradient"] is False
     assert all(r["test_nll"] > 0 and r["seconds_per_step"] > 0 for r in rows.values())
     assert "normflows" in peers.format_table(list(rows.values()))
+
+
+@pytest.mark.parametrize("name", ["iresnet", "glow"])
+def test_quality_trains_for_its_cpu_budget_and_scores_honestly(name):
+    args = dict(seed=0, batch_size=16, test_images=50)
+    settings = {"n_blocks": (1, 1), "hidden_channels": 8, "n_power_iterations": 2} if name == "iresnet" else {
+        "blocks": 1, "hidden": 8}  # fmt: skip
+    row = quality._train_and_score(name, settings, args, budget=1.0)
+    assert row["train_cpu_s"] >= 1.0 and row["steps"] >= 1
+    assert row["logdet_check_error_nats"] < 1e-2  # the library's log-det against the full Jacobian
+    assert 0 < row["bpd"] < 12 and row["converged"]
+    if name == "iresnet":
+        assert row["estimator"] in ("russian_roulette", "power_series") and row["se"] < 2e-3
+    table = quality.format_table([row], [1.0])
+    assert f"{row['bpd']:9.3f}" in table

@@ -244,3 +244,20 @@ def test_gram_cholesky_proof_is_within_slack_of_the_dense_norm(float64, size, st
     assert proof.bound >= dense
     estimate, converged = conv_operator_norm_estimate(weight, (size, size), stride, 1)
     assert converged and estimate == pytest.approx(dense, rel=1e-9)
+
+
+def test_under_bf16_autocast_the_training_normalisation_stays_in_float32():
+    """A bf16 power iteration misjudges sigma by ~0.4%; the normalisation must be the float32 one regardless."""
+
+    def normalised(autocast: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        torch.manual_seed(0)
+        layer = SpectralNormConv2d(4, 8, 3, padding=1, coeff=0.9, n_power_iterations=5)
+        x = torch.randn(2, 4, 6, 6)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            for _ in range(5):
+                layer(x)
+            return layer.normalized_weight(x), layer.sigma.clone()
+
+    (w32, s32), (w16, s16) = normalised(False), normalised(True)
+    assert w16.dtype == torch.float32 and s16.dtype == torch.float32
+    assert torch.equal(s16, s32) and torch.equal(w16, w32)
