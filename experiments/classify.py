@@ -218,7 +218,7 @@ def _run(cfg: ClassifyConfig, ctx: DistributedContext, device: torch.device, on_
     augment = AUGMENTATIONS.get(cfg.dataset, Augmentation()) if cfg.augment else Augmentation()
 
     def prepare(images: torch.Tensor, train: bool) -> torch.Tensor:
-        images = images.to(device)
+        images = images.to(device, non_blocking=True)
         if train:
             images = augment(images)
         return (images.float() / 255.0 - mean[:, None, None]) / std[:, None, None]
@@ -260,10 +260,10 @@ def _run(cfg: ClassifyConfig, ctx: DistributedContext, device: torch.device, on_
         def step_fn(batch):  # noqa: ANN001, ANN202
             images, labels = batch
             logits = train_model(prepare(images, train=True))
-            labels = labels.to(device)
+            labels = labels.to(device, non_blocking=True)
             loss = F.cross_entropy(logits, labels)
             accuracy = (logits.argmax(dim=1) == labels).float().mean()
-            return loss, {"accuracy": float(accuracy)}
+            return loss, {"accuracy": accuracy.detach()}  # read at log_every, not per step
 
         @torch.no_grad()
         def error_and_loss(split: ImageSplit) -> tuple[float, float]:

@@ -167,14 +167,19 @@ def all_gather_object(obj: Any, ctx: DistributedContext) -> list[Any]:
     return out
 
 
-def mean_over_ranks(values: dict[str, float], ctx: DistributedContext, device: torch.device) -> dict[str, float]:
-    """Average scalar metrics over the ranks (every rank must call it with the same keys)."""
-    if not ctx.enabled or not values:
-        return values
+def mean_over_ranks(
+    values: dict[str, float | torch.Tensor], ctx: DistributedContext, device: torch.device
+) -> dict[str, float]:
+    """Scalar metrics (floats or 0-d tensors on ``device``) averaged over the ranks, as floats: one host sync
+    for all of them (every rank must call it with the same keys)."""
+    if not values:
+        return {}
     keys = sorted(values)
-    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return dict(zip(keys, (t / ctx.world_size).tolist(), strict=True))
+    t = torch.stack([torch.as_tensor(values[k], dtype=torch.float64, device=device).reshape(()) for k in keys])
+    if ctx.enabled:
+        dist.all_reduce(t)
+        t = t / ctx.world_size
+    return dict(zip(keys, t.tolist(), strict=True))
 
 
 def any_rank(flag: bool, ctx: DistributedContext, device: torch.device) -> bool:

@@ -87,7 +87,7 @@ class LoopState:
     logged_epoch: int = 0
 
 
-StepFn = Callable[[Any], tuple[Tensor, dict[str, float]]]
+StepFn = Callable[[Any], tuple[Tensor, dict[str, Tensor | float]]]  # metrics: detached 0-d tensors (no sync)
 EpochHook = Callable[[int, dict[str, float]], None]
 
 
@@ -165,6 +165,7 @@ def fit(
         for batch in bar:
             with autocast:
                 loss, metrics = step_fn(batch)
+            # the step's one host sync: a non-finite loss must stop the run before the optimizer step
             if any_rank(not bool(torch.isfinite(loss)), ctx, device):
                 raise NonFiniteLossError(
                     f"training loss became {loss.item()} at epoch {epoch}, step {state.step + 1} (on rank {ctx.rank} "
@@ -174,15 +175,16 @@ def fit(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if config.grad_clip > 0:
-                metrics["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, config.grad_clip))
+                metrics["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
             optimizer.step()
             if scheduler is not None:
                 scheduler.step()
             state.step += 1
             seen += n_samples(batch)
-            metrics = {"loss": float(loss.detach()), **metrics}
+            # metrics stay on the device (no host sync per step); they are read every log_every steps
+            metrics = {"loss": loss.detach(), **metrics}
             for k, v in metrics.items():
-                totals[k] = totals.get(k, 0.0) + v
+                totals[k] = totals.get(k, 0.0) + (v.detach() if torch.is_tensor(v) else v)
             count += 1
             if (state.step % config.log_every == 0 or state.step == 1) and state.step > state.logged_step:
                 logged = mean_over_ranks(metrics, ctx, device)
@@ -192,12 +194,12 @@ def fit(
                         | {f"{config.metric_prefix}lr": optimizer.param_groups[0]["lr"]},
                         state.step,
                     )
-            bar.set_postfix(loss=f"{metrics['loss']:.4g}")
+                bar.set_postfix(loss=f"{logged['loss']:.4g}")
         bar.close()
         seconds = time.perf_counter() - started
-        epoch_metrics = {f"epoch_train_{k}": v / max(count, 1) for k, v in totals.items()}
+        epoch_metrics: dict[str, Any] = {f"epoch_train_{k}": v / max(count, 1) for k, v in totals.items()}
         epoch_metrics |= {"epoch_seconds": seconds, "train_images_per_second": seen / seconds if seconds else math.nan}
-        epoch_metrics = mean_over_ranks(epoch_metrics, ctx, device)
+        epoch_metrics = mean_over_ranks(epoch_metrics, ctx, device)  # one host sync per epoch
         epoch_metrics["train_images_per_second"] *= ctx.world_size  # every rank's images, in the same time
         # a finite loss can still come with an update that overflowed: never checkpoint (or evaluate) such a state
         bad = non_finite_state(model, optimizer) if ctx.is_main else []

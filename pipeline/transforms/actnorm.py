@@ -24,6 +24,11 @@ class ActNorm(Transform):
         self.bias = nn.Parameter(torch.zeros(num_features))
         self.log_scale = nn.Parameter(torch.zeros(num_features))
         self.register_buffer("initialized", torch.tensor(False))
+        self._ready = False  # mirrors the `initialized` buffer once seen True: reading it costs a host sync on GPUs
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+        self._ready = False  # re-read the loaded `initialized` flag on the next forward
+        super()._load_from_state_dict(*args, **kwargs)
 
     def _view(self, p: Tensor, x: Tensor) -> Tensor:
         return p.reshape(1, -1, *([1] * (x.dim() - 2)))
@@ -47,8 +52,10 @@ class ActNorm(Transform):
     def forward(self, x: Tensor, *, estimator=None) -> tuple[Tensor, Tensor]:  # noqa: ANN001
         if x.shape[1] != self.num_features:
             raise ValueError(f"ActNorm expects {self.num_features} channels, got input of shape {tuple(x.shape)}")
-        if not bool(self.initialized):
-            self._initialize(x)
+        if not self._ready:
+            if not bool(self.initialized):
+                self._initialize(x)
+            self._ready = True
         y = (x + self._view(self.bias, x)) * self._view(self.log_scale, x).exp()
         spatial = math.prod(x.shape[2:])
         logdet = (spatial * self.log_scale.sum()).expand(x.shape[0])
