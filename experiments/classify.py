@@ -90,6 +90,7 @@ class ClassifyConfig(cli.InverseOptions):
     seed: int = 0
     device: str = "auto"
     threads: int = 0  # CPU threads of this process; 0: the cores divided among the local workers
+    deterministic: bool = False  # deterministic kernels (GPU): a resumed run then equals an uninterrupted one
     amp: bool = False
     # evaluation and invertibility analysis
     eval_batch_size: int = 500

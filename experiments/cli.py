@@ -20,7 +20,7 @@ from pipeline.data import DatasetNotFoundError
 from pipeline.logging_setup import setup_logging
 from pipeline.tracking import log_config, log_json, log_metrics, log_params_flat, run_status, tracked_run
 from pipeline.training.checkpoint import load_checkpoint
-from pipeline.training.device import apply_thread_budget
+from pipeline.training.device import apply_thread_budget, use_deterministic_algorithms
 from pipeline.training.distributed import (
     SINGLE_PROCESS,
     DistributedContext,
@@ -364,6 +364,7 @@ def entry_point_main(
             else config_from_preset(config_cls, presets, preset, **overrides)
         )
         threads = apply_thread_budget(getattr(cfg, "threads", 0))
+        use_deterministic_algorithms(getattr(cfg, "deterministic", False))
         flush_denormals()  # again: workers started since (a larger thread count) flush too
         log.debug("%d CPU threads", threads)
     except user_errors() as exc:

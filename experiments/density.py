@@ -86,6 +86,7 @@ class DensityConfig(cli.EstimatorOptions, cli.InverseOptions):
     seed: int = 0
     device: str = "auto"
     threads: int = 0  # CPU threads of this process; 0: the cores divided among the local workers
+    deterministic: bool = False  # deterministic kernels (GPU): a resumed run then equals an uninterrupted one
     amp: bool = False
     # evaluation
     eval_every: int = 5

@@ -68,6 +68,7 @@ class ToyConfig(cli.EstimatorOptions):
     seed: int = 0
     device: str = "auto"
     threads: int = 0  # CPU threads of this process; 0: the cores divided among the local workers
+    deterministic: bool = False  # deterministic kernels (GPU): a resumed run then equals an uninterrupted one
     experiment_name: str = "toy"
     run_name: str | None = None
     checkpoint_dir: str = str(PROJECT_ROOT / "checkpoints")

@@ -63,3 +63,16 @@ def apply_thread_budget(threads: int = 0) -> int:
     n = thread_budget(threads)
     torch.set_num_threads(n)
     return n
+
+
+def use_deterministic_algorithms(enabled: bool = True) -> None:
+    """Deterministic kernels everywhere: what makes "a resumed run reproduces an uninterrupted one exactly"
+    hold on GPUs too (CUDA convolution backward and cuBLAS reductions are otherwise nondeterministic;
+    CPU kernels already are). Costs some GPU speed; an op without a deterministic kernel then raises."""
+    if not enabled:
+        return
+    # cuBLAS needs a fixed workspace to be deterministic; read when CUDA initialises, so set it first
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True

@@ -214,3 +214,19 @@ def test_the_training_path_logdet_is_an_unbiased_estimate_of_the_flows_logdet(st
     estimates = torch.stack(estimates)
     stderr = estimates.std() / math.sqrt(len(estimates))
     assert abs(float(estimates.mean() - exact)) < 4 * float(stderr)
+
+
+def test_a_deterministic_run_trains_and_reproduces_itself(store):
+    """--deterministic: every op the density run uses has a deterministic kernel (else PyTorch raises)."""
+    args = ["--checkpoint-dir", str(store / "ckpt"), "--deterministic", "true", "--epochs", "1"]
+    for key, value in TINY.items():
+        text = ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+        if key != "epochs":
+            args += [f"--{key.replace('_', '-')}", text]
+    try:
+        assert density.main(args) == 0 and density.main(args) == 0
+    finally:
+        torch.use_deterministic_algorithms(False)
+        torch.backends.cudnn.deterministic = False
+    first, second = (MlflowClient().get_metric_history(r.info.run_id, "train_loss") for r in _runs())
+    assert [m.value for m in first] == [m.value for m in second]

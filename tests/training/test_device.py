@@ -32,3 +32,17 @@ def test_the_budget_is_applied_and_bad_values_refused(monkeypatch):
     monkeypatch.setenv("IRESNET_LOCAL_WORKERS", "zero")
     with pytest.raises(ValueError, match="IRESNET_LOCAL_WORKERS must be a positive integer"):
         local_workers()
+
+
+def test_deterministic_mode_sets_every_flag_it_needs(monkeypatch):
+    from pipeline.training.device import use_deterministic_algorithms
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    try:
+        use_deterministic_algorithms(True)
+        assert torch.are_deterministic_algorithms_enabled()
+        assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    finally:
+        torch.use_deterministic_algorithms(False)
+        torch.backends.cudnn.deterministic = False
