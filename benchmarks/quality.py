@@ -63,6 +63,7 @@ class Contender:
     loss: Callable[[Tensor], Tensor]  # mean training bits/dim of a dequantised batch
     score: Callable[[ImageSplit], dict]  # {"bpd": ...} on the test split (and protocol details)
     forward_logdet: Callable[[Tensor], tuple[Tensor, Tensor]]  # x -> (flat z, log-det) for the brute-force check
+    batch_size: int | None = None  # its own batch size (the i-ResNet preset's); None: --batch-size
     after_step: Callable[[], None] = lambda: None
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
     grad_clip: float = 0.0
@@ -114,7 +115,10 @@ def _iresnet(settings: dict, train_x: Tensor, clock: dict) -> Contender:
         zs, logdet = model(x, estimator=ExactLogDet())
         return torch.cat([z.flatten(1) for z in zs], dim=1), logdet
 
-    return Contender(model, optimizer, loss, score, forward_logdet, scheduler=scheduler, grad_clip=cfg.grad_clip)
+    return Contender(
+        model, optimizer, loss, score, forward_logdet, scheduler=scheduler, grad_clip=cfg.grad_clip,
+        batch_size=cfg.batch_size,
+    )  # fmt: skip
 
 
 # --- normflows peers ------------------------------------------------------------------------------
@@ -279,7 +283,7 @@ def _train_and_score(name: str, settings: dict, args: dict, budget: float) -> di
     contender = _iresnet(settings, train_x, clock) if name == "iresnet" else _normflows(name, settings, train_x)
     ld_error = _brute_force_logdet_error(contender, test_x[:2])
     cpu, steps = 0.0, 0
-    batch = int(settings.get("batch_size", args["batch_size"]))  # an i-ResNet setting may choose its own
+    batch = contender.batch_size or args["batch_size"]  # the i-ResNet preset (or --set) chooses its own
     while cpu < budget:
         order = torch.randperm(len(data.train), generator=gen)
         for i in range(0, len(order) - batch + 1, batch):
