@@ -18,7 +18,15 @@ from typing import Any, TypeVar
 
 from pipeline.data import DatasetNotFoundError
 from pipeline.logging_setup import setup_logging
-from pipeline.tracking import log_config, log_json, log_metrics, log_params_flat, run_status, tracked_run
+from pipeline.tracking import (
+    configure_tracking,
+    log_config,
+    log_json,
+    log_metrics,
+    log_params_flat,
+    run_status,
+    tracked_run,
+)
 from pipeline.training.checkpoint import load_checkpoint
 from pipeline.training.device import apply_thread_budget, use_deterministic_algorithms
 from pipeline.training.distributed import (
@@ -328,8 +336,6 @@ def _tag_launched_run(reason: str) -> None:
     try:
         from mlflow.tracking import MlflowClient
 
-        from pipeline.tracking import configure_tracking
-
         configure_tracking()
         MlflowClient().set_tag(launched, "failure", reason[:5000])
     except Exception:  # noqa: BLE001 - the store itself may be the problem; the exit code still says it
@@ -347,12 +353,11 @@ def entry_point_main(
 
     A user error (:func:`user_errors`) is logged as one line naming the cause (the traceback only at
     DEBUG level); a run it interrupts is already FAILED with the reason as its ``failure`` tag.
-    Subnormal floats are flushed to zero in every CPU thread first (:mod:`pipeline.training.numerics`):
+    Subnormal floats are flushed to zero in every CPU thread before the run (:mod:`pipeline.training.numerics`):
     values below ~1e-38 become zero instead of slowing every operation on them 10-100x.
     """
     setup_logging()
     log = entry_point_logger(config_cls)
-    flush_denormals()
     try:
         args = vars(build_parser(config_cls, presets, description).parse_args(argv))
         preset = args.pop("preset")
@@ -365,7 +370,7 @@ def entry_point_main(
         )
         threads = apply_thread_budget(getattr(cfg, "threads", 0))
         use_deterministic_algorithms(getattr(cfg, "deterministic", False))
-        flush_denormals()  # again: workers started since (a larger thread count) flush too
+        flush_denormals()  # after the thread budget, so every intra-op worker it starts flushes too
         log.debug("%d CPU threads", threads)
     except user_errors() as exc:
         log.error("invalid configuration: %s", _one_line(exc))

@@ -350,12 +350,8 @@ def _run(cfg: DensityConfig, ctx: DistributedContext, device: torch.device, on_e
         if ctx.is_main:
             _log_final_artifacts(model, data.test, prepare, cfg, run_id, len(train_split) // cfg.batch_size)
             # what evaluation cost next to everything this process did (training, artifacts, evaluation)
-            log_metrics(
-                {
-                    "process_cpu_seconds": time.process_time(),
-                    "eval_cpu_fraction": eval_cpu["seconds"] / time.process_time(),
-                }
-            )
+            total = time.process_time()
+            log_metrics({"process_cpu_seconds": total, "eval_cpu_fraction": eval_cpu["seconds"] / total})
     return run_id
 
 

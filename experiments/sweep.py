@@ -447,11 +447,11 @@ def run(cfg: SweepConfig) -> str:
         mlflow.set_tag("optuna_study", cfg.study_name)
         _optimize(study, cfg, storage)
         _log_study_summary(study, cfg)
-        if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-            failures = [t.user_attrs.get("failure", "") for t in study.get_trials(deepcopy=False)]
+        trials = study.get_trials(deepcopy=False)
+        if not any(t.state == TrialState.COMPLETE for t in trials):
+            failure = next((t.user_attrs["failure"] for t in trials if t.user_attrs.get("failure")), "")
             raise ValueError(
-                f"no trial of study {cfg.study_name!r} completed"
-                + (f"; first failure: {next((f for f in failures if f), '')}" if any(failures) else "")
+                f"no trial of study {cfg.study_name!r} completed" + (f"; first failure: {failure}" if failure else "")
             )
     return parent.info.run_id
 

@@ -145,14 +145,13 @@ def tracked_run(
     if resume_run_id:
         client = MlflowClient()
         try:
-            client.get_run(resume_run_id)
+            previous = client.get_run(resume_run_id)
         except Exception as exc:  # noqa: BLE001 - MLflow raises several types for an unknown id
             raise ValueError(f"cannot resume: no run {resume_run_id!r} in {mlflow.get_tracking_uri()}") from exc
         if launched_run and launched_run != resume_run_id:
             client.set_tag(launched_run, "mlflow.note.content", f"resumed run {resume_run_id}; see that run")
             client.set_tag(launched_run, "resumed_run_id", resume_run_id)
             os.environ.pop("MLFLOW_RUN_ID", None)
-        previous = client.get_run(resume_run_id)
         run = mlflow.start_run(run_id=resume_run_id)
         for key in ("failure", "stopped"):  # the interruption is history now: keep it, but not as the run's state
             if key in previous.data.tags:
