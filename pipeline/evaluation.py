@@ -14,10 +14,14 @@ call, so the roulette evaluates chunks of ``roulette_batch`` images: a pass aver
 of the split are averaged (same dequantisation noise, fresh probes and draws) until the standard error is
 below ``se_tol`` bits/dim.
 
-The standard error is that of the test-set mean over ``P`` passes, ``std(pass means) / sqrt(P)``: valid
-although one roulette draw is shared by a batch (its images' errors are correlated). The result
-reports the estimate, its standard error, the bias bound (0 for the roulette), the estimator and
-whether the tolerances were met (``max_passes`` caps the cost).
+The standard error is that of the test-set mean over ``P`` passes. The images of one call (a *chunk*)
+share their roulette draw, so their errors are correlated; different chunks and passes draw afresh, so
+chunk errors are independent. Hence ``SE^2 = sum_b w_b^2 s_b^2 / P``, with ``s_b^2`` the variance over
+passes of chunk ``b``'s mean and ``w_b`` its share of the images: unbiased from two passes on, with
+about as many degrees of freedom as there are chunks (40 for 1,000 images in chunks of 25), where the
+spread of ``P`` pass means has only ``P - 1``. The result reports the estimate, its standard error,
+the bias bound (0 for the roulette), the estimator and whether the tolerances were met (``max_passes``
+caps the cost).
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ log = logging.getLogger(__name__)
 class EvalProtocol:
     bias_tol: float = 1e-4  # bits/dim, Theorem 3 bound on the truncation bias
     se_tol: float = 1e-3  # bits/dim, standard error of the Hutchinson average
-    min_passes: int = 3  # the spread of the pass means needs a few passes
+    min_passes: int = 2  # the spread over passes of each chunk's mean needs two
     max_passes: int = 20
     max_terms: int = 100  # cap of the power series (its bias bound is reported honestly when hit)
     estimator: str = "auto"  # "power_series" (Theorem 3), "russian_roulette" (unbiased) or the cheaper
@@ -112,6 +116,20 @@ class BitsPerDimEstimate:
         return "russian_roulette" if self.unbiased else "power_series"
 
 
+def chunked_standard_error(chunk_means: torch.Tensor, chunk_sizes: list[int]) -> float:
+    """Standard error of the mean over passes and images, from ``chunk_means`` of shape ``(passes, chunks)``.
+
+    Chunk errors are independent (each chunk draws its own probes and roulette draw), so the variance of
+    the image-weighted mean is ``sum_b w_b^2 Var(chunk b) / P``, each ``Var`` estimated over the passes.
+    """
+    n_passes = chunk_means.shape[0]
+    if n_passes < 2:
+        raise ValueError("a standard error over passes needs at least two passes")
+    weights = torch.tensor(chunk_sizes, dtype=torch.float64) / sum(chunk_sizes)
+    variance = (weights**2 * chunk_means.double().var(dim=0)).sum() / n_passes
+    return math.sqrt(float(variance))
+
+
 @torch.no_grad()
 def evaluate_bits_per_dim(
     model: FlowModel,
@@ -139,32 +157,29 @@ def evaluate_bits_per_dim(
             dequantize(pad_images(images.to(device), pad), n_levels)
             for images, _ in iterate_batches(split, batch_size, shuffle=False)
         ]
-        passes: list[torch.Tensor] = []
+        # one roulette draw is shared by the images of a call: draw per small chunk, so a pass averages
+        # many independent draws (the series' calls are unaffected)
+        chunk = protocol.roulette_batch if isinstance(estimator, RussianRouletteLogDet) else batch_size
+        chunks = [part for x in inputs for part in x.split(chunk)]
+        passes: list[torch.Tensor] = []  # per pass: each chunk's mean bits/dim
         se = math.inf
         bar = tqdm(total=protocol.max_passes, desc="eval bits/dim", disable=None if progress else True, leave=False)
         while len(passes) < protocol.max_passes:
-            # one roulette draw is shared by the images of a call: draw per small chunk, so a pass averages
-            # many independent draws (the series' calls are unaffected)
-            chunk = protocol.roulette_batch if isinstance(estimator, RussianRouletteLogDet) else batch_size
-            per_image = torch.cat(
-                [
-                    bits_per_dim(model.log_prob(part, estimator=estimator), model.dim, n_levels)
-                    for x in inputs
-                    for part in x.split(chunk)
-                ]
+            means = torch.stack(
+                [bits_per_dim(model.log_prob(part, estimator=estimator), model.dim, n_levels).mean() for part in chunks]
             )
-            if not torch.isfinite(per_image).all():
+            if not torch.isfinite(means).all():
                 raise FloatingPointError("non-finite log-likelihood during evaluation")
-            passes.append(per_image.double().cpu())
+            passes.append(means.double().cpu())
             bar.update(1)
             if len(passes) >= protocol.min_passes:
-                means = torch.stack(passes).mean(dim=1)
-                se = float(means.std()) / math.sqrt(len(means))
+                se = chunked_standard_error(torch.stack(passes), [len(part) for part in chunks])
                 bar.set_postfix(se=f"{se:.2e}")
                 if se < protocol.se_tol:
                     break
         bar.close()
     stacked = torch.stack(passes)
+    weights = torch.tensor([len(part) for part in chunks], dtype=torch.float64) / sum(len(p) for p in chunks)
     converged = se < protocol.se_tol and bias < protocol.bias_tol
     if not converged:
         log.warning(
@@ -172,12 +187,12 @@ def evaluate_bits_per_dim(
         )
     model.train(was_training)
     return BitsPerDimEstimate(
-        bpd=float(stacked.mean()),
+        bpd=float((stacked.mean(dim=0) * weights).sum()),
         standard_error=se,
         bias_bound=bias,
         n_terms=estimator.expected_vjps(),
         n_passes=stacked.shape[0],
-        n_images=stacked.shape[1],
+        n_images=sum(len(part) for part in chunks),
         max_block_lipschitz=max(lips),
         converged=converged,
         unbiased=isinstance(estimator, RussianRouletteLogDet),

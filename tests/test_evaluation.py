@@ -7,7 +7,7 @@ import torch
 
 from pipeline.data import load_dataset
 from pipeline.data.preprocessing import dequantize
-from pipeline.evaluation import EvalProtocol, evaluate_bits_per_dim
+from pipeline.evaluation import EvalProtocol, chunked_standard_error, evaluate_bits_per_dim
 from pipeline.metrics import bits_per_dim
 from pipeline.models import FlowArchitecture, IResNetFlow
 from pipeline.transforms import ExactLogDet, PowerSeriesLogDet, RussianRouletteLogDet
@@ -70,3 +70,21 @@ def test_both_protocols_agree_with_the_exact_log_det(trained, estimator):
 def test_an_unknown_evaluation_estimator_is_refused():
     with pytest.raises(ValueError, match="unknown evaluation estimator"):
         EvalProtocol(estimator="exact")
+
+
+def test_the_chunked_standard_error_matches_the_spread_of_the_estimate_it_describes():
+    """Chunks of unequal size and noise, one shared error per chunk and pass (a roulette draw): over many
+    simulated evaluations, the mean of SE^2 equals the variance of the weighted mean (brute force)."""
+    generator = torch.Generator().manual_seed(0)
+    sizes = [25] * 9 + [10, 15]
+    noise = torch.linspace(0.1, 2.0, len(sizes), dtype=torch.float64)  # per-chunk error std
+    weights = torch.tensor(sizes, dtype=torch.float64) / sum(sizes)
+    trials, n_passes = 4000, 2
+    draws = torch.randn(trials, n_passes, len(sizes), generator=generator, dtype=torch.float64) * noise
+    estimates = (draws.mean(dim=1) * weights).sum(dim=1)  # each trial's bits/dim error
+    se2 = torch.tensor([chunked_standard_error(d, sizes) ** 2 for d in draws])
+    true_variance = float((weights**2 * noise**2).sum() / n_passes)
+    assert float(estimates.var()) == pytest.approx(true_variance, rel=0.07)
+    assert float(se2.mean()) == pytest.approx(true_variance, rel=0.07)
+    with pytest.raises(ValueError, match="two passes"):
+        chunked_standard_error(draws[0, :1], sizes)

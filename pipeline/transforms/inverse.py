@@ -7,13 +7,20 @@ one whose residual was measured, and samples that miss the tolerance in ``max_it
 evaluations of ``g`` are reported, never silently returned as if exact.
 
 * ``"plain"``: ``x^0 = y, x^{k+1} = y - g(x^k)``, converging exponentially when ``Lip(g) < 1``
-  (Banach). With ``max_iterations = k`` it returns ``x^k``, as in the paper.
+  (Banach). With ``max_iterations = k`` it returns ``x^k``, as in the paper (unless it stalls first).
 * ``"anderson"``: Anderson acceleration (type II, Walker & Ni 2011). The next iterate mixes the
   last ``anderson_memory`` images ``T(x^j)`` with the weights that minimise the mixed residual,
   still one evaluation of ``g`` per iteration. Anderson is not monotone; a sample whose best residual
   has not improved for ``stall_iterations`` iterations (or whose mixed iterate is not finite) falls
   back to the plain iteration from its best point, which converges whenever ``Lip(g) < 1``. Returns
   the iterate with the smallest measured residual.
+
+Precision (:mod:`pipeline.precision`): the solve runs in full precision (autocast and TF32 off), its
+relative tolerance is floored at what the dtype can resolve (``8 eps``: 1e-6 stays 1e-6 in float32, bf16
+gets 6e-2), and a sample whose residual has not reached a new low for ``stall_iterations`` iterations
+stops there, reported as *stalled*: in exact arithmetic the plain iteration's residual falls every
+iteration when ``Lip(g) < 1``, so a stall means a precision floor inside ``g`` (bf16 or TF32 arithmetic
+the solve cannot switch off) or ``Lip(g) >= 1``, and iterating on would only spend time.
 
 Gradients: when autograd is on and ``y`` or the parameters of ``g`` need gradients, the solution
 carries the *implicit* gradient ``dx/dy = (I + J_g(x))^{-1}``, ``dx/dθ = -(I + J_g(x))^{-1} dg/dθ``.
@@ -31,6 +38,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+
+from pipeline.precision import full_precision, relative_precision_floor
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +63,7 @@ class FixedPointConfig:
     anderson_memory: int = 5  # past iterates mixed
     anderson_damping: float = 1.0  # beta: 1 mixes images only
     anderson_regularization: float = 1e-10  # Tikhonov, relative to the largest squared residual
-    stall_iterations: int = 10  # Anderson: fall back to plain after this many steps without a new best
+    stall_iterations: int = 10  # steps without a new best residual: Anderson falls back to plain, plain stops
     backward_rtol: float = 1e-6  # implicit gradient: residual relative to the incoming gradient
 
     def __post_init__(self) -> None:
@@ -79,6 +88,7 @@ class FixedPointResult:
     residual: Tensor  # per sample: ||x + g(x) - y|| at the returned x
     converged: Tensor  # per sample, bool
     fell_back: Tensor  # per sample, bool: Anderson stalled and the plain iteration finished the job
+    stalled: Tensor  # per sample, bool: stopped unconverged because the residual no longer fell (a precision floor)
 
 
 def _flat_norm(x: Tensor) -> Tensor:
@@ -120,24 +130,26 @@ def solve_fixed_point(
     ``tol`` is the per-sample tolerance on the residual ``||T(x) - x||``. Converged samples drop out of
     the batch, so ``step`` is only evaluated on the ones still iterating.
     """
-    batch, anderson = x0.shape[0], config.method == "anderson"
+    batch, anderson, stall = x0.shape[0], config.method == "anderson", config.stall_iterations
     x = x0.clone()
     residual = torch.full((batch,), float("inf"), dtype=x0.dtype, device=x0.device)
+    best = residual.clone()  # the lowest residual measured so far
+    since_best = torch.zeros(batch, dtype=torch.long, device=x0.device)
     iterations = torch.zeros(batch, dtype=torch.long, device=x0.device)
     active = torch.ones(batch, dtype=torch.bool, device=x0.device)
     fell_back = torch.zeros(batch, dtype=torch.bool, device=x0.device)
+    stalled = torch.zeros(batch, dtype=torch.bool, device=x0.device)
     if anderson:
         m, d = config.anderson_memory, math.prod(x0.shape[1:])
         xs, fs = x0.new_zeros(batch, m, d), x0.new_zeros(batch, m, d)
         best_x, best_f = x0.clone(), x0.clone()
-        since_best = torch.zeros(batch, dtype=torch.long, device=x0.device)
 
     def column(mask: Tensor) -> Tensor:
         return mask.reshape(-1, *[1] * (x0.dim() - 1))
 
     everyone = torch.arange(batch, device=x0.device)
     for it in range(config.max_iterations):
-        # while no sample has converged, index with a slice (views, no gathers): the common case
+        # while no sample has stopped, index with a slice (views, no gathers): the common case
         idx = everyone if bool(active.all()) else active.nonzero(as_tuple=True)[0]
         if idx.numel() == 0:
             break
@@ -147,27 +159,33 @@ def solve_fixed_point(
         res = _flat_norm(f_act - x_act)
         iterations[sel] += 1
         done = _within(res, tol[sel])
+        improved = res < best[sel]
+        best[sel] = torch.where(improved, res, best[sel])
+        since_best[sel] = torch.where(improved, 0, since_best[sel] + 1)
         if anderson:
-            improved = res < residual[sel]
-            residual[sel] = torch.where(improved, res, residual[sel])
+            residual[sel] = best[sel]
             best_x[sel] = torch.where(column(improved), x_act, best_x[sel])
             best_f[sel] = torch.where(column(improved), f_act, best_f[sel])
-            since_best[sel] = torch.where(improved, 0, since_best[sel] + 1)
             slot, n = it % m, min(it + 1, m)
             xs[sel, slot], fs[sel, slot] = x_act.flatten(1), f_act.flatten(1)
             mixed = _anderson_mix(xs[sel, :n], fs[sel, :n], config).reshape(x_act.shape)
-            stalled = (since_best[sel] >= config.stall_iterations) | ~torch.isfinite(mixed.flatten(1)).all(dim=1)
-            newly = stalled & ~fell_back[sel]
-            fell_back[sel] |= stalled
+            # the plain iteration stalling after the fallback is a precision floor; Anderson stalling is not
+            floored = fell_back[sel] & (since_best[sel] >= stall)
+            newly = ~fell_back[sel] & ((since_best[sel] >= stall) | ~torch.isfinite(mixed.flatten(1)).all(dim=1))
+            fell_back[sel] |= newly
+            since_best[sel] = torch.where(newly, 0, since_best[sel])  # the plain iteration gets its own patience
             proposal = torch.where(column(fell_back[sel]), f_act, mixed)
             # a sample that has just stalled restarts the plain iteration from its best point
             proposal = torch.where(column(newly), best_f[sel], proposal)
         else:
             residual[sel] = res
+            floored = since_best[sel] >= stall
             proposal = f_act
-        # converged samples keep the iterate whose residual was measured; the others step on
-        x[sel] = torch.where(column(done), x_act, proposal)
-        active[idx[done]] = False
+        stop = done | floored
+        stalled[sel] |= floored & ~done
+        # stopped samples keep the iterate whose residual was measured; the others step on
+        x[sel] = torch.where(column(stop), x_act, proposal)
+        active[idx[stop]] = False
     if active.any():  # out of iterations: measure the last proposal too
         idx = active.nonzero(as_tuple=True)[0]
         res = _flat_norm(step(x[idx], idx) - x[idx])
@@ -180,8 +198,10 @@ def solve_fixed_point(
             residual[idx] = res
     if anderson:
         x = best_x
+    converged = _within(residual, tol)
     return FixedPointResult(
-        x=x, iterations=iterations, residual=residual, converged=_within(residual, tol), fell_back=fell_back
+        x=x, iterations=iterations, residual=residual, converged=converged, fell_back=fell_back,
+        stalled=stalled & ~converged,
     )
 
 
@@ -189,14 +209,28 @@ def _check_convergence(result: FixedPointResult, config: FixedPointConfig, what:
     if bool(result.converged.all()):
         return
     n_bad, batch = int((~result.converged).sum()), result.converged.numel()
+    n_stalled = int(result.stalled.sum())
     msg = (
-        f"{what}: {n_bad}/{batch} samples did not reach {tolerance} in {config.max_iterations} iterations "
-        f"({config.method}; largest residual {float(result.residual.max()):.3e}); is Lip(g) < 1?"
+        f"{what}: {n_bad}/{batch} samples did not reach {tolerance} ({config.method}; largest residual "
+        f"{float(result.residual.max()):.3e}); "
     )
+    if n_stalled:
+        msg += (
+            f"{n_stalled} stopped because their residual had not fallen for {config.stall_iterations} iterations: "
+            "either the branch computes in lower precision than the tolerance (bf16, or TF32 that the solve could "
+            "not switch off), then loosen the tolerance, or Lip(g) >= 1"
+        )
+    else:
+        msg += f"the others ran out of {config.max_iterations} iterations; is Lip(g) < 1?"
     if config.strict:
         raise InverseDidNotConverge(msg)
     if config.warn:
         log.warning(msg)
+
+
+def _relative_tolerance(rtol: float, like: Tensor) -> float:
+    """``rtol``, raised to what a solve in ``like``'s dtype can resolve (a no-op for float32's default 1e-6)."""
+    return max(rtol, relative_precision_floor(like.dtype))
 
 
 def _needs_gradient(g: Callable[[Tensor], Tensor], y: Tensor) -> bool:
@@ -206,7 +240,8 @@ def _needs_gradient(g: Callable[[Tensor], Tensor], y: Tensor) -> bool:
 def _attach_implicit_gradient(g: Callable[[Tensor], Tensor], y: Tensor, x: Tensor, config: FixedPointConfig) -> Tensor:
     """``x`` (the solution) as a function of ``y`` and θ through the implicit function theorem."""
     z = x.detach().requires_grad_(True)
-    gz = g(z)  # the one evaluation with a graph: J_g(x)^T products for the adjoint, and dg/dθ
+    with full_precision(y.device.type):  # its backward (the adjoint's products) keeps the forward's precision
+        gz = g(z)  # the one evaluation with a graph: J_g(x)^T products for the adjoint, and dg/dθ
     step_out = y - gz  # d/dy = I, d/dθ = -dg/dθ; the hook turns its incoming v into (I + J)^{-T} v
 
     def adjoint(v: Tensor) -> Tensor:
@@ -216,8 +251,9 @@ def _attach_implicit_gradient(g: Callable[[Tensor], Tensor], y: Tensor, x: Tenso
             (jtu,) = torch.autograd.grad(gz, z, full, retain_graph=True)
             return v[idx] - jtu[idx]
 
-        tol = config.backward_rtol * _flat_norm(v)
-        result = solve_fixed_point(step, v, tol, config)
+        tol = _relative_tolerance(config.backward_rtol, v) * _flat_norm(v)
+        with full_precision(v.device.type):
+            result = solve_fixed_point(step, v, tol, config)
         _check_convergence(result, config, "implicit gradient of the inverse", f"rtol={config.backward_rtol}")
         return result.x
 
@@ -228,9 +264,9 @@ def _attach_implicit_gradient(g: Callable[[Tensor], Tensor], y: Tensor, x: Tenso
 def fixed_point_inverse(
     g: Callable[[Tensor], Tensor], y: Tensor, config: FixedPointConfig = FixedPointConfig()
 ) -> FixedPointResult:
-    """Solve ``x + g(x) = y`` per sample (``g`` must act on each sample independently)."""
-    with torch.no_grad():
-        tol = config.atol + config.rtol * _flat_norm(y)
+    """Solve ``x + g(x) = y`` per sample (``g`` must act on each sample independently), in full precision."""
+    with torch.no_grad(), full_precision(y.device.type):
+        tol = config.atol + _relative_tolerance(config.rtol, y) * _flat_norm(y)
         result = solve_fixed_point(lambda x, idx: y[idx] - g(x), y, tol, config)
     _check_convergence(result, config, "fixed-point inverse", f"atol={config.atol}, rtol={config.rtol}")
     if torch.is_grad_enabled() and _needs_gradient(g, y):

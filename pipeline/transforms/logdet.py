@@ -55,6 +55,11 @@ def _flat_dot(a: Tensor, b: Tensor) -> Tensor:
     return (a * b).flatten(1).sum(dim=1)
 
 
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """At least float32: a bf16/fp16 sum of terms would round each partial sum to 3 significant digits."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 class LogDetEstimator:
     """Base class: ``__call__(g, x) -> (g(x), log det(I + J_g(x)))`` per sample."""
 
@@ -143,7 +148,8 @@ class _SeriesLogDet(LogDetEstimator):
         ``w = sum_{k=0}^{m-1} (-1)^k c_{k+1} J^{T k} v`` is the Neumann vector: ``w^T (dJ) v`` estimates
         the derivative of the value's expectation. It reuses the value's vector-Jacobian products.
         """
-        value = x.new_zeros(x.shape[0])
+        acc = _accumulation_dtype(x.dtype)
+        value = x.new_zeros(x.shape[0], dtype=acc)
         pairs = []
         for _ in range(self.n_probes):
             weights = self.series_weights()
@@ -152,7 +158,7 @@ class _SeriesLogDet(LogDetEstimator):
             w = v * weights[0] if weights else torch.zeros_like(v)  # no terms drawn: value and gradient 0
             for k, c in enumerate(weights, start=1):
                 (u,) = torch.autograd.grad(gx, x, u, create_graph=create_graph, retain_graph=True)
-                value = value + ((-1) ** (k + 1) * c / k) * _flat_dot(u, v)
+                value = value + ((-1) ** (k + 1) * c / k) * _flat_dot(u.to(acc), v.to(acc))
                 if neumann and k < len(weights):
                     w = w + ((-1) ** k * weights[k]) * u  # weights[k] = c_{k+1} weights v^T J^k
             if neumann:

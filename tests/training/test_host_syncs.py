@@ -5,9 +5,6 @@ Every way the project's code reads a tensor's value (``item``, ``bool``, ``float
 pipeline. Reads inside PyTorch are not counted (the optimizers' step counters live on the CPU).
 """
 
-import contextlib
-import sys
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,36 +12,14 @@ import torch.nn.functional as F
 from pipeline.metrics import bits_per_dim
 from pipeline.models import FlowArchitecture, IResNetFlow, iresnet_classifier
 from pipeline.tracking import PROJECT_ROOT
+from pipeline.training.host_syncs import counting_value_reads
 from pipeline.training.loop import LoopConfig, fit
 from pipeline.transforms import PowerSeriesLogDet
 
 PROJECT_CODE = (str(PROJECT_ROOT / "pipeline"), str(PROJECT_ROOT / "experiments"))
 
-READS = ("item", "__bool__", "__float__", "__int__", "tolist", "numpy")
 STEPS = 20
 PER_EPOCH = 6  # epoch end: the epoch's metrics, the non-finite state check, the first and last step's logs
-
-
-@contextlib.contextmanager
-def counting_reads():
-    counts = {"n": 0}
-    originals = {name: getattr(torch.Tensor, name) for name in READS}
-
-    def wrap(original):
-        def read(self, *args, **kwargs):
-            if sys._getframe(1).f_code.co_filename.startswith(PROJECT_CODE):
-                counts["n"] += 1
-            return original(self, *args, **kwargs)
-
-        return read
-
-    for name, original in originals.items():
-        setattr(torch.Tensor, name, wrap(original))
-    try:
-        yield counts
-    finally:
-        for name, original in originals.items():
-            setattr(torch.Tensor, name, original)
 
 
 def _flow_step():
@@ -87,6 +62,6 @@ def test_a_training_step_reads_the_device_at_most_once(tmp_path, build):
     config = LoopConfig(
         epochs=1, checkpoint_path=tmp_path / "last.pt", log_every=STEPS, progress=False, grad_clip=10.0
     )
-    with counting_reads() as counts:
+    with counting_value_reads(PROJECT_CODE) as counts:
         fit(model, optimizer, None, lambda epoch: [(x,)] * STEPS, step, config)
     assert counts["n"] <= STEPS + PER_EPOCH, f"{counts['n']} reads in {STEPS} steps"
