@@ -36,7 +36,18 @@ def _tf32_switches() -> list[object]:
 
 @contextmanager
 def full_precision(device_type: str) -> Iterator[None]:
-    """Autocast off on ``device_type`` and TF32 off for CUDA matmuls and convolutions; both restored on exit."""
+    """Autocast off on ``device_type`` and, for CUDA, TF32 off for matmuls and convolutions; restored on exit.
+
+    Cheap where there is nothing to switch (a CPU forward without autocast): it runs for every spectral
+    layer in every training step.
+    """
+    if device_type != "cuda":  # TF32 is CUDA's alone
+        if torch.is_autocast_enabled(device_type):
+            with torch.autocast(device_type=device_type, enabled=False):
+                yield
+        else:
+            yield
+        return
     switches = _tf32_switches()
     saved = [s.fp32_precision for s in switches]
     try:

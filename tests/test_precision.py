@@ -6,12 +6,15 @@ relative error of up to 2^-10 (TF32's unit roundoff) that changes chaotically wi
 rounding does, and that the solve cannot switch off (like TF32 inside a custom kernel).
 """
 
+import contextlib
 import logging
 
 import pytest
 import torch
 from torch import nn
 
+import pipeline.layers.spectral
+import pipeline.transforms.inverse
 from pipeline.layers import SpectralNormConv2d
 from pipeline.precision import full_precision, relative_precision_floor, tf32_enabled
 from pipeline.transforms import FixedPointConfig, InverseDidNotConverge, PowerSeriesLogDet, fixed_point_inverse
@@ -31,14 +34,33 @@ def tf32_on():
     torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = saved
 
 
-def test_full_precision_switches_tf32_and_autocast_off_and_restores_them_even_on_error(tf32_on):
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        with pytest.raises(RuntimeError, match="inside"), full_precision("cpu"):
-            assert _switches() == ("ieee", "ieee") and not tf32_enabled()
-            assert not torch.is_autocast_enabled("cpu")
-            raise RuntimeError("inside")
-        assert torch.is_autocast_enabled("cpu")
+@pytest.fixture
+def as_on_a_gpu(monkeypatch):
+    """TF32 is CUDA's, so on CPU ``full_precision`` leaves it alone; here the library's calls also switch it, as
+    they would for CUDA tensors, so that a branch can see from inside whether its caller switched it off."""
+
+    @contextlib.contextmanager
+    def also_cuda(device_type: str):
+        with full_precision(device_type), full_precision("cuda"):
+            yield
+
+    for module in (pipeline.transforms.inverse, pipeline.layers.spectral):
+        monkeypatch.setattr(module, "full_precision", also_cuda)
+
+
+def test_full_precision_switches_tf32_off_for_cuda_and_restores_it_even_on_error(tf32_on):
+    with pytest.raises(RuntimeError, match="inside"), full_precision("cuda"):
+        assert _switches() == ("ieee", "ieee") and not tf32_enabled()
+        raise RuntimeError("inside")
     assert _switches() == ("tf32", "tf32") and tf32_enabled()
+
+
+def test_full_precision_switches_autocast_off_and_leaves_tf32_alone_on_cpu(tf32_on):
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with full_precision("cpu"):
+            assert not torch.is_autocast_enabled("cpu")
+            assert _switches() == ("tf32", "tf32")  # nothing on a CPU computes in TF32
+        assert torch.is_autocast_enabled("cpu")
 
 
 def test_the_floor_leaves_float32_defaults_alone_and_raises_bf16():
@@ -66,7 +88,7 @@ class _RecordingBranch(nn.Module):
         return out
 
 
-def test_the_inverse_and_its_gradient_run_in_full_precision_whatever_the_caller_set(tf32_on):
+def test_the_inverse_and_its_gradient_run_in_full_precision_whatever_the_caller_set(tf32_on, as_on_a_gpu):
     torch.manual_seed(0)
     g = _RecordingBranch()
     y = torch.randn(8, 6, requires_grad=True)
@@ -122,7 +144,7 @@ def test_a_bf16_solve_gets_a_bf16_tolerance():
     assert (result.residual.float() <= relative_precision_floor(torch.bfloat16) * y.float().norm(dim=1)).all()
 
 
-def test_the_power_iteration_and_the_normalising_sigma_run_without_tf32(tf32_on):
+def test_the_power_iteration_and_the_normalising_sigma_run_without_tf32(tf32_on, as_on_a_gpu):
     torch.manual_seed(0)
     layer = SpectralNormConv2d(3, 4, 3, padding=1, coeff=0.9, n_power_iterations=2)
     seen = []

@@ -77,9 +77,14 @@ def check_spectral_args(coeff: float, n_power_iterations: int, power_tol: float 
 
 
 def _normalize(x: Tensor, eps: float = 1e-12) -> Tensor:
-    if x.dim() == 1:
-        return F.normalize(x, dim=0, eps=eps)  # one call: this runs inside every training forward
-    return x / x.norm().clamp_min(eps)
+    # two kernels (F.normalize takes five): this runs in every power-iteration step
+    return x / torch.linalg.vector_norm(x).clamp_min(eps)
+
+
+def _normalize_each(x: Tensor, eps: float = 1e-12) -> Tensor:
+    """Each ``x[i]`` divided by its own norm (the stacked vectors of a batched power iteration)."""
+    norms = torch.linalg.vector_norm(x.flatten(1), dim=1).clamp_min(eps)
+    return x / norms.reshape(-1, *[1] * (x.dim() - 1))
 
 
 @dataclass
@@ -132,6 +137,7 @@ class _SpectralNorm(nn.Module):
         self.power_iteration_frozen = False  # set by frozen_power_iteration()
         self.last_power_iterations = 0  # steps taken by the last training forward (logged per layer)
         self._ready = False  # mirrors the `initialized` buffer once it has been seen True
+        self._iterated_ahead = False  # set by batched_power_iteration, consumed by the next training forward
         self._eval: EvalNormalization | None = None  # eval-time normalisation, per weight version
         self.register_buffer("sigma", torch.ones(()))  # the training estimate (power iteration)
         self.register_buffer("initialized", torch.tensor(False))
@@ -144,6 +150,17 @@ class _SpectralNorm(nn.Module):
         raise NotImplementedError
 
     def _init_vectors(self, x: Tensor) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _batch_key(self) -> tuple:  # pragma: no cover - abstract
+        """Layers with equal keys can run their power iterations as one stacked operation."""
+        raise NotImplementedError
+
+    def _stacked_operator(self, v: Tensor, weight: Tensor) -> Tensor:  # pragma: no cover - abstract
+        """:meth:`_operator` of ``G`` layers of this layer's kind at once: ``v[i]`` by ``weight[i]``."""
+        raise NotImplementedError
+
+    def _stacked_adjoint(self, u: Tensor, weight: Tensor) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def _step_bound(self, weight: Tensor) -> Tensor:  # pragma: no cover - abstract
@@ -162,13 +179,12 @@ class _SpectralNorm(nn.Module):
     @torch.no_grad()
     def _power_steps(self, u: Tensor, n: int, w: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """``n >= 1`` steps from ``u``: the new ``(u, v)`` and the estimate ``||A v||`` (a lower bound of ``||A||``)."""
-        for i in range(n):  # on local tensors (few calls per step)
+        for _ in range(n):  # on local tensors (few calls per step)
+            # u need not be normalised in between: v, normalised next, does not depend on u's scale
             v = _normalize(self._adjoint(u, w))
-            image = self._operator(v, w)
-            if i < n - 1:
-                u = _normalize(image)
-        sigma = torch.linalg.vector_norm(image)
-        return image / sigma.clamp_min(1e-12), v, sigma
+            u = self._operator(v, w)
+        sigma = torch.linalg.vector_norm(u)
+        return u / sigma.clamp_min(1e-12), v, sigma
 
     @torch.no_grad()
     def power_iteration(self, n: int) -> Tensor | None:
@@ -198,6 +214,12 @@ class _SpectralNorm(nn.Module):
                 steps += 1
         return steps
 
+    def _initialized(self) -> bool:
+        """Whether the vectors exist (one read of the buffer after a load, a Python flag after that)."""
+        if not self._ready and bool(self.initialized):
+            self._ready = True
+        return self._ready
+
     def _ensure_initialized(self, x: Tensor | None) -> None:
         if self._ready:  # a Python flag first: reading the buffer costs a host sync on GPUs
             return
@@ -221,7 +243,10 @@ class _SpectralNorm(nn.Module):
             self._ensure_initialized(None if x is None else x.float())
             if not self.training:
                 return self._eval_weight()
-            if not self.power_iteration_frozen:
+            if self._iterated_ahead:  # batched_power_iteration has run this forward's steps already
+                self._iterated_ahead = False
+                self.last_power_iterations = self.n_power_iterations
+            elif not self.power_iteration_frozen:
                 self.last_power_iterations = self._training_power_iteration()
             # u, v are constants for autograd (cloned: the next step updates them in place)
             u, v = self.u.clone(), self.v.clone()
@@ -346,6 +371,7 @@ class _SpectralNorm(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001
         self._ready = False  # re-read the loaded `initialized` flag on the next forward
+        self._iterated_ahead = False  # steps taken for the previous weights do not count for the loaded ones
         self._eval = None
         # u and v are sized lazily from the first input; size them from the checkpoint instead
         for name in ("u", "v"):
@@ -384,6 +410,16 @@ class SpectralNormLinear(_SpectralNorm):
 
     def _adjoint(self, u: Tensor, weight: Tensor) -> Tensor:
         return u @ weight  # W^T u for a vector u
+
+    def _batch_key(self) -> tuple:
+        w = self.weight
+        return (SpectralNormLinear, tuple(w.shape), w.dtype, w.device, self.n_power_iterations)
+
+    def _stacked_operator(self, v: Tensor, weight: Tensor) -> Tensor:  # (G, in), (G, out, in) -> (G, out)
+        return torch.bmm(weight, v.unsqueeze(-1)).squeeze(-1)
+
+    def _stacked_adjoint(self, u: Tensor, weight: Tensor) -> Tensor:  # (G, out), (G, out, in) -> (G, in)
+        return torch.bmm(u.unsqueeze(1), weight).squeeze(1)
 
     _step_bound_is_exact = True
 
@@ -464,6 +500,26 @@ class SpectralNormConv2d(_SpectralNorm):
             u, weight, stride=self.stride, padding=self.padding, output_padding=self._output_padding()
         )
 
+    def _batch_key(self) -> tuple:
+        w = self.weight
+        shape = (tuple(w.shape), tuple(self.v.shape), self.stride, self.padding)
+        return (SpectralNormConv2d, *shape, w.dtype, w.device, self.n_power_iterations)
+
+    def _stacked_operator(self, v: Tensor, weight: Tensor) -> Tensor:
+        # G layers as one grouped convolution: v (G, 1, C_in, H, W), weight (G, C_out, C_in, k, k)
+        g = weight.shape[0]
+        out = F.conv2d(v.reshape(1, -1, *v.shape[-2:]), weight.flatten(0, 1), stride=self.stride,
+                       padding=self.padding, groups=g)
+        return out.reshape(g, 1, -1, *out.shape[-2:])
+
+    def _stacked_adjoint(self, u: Tensor, weight: Tensor) -> Tensor:
+        g = weight.shape[0]
+        out = F.conv_transpose2d(
+            u.reshape(1, -1, *u.shape[-2:]), weight.flatten(0, 1), stride=self.stride, padding=self.padding,
+            output_padding=self._output_padding(), groups=g,
+        )
+        return out.reshape(g, 1, -1, *out.shape[-2:])
+
     def _step_bound(self, weight: Tensor) -> Tensor:
         return conv_operator_norm_bound_tensor(weight, self.input_hw, self.padding)
 
@@ -505,6 +561,51 @@ class SpectralNormConv2d(_SpectralNorm):
 
 
 SPECTRAL_LAYERS = (SpectralNormLinear, SpectralNormConv2d)
+
+
+def spectral_layers(module: nn.Module) -> list[_SpectralNorm]:
+    """Every spectrally normalised layer inside ``module`` (looked up once per module: models do not change)."""
+    cached = module.__dict__.get("_spectral_layers_cache")
+    if cached is None:
+        cached = [m for m in module.modules() if isinstance(m, _SpectralNorm)]
+        module.__dict__["_spectral_layers_cache"] = cached
+    return cached
+
+
+@torch.no_grad()
+def batched_power_iteration(module: nn.Module) -> None:
+    """Run the power-iteration steps of the coming training forward now, stacked across layers of one shape.
+
+    Models call this at the start of a training forward. Layers whose operators have the same shape
+    (linear maps of one size; convolutions of one kernel, stride, padding and input size) take their
+    ``n_power_iterations`` steps together: one batched matrix product, or one grouped convolution, per
+    step for the whole group instead of one per layer. The arithmetic per layer is the same; each
+    layer's next training forward then skips its own steps. Layers that are not ready, frozen, in
+    eval mode or adaptive (``power_tol > 0``), or alone in their group, iterate in their forward as before.
+    """
+    groups: dict[tuple, list[_SpectralNorm]] = {}
+    for layer in spectral_layers(module):
+        fixed_steps = layer.power_tol == 0 and not layer.power_iteration_frozen
+        if layer.training and fixed_steps and not layer._iterated_ahead and layer._initialized():
+            groups.setdefault(layer._batch_key(), []).append(layer)
+    for layers in groups.values():
+        if len(layers) > 1:
+            _stacked_power_steps(layers)
+
+
+def _stacked_power_steps(layers: list[_SpectralNorm]) -> None:
+    first = layers[0]
+    with full_precision(first.weight.device.type):
+        w = torch.stack([layer.weight.detach() for layer in layers])
+        u = torch.stack([layer.u for layer in layers])
+        for _ in range(first.n_power_iterations):
+            v = _normalize_each(first._stacked_adjoint(u, w))
+            u = first._stacked_operator(v, w)
+        u = _normalize_each(u)
+    for layer, u_i, v_i in zip(layers, u, v, strict=True):
+        layer.u.copy_(u_i)
+        layer.v.copy_(v_i)
+        layer._iterated_ahead = True
 
 
 @contextmanager

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from pipeline.layers.spectral import batched_power_iteration
+
 
 @dataclass
 class InverseReport:
@@ -86,6 +88,8 @@ class TransformSequence(Transform):
         return iter(self.transforms)
 
     def forward(self, x: Tensor, *, estimator=None) -> tuple[Tensor, Tensor]:  # noqa: ANN001
+        if self.training:  # every spectral layer's power iteration for this step, stacked by shape
+            batched_power_iteration(self)
         total = x.new_zeros(x.shape[0])
         for t in self.transforms:
             x, logdet = t(x, estimator=estimator)
@@ -93,6 +97,8 @@ class TransformSequence(Transform):
         return x, total
 
     def map(self, x: Tensor) -> Tensor:
+        if self.training:
+            batched_power_iteration(self)
         for t in self.transforms:
             x = t.map(x)
         return x
