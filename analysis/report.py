@@ -56,7 +56,7 @@ class ReportConfig:
 PRESETS: dict[str, dict] = {"quick": {}}
 
 
-def _save(fig, out: Path, name: str) -> list[str]:  # noqa: ANN001
+def _save(fig, out: Path, name: str) -> list[str]:
     fig.tight_layout()
     files = []
     for ext in ("png", "pdf"):
@@ -276,7 +276,7 @@ def run(cfg: ReportConfig) -> str:
     return active.info.run_id
 
 
-def config_from_preset(preset: str, **overrides) -> ReportConfig:  # noqa: ANN003
+def config_from_preset(preset: str, **overrides) -> ReportConfig:
     return cli.config_from_preset(ReportConfig, PRESETS, preset, **overrides)
 
 

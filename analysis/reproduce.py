@@ -163,7 +163,7 @@ def run(cfg: ReproduceConfig) -> str:
     return run_id
 
 
-def config_from_preset(preset: str, **overrides) -> ReproduceConfig:  # noqa: ANN003
+def config_from_preset(preset: str, **overrides) -> ReproduceConfig:
     return cli.config_from_preset(ReproduceConfig, PRESETS, preset, **overrides)
 
 

@@ -40,7 +40,7 @@ def memory_peak_mib(device: torch.device) -> float:
 
 def emit(table: str, json_path: str | None, payload: dict) -> None:
     """Print the table (the script's output) and, with ``--json``, write the payload."""
-    print(table)  # noqa: T201
+    print(table)
     if json_path:
         with open(json_path, "w") as f:
             json.dump(payload, f, indent=2)

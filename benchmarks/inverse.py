@@ -69,15 +69,15 @@ class WorstCaseFlow(FlowModel):
         self.flow = TransformSequence(*(InvertibleResidualBlock(WorstCaseBranch(dim, coeff)) for _ in range(n_blocks)))
         self.priors = nn.ModuleList([DiagonalGaussian((dim,), learnable=False)])
 
-    def forward(self, x, *, estimator=None):  # noqa: ANN001, ANN201
+    def forward(self, x, *, estimator=None):
         z, logdet = self.flow(x, estimator=estimator)
         return [z], logdet
 
-    def inverse(self, zs, *, report=None):  # noqa: ANN001, ANN201
+    def inverse(self, zs, *, report=None):
         return self.flow.inverse(zs[0], report=report)
 
 
-def saturated_flow(coeff: float, image: tuple[int, int, int], blocks: tuple[int, ...], hidden: int, device, dtype):  # noqa: ANN001, ANN201
+def saturated_flow(coeff: float, image: tuple[int, int, int], blocks: tuple[int, ...], hidden: int, device, dtype):
     """A flow whose every spectrally normalised layer has operator norm ``coeff`` (to power-iteration accuracy)."""
     torch.manual_seed(0)
     flow = iresnet_flow("quick", input_shape=image, n_blocks=blocks, hidden_channels=hidden, coeff=coeff)
@@ -94,7 +94,7 @@ def saturated_flow(coeff: float, image: tuple[int, int, int], blocks: tuple[int,
     return flow.eval()
 
 
-def measure(flow, x: torch.Tensor, method: str, rtol: float, repeats: int) -> dict:  # noqa: ANN001
+def measure(flow, x: torch.Tensor, method: str, rtol: float, repeats: int) -> dict:
     with torch.no_grad():
         zs, _ = flow(x, estimator=PowerSeriesLogDet(n_terms=1))
         for block in flow.residual_blocks():
@@ -120,7 +120,7 @@ def measure(flow, x: torch.Tensor, method: str, rtol: float, repeats: int) -> di
     }
 
 
-def build(args: dict, coeff: float, device, dtype) -> tuple[FlowModel, torch.Tensor]:  # noqa: ANN001
+def build(args: dict, coeff: float, device, dtype) -> tuple[FlowModel, torch.Tensor]:
     """The model to invert and the inputs (``--model flow`` or ``worst-case``)."""
     if args["model"] == "flow":
         image = tuple(args["image"])

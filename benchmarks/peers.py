@@ -238,7 +238,7 @@ ROWS: list[tuple[str, Callable[[dict], Adapter]]] = [
 ]
 
 
-def _measure(index: int, args: dict, queue) -> None:  # noqa: ANN001
+def _measure(index: int, args: dict, queue) -> None:
     name, build = ROWS[index]
     try:
         torch.manual_seed(args["seed"])
@@ -290,7 +290,7 @@ def _measure(index: int, args: dict, queue) -> None:  # noqa: ANN001
                 "device": str(device),
             }
         )
-    except Exception as exc:  # noqa: BLE001 - a peer that fails (or is missing) is a row, not a crash
+    except Exception as exc:
         queue.put({"row": name, "error": f"{type(exc).__name__}: {exc}"})
 
 

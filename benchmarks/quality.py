@@ -259,12 +259,12 @@ def _brute_force_logdet_error(contender: Contender, x: Tensor) -> float:
 
 
 # --- the harness ------------------------------------------------------------------------------------
-def _measure(name: str, settings: dict, args: dict, budget: float, queue) -> None:  # noqa: ANN001
+def _measure(name: str, settings: dict, args: dict, budget: float, queue) -> None:
     torch.set_num_threads(1)
     setup_logging()
     try:
         queue.put(_train_and_score(name, settings, args, budget))
-    except Exception as exc:  # noqa: BLE001 - the row reports it, the other rows still run
+    except Exception as exc:
         log.exception("%s failed", name)
         queue.put({"contender": name, "settings": settings, "error": f"{type(exc).__name__}: {exc}"})
 

@@ -133,7 +133,7 @@ TARGETS = [
 ]
 
 
-def _measure(case: Case, args: dict, queue) -> None:  # noqa: ANN001
+def _measure(case: Case, args: dict, queue) -> None:
     torch.manual_seed(0)
     torch.set_num_threads(args["threads"]) if args["threads"] else None
     if args["flush"]:
@@ -153,7 +153,7 @@ def _measure(case: Case, args: dict, queue) -> None:  # noqa: ANN001
         )
         model = IResNetFlow(arch, estimator=case.estimator).to(device)
 
-        def loss_fn():  # noqa: ANN202
+        def loss_fn():
             return -model.log_prob(x).mean()
     else:
         arch = ClassifierArchitecture(
@@ -170,7 +170,7 @@ def _measure(case: Case, args: dict, queue) -> None:  # noqa: ANN001
         )
         model = ResidualClassifier(arch).to(device)
 
-        def loss_fn():  # noqa: ANN202
+        def loss_fn():
             return F.cross_entropy(model(x), y)
 
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)

@@ -184,7 +184,7 @@ def _normalization(train: ImageSplit) -> tuple[torch.Tensor, torch.Tensor]:
     return x.mean(dim=(0, 2, 3)), x.std(dim=(0, 2, 3)).clamp_min(1e-3)
 
 
-def _optimizer(cfg: ClassifyConfig, params) -> torch.optim.Optimizer:  # noqa: ANN001
+def _optimizer(cfg: ClassifyConfig, params) -> torch.optim.Optimizer:
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(
             params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay
@@ -258,7 +258,7 @@ def _run(cfg: ClassifyConfig, ctx: DistributedContext, device: torch.device, on_
             mlflow.set_tag("model", cfg.model)
         train_model = wrap_model(model, ctx, device)  # DDP under torchrun (after the initialisation)
 
-        def step_fn(batch):  # noqa: ANN001, ANN202
+        def step_fn(batch):
             images, labels = batch
             logits = train_model(prepare(images, train=True))
             labels = labels.to(device, non_blocking=True)
@@ -320,7 +320,7 @@ def _run(cfg: ClassifyConfig, ctx: DistributedContext, device: torch.device, on_
 @torch.no_grad()
 def _measure_invertibility(
     model: ResidualClassifier, test: ImageSplit, prepare, mean, std, cfg: ClassifyConfig
-) -> None:  # noqa: ANN001
+) -> None:
     """Reconstruction error vs iterations (Fig. 8), grids (Figs. 3/7), layer norms (Fig. 6), throughput."""
     model.eval()
     x = prepare(test.images[: cfg.recon_images], train=False)
@@ -381,11 +381,11 @@ def _measure_invertibility(
 
 
 # --- command line -------------------------------------------------------------------------------
-def config_from_preset(preset: str, **overrides) -> ClassifyConfig:  # noqa: ANN003
+def config_from_preset(preset: str, **overrides) -> ClassifyConfig:
     return cli.config_from_preset(ClassifyConfig, PRESETS, preset, **overrides)
 
 
-def config_for_resume(run_id: str, **overrides) -> ClassifyConfig:  # noqa: ANN003
+def config_for_resume(run_id: str, **overrides) -> ClassifyConfig:
     return cli.config_for_resume(ClassifyConfig, run_id, **overrides)
 
 

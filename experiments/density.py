@@ -289,7 +289,7 @@ def _run(cfg: DensityConfig, ctx: DistributedContext, device: torch.device, on_e
         )
         train_model = wrap_model(model, ctx, device)  # DDP under torchrun (after the initialisation)
 
-        def step_fn(batch):  # noqa: ANN001, ANN202
+        def step_fn(batch):
             images, _ = batch
             x = prepare(images)
             zs, logdet = train_model(x)
@@ -362,7 +362,7 @@ def _run(cfg: DensityConfig, ctx: DistributedContext, device: torch.device, on_e
 
 
 @torch.no_grad()
-def _log_final_artifacts(  # noqa: ANN001
+def _log_final_artifacts(
     model: IResNetFlow, test: ImageSplit, prepare, cfg: DensityConfig, run_id: str, steps_per_epoch: int
 ) -> None:
     model.eval()
@@ -411,11 +411,11 @@ def _log_final_artifacts(  # noqa: ANN001
 
 
 # --- command line -------------------------------------------------------------------------------
-def config_from_preset(preset: str, **overrides) -> DensityConfig:  # noqa: ANN003
+def config_from_preset(preset: str, **overrides) -> DensityConfig:
     return cli.config_from_preset(DensityConfig, PRESETS, preset, **overrides)
 
 
-def config_for_resume(run_id: str, **overrides) -> DensityConfig:  # noqa: ANN003
+def config_for_resume(run_id: str, **overrides) -> DensityConfig:
     return cli.config_for_resume(DensityConfig, run_id, **overrides)
 
 

@@ -385,7 +385,7 @@ def _log_study_figures(study: optuna.Study, cfg: SweepConfig, out: Path) -> None
             with warnings.catch_warnings():  # Optuna flags its matplotlib plots as experimental
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 ax = make()
-        except Exception as exc:  # noqa: BLE001 - e.g. too few finished trials for importances
+        except Exception as exc:
             log.warning("skipped the %s figure: %s", name, exc)
             continue
         fig = (ax.flat[0] if hasattr(ax, "flat") else ax).figure
@@ -517,7 +517,7 @@ def _log_study_summary(study: optuna.Study, cfg: SweepConfig) -> None:
         mlflow.log_artifacts(str(out))
 
 
-def config_from_preset(preset: str, **overrides) -> SweepConfig:  # noqa: ANN003
+def config_from_preset(preset: str, **overrides) -> SweepConfig:
     return cli.config_from_preset(SweepConfig, PRESETS, preset, **overrides)
 
 

@@ -159,12 +159,12 @@ def train_toy_model(
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     epochs = math.ceil(cfg.steps / cfg.steps_per_epoch)
 
-    def batches(epoch: int):  # noqa: ANN202 - fresh samples every step, reproducible from (seed, epoch)
+    def batches(epoch: int):
         base = (cfg.seed * 1_000_003 + epoch) * cfg.steps_per_epoch
         for i in range(cfg.steps_per_epoch):
             yield (sample_toy(dataset, cfg.batch_size, seed=base + i).to(device),)
 
-    def step_fn(batch):  # noqa: ANN001, ANN202
+    def step_fn(batch):
         nll = -model.log_prob(batch[0]).mean()
         return nll, {}
 
@@ -317,7 +317,7 @@ def run(cfg: ToyConfig) -> str:
         return run_id
 
 
-def config_from_preset(preset: str, **overrides) -> ToyConfig:  # noqa: ANN003
+def config_from_preset(preset: str, **overrides) -> ToyConfig:
     return cli.config_from_preset(ToyConfig, PRESETS, preset, **overrides)
 
 

@@ -186,7 +186,7 @@ def residual_block_inputs(flow: nn.Module, x: Tensor) -> list[Tensor]:
 
 
 @torch.no_grad()
-def logdet_variance_report(flow: nn.Module, x: Tensor, estimator, *, n_repeats: int = 16) -> list[dict]:  # noqa: ANN001
+def logdet_variance_report(flow: nn.Module, x: Tensor, estimator, *, n_repeats: int = 16) -> list[dict]:
     """Per-block spread of a stochastic log-det estimator at fixed inputs (variance control).
 
     For each residual block, ``n_repeats`` independent calls of ``estimator`` (fresh probes and, for

@@ -73,7 +73,7 @@ def check_store_reachable(uri: str, timeout_s: float = 10.0) -> None:
                     pass
             finally:
                 engine.dispose()
-    except Exception as exc:  # noqa: BLE001 - drivers raise their own types
+    except Exception as exc:
         shown = f"{uri.split('://', 1)[0]}://***@{uri.rsplit('@', 1)[1]}" if "@" in uri else uri  # no password
         raise ValueError(
             f"the tracking store {shown} is unreachable: {' '.join(str(exc).split())[:300]}. "
@@ -110,7 +110,7 @@ def run_status(run_id: str) -> str:
     configure_tracking()
     try:
         return MlflowClient().get_run(run_id).info.status
-    except Exception as exc:  # noqa: BLE001 - MLflow raises several types for an unknown id
+    except Exception as exc:
         raise ValueError(f"no run {run_id!r} in the tracking store {mlflow.get_tracking_uri()}") from exc
 
 
@@ -128,7 +128,7 @@ def on_run_start(hook: Callable[[str], None]) -> Iterator[None]:
         _RUN_START_HOOKS.remove(hook)
 
 
-class RunStopped(Exception):  # noqa: N818 - a deliberate stop, not an error
+class RunStopped(Exception):
     """Raised to stop a run on purpose (e.g. a pruned trial): the run is marked KILLED, not FAILED."""
 
 
@@ -146,7 +146,7 @@ def tracked_run(
         client = MlflowClient()
         try:
             previous = client.get_run(resume_run_id)
-        except Exception as exc:  # noqa: BLE001 - MLflow raises several types for an unknown id
+        except Exception as exc:
             raise ValueError(f"cannot resume: no run {resume_run_id!r} in {mlflow.get_tracking_uri()}") from exc
         if launched_run and launched_run != resume_run_id:
             client.set_tag(launched_run, "mlflow.note.content", f"resumed run {resume_run_id}; see that run")
@@ -186,7 +186,7 @@ def retry_tracking_write(write: Callable[[], Any], *, attempts: int = 4, first_d
     for attempt in range(attempts):
         try:
             return write()
-        except Exception as exc:  # noqa: BLE001 - MLflow wraps store errors in several types
+        except Exception as exc:
             if attempt == attempts - 1:
                 raise
             delay = first_delay_s * 2**attempt
@@ -216,14 +216,14 @@ def _end_active_run(status: str, tag: str, reason: str) -> None:
     client = MlflowClient()
     try:
         mlflow.end_run(status=status)
-    except Exception:  # noqa: BLE001
+    except Exception:
         try:
             retry_tracking_write(lambda: client.set_terminated(run_id, status=status))
-        except Exception:  # noqa: BLE001 - the store is gone: the run stays RUNNING, never FINISHED
+        except Exception:
             log.exception("could not record run %s as %s", run_id, status)
     try:
         retry_tracking_write(lambda: client.set_tag(run_id, tag, reason[:5000]), attempts=2)
-    except Exception:  # noqa: BLE001
+    except Exception:
         log.exception("could not tag run %s with its %s reason", run_id, tag)
 
 

@@ -151,7 +151,7 @@ def _load_idx_folder(name: str, folders: list[Path], how_to_get: str) -> ImageDa
     raise DatasetNotFoundError(f"{name}: expected the IDX files {expected} in {where}. {how_to_get}")
 
 
-def _torchvision_download(cls_name: str, root: Path, **kwargs) -> None:  # noqa: ANN003
+def _torchvision_download(cls_name: str, root: Path, **kwargs) -> None:
     import torchvision.datasets as tvd
 
     getattr(tvd, cls_name)(root=str(root), download=True, **kwargs)

@@ -369,7 +369,7 @@ class _SpectralNorm(nn.Module):
         """The power-iteration estimate of the effective operator norm, ``min(sigma, c)``."""
         return float(torch.clamp(self.sigma, max=self.coeff))
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         self._ready = False  # re-read the loaded `initialized` flag on the next forward
         self._iterated_ahead = False  # steps taken for the previous weights do not count for the loaded ones
         self._eval = None

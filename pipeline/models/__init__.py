@@ -13,8 +13,6 @@ from pipeline.models.flow import (
     FlowArchitecture,
     IResNetFlow,
     iresnet_flow,
-    iresnet_flow_cifar10,
-    iresnet_flow_mnist,
 )
 from pipeline.models.toy import VECTOR_FLOW_PRESETS, VectorFlow, VectorFlowArchitecture, vector_flow
 
@@ -31,8 +29,6 @@ __all__ = [
     "VectorFlowArchitecture",
     "iresnet_classifier",
     "iresnet_flow",
-    "iresnet_flow_cifar10",
-    "iresnet_flow_mnist",
     "resnet_classifier",
     "vector_flow",
 ]

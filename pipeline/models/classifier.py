@@ -177,7 +177,7 @@ def _preset(preset: str) -> ClassifierArchitecture:
 
 def iresnet_classifier(
     preset: str = "cifar10", *, inverse_config: FixedPointConfig | None = None, **overrides
-) -> ResidualClassifier:  # noqa: ANN003
+) -> ResidualClassifier:
     """i-ResNet classifier from a named preset (any :class:`ClassifierArchitecture` field overridable)."""
     arch = replace(_preset(preset), **overrides)
     if arch.coeff is None:
@@ -185,7 +185,7 @@ def iresnet_classifier(
     return ResidualClassifier(arch, inverse_config=inverse_config)
 
 
-def resnet_classifier(preset: str = "cifar10", *, batchnorm: bool = False, **overrides) -> ResidualClassifier:  # noqa: ANN003
+def resnet_classifier(preset: str = "cifar10", *, batchnorm: bool = False, **overrides) -> ResidualClassifier:
     """The vanilla baseline: same architecture, no Lipschitz constraint, optionally BatchNorm in the branches."""
     overrides = {"coeff": None, "branch_batchnorm": batchnorm, **({"norm": "none"} if batchnorm else {}), **overrides}
     return ResidualClassifier(replace(_preset(preset), **overrides))

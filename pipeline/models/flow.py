@@ -7,7 +7,7 @@ diagonal-Gaussian prior.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
@@ -76,9 +76,6 @@ class FlowArchitecture:
                     raise ValueError(f"level {level} has {c} channels, which cannot be split in half")
                 c //= 2
         return shapes
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 class IResNetFlow(FlowModel):
@@ -170,7 +167,7 @@ def iresnet_flow(
     *,
     estimator: LogDetEstimator | None = None,
     inverse_config: FixedPointConfig | None = None,
-    **overrides,  # noqa: ANN003
+    **overrides,
 ) -> IResNetFlow:
     """Build a flow from a named preset, with any :class:`FlowArchitecture` field overridden."""
     try:
@@ -180,19 +177,9 @@ def iresnet_flow(
     return IResNetFlow(replace(arch, **overrides), estimator=estimator, inverse_config=inverse_config)
 
 
-def iresnet_flow_mnist(**kwargs) -> IResNetFlow:  # noqa: ANN003
-    return iresnet_flow("mnist", **kwargs)
-
-
-def iresnet_flow_cifar10(**kwargs) -> IResNetFlow:  # noqa: ANN003
-    return iresnet_flow("cifar10", **kwargs)
-
-
 __all__ = [
     "FLOW_PRESETS",
     "FlowArchitecture",
     "IResNetFlow",
     "iresnet_flow",
-    "iresnet_flow_cifar10",
-    "iresnet_flow_mnist",
 ]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 
 from torch import Tensor, nn
 
@@ -37,9 +37,6 @@ class VectorFlowArchitecture:
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"unknown activation {self.activation!r}; choose one of {sorted(ACTIVATIONS)}")
         check_spectral_args(self.coeff, self.n_power_iterations, self.power_tol, self.lipschitz)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 class VectorFlow(FlowModel):
@@ -90,7 +87,7 @@ VECTOR_FLOW_PRESETS: dict[str, VectorFlowArchitecture] = {
 }
 
 
-def vector_flow(preset: str = "quick", *, estimator: LogDetEstimator | None = None, **overrides) -> VectorFlow:  # noqa: ANN003
+def vector_flow(preset: str = "quick", *, estimator: LogDetEstimator | None = None, **overrides) -> VectorFlow:
     try:
         arch = VECTOR_FLOW_PRESETS[preset]
     except KeyError:

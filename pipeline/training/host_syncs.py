@@ -30,8 +30,8 @@ def counting_value_reads(code_roots: Sequence[str] = (PIPELINE_CODE,)) -> Iterat
     roots = tuple(str(r) for r in code_roots)
     originals = {name: getattr(torch.Tensor, name) for name in VALUE_READS}
 
-    def wrap(original):  # noqa: ANN001, ANN202
-        def read(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+    def wrap(original):
+        def read(self, *args, **kwargs):
             if sys._getframe(1).f_code.co_filename.startswith(roots):
                 counts["n"] += 1
             return original(self, *args, **kwargs)

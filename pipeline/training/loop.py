@@ -91,7 +91,7 @@ StepFn = Callable[[Any], tuple[Tensor, dict[str, Tensor | float]]]  # metrics: d
 EpochHook = Callable[[int, dict[str, float]], None]
 
 
-def _checkpoint_state(  # noqa: ANN001
+def _checkpoint_state(
     model: nn.Module, optimizer, scheduler, state: LoopState, extra: dict, rngs: list[dict]
 ) -> dict[str, Any]:
     return {
@@ -106,7 +106,7 @@ def _checkpoint_state(  # noqa: ANN001
     }
 
 
-def restore(  # noqa: ANN001
+def restore(
     path: Path, model: nn.Module, optimizer, scheduler, device: torch.device, ctx: DistributedContext = SINGLE_PROCESS
 ) -> tuple[LoopState, dict]:
     """Load a checkpoint into model/optimizer/scheduler; returns the loop state and the whole dict."""

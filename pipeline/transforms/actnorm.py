@@ -26,7 +26,7 @@ class ActNorm(Transform):
         self.register_buffer("initialized", torch.tensor(False))
         self._ready = False  # mirrors the `initialized` buffer once seen True: reading it costs a host sync on GPUs
 
-    def _load_from_state_dict(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
         self._ready = False  # re-read the loaded `initialized` flag on the next forward
         super()._load_from_state_dict(*args, **kwargs)
 
@@ -49,7 +49,7 @@ class ActNorm(Transform):
         self.log_scale.copy_(torch.where(std > self.min_std, -torch.log(std + self.eps), torch.zeros_like(std)))
         self.initialized.fill_(True)
 
-    def forward(self, x: Tensor, *, estimator=None) -> tuple[Tensor, Tensor]:  # noqa: ANN001
+    def forward(self, x: Tensor, *, estimator=None) -> tuple[Tensor, Tensor]:
         if x.shape[1] != self.num_features:
             raise ValueError(f"ActNorm expects {self.num_features} channels, got input of shape {tuple(x.shape)}")
         if not self._ready:

@@ -55,7 +55,7 @@ class InverseReport:
 class Transform(nn.Module):
     """A bijection with a log-determinant."""
 
-    def forward(self, x: Tensor, *, estimator=None) -> tuple[Tensor, Tensor]:  # noqa: ANN001
+    def forward(self, x: Tensor, *, estimator=None) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
 
     def inverse(self, y: Tensor, *, report: InverseReport | None = None) -> Tensor:
@@ -67,7 +67,7 @@ class Transform(nn.Module):
 
     def inverse_and_logdet(
         self, y: Tensor, *, estimator=None, report: InverseReport | None = None
-    ) -> tuple[Tensor, Tensor]:  # noqa: ANN001
+    ) -> tuple[Tensor, Tensor]:
         """``x = f^{-1}(y)`` and ``log|det J_{f^{-1}}(y)| = -log|det J_f(x)|``, evaluated at the reconstructed x."""
         x = self.inverse(y, report=report)
         _, logdet = self.forward(x, estimator=estimator)
@@ -84,10 +84,10 @@ class TransformSequence(Transform):
     def __len__(self) -> int:
         return len(self.transforms)
 
-    def __iter__(self):  # noqa: ANN204
+    def __iter__(self):
         return iter(self.transforms)
 
-    def forward(self, x: Tensor, *, estimator=None) -> tuple[Tensor, Tensor]:  # noqa: ANN001
+    def forward(self, x: Tensor, *, estimator=None) -> tuple[Tensor, Tensor]:
         if self.training:  # every spectral layer's power iteration for this step, stacked by shape
             batched_power_iteration(self)
         total = x.new_zeros(x.shape[0])

@@ -261,7 +261,7 @@ class _NeumannLogDet(torch.autograd.Function):
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
-    def forward(ctx, estimator: _SeriesLogDet, branch: nn.Module, x: Tensor, *params: Tensor):  # noqa: ANN001, ANN205
+    def forward(ctx, estimator: _SeriesLogDet, branch: nn.Module, x: Tensor, *params: Tensor):
         ctx.set_materialize_grads(False)
         with torch.enable_grad():
             x_ = x.detach().requires_grad_(True)
@@ -275,7 +275,7 @@ class _NeumannLogDet(torch.autograd.Function):
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
-    def backward(ctx, grad_gx: Tensor | None, grad_value: Tensor | None):  # noqa: ANN001, ANN205
+    def backward(ctx, grad_gx: Tensor | None, grad_value: Tensor | None):
         x_, gx, *rest = ctx.saved_tensors
         params, ws, vs = rest[: ctx.n_params], rest[ctx.n_params : -ctx.n_probes], rest[-ctx.n_probes :]
         outputs, grad_outputs = [], []
@@ -303,7 +303,7 @@ ESTIMATORS: dict[str, type[LogDetEstimator]] = {
 }
 
 
-def make_estimator(name: str, **kwargs) -> LogDetEstimator:  # noqa: ANN003
+def make_estimator(name: str, **kwargs) -> LogDetEstimator:
     """Build an estimator by name, e.g. ``make_estimator("russian_roulette", n_exact_terms=2, gradient="neumann")``."""
     try:
         cls = ESTIMATORS[name]
