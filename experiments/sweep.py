@@ -28,11 +28,13 @@ Several workers on one study (several processes, or machines sharing a database)
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import math
 import sys
 import tempfile
+import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -54,6 +56,7 @@ from pipeline.tracking import (
     log_params_flat,
     on_run_start,
     tracked_run,
+    wait_for_database_on_connect,
 )
 
 log = logging.getLogger("experiments.sweep")
@@ -248,6 +251,68 @@ def suggest(trial: optuna.Trial, space: dict[str, dict]) -> dict[str, Any]:
     return params
 
 
+STORAGE_RETRY_DELAYS_S = (1.0, 2.0, 4.0, 8.0, 15.0)  # ~30 s: a database restart or a failover
+
+
+class ReconnectingRDBStorage(optuna.storages.RDBStorage):
+    """Optuna's RDB storage that outlives a database restart.
+
+    Pooled connections are checked before use (``pool_pre_ping``: a restart leaves them dead), and a call
+    that fails because the server cannot be reached is retried with backoff (:data:`STORAGE_RETRY_DELAYS_S`).
+    A heartbeat that fails is logged and the next one tried, so the heartbeat thread never dies silently (a
+    trial without heartbeats would be failed by the other workers while it still trains). Optuna's errors
+    about the study itself (a finished trial, a missing study) are not retried.
+    """
+
+    def __init__(self, url: str, **kwargs: Any) -> None:
+        wait_for_database_on_connect()  # a cut connection is replaced once the server is back
+        engine_kwargs = {"pool_pre_ping": True, **kwargs.pop("engine_kwargs", {})}
+        # workers starting together race on creating the schema: a loser retries and finds it complete
+        _retrying(super().__init__, also=_schema_race)(url, engine_kwargs=engine_kwargs, **kwargs)
+
+    def record_heartbeat(self, trial_id: int) -> None:
+        try:
+            super().record_heartbeat(trial_id)
+        except Exception as exc:  # the next beat tries again; the grace period is the limit
+            log.warning("heartbeat of trial %d not recorded (%s); retrying at the next beat", trial_id, exc)
+
+
+def _unreachable(exc: BaseException) -> bool:
+    import sqlalchemy.exc
+
+    return isinstance(exc, (optuna.exceptions.StorageInternalError, sqlalchemy.exc.OperationalError))
+
+
+def _schema_race(exc: BaseException) -> bool:
+    import sqlalchemy.exc
+
+    return isinstance(exc, (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError))
+
+
+def _retrying(method: Callable, also: Callable[[BaseException], bool] = lambda exc: False) -> Callable:
+    def call(*args: Any, **kwargs: Any) -> Any:
+        for delay in (*STORAGE_RETRY_DELAYS_S, None):
+            try:
+                return method(*args, **kwargs)
+            except Exception as exc:
+                if delay is None or not (_unreachable(exc) or also(exc)):
+                    raise
+                log.warning("study storage unreachable (%s: %s); retrying in %.0f s", type(exc).__name__,
+                            str(exc).splitlines()[0][:200], delay)
+                time.sleep(delay)
+        raise AssertionError("unreachable")
+
+    call.__name__, call.__doc__ = method.__name__, method.__doc__
+    return call
+
+
+# every public call is one transaction: retried whole (private helpers run inside a caller's session)
+for _name, _method in vars(optuna.storages.RDBStorage).items():
+    if inspect.isfunction(_method) and not _name.startswith("_") and _name != "record_heartbeat":
+        setattr(ReconnectingRDBStorage, _name, _retrying(_method))
+ReconnectingRDBStorage._get_stale_trial_ids = _retrying(optuna.storages.RDBStorage._get_stale_trial_ids)
+
+
 def make_storage(
     spec: str,
     *,
@@ -263,11 +328,12 @@ def make_storage(
 
         return optuna.storages.JournalStorage(JournalFileBackend(spec.removeprefix("journal:")))
     url = spec or f"sqlite:///{PROJECT_ROOT / 'optuna.db'}"
+    storage_class = optuna.storages.RDBStorage if url.startswith("sqlite") else ReconnectingRDBStorage
     if heartbeat_interval is None:
-        return optuna.storages.RDBStorage(url)
+        return storage_class(url)
     with warnings.catch_warnings():  # heartbeats are flagged experimental in Optuna
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return optuna.storages.RDBStorage(
+        return storage_class(
             url,
             heartbeat_interval=heartbeat_interval,
             grace_period=grace_period or 3 * heartbeat_interval,

@@ -1,8 +1,10 @@
 """The benchmark scripts run, measure what they say, and check the issue's ratios (tiny sizes; no timing asserted)."""
 
+import math
+
 import pytest
 
-from benchmarks import inverse, peers, quality, step_time
+from benchmarks import inverse, peers, quality, step_time, workers
 
 
 class _Queue(list):
@@ -44,12 +46,15 @@ def test_step_time_times_each_model_fresh_and_after_training():
         threads=0,
         train_steps=3,
         flush=False,
+        sync_steps=5,
     )
     queue = _Queue()
     case = next(c for c in step_time.CASES if c.name == "(b) i-ResNet classifier")
     step_time._measure(case, args, queue)
     (result,) = queue
     assert result["seconds_per_step"] > 0 and result["seconds_per_step_trained"] > 0
+    # through fit: the non-finite check every step, and one read of the metrics every log_every (10) steps
+    assert 1.0 <= result["value_reads_per_step"] <= 1.2 and math.isnan(result["cuda_syncs_per_step"])
     rows = {t["ratio"]: t for t in step_time.check_targets([result | {"case": c.name} for c in step_time.CASES])}
     trained = rows["trained / fresh i-ResNet classifier step"]
     assert trained["value"] == pytest.approx(result["seconds_per_step_trained"] / result["seconds_per_step"])
@@ -119,3 +124,10 @@ def test_quality_trains_for_its_cpu_budget_and_scores_honestly(name):
         assert row["estimator"] in ("russian_roulette", "power_series") and row["se"] < 2e-3
     table = quality.format_table([row], [1.0])
     assert f"{row['bpd']:9.3f}" in table
+
+
+def test_workers_runs_a_worker_process_and_reports_its_share_of_linear():
+    row = workers.run_group(1, steps=2, threads=1)
+    assert row["threads_per_worker"] == 1 and row["images_per_second"] > 0 and row["cpu_seconds_per_image"] > 0
+    row |= {"linear_images_per_second": row["images_per_second"], "fraction_of_linear": 1.0}
+    assert "1.00" in workers.format_table([row], cores=2)

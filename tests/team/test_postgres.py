@@ -83,6 +83,69 @@ def test_a_killed_worker_is_failed_by_its_heartbeat_and_the_study_still_complete
 
 
 
+@pytest.mark.slow
+def test_a_database_restart_mid_sweep_is_survived_and_nothing_is_recorded_twice(store, postgres_server, monkeypatch):
+    """The server restarts (fast mode: every connection cut) while two workers train their trials: they
+    reconnect, the trials complete, nothing is failed for a missed heartbeat, and every trial has exactly one
+    FINISHED child run whose metrics were each logged once."""
+    import time
+
+    db = postgres_server.create_database()
+    tracking = postgres_server.create_database()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking)
+    mlflow.set_tracking_uri(tracking)
+    space = store / "space.json"
+    space.write_text(json.dumps(TINY_SPACE))
+    args = [
+        sys.executable, "-m", "experiments.sweep", "--target", "density", "--storage", db, "--study-name", "rs",
+        "--n-trials", "2", "--space-file", str(space), "--pruner", "none", "--heartbeat-interval", "1",
+        "--grace-period", "30", "--checkpoint-dir", str(store / "ckpt"),
+        "--target-overrides", TINY_DENSITY.replace("epochs=2", "epochs=30") + " log_every=1",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    logs = [store / f"worker{seed}.log" for seed in (0, 1)]  # files: a full pipe would block a worker
+    workers = [
+        subprocess.Popen([*args, "--seed", str(seed)], env=env, cwd=sweep.PROJECT_ROOT, stdout=log.open("w"),
+                         stderr=subprocess.STDOUT)  # fmt: skip
+        for seed, log in zip((0, 1), logs, strict=True)
+    ]
+    storage = optuna.storages.RDBStorage(db)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:  # both workers mid-trial: each trial linked to its MLflow run
+        try:
+            trials = optuna.load_study(study_name="rs", storage=storage).trials
+        except KeyError:
+            trials = []
+        running = [t for t in trials if t.state == optuna.trial.TrialState.RUNNING and "mlflow_run_id" in t.user_attrs]
+        if len(running) == 2:
+            break
+        time.sleep(0.2)
+    storage.remove_session()
+    storage.engine.dispose()  # this test's own connections would keep nothing alive, but close them anyway
+    assert len(running) == 2, "the workers did not reach their trials"
+    postgres_server.restart()
+    assert all(w.poll() is None for w in workers), "a worker finished before the restart: nothing was tested"
+    try:
+        for w in workers:
+            w.wait(timeout=600)
+    finally:
+        for w in workers:
+            w.kill()
+    outputs = [log.read_text() for log in logs]
+    assert all(w.returncode == 0 for w in workers), outputs
+
+    trials = optuna.load_study(study_name="rs", storage=optuna.storages.RDBStorage(db)).trials
+    assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 2, [t.user_attrs for t in trials]
+    client = MlflowClient()
+    children = [r for r in runs_of("sweep") if "mlflow.parentRunId" in r.data.tags]
+    assert sorted(r.info.run_id for r in children) == sorted(t.user_attrs["mlflow_run_id"] for t in trials)
+    for child in children:
+        assert child.info.status == "FINISHED"
+        steps = [m.step for m in client.get_metric_history(child.info.run_id, "train_loss")]
+        assert len(steps) == len(set(steps)) > 0  # each step's metric logged once, retries included
+    assert all(r.info.status == "FINISHED" for r in runs_of("sweep"))
+
+
 def _free_port() -> int:
     import socket
 
