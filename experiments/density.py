@@ -168,7 +168,7 @@ PRESETS: dict[str, dict] = {
         epochs=6,
         eval_every=3,
         eval_subset=100,  # epoch 3: indicative, two passes of 100 images
-        # at c = 0.97 the unbiased evaluation costs ~10 CPU-s (one thread) per pass of the 1,000 test images: a
+        # at c = 0.97 the unbiased evaluation costs ~11 CPU-s (two threads) per pass of the 1,000 test images: a
         # standard error of 0.005 bits/dim (two passes give ~0.003) keeps it under 10% of the job's CPU
         se_tol=5e-3,
         max_passes=10,
