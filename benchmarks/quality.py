@@ -253,7 +253,7 @@ def _brute_force_logdet_error(contender: Contender, x: Tensor) -> float:
         exact = torch.linalg.slogdet(jac.reshape(jac.shape[0], -1).double()).logabsdet
         with torch.enable_grad():
             _, logdet = contender.forward_logdet(xi)
-        errors.append(abs(float(logdet) - float(exact)))
+        errors.append(abs(float(logdet.detach()) - float(exact)))
     contender.model.train()
     return max(errors)
 

@@ -100,7 +100,7 @@ def test_a_database_restart_mid_sweep_is_survived_and_nothing_is_recorded_twice(
         sys.executable, "-m", "experiments.sweep", "--target", "density", "--storage", db, "--study-name", "rs",
         "--n-trials", "2", "--space-file", str(space), "--pruner", "none", "--heartbeat-interval", "1",
         "--grace-period", "30", "--checkpoint-dir", str(store / "ckpt"),
-        "--target-overrides", TINY_DENSITY.replace("epochs=2", "epochs=30") + " log_every=1",
+        "--target-overrides", TINY_DENSITY.replace("epochs=2", "epochs=12") + " log_every=1",
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     logs = [store / f"worker{seed}.log" for seed in (0, 1)]  # files: a full pipe would block a worker
