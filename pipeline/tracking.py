@@ -255,17 +255,37 @@ def tracked_run(
 
 
 def retry_tracking_write(write: Callable[[], Any], *, attempts: int = 4, first_delay_s: float = 2.0) -> Any:
-    """``write()``, retried with exponential backoff when the store fails (locked, briefly unreachable)."""
+    """``write()``, retried with exponential backoff when the store fails (locked, briefly unreachable).
+
+    Only such transient failures are retried; an error about the write itself (a param logged before with
+    another value) is raised at once.
+    """
     for attempt in range(attempts):
         try:
             return write()
         except Exception as exc:
-            if attempt == attempts - 1:
+            if attempt == attempts - 1 or not _transient(exc):
                 raise
             delay = first_delay_s * 2**attempt
             log.warning("tracking write failed (%s); retrying in %.0f s", exc, delay)
             time.sleep(delay)
     raise AssertionError("unreachable")
+
+
+TRANSIENT_ERRORS = ("OperationalError", "InterfaceError", "DisconnectionError", "ConnectionError", "Timeout")
+TRANSIENT_MESSAGES = ("operationalerror", "database is locked", "connection", "timed out", "temporarily unavailable")
+
+
+def _transient(exc: BaseException) -> bool:
+    """A locked, restarting or unreachable store (from MLflow's wrapped errors too), not a refused write."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if any(name in type(seen).__name__ for name in TRANSIENT_ERRORS):
+            return True
+        if any(text in str(seen).lower() for text in TRANSIENT_MESSAGES):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
@@ -340,7 +360,7 @@ def write_csv(rows: list[dict], path: Path) -> None:
 
 
 def log_json(obj: Any, artifact_file: str) -> None:
-    mlflow.log_text(json.dumps(obj, indent=2, sort_keys=True, default=str), artifact_file)
+    retry_tracking_write(lambda: mlflow.log_text(json.dumps(obj, indent=2, sort_keys=True, default=str), artifact_file))
 
 
 def log_params_flat(params: dict[str, Any], prefix: str = "") -> None:
@@ -356,7 +376,7 @@ def log_params_flat(params: dict[str, Any], prefix: str = "") -> None:
 
     walk(params, prefix)
     if flat:
-        mlflow.log_params(flat)
+        retry_tracking_write(lambda: mlflow.log_params(flat))
 
 
 CONFIG_PREFIX = "config."

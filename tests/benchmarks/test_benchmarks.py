@@ -126,8 +126,17 @@ def test_quality_trains_for_its_cpu_budget_and_scores_honestly(name):
     assert f"{row['bpd']:9.3f}" in table
 
 
-def test_workers_runs_a_worker_process_and_reports_its_share_of_linear():
-    row = workers.run_group(1, steps=2, threads=1)
-    assert row["threads_per_worker"] == 1 and row["images_per_second"] > 0 and row["cpu_seconds_per_image"] > 0
-    row |= {"linear_images_per_second": row["images_per_second"], "fraction_of_linear": 1.0}
+def test_a_worker_trains_the_quick_flow_under_the_thread_budget(monkeypatch):
+    """One worker's work, in-process (a process per worker is what the benchmark adds around it)."""
+    import torch
+
+    monkeypatch.setenv("IRESNET_LOCAL_WORKERS", "64")  # more workers than cores: one thread each
+    threads = torch.get_num_threads()
+    try:
+        result = workers.worker(steps=2, threads=0)
+    finally:
+        torch.set_num_threads(threads)
+    assert result["threads"] == 1 and result["images"] == 2 * 32 and result["cpu_seconds"] > 0
+    row = {"workers": 1, "threads": "budget", "threads_per_worker": 1, "images_per_second": 64 / result["seconds"],
+           "cpu_seconds_per_image": result["cpu_seconds"] / 64, "fraction_of_linear": 1.0}  # fmt: skip
     assert "1.00" in workers.format_table([row], cores=2)

@@ -29,28 +29,20 @@ TINY = dict(
 )
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("model", classify.MODELS)
-def test_each_model_end_to_end_through_the_mlflow_entry_point(store, model):
-    submitted = mlflow.projects.run(
-        str(PROJECT_ROOT),
-        entry_point="classify",
-        env_manager="local",
-        experiment_name="classify",
-        parameters={
-            "model": model,
-            "dataset": "digits8x8",
-            "n_blocks": "1 1",
-            "hidden_channels": "8 8",
-            "strides": "1 2",
-            "injective_padding": "1",
-            "epochs": "1",
-            "batch_size": "256",
-            "milestones": "",
-            "checkpoint_dir": str(store / "ckpt"),
-        },
-    )
-    run = MlflowClient().get_run(submitted.run_id)
+ENTRY_POINT_PARAMETERS = {
+    "dataset": "digits8x8",
+    "n_blocks": "1 1",
+    "hidden_channels": "8 8",
+    "strides": "1 2",
+    "injective_padding": "1",
+    "epochs": "1",
+    "batch_size": "256",
+    "milestones": "",
+}
+
+
+def _assert_complete_classify_run(run_id: str, model: str) -> None:
+    run = MlflowClient().get_run(run_id)
     assert run.info.status == "FINISHED"
     for key in (
         "test_error",
@@ -62,7 +54,7 @@ def test_each_model_end_to_end_through_the_mlflow_entry_point(store, model):
         "recon_rel_error_mean",
     ):
         assert key in run.data.metrics, key
-    artifacts = {a.path for a in MlflowClient().list_artifacts(submitted.run_id)}
+    artifacts = {a.path for a in MlflowClient().list_artifacts(run_id)}
     assert {
         "reconstruction_vs_iterations.csv",
         "reconstruction_vs_iterations.png",
@@ -74,6 +66,28 @@ def test_each_model_end_to_end_through_the_mlflow_entry_point(store, model):
     assert run.data.tags["certified_invertible"] == (
         "true" if model == "iresnet" else run.data.tags["certified_invertible"]
     )
+
+
+@pytest.mark.slow
+def test_the_mlflow_entry_point_end_to_end(store):
+    submitted = mlflow.projects.run(
+        str(PROJECT_ROOT),
+        entry_point="classify",
+        env_manager="local",
+        experiment_name="classify",
+        parameters={**ENTRY_POINT_PARAMETERS, "model": "iresnet", "checkpoint_dir": str(store / "ckpt")},
+    )
+    _assert_complete_classify_run(submitted.run_id, "iresnet")
+
+
+@pytest.mark.parametrize("model", [m for m in classify.MODELS if m != "iresnet"])
+def test_each_other_model_end_to_end_through_the_command_line(store, model):
+    """The same command line as the entry point's (the MLproject passes its parameters to ``main``), in-process."""
+    argv = [f"--{k.replace('_', '-')}={v}" for k, v in ENTRY_POINT_PARAMETERS.items()]
+    argv += ["--model", model, "--checkpoint-dir", str(store / "ckpt"), "--progress", "false"]
+    assert classify.main(argv) == 0
+    (run,) = runs_of("classify")
+    _assert_complete_classify_run(run.info.run_id, model)
 
 
 def test_briefly_trained_iresnet_reconstructs_and_is_certified(store):

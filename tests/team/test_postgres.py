@@ -117,7 +117,10 @@ def test_a_database_restart_mid_sweep_is_survived_and_nothing_is_recorded_twice(
         except KeyError:
             trials = []
         running = [t for t in trials if t.state == optuna.trial.TrialState.RUNNING and "mlflow_run_id" in t.user_attrs]
-        if len(running) == 2:
+        # training, past the start-up writes: each run has logged a step's metrics
+        if len(running) == 2 and all(
+            MlflowClient().get_metric_history(t.user_attrs["mlflow_run_id"], "train_loss") for t in running
+        ):
             break
         time.sleep(0.2)
     storage.remove_session()
