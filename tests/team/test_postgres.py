@@ -16,6 +16,25 @@ from tests.experiments.conftest import runs_of
 from tests.experiments.test_sweep import TINY_DENSITY, TINY_SPACE
 
 
+def _sweep_on_postgres(
+    store: Path, server, monkeypatch, study: str, *, n_trials: int, grace_s: int, epochs: int
+) -> tuple[str, list[str]]:
+    """Optuna's trials and MLflow's runs both on the real PostgreSQL server, each in its own database (both keep
+    their schema version in an `alembic_version` table); the study's database URL and a sweep worker's command."""
+    db = server.create_database()
+    tracking = server.create_database()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking)
+    mlflow.set_tracking_uri(tracking)
+    space = store / "space.json"
+    space.write_text(json.dumps(TINY_SPACE))
+    return db, [
+        sys.executable, "-m", "experiments.sweep", "--target", "density", "--storage", db, "--study-name", study,
+        "--n-trials", str(n_trials), "--space-file", str(space), "--pruner", "none", "--heartbeat-interval", "1",
+        "--grace-period", str(grace_s), "--checkpoint-dir", str(store / "ckpt"),
+        "--target-overrides", TINY_DENSITY.replace("epochs=2", f"epochs={epochs}") + " log_every=1",
+    ]  # fmt: skip
+
+
 @pytest.mark.slow
 def test_a_killed_worker_is_failed_by_its_heartbeat_and_the_study_still_completes(store, postgres_server, monkeypatch):
     """kill -9 one worker mid-trial: its trial ends FAIL and its MLflow runs FAILED (with a reason), the other
@@ -24,20 +43,7 @@ def test_a_killed_worker_is_failed_by_its_heartbeat_and_the_study_still_complete
     import signal
     import time
 
-    # Optuna's trials and MLflow's runs both on the real PostgreSQL server, each in its own database (both
-    # keep their schema version in an `alembic_version` table)
-    db = postgres_server.create_database()
-    tracking = postgres_server.create_database()
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking)
-    mlflow.set_tracking_uri(tracking)
-    space = store / "space.json"
-    space.write_text(json.dumps(TINY_SPACE))
-    args = [
-        sys.executable, "-m", "experiments.sweep", "--target", "density", "--storage", db, "--study-name", "hb",
-        "--n-trials", "3", "--space-file", str(space), "--pruner", "none", "--heartbeat-interval", "1",
-        "--grace-period", "3", "--checkpoint-dir", str(store / "ckpt"),
-        "--target-overrides", TINY_DENSITY.replace("epochs=2", "epochs=1"),
-    ]  # fmt: skip
+    db, args = _sweep_on_postgres(store, postgres_server, monkeypatch, "hb", n_trials=3, grace_s=3, epochs=1)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
 
     def start(seed: int, extra: tuple = ()) -> subprocess.Popen:
@@ -90,18 +96,7 @@ def test_a_database_restart_mid_sweep_is_survived_and_nothing_is_recorded_twice(
     FINISHED child run whose metrics were each logged once."""
     import time
 
-    db = postgres_server.create_database()
-    tracking = postgres_server.create_database()
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking)
-    mlflow.set_tracking_uri(tracking)
-    space = store / "space.json"
-    space.write_text(json.dumps(TINY_SPACE))
-    args = [
-        sys.executable, "-m", "experiments.sweep", "--target", "density", "--storage", db, "--study-name", "rs",
-        "--n-trials", "2", "--space-file", str(space), "--pruner", "none", "--heartbeat-interval", "1",
-        "--grace-period", "30", "--checkpoint-dir", str(store / "ckpt"),
-        "--target-overrides", TINY_DENSITY.replace("epochs=2", "epochs=12") + " log_every=1",
-    ]  # fmt: skip
+    db, args = _sweep_on_postgres(store, postgres_server, monkeypatch, "rs", n_trials=2, grace_s=30, epochs=12)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     logs = [store / f"worker{seed}.log" for seed in (0, 1)]  # files: a full pipe would block a worker
     workers = [
