@@ -116,9 +116,9 @@ def training_norm_ratios(model: nn.Module, *, max_layers: int | None = None, off
     eval-time normalisation (reused by the next evaluation), so ``max_layers`` measures a sample,
     starting at layer ``offset`` (wrapping around): rotate the offset to cover every layer over time.
     """
-    from pipeline.layers.spectral import SPECTRAL_LAYERS
+    from pipeline.layers.spectral import spectral_layers
 
-    layers = [m for m in model.modules() if isinstance(m, SPECTRAL_LAYERS)]
+    layers = spectral_layers(model)
     if not layers:
         return []
     n = len(layers) if max_layers is None else min(max_layers, len(layers))

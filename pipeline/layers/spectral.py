@@ -215,21 +215,21 @@ class _SpectralNorm(nn.Module):
         return steps
 
     def _initialized(self) -> bool:
-        """Whether the vectors exist (one read of the buffer after a load, a Python flag after that)."""
+        """Whether the vectors exist: a Python flag first (reading the buffer costs a host sync on GPUs), the
+        buffer once after construction or a load."""
         if not self._ready and bool(self.initialized):
             self._ready = True
         return self._ready
 
     def _ensure_initialized(self, x: Tensor | None) -> None:
-        if self._ready:  # a Python flag first: reading the buffer costs a host sync on GPUs
+        if self._initialized():
             return
-        if not bool(self.initialized):
-            if x is None:
-                raise RuntimeError(f"{type(self).__name__} has not seen an input yet; call it on data first")
-            self._init_vectors(x)
-            self.power_iteration(self.n_init_iterations)
-            self.initialized.fill_(True)
-            self._refresh_sigma()
+        if x is None:
+            raise RuntimeError(f"{type(self).__name__} has not seen an input yet; call it on data first")
+        self._init_vectors(x)
+        self.power_iteration(self.n_init_iterations)
+        self.initialized.fill_(True)
+        self._refresh_sigma()
         self._ready = True
 
     def normalized_weight(self, x: Tensor | None = None) -> Tensor:
@@ -615,7 +615,7 @@ def frozen_power_iteration(module: nn.Module) -> Iterator[None]:
     The normalised weight stays differentiable (through the stored ``u``, ``v``); only the estimate
     stops moving, so an iterative solver sees one and the same operator at every evaluation.
     """
-    layers = [m for m in module.modules() if isinstance(m, _SpectralNorm)]
+    layers = spectral_layers(module)
     previous = [layer.power_iteration_frozen for layer in layers]
     for layer in layers:
         layer.power_iteration_frozen = True
