@@ -23,10 +23,10 @@ from mlflow.tracking import MlflowClient
 
 from analysis.tables import config, finished_runs, table2, table4, unfinished_runs
 from experiments import cli
+from experiments.tracking import PROJECT_ROOT, configure_tracking, load_model, log_config, tracked_run
 from pipeline.data import dequantize, load_dataset, pad_images
 from pipeline.diagnostics import logdet_estimator_study
 from pipeline.plotting import new_figure
-from pipeline.tracking import PROJECT_ROOT, configure_tracking, load_model, log_config, tracked_run
 
 log = logging.getLogger("analysis.report")
 

@@ -19,7 +19,7 @@ from mlflow.tracking import MlflowClient
 
 from analysis import report
 from experiments import classify, cli, density, toy
-from pipeline.tracking import PROJECT_ROOT, orchestrator_run
+from experiments.tracking import PROJECT_ROOT, orchestrator_run
 
 log = logging.getLogger("analysis.reproduce")
 

@@ -47,10 +47,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from benchmarks.common import emit, in_fresh_process, memory_now_mib, memory_peak_mib
+from experiments.tracking import PROJECT_ROOT
 from pipeline.logging_setup import setup_logging
 from pipeline.models import ClassifierArchitecture, FlowArchitecture, IResNetFlow, ResidualClassifier
 from pipeline.models.base import n_parameters
-from pipeline.tracking import PROJECT_ROOT
 from pipeline.training.device import resolve_device
 from pipeline.training.host_syncs import counting_cuda_syncs, counting_value_reads
 from pipeline.training.loop import LoopConfig, fit

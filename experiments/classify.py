@@ -24,13 +24,13 @@ import torch
 import torch.nn.functional as F
 
 from experiments import cli
+from experiments.tracking import PROJECT_ROOT, log_json, log_metrics, log_model, write_csv
 from pipeline.data import DATASETS, ImageSplit, epoch_batches, iterate_batches, load_dataset
 from pipeline.data.augment import AUGMENTATIONS, Augmentation
 from pipeline.diagnostics import certified_lipschitz, layer_operator_norms, reconstruction_error_curve
 from pipeline.models import ClassifierArchitecture, ResidualClassifier
 from pipeline.models.base import n_parameters
 from pipeline.plotting import new_figure, save_figure, save_image_grid
-from pipeline.tracking import PROJECT_ROOT, log_json, log_metrics, log_model, write_csv
 from pipeline.training.device import check_device_name
 from pipeline.training.distributed import (
     DistributedContext,

@@ -16,9 +16,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
-from pipeline.data import DatasetNotFoundError
-from pipeline.logging_setup import setup_logging
-from pipeline.tracking import (
+from experiments.tracking import (
     configure_tracking,
     log_config,
     log_json,
@@ -27,6 +25,8 @@ from pipeline.tracking import (
     run_status,
     tracked_run,
 )
+from pipeline.data import DatasetNotFoundError
+from pipeline.logging_setup import setup_logging
 from pipeline.training.checkpoint import load_checkpoint
 from pipeline.training.device import apply_thread_budget, use_deterministic_algorithms
 from pipeline.training.distributed import (

@@ -21,6 +21,7 @@ import mlflow
 import torch
 
 from experiments import cli
+from experiments.tracking import PROJECT_ROOT, log_json, log_metrics, log_model, write_csv
 from pipeline.data import (
     DATASETS,
     ImageSplit,
@@ -35,7 +36,6 @@ from pipeline.metrics import bits_per_dim
 from pipeline.models import FlowArchitecture, IResNetFlow
 from pipeline.models.base import n_parameters
 from pipeline.plotting import new_figure, save_figure, save_image_grid
-from pipeline.tracking import PROJECT_ROOT, log_json, log_metrics, log_model, write_csv
 from pipeline.training.device import check_device_name
 from pipeline.training.distributed import (
     DistributedContext,

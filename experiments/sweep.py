@@ -48,7 +48,7 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from experiments import classify, cli, density
-from pipeline.tracking import (
+from experiments.tracking import (
     PROJECT_ROOT,
     RunStopped,
     log_config,

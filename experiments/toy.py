@@ -24,13 +24,13 @@ import torch
 from torch import Tensor, nn
 
 from experiments import cli
+from experiments.tracking import PROJECT_ROOT, log_config, log_json, log_metrics, tracked_run, write_csv
 from pipeline.data.toy import TOY_DATASETS, sample_toy
 from pipeline.layers.branches import mlp_branch
 from pipeline.models import VECTOR_FLOW_PRESETS, FlowModel, vector_flow
 from pipeline.models.base import n_parameters
 from pipeline.models.glow import matched_glow
 from pipeline.plotting import new_figure, save_figure
-from pipeline.tracking import PROJECT_ROOT, log_config, log_json, log_metrics, tracked_run, write_csv
 from pipeline.training.device import check_device_name, resolve_device
 from pipeline.training.loop import LoopConfig, fit
 from pipeline.transforms import ExactLogDet, InvertibleResidualBlock

@@ -73,7 +73,7 @@ class LoopConfig:
     amp: bool = False  # bfloat16 autocast (CUDA only)
     progress: bool = True
     metric_prefix: str = ""  # e.g. "8gaussians/glow/" when several models train inside one run
-    log_metrics: MetricSink | None = None  # where metrics go, e.g. pipeline.tracking.log_metrics (None: nowhere)
+    log_metrics: MetricSink | None = None  # where metrics go, e.g. experiments.tracking.log_metrics (None: nowhere)
     distributed: DistributedContext = SINGLE_PROCESS
 
 

@@ -8,7 +8,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from experiments import density
-from pipeline.tracking import PROJECT_ROOT, load_model
+from experiments.tracking import PROJECT_ROOT, load_model
 from tests.experiments.conftest import SimulatedCrash, assert_same_final_parameters, runs_of
 
 TINY = dict(

@@ -12,8 +12,8 @@ from mlflow.tracking import MlflowClient
 
 from analysis import report
 from experiments import classify, density
+from experiments.tracking import PROJECT_ROOT, load_model
 from pipeline.data import load_dataset
-from pipeline.tracking import PROJECT_ROOT, load_model
 from tests.experiments.conftest import SimulatedCrash, runs_of
 from tests.experiments.test_density import TINY
 

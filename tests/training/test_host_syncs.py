@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from experiments.tracking import PROJECT_ROOT
 from pipeline.metrics import bits_per_dim
 from pipeline.models import FlowArchitecture, IResNetFlow, iresnet_classifier
-from pipeline.tracking import PROJECT_ROOT
 from pipeline.training.host_syncs import counting_value_reads
 from pipeline.training.loop import LoopConfig, fit
 from pipeline.transforms import PowerSeriesLogDet
