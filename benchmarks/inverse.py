@@ -30,6 +30,7 @@ from torch import nn
 from benchmarks.common import emit
 from pipeline.distributions import DiagonalGaussian
 from pipeline.layers import SpectralNormLinear
+from pipeline.layers.spectral import SpectralConfig
 from pipeline.logging_setup import setup_logging
 from pipeline.models import FlowModel, iresnet_flow
 from pipeline.training.device import resolve_device
@@ -52,7 +53,7 @@ class WorstCaseBranch(nn.Module):
     def __init__(self, dim: int, coeff: float) -> None:
         super().__init__()
         q, _ = torch.linalg.qr(torch.randn(dim, dim))
-        self.linear = SpectralNormLinear(dim, dim, coeff=coeff, bias=False)
+        self.linear = SpectralNormLinear(dim, dim, spectral=SpectralConfig(coeff=coeff), bias=False)
         with torch.no_grad():
             self.linear.weight.copy_(q @ torch.diag(torch.linspace(-1.0, 1.0, dim)) @ q.t())
 

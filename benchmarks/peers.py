@@ -42,6 +42,7 @@ from torch import Tensor, nn
 from benchmarks.common import emit, in_fresh_process, memory_now_mib, memory_peak_mib
 from pipeline.data.toy import sample_toy
 from pipeline.layers.branches import mlp_branch
+from pipeline.layers.spectral import SpectralConfig
 from pipeline.logging_setup import setup_logging
 from pipeline.training.device import resolve_device
 from pipeline.transforms import (
@@ -102,9 +103,8 @@ def ours(args: dict, activation: str, preactivation: bool, estimator: LogDetEsti
             mlp_branch(
                 2,
                 (args["width"],) * 3,
+                spectral=SpectralConfig(coeff=args["coeff"], n_power_iterations=args["power_iterations"]),
                 activation=activation,
-                coeff=args["coeff"],
-                n_power_iterations=args["power_iterations"],
                 preactivation=preactivation,
             ),
             estimator=estimator,

@@ -27,6 +27,7 @@ from experiments import cli
 from experiments.tracking import PROJECT_ROOT, log_config, log_json, log_metrics, tracked_run, write_csv
 from pipeline.data.toy import TOY_DATASETS, sample_toy
 from pipeline.layers.branches import mlp_branch
+from pipeline.layers.spectral import SpectralConfig
 from pipeline.models import VECTOR_FLOW_PRESETS, FlowModel, vector_flow
 from pipeline.models.base import n_parameters
 from pipeline.models.glow import matched_glow
@@ -170,7 +171,11 @@ def train_toy_model(
 
     loop = LoopConfig(
         log_metrics=log_metrics,
-        epochs=epochs, checkpoint_path=checkpoint, log_every=50, progress=cfg.progress, metric_prefix=prefix
+        epochs=epochs,
+        checkpoint_path=checkpoint,
+        log_every=50,
+        progress=cfg.progress,
+        metric_prefix=prefix,
     )
     fit(
         model,
@@ -190,8 +195,9 @@ class Residual1D(nn.Module):
 
     def __init__(self, depth: int, coeff: float | None) -> None:
         super().__init__()
+        spectral = None if coeff is None else SpectralConfig(coeff=coeff, n_power_iterations=5)  # None: vanilla
         self.blocks = nn.ModuleList(
-            InvertibleResidualBlock(mlp_branch(1, (32, 32), coeff=coeff, n_power_iterations=5)) for _ in range(depth)
+            InvertibleResidualBlock(mlp_branch(1, (32, 32), spectral=spectral)) for _ in range(depth)
         )
 
     def forward(self, x: Tensor) -> list[Tensor]:

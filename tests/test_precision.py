@@ -16,6 +16,7 @@ from torch import nn
 import pipeline.layers.spectral
 import pipeline.transforms.inverse
 from pipeline.layers import SpectralNormConv2d
+from pipeline.layers.spectral import SpectralConfig
 from pipeline.precision import full_precision, relative_precision_floor, tf32_enabled
 from pipeline.transforms import FixedPointConfig, InverseDidNotConverge, PowerSeriesLogDet, fixed_point_inverse
 
@@ -146,7 +147,7 @@ def test_a_bf16_solve_gets_a_bf16_tolerance():
 
 def test_the_power_iteration_and_the_normalising_sigma_run_without_tf32(tf32_on, as_on_a_gpu):
     torch.manual_seed(0)
-    layer = SpectralNormConv2d(3, 4, 3, padding=1, coeff=0.9, n_power_iterations=2)
+    layer = SpectralNormConv2d(3, 4, 3, spectral=SpectralConfig(coeff=0.9, n_power_iterations=2), padding=1)
     seen = []
     operator = layer._operator
 

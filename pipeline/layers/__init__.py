@@ -8,13 +8,14 @@ from pipeline.layers.operator_norm import (
     dense_operator_norm,
     layer_operator_norm,
 )
-from pipeline.layers.spectral import SPECTRAL_LAYERS, SpectralNormConv2d, SpectralNormLinear
+from pipeline.layers.spectral import SPECTRAL_LAYERS, SpectralConfig, SpectralNormConv2d, SpectralNormLinear
 
 __all__ = [
     "ACTIVATIONS",
     "SPECTRAL_LAYERS",
     "LipSwish",
     "MaxMin",
+    "SpectralConfig",
     "SpectralNormConv2d",
     "SpectralNormLinear",
     "conv_operator_norm_bound",

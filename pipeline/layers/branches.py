@@ -3,7 +3,7 @@
 With spectrally normalised ``W_i`` (coefficient ``c``) and 1-Lipschitz ``phi``, ``Lip(g) <= c^k`` in
 eval mode (each layer applies its certified weight), and :func:`branch_lipschitz_bound` certifies it.
 ``lipschitz="strict"`` makes it hold at every training forward too.
-``coeff=None`` builds the same branch unconstrained (the paper's "vanilla" ResNet).
+``spectral=None`` builds the same branch unconstrained (the paper's "vanilla" ResNet).
 """
 
 from __future__ import annotations
@@ -15,21 +15,21 @@ from torch import nn
 
 from pipeline.layers.activations import make_activation
 from pipeline.layers.operator_norm import layer_operator_norm
-from pipeline.layers.spectral import SpectralNormConv2d, SpectralNormLinear
+from pipeline.layers.spectral import SpectralConfig, SpectralNormConv2d, SpectralNormLinear
 
 
-def _linear(n_in: int, n_out: int, coeff: float | None, spectral: dict) -> nn.Module:
-    if coeff is None:
+def _linear(n_in: int, n_out: int, spectral: SpectralConfig | None) -> nn.Module:
+    if spectral is None:
         return nn.Linear(n_in, n_out)
-    return SpectralNormLinear(n_in, n_out, coeff=coeff, **spectral)
+    return SpectralNormLinear(n_in, n_out, spectral)
 
 
-def _conv(n_in: int, n_out: int, kernel: int, coeff: float | None, spectral: dict) -> nn.Module:
+def _conv(n_in: int, n_out: int, kernel: int, spectral: SpectralConfig | None) -> nn.Module:
     if kernel % 2 == 0:
         raise ValueError(f"kernel sizes must be odd (size-preserving padding), got {kernel}")
-    if coeff is None:
+    if spectral is None:
         return nn.Conv2d(n_in, n_out, kernel, padding=kernel // 2)
-    return SpectralNormConv2d(n_in, n_out, kernel, coeff=coeff, **spectral)
+    return SpectralNormConv2d(n_in, n_out, kernel, spectral)
 
 
 def mlp_branch(
@@ -37,20 +37,18 @@ def mlp_branch(
     hidden: Sequence[int] = (64, 64, 64),
     *,
     activation: str = "elu",
-    coeff: float | None = 0.9,
-    n_power_iterations: int = 5,
-    power_tol: float = 0.0,
-    lipschitz: str = "soft",
+    spectral: SpectralConfig | None = SpectralConfig(),
     preactivation: bool = False,
 ) -> nn.Sequential:
-    """``dim -> hidden[0] -> ... -> hidden[-1] -> dim`` with an activation between linear maps."""
+    """``dim -> hidden[0] -> ... -> hidden[-1] -> dim`` with an activation between linear maps.
+
+    ``spectral=None``: unconstrained linear maps (not an invertible block's branch)."""
     widths = [dim, *hidden, dim]
-    spectral = dict(n_power_iterations=n_power_iterations, power_tol=power_tol, lipschitz=lipschitz)
     layers: list[nn.Module] = [make_activation(activation)] if preactivation else []
     for i, (n_in, n_out) in enumerate(zip(widths[:-1], widths[1:], strict=True)):
         if i > 0:
             layers.append(make_activation(activation))
-        layers.append(_linear(n_in, n_out, coeff, spectral))
+        layers.append(_linear(n_in, n_out, spectral))
     return nn.Sequential(*layers)
 
 
@@ -60,22 +58,18 @@ def conv_branch(
     *,
     kernel_sizes: Sequence[int] = (3, 1, 3),
     activation: str = "elu",
-    coeff: float | None = 0.9,
-    n_power_iterations: int = 5,
-    power_tol: float = 0.0,
-    lipschitz: str = "soft",
+    spectral: SpectralConfig | None = SpectralConfig(),
     preactivation: bool = False,
     batchnorm: bool = False,
 ) -> nn.Sequential:
     """The paper's bottleneck ``channels -> hidden -> ... -> hidden -> channels`` (3x3, 1x1, 3x3).
 
     ``batchnorm`` puts BatchNorm before each activation (only for the vanilla baseline: BatchNorm
-    has no Lipschitz bound and so voids the invertibility guarantee).
+    has no Lipschitz bound and so voids the invertibility guarantee). ``spectral=None``: unconstrained.
     """
-    if batchnorm and coeff is not None:
-        raise ValueError("batchnorm inside the branch voids the Lipschitz guarantee; use it only with coeff=None")
+    if batchnorm and spectral is not None:
+        raise ValueError("batchnorm inside the branch voids the Lipschitz guarantee; use it only with spectral=None")
     widths = [channels] + [hidden] * (len(kernel_sizes) - 1) + [channels]
-    spectral = dict(n_power_iterations=n_power_iterations, power_tol=power_tol, lipschitz=lipschitz)
     layers: list[nn.Module] = []
 
     def act(n: int) -> None:
@@ -86,7 +80,7 @@ def conv_branch(
     for i, (n_in, n_out, k) in enumerate(zip(widths[:-1], widths[1:], kernel_sizes, strict=True)):
         if i > 0 or preactivation:
             act(n_in)
-        layers.append(_conv(n_in, n_out, k, coeff, spectral))
+        layers.append(_conv(n_in, n_out, k, spectral))
     return nn.Sequential(*layers)
 
 

@@ -59,21 +59,51 @@ CERTIFY_POWER_TOL = 1e-7  # relative change of sigma at which the eval-time powe
 CERTIFY_MAX_POWER_ITERATIONS = 500  # only for layers too large for a tight bound
 
 
-def check_spectral_args(coeff: float, n_power_iterations: int, power_tol: float = 0.0, lipschitz: str = "soft") -> None:
-    """Validate the spectral-normalisation settings (shared by the layers and the architectures)."""
-    if not (isinstance(coeff, (int, float)) and math.isfinite(coeff) and 0.0 < coeff < 1.0):
-        raise ValueError(
-            f"Lipschitz coefficient must satisfy 0 < c < 1 for the block to be invertible, got c={coeff!r}"
-        )
-    if not isinstance(n_power_iterations, int) or n_power_iterations < 1:
-        raise ValueError(
-            f"n_power_iterations must be an integer >= 1 (power-iteration steps per training forward; with 0 the "
-            f"estimate would never follow the weight), got {n_power_iterations!r}"
-        )
-    if not (math.isfinite(power_tol) and power_tol >= 0):
-        raise ValueError(f"power_tol must be >= 0 (0: a fixed number of iterations), got {power_tol!r}")
-    if lipschitz not in LIPSCHITZ_MODES:
-        raise ValueError(f"unknown lipschitz mode {lipschitz!r}; choose one of {LIPSCHITZ_MODES}")
+@dataclass(frozen=True)
+class SpectralConfig:
+    """How a spectrally normalised layer keeps its operator norm ``<= coeff`` (validated on construction).
+
+    One object from the configuration to the layer, as :class:`~pipeline.transforms.inverse.FixedPointConfig`
+    is for the inverse. Where a branch takes ``spectral``, ``None`` means an unconstrained ("vanilla") layer.
+
+    ``coeff``: the Lipschitz coefficient c, ``0 < c < 1``. ``n_power_iterations``: power-iteration steps per
+    training forward (at least one, warm-started); with ``power_tol > 0`` they go on until sigma changes by at
+    most ``power_tol`` (relative) in one step, up to ``max_power_iterations``. ``lipschitz``: ``"soft"`` (the
+    paper) or ``"strict"`` (every training forward applies a norm ``<= c``, by a certified bound per step).
+    ``n_init_iterations``: steps of the first estimate, on the first input.
+    """
+
+    coeff: float = 0.9
+    n_power_iterations: int = 5
+    power_tol: float = 0.0
+    lipschitz: str = "soft"
+    max_power_iterations: int = DEFAULT_MAX_POWER_ITERATIONS
+    n_init_iterations: int = DEFAULT_INIT_ITERATIONS
+
+    def __post_init__(self) -> None:
+        coeff = self.coeff
+        if isinstance(coeff, bool) or not (isinstance(coeff, (int, float)) and math.isfinite(coeff) and 0 < coeff < 1):
+            raise ValueError(
+                f"Lipschitz coefficient must satisfy 0 < c < 1 for the block to be invertible, got c={coeff!r}"
+            )
+        object.__setattr__(self, "coeff", float(coeff))
+        if not isinstance(self.n_power_iterations, int) or self.n_power_iterations < 1:
+            raise ValueError(
+                f"n_power_iterations must be an integer >= 1 (power-iteration steps per training forward; with 0 "
+                f"the estimate would never follow the weight), got {self.n_power_iterations!r}"
+            )
+        if not (math.isfinite(self.power_tol) and self.power_tol >= 0):
+            raise ValueError(f"power_tol must be >= 0 (0: a fixed number of iterations), got {self.power_tol!r}")
+        object.__setattr__(self, "power_tol", float(self.power_tol))
+        if self.lipschitz not in LIPSCHITZ_MODES:
+            raise ValueError(f"unknown lipschitz mode {self.lipschitz!r}; choose one of {LIPSCHITZ_MODES}")
+        if self.max_power_iterations < self.n_power_iterations:
+            raise ValueError(
+                f"max_power_iterations must be >= n_power_iterations ({self.n_power_iterations}), "
+                f"got {self.max_power_iterations}"
+            )
+        if self.n_init_iterations < 0:
+            raise ValueError(f"n_init_iterations must be >= 0, got {self.n_init_iterations}")
 
 
 def _normalize(x: Tensor, eps: float = 1e-12) -> Tensor:
@@ -115,25 +145,11 @@ class _SpectralNorm(nn.Module):
     sigma: Tensor
     _step_bound_is_exact: bool = False  # whether _step_bound is the norm itself (linear layers); per class
 
-    def __init__(
-        self,
-        coeff: float,
-        n_power_iterations: int,
-        n_init_iterations: int,
-        power_tol: float,
-        max_power_iterations: int,
-        lipschitz: str = "soft",
-    ) -> None:
+    def __init__(self, spectral: SpectralConfig) -> None:
         super().__init__()
-        check_spectral_args(coeff, n_power_iterations, power_tol, lipschitz)
-        if max_power_iterations < n_power_iterations:
-            raise ValueError(f"max_power_iterations must be >= n_power_iterations, got {max_power_iterations}")
-        self.coeff = float(coeff)
-        self.n_power_iterations = n_power_iterations
-        self.n_init_iterations = n_init_iterations
-        self.power_tol = float(power_tol)
-        self.max_power_iterations = max_power_iterations
-        self.lipschitz = lipschitz
+        if not isinstance(spectral, SpectralConfig):
+            raise TypeError(f"spectral must be a SpectralConfig, got {type(spectral).__name__}")
+        self.spectral = spectral
         self.power_iteration_frozen = False  # set by frozen_power_iteration()
         self.last_power_iterations = 0  # steps taken by the last training forward (logged per layer)
         self._ready = False  # mirrors the `initialized` buffer once it has been seen True
@@ -141,6 +157,14 @@ class _SpectralNorm(nn.Module):
         self._eval: EvalNormalization | None = None  # eval-time normalisation, per weight version
         self.register_buffer("sigma", torch.ones(()))  # the training estimate (power iteration)
         self.register_buffer("initialized", torch.tensor(False))
+
+    # the settings, read where they are used (one source: self.spectral)
+    coeff = property(lambda self: self.spectral.coeff)
+    n_power_iterations = property(lambda self: self.spectral.n_power_iterations)
+    n_init_iterations = property(lambda self: self.spectral.n_init_iterations)
+    power_tol = property(lambda self: self.spectral.power_tol)
+    max_power_iterations = property(lambda self: self.spectral.max_power_iterations)
+    lipschitz = property(lambda self: self.spectral.lipschitz)
 
     # -- the operator -----------------------------------------------------------------------
     def _operator(self, v: Tensor, weight: Tensor) -> Tensor:  # pragma: no cover - abstract
@@ -388,16 +412,11 @@ class SpectralNormLinear(_SpectralNorm):
         self,
         in_features: int,
         out_features: int,
+        spectral: SpectralConfig = SpectralConfig(),
         *,
-        coeff: float = 0.9,
-        n_power_iterations: int = 5,
-        n_init_iterations: int = DEFAULT_INIT_ITERATIONS,
-        power_tol: float = 0.0,
-        max_power_iterations: int = DEFAULT_MAX_POWER_ITERATIONS,
-        lipschitz: str = "soft",
         bias: bool = True,
     ) -> None:
-        super().__init__(coeff, n_power_iterations, n_init_iterations, power_tol, max_power_iterations, lipschitz)
+        super().__init__(spectral)
         ref = nn.Linear(in_features, out_features, bias=bias)
         self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter(ref.weight.detach().clone())
@@ -460,18 +479,13 @@ class SpectralNormConv2d(_SpectralNorm):
         in_channels: int,
         out_channels: int,
         kernel_size: int,
+        spectral: SpectralConfig = SpectralConfig(),
         *,
         stride: int = 1,
         padding: int | None = None,
-        coeff: float = 0.9,
-        n_power_iterations: int = 5,
-        n_init_iterations: int = DEFAULT_INIT_ITERATIONS,
-        power_tol: float = 0.0,
-        max_power_iterations: int = DEFAULT_MAX_POWER_ITERATIONS,
-        lipschitz: str = "soft",
         bias: bool = True,
     ) -> None:
-        super().__init__(coeff, n_power_iterations, n_init_iterations, power_tol, max_power_iterations, lipschitz)
+        super().__init__(spectral)
         padding = kernel_size // 2 if padding is None else padding
         ref = nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, padding=padding, bias=bias)
         self.in_channels, self.out_channels = in_channels, out_channels

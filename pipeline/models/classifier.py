@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from pipeline.layers.activations import ACTIVATIONS, make_activation
 from pipeline.layers.branches import conv_branch
-from pipeline.layers.spectral import check_spectral_args
+from pipeline.layers.spectral import SpectralConfig
 from pipeline.transforms.actnorm import ActNorm
 from pipeline.transforms.base import InverseReport, Transform, TransformSequence
 from pipeline.transforms.inverse import FixedPointConfig
@@ -60,11 +60,17 @@ class ClassifierArchitecture:
             raise ValueError(f"unknown activation {self.activation!r}; choose one of {sorted(ACTIVATIONS)}")
         if self.norm not in NORMS:
             raise ValueError(f"unknown norm {self.norm!r}; choose one of {NORMS}")
-        if self.coeff is not None:
-            check_spectral_args(self.coeff, self.n_power_iterations, self.power_tol, self.lipschitz)
+        _ = self.spectral  # validates the spectral settings
         if self.branch_batchnorm and self.coeff is not None:
             raise ValueError("branch_batchnorm voids the invertibility guarantee; use it only with coeff=None")
         self.stage_shapes()
+
+    @property
+    def spectral(self) -> SpectralConfig | None:
+        """The spectral normalisation of every branch layer (``None``: unconstrained, for ``coeff=None``)."""
+        if self.coeff is None:
+            return None
+        return SpectralConfig(self.coeff, self.n_power_iterations, self.power_tol, self.lipschitz)
 
     @property
     def invertible(self) -> bool:
@@ -114,10 +120,7 @@ class ResidualClassifier(nn.Module):
                     hidden,
                     kernel_sizes=arch.kernel_sizes,
                     activation=arch.activation,
-                    coeff=arch.coeff,
-                    n_power_iterations=arch.n_power_iterations,
-                    power_tol=arch.power_tol,
-                    lipschitz=arch.lipschitz,
+                    spectral=arch.spectral,
                     preactivation=not first,  # pre-activation blocks, as in the paper's classifier
                     batchnorm=arch.branch_batchnorm,
                 )

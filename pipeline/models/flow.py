@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from pipeline.layers.activations import ACTIVATIONS
 from pipeline.layers.branches import conv_branch
-from pipeline.layers.spectral import check_spectral_args
+from pipeline.layers.spectral import SpectralConfig
 from pipeline.models.base import FlowModel, make_prior
 from pipeline.transforms.actnorm import ActNorm
 from pipeline.transforms.base import InverseReport, Transform, TransformSequence
@@ -55,8 +55,13 @@ class FlowArchitecture:
             raise ValueError(f"hidden_channels needs one width >= 1 (or one per level), got {self.hidden_channels}")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"unknown activation {self.activation!r}; choose one of {sorted(ACTIVATIONS)}")
-        check_spectral_args(self.coeff, self.n_power_iterations, self.power_tol, self.lipschitz)
+        _ = self.spectral  # validates the spectral settings
         self.level_shapes()  # raises on sizes that do not squeeze/split
+
+    @property
+    def spectral(self) -> SpectralConfig:
+        """The spectral normalisation of every branch layer."""
+        return SpectralConfig(self.coeff, self.n_power_iterations, self.power_tol, self.lipschitz)
 
     def level_shapes(self) -> list[tuple[int, int, int]]:
         """The (C, H, W) each level's blocks act on."""
@@ -109,10 +114,7 @@ class IResNetFlow(FlowModel):
                     hidden,
                     kernel_sizes=arch.kernel_sizes,
                     activation=arch.activation,
-                    coeff=arch.coeff,
-                    n_power_iterations=arch.n_power_iterations,
-                    power_tol=arch.power_tol,
-                    lipschitz=arch.lipschitz,
+                    spectral=arch.spectral,
                 )
                 steps.append(
                     InvertibleResidualBlock(

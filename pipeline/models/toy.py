@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from pipeline.layers.activations import ACTIVATIONS
 from pipeline.layers.branches import mlp_branch
-from pipeline.layers.spectral import check_spectral_args
+from pipeline.layers.spectral import SpectralConfig
 from pipeline.models.base import FlowModel, make_prior
 from pipeline.transforms.actnorm import ActNorm
 from pipeline.transforms.base import InverseReport, Transform, TransformSequence
@@ -36,8 +36,13 @@ class VectorFlowArchitecture:
             raise ValueError(f"dim, n_blocks and hidden widths must be >= 1, got {self}")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"unknown activation {self.activation!r}; choose one of {sorted(ACTIVATIONS)}")
-        check_spectral_args(self.coeff, self.n_power_iterations, self.power_tol, self.lipschitz)
+        _ = self.spectral  # validates the spectral settings
 
+
+    @property
+    def spectral(self) -> SpectralConfig:
+        """The spectral normalisation of every branch layer."""
+        return SpectralConfig(self.coeff, self.n_power_iterations, self.power_tol, self.lipschitz)
 
 class VectorFlow(FlowModel):
     """``n_blocks`` x (residual block with an MLP branch, then ActNorm); exact log-det by default."""
@@ -59,10 +64,7 @@ class VectorFlow(FlowModel):
                 arch.dim,
                 arch.hidden,
                 activation=arch.activation,
-                coeff=arch.coeff,
-                n_power_iterations=arch.n_power_iterations,
-                power_tol=arch.power_tol,
-                lipschitz=arch.lipschitz,
+                spectral=arch.spectral,
             )
             steps.append(InvertibleResidualBlock(branch, estimator=estimator, inverse_config=inverse_config))
             if arch.actnorm:

@@ -7,17 +7,23 @@ import torch
 
 from pipeline.layers import SpectralNormConv2d, SpectralNormLinear
 from pipeline.layers.branches import conv_branch, mlp_branch
-from pipeline.layers.spectral import batched_power_iteration, frozen_power_iteration, spectral_layers
+from pipeline.layers.spectral import SpectralConfig, batched_power_iteration, frozen_power_iteration, spectral_layers
 from pipeline.transforms import InvertibleResidualBlock, TransformSequence
 
 
 def _sequence(kind: str, n_blocks: int = 4, **spectral) -> tuple[TransformSequence, torch.Tensor]:
     torch.manual_seed(0)
     if kind == "mlp":
-        blocks = [InvertibleResidualBlock(mlp_branch(3, (16, 16), coeff=0.9, **spectral)) for _ in range(n_blocks)]
+        blocks = [
+            InvertibleResidualBlock(mlp_branch(3, (16, 16), spectral=SpectralConfig(coeff=0.9, **spectral)))
+            for _ in range(n_blocks)
+        ]
         x = torch.randn(8, 3)
     else:
-        blocks = [InvertibleResidualBlock(conv_branch(2, 6, coeff=0.9, **spectral)) for _ in range(n_blocks)]
+        blocks = [
+            InvertibleResidualBlock(conv_branch(2, 6, spectral=SpectralConfig(coeff=0.9, **spectral)))
+            for _ in range(n_blocks)
+        ]
         x = torch.randn(2, 2, 5, 5)
     flow = TransformSequence(*blocks)
     flow(x)  # the first forward initialises every layer's vectors

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from pipeline.diagnostics import certified_lipschitz, training_norm_ratios
 from pipeline.layers import SPECTRAL_LAYERS, SpectralNormConv2d, SpectralNormLinear, dense_operator_norm
 from pipeline.layers.operator_norm import conv_operator_norm, conv_operator_norm_estimate
+from pipeline.layers.spectral import SpectralConfig
 from pipeline.models import iresnet_classifier, iresnet_flow, vector_flow
 
 SLACK = 1e-3
@@ -27,12 +28,19 @@ def _layer_cases():
 
 def _make_layer(kind: str, shape, lipschitz: str):
     if kind == "linear":
-        layer = SpectralNormLinear(shape, shape, coeff=0.7, n_power_iterations=1, lipschitz=lipschitz, bias=False)
+        layer = SpectralNormLinear(
+            shape, shape, spectral=SpectralConfig(coeff=0.7, n_power_iterations=1, lipschitz=lipschitz), bias=False
+        )
         return layer, (shape,)
     stride, size, _ = shape
     # no bias: the measurement below reads the linear map off the outputs, exactly
     layer = SpectralNormConv2d(
-        3, 4, 3, stride=stride, coeff=0.7, n_power_iterations=1, lipschitz=lipschitz, bias=False
+        3,
+        4,
+        3,
+        spectral=SpectralConfig(coeff=0.7, n_power_iterations=1, lipschitz=lipschitz),
+        stride=stride,
+        bias=False,
     )
     return layer, (3, size, size)
 
@@ -87,7 +95,7 @@ def test_adversarial_training_eval_and_strict_training_apply_at_most_c(float64, 
 
 
 def test_eval_weight_follows_every_change_of_the_weight(float64):
-    layer = SpectralNormConv2d(2, 3, 3, coeff=0.8, bias=False)
+    layer = SpectralNormConv2d(2, 3, 3, spectral=SpectralConfig(coeff=0.8), bias=False)
     x = torch.randn(2, 2, 6, 6)
     layer(x)
     layer.eval()
@@ -103,19 +111,19 @@ def test_eval_weight_follows_every_change_of_the_weight(float64):
 
 
 def test_reloaded_layer_applies_the_certified_weight(float64):
-    layer = SpectralNormLinear(5, 5, coeff=0.6, n_power_iterations=1, bias=False)
+    layer = SpectralNormLinear(5, 5, spectral=SpectralConfig(coeff=0.6, n_power_iterations=1), bias=False)
     layer(torch.randn(3, 5))
     with torch.no_grad():
         layer.weight.mul_(10.0)  # the stored sigma is now far too small
     state = layer.state_dict()
-    fresh = SpectralNormLinear(5, 5, coeff=0.6, n_power_iterations=1, bias=False)
+    fresh = SpectralNormLinear(5, 5, spectral=SpectralConfig(coeff=0.6, n_power_iterations=1), bias=False)
     fresh.load_state_dict(state)
     fresh.eval()
     assert _dense_norm(_applied_matrix(fresh, (5,))[1]) == pytest.approx(0.6, rel=1e-9)
 
 
 def test_eval_normalization_works_under_inference_mode_and_autocast(float64):
-    layer = SpectralNormConv2d(2, 3, 3, coeff=0.9)
+    layer = SpectralNormConv2d(2, 3, 3, spectral=SpectralConfig(coeff=0.9))
     x = torch.randn(2, 2, 5, 5)
     layer(x)
     layer.eval()
@@ -178,8 +186,10 @@ def test_models_after_adversarial_training_apply_certified_layers(float64, model
             return -m.log_prob(x).mean()
 
     lr = {"adam": 5e-2, "sgd": 0.5}[optimizer]
-    opt = torch.optim.Adam(model.parameters(), lr=lr) if optimizer == "adam" else torch.optim.SGD(
-        model.parameters(), lr=lr, momentum=0.9
+    opt = (
+        torch.optim.Adam(model.parameters(), lr=lr)
+        if optimizer == "adam"
+        else torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     )
     model.train()
     _norm_pushing_steps(model, loss_fn, opt, 20)
@@ -251,7 +261,7 @@ def test_under_bf16_autocast_the_training_normalisation_stays_in_float32():
 
     def normalised(autocast: bool) -> tuple[torch.Tensor, torch.Tensor]:
         torch.manual_seed(0)
-        layer = SpectralNormConv2d(4, 8, 3, padding=1, coeff=0.9, n_power_iterations=5)
+        layer = SpectralNormConv2d(4, 8, 3, spectral=SpectralConfig(coeff=0.9, n_power_iterations=5), padding=1)
         x = torch.randn(2, 4, 6, 6)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             for _ in range(5):

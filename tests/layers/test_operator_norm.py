@@ -11,6 +11,7 @@ from pipeline.layers import (
     dense_operator_norm,
     layer_operator_norm,
 )
+from pipeline.layers.spectral import SpectralConfig
 
 
 @pytest.mark.parametrize("c_in,c_out,k,n", [(2, 3, 3, 5), (3, 3, 1, 4), (1, 2, 3, 3)])
@@ -38,7 +39,7 @@ def test_certified_bound_is_at_least_the_dense_norm_of_zero_padded_conv(float64,
 
 
 def test_layer_operator_norm_methods_agree_on_spectral_conv(float64):
-    layer = SpectralNormConv2d(2, 3, 3, coeff=0.9)
+    layer = SpectralNormConv2d(2, 3, 3, spectral=SpectralConfig(coeff=0.9))
     with torch.no_grad():
         layer.weight.mul_(4)
     x = torch.randn(1, 2, 6, 6)

@@ -3,6 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.layers import SpectralNormConv2d, SpectralNormLinear, dense_operator_norm
+from pipeline.layers.spectral import SpectralConfig
 
 
 def _dense_conv_norm(layer: SpectralNormConv2d, weight: torch.Tensor) -> float:
@@ -15,7 +16,7 @@ def _dense_conv_norm(layer: SpectralNormConv2d, weight: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("stride,size", [(1, 6), (2, 6), (2, 7)])
 def test_conv_operator_norm_is_at_most_c_after_training_steps(float64, stride, size):
-    layer = SpectralNormConv2d(3, 4, 3, stride=stride, coeff=0.7, n_power_iterations=5)
+    layer = SpectralNormConv2d(3, 4, 3, spectral=SpectralConfig(coeff=0.7, n_power_iterations=5), stride=stride)
     with torch.no_grad():
         layer.weight.mul_(10.0)  # far above the bound
     x = torch.randn(2, 3, size, size)
@@ -38,7 +39,7 @@ def test_conv_operator_norm_is_at_most_c_after_training_steps(float64, stride, s
 
 
 def test_linear_operator_norm_is_at_most_c(float64):
-    layer = SpectralNormLinear(5, 7, coeff=0.5, n_power_iterations=3)
+    layer = SpectralNormLinear(5, 7, spectral=SpectralConfig(coeff=0.5, n_power_iterations=3))
     with torch.no_grad():
         layer.weight.mul_(5.0)
     for _ in range(30):
@@ -48,7 +49,7 @@ def test_linear_operator_norm_is_at_most_c(float64):
 
 
 def test_small_weights_are_left_untouched(float64):
-    layer = SpectralNormConv2d(2, 2, 3, coeff=0.9)
+    layer = SpectralNormConv2d(2, 2, 3, spectral=SpectralConfig(coeff=0.9))
     with torch.no_grad():
         layer.weight.mul_(1e-3)
     x = torch.randn(1, 2, 5, 5)
@@ -58,7 +59,7 @@ def test_small_weights_are_left_untouched(float64):
 
 
 def test_eval_mode_reuses_the_stored_estimate(float64):
-    layer = SpectralNormConv2d(2, 3, 3, coeff=0.9, n_power_iterations=2)
+    layer = SpectralNormConv2d(2, 3, 3, spectral=SpectralConfig(coeff=0.9, n_power_iterations=2))
     x = torch.randn(2, 2, 5, 5)
     layer(x)
     layer.eval()
@@ -72,7 +73,7 @@ def test_eval_mode_reuses_the_stored_estimate(float64):
 
 
 def test_gradient_flows_through_the_normalisation(float64):
-    layer = SpectralNormLinear(4, 4, coeff=0.5)
+    layer = SpectralNormLinear(4, 4, spectral=SpectralConfig(coeff=0.5))
     with torch.no_grad():
         layer.weight.mul_(10)
     layer(torch.randn(2, 4)).sum().backward()
@@ -80,11 +81,11 @@ def test_gradient_flows_through_the_normalisation(float64):
 
 
 def test_state_dict_round_trip_restores_lazy_vectors(float64):
-    layer = SpectralNormConv2d(2, 3, 3, coeff=0.8)
+    layer = SpectralNormConv2d(2, 3, 3, spectral=SpectralConfig(coeff=0.8))
     x = torch.randn(2, 2, 6, 6)
     layer(x)
     layer.eval()
-    clone = SpectralNormConv2d(2, 3, 3, coeff=0.8)
+    clone = SpectralNormConv2d(2, 3, 3, spectral=SpectralConfig(coeff=0.8))
     clone.load_state_dict(layer.state_dict())
     clone.eval()
     assert clone.input_hw == (6, 6)
@@ -101,18 +102,20 @@ def test_other_input_size_is_refused():
 @pytest.mark.parametrize("coeff", [0.0, -0.1, 1.0, 1.5, float("nan")])
 def test_bad_coefficient_is_refused(coeff):
     with pytest.raises(ValueError, match="0 < c < 1"):
-        SpectralNormLinear(2, 2, coeff=coeff)
+        SpectralNormLinear(2, 2, spectral=SpectralConfig(coeff=coeff))
     with pytest.raises(ValueError, match="0 < c < 1"):
-        SpectralNormConv2d(2, 2, 3, coeff=coeff)
+        SpectralNormConv2d(2, 2, 3, spectral=SpectralConfig(coeff=coeff))
 
 
 def test_negative_power_iterations_are_refused():
     with pytest.raises(ValueError, match="n_power_iterations"):
-        SpectralNormLinear(2, 2, n_power_iterations=-1)
+        SpectralNormLinear(2, 2, spectral=SpectralConfig(n_power_iterations=-1))
 
 
 def test_power_iteration_runs_to_its_tolerance_and_is_warm_started(float64):
-    layer = SpectralNormConv2d(3, 4, 3, coeff=0.7, n_power_iterations=1, power_tol=1e-12, max_power_iterations=5000)
+    layer = SpectralNormConv2d(
+        3, 4, 3, spectral=SpectralConfig(coeff=0.7, n_power_iterations=1, power_tol=1e-12, max_power_iterations=5000)
+    )
     x = torch.randn(2, 3, 6, 6)
     layer(x)  # first forward: initialisation (50 steps) plus the tolerance-driven update
     first = layer.last_power_iterations
@@ -129,13 +132,15 @@ def test_power_iteration_runs_to_its_tolerance_and_is_warm_started(float64):
 
 
 def test_a_fixed_number_of_iterations_without_tolerance(float64):
-    layer = SpectralNormLinear(5, 7, coeff=0.5, n_power_iterations=3)
+    layer = SpectralNormLinear(5, 7, spectral=SpectralConfig(coeff=0.5, n_power_iterations=3))
     layer(torch.randn(2, 5))
     assert layer.last_power_iterations == 3
 
 
 def test_the_tolerance_loop_is_capped(float64):
-    layer = SpectralNormLinear(5, 7, coeff=0.5, n_power_iterations=1, power_tol=1e-300, max_power_iterations=7)
+    layer = SpectralNormLinear(
+        5, 7, spectral=SpectralConfig(coeff=0.5, n_power_iterations=1, power_tol=1e-300, max_power_iterations=7)
+    )
     with torch.no_grad():
         layer.weight.copy_(torch.eye(7, 5))  # a repeated top singular value: no gap, never meets 1e-300 exactly
         layer.weight[0, 1] = 1e-3
@@ -154,4 +159,11 @@ def test_the_tolerance_loop_is_capped(float64):
 )
 def test_power_iteration_settings_are_validated(kwargs, message):
     with pytest.raises(ValueError, match=message):
-        SpectralNormLinear(2, 2, **kwargs)
+        SpectralConfig(**kwargs)
+
+
+def test_a_layer_takes_a_spectral_config_only():
+    with pytest.raises(TypeError, match="SpectralConfig"):
+        SpectralNormLinear(2, 2, {"coeff": 0.5})
+    layer = SpectralNormConv2d(2, 3, 3, SpectralConfig(coeff=0.5, lipschitz="strict"))
+    assert (layer.coeff, layer.lipschitz, layer.n_power_iterations) == (0.5, "strict", 5)

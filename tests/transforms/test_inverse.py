@@ -5,6 +5,7 @@ import torch
 
 from pipeline.layers import SpectralNormConv2d, SpectralNormLinear
 from pipeline.layers.branches import branch_lipschitz_bound, conv_branch, mlp_branch
+from pipeline.layers.spectral import SpectralConfig
 from pipeline.transforms import (
     ExactLogDet,
     FixedPointConfig,
@@ -30,10 +31,10 @@ def _saturated_block(branch, x, estimator=None):
 def test_inverse_of_forward_is_identity_at_c_09(float64, kind):
     if kind == "mlp":
         x = torch.randn(16, 3)
-        block = _saturated_block(mlp_branch(3, (32, 32), coeff=0.9), x)
+        block = _saturated_block(mlp_branch(3, (32, 32), spectral=SpectralConfig(coeff=0.9)), x)
     else:
         x = torch.randn(4, 2, 5, 5)
-        block = _saturated_block(conv_branch(2, 8, coeff=0.9), x)
+        block = _saturated_block(conv_branch(2, 8, spectral=SpectralConfig(coeff=0.9)), x)
     y = block.map(x)
     result = fixed_point_inverse(block.branch, y, FixedPointConfig(atol=0, rtol=1e-10, max_iterations=500))
     assert result.converged.all()
@@ -46,7 +47,7 @@ def test_inverse_of_forward_is_identity_at_c_09(float64, kind):
 
 def test_error_follows_the_banach_bound(float64):
     x = torch.randn(8, 3)
-    block = _saturated_block(mlp_branch(3, (32, 32), coeff=0.9), x)
+    block = _saturated_block(mlp_branch(3, (32, 32), spectral=SpectralConfig(coeff=0.9)), x)
     lip = branch_lipschitz_bound(block.branch)
     y = block.map(x)
     first_step = (block.branch(y)).flatten(1).norm(dim=1)  # ||x^1 - x^0|| = ||g(y)||
@@ -58,7 +59,7 @@ def test_error_follows_the_banach_bound(float64):
 
 def test_samples_stop_on_their_own_residual(float64):
     x = torch.randn(6, 3)
-    block = _saturated_block(mlp_branch(3, (16,), coeff=0.9), x)
+    block = _saturated_block(mlp_branch(3, (16,), spectral=SpectralConfig(coeff=0.9)), x)
     y = block.map(x)
     y[0] = y[0] * 1e-3  # a far easier sample
     cfg = FixedPointConfig(atol=1e-8, rtol=0)
@@ -70,7 +71,7 @@ def test_samples_stop_on_their_own_residual(float64):
 
 def test_non_convergence_is_reported_not_silent(float64, caplog):
     x = torch.randn(4, 3)
-    block = _saturated_block(mlp_branch(3, (16,), coeff=0.9), x)
+    block = _saturated_block(mlp_branch(3, (16,), spectral=SpectralConfig(coeff=0.9)), x)
     y = block.map(x)
     with caplog.at_level(logging.WARNING):
         res = fixed_point_inverse(block.branch, y, FixedPointConfig(atol=1e-12, rtol=0, max_iterations=2))
@@ -86,7 +87,7 @@ def test_non_convergence_is_reported_not_silent(float64, caplog):
 
 def test_inverse_logdet_is_evaluated_at_the_reconstruction(float64):
     x = torch.randn(5, 3)
-    block = _saturated_block(mlp_branch(3, (16,), coeff=0.9), x, estimator=ExactLogDet())
+    block = _saturated_block(mlp_branch(3, (16,), spectral=SpectralConfig(coeff=0.9)), x, estimator=ExactLogDet())
     y, logdet = block(x)
     x_rec, inv_logdet = block.inverse_and_logdet(y)
     assert torch.allclose(x_rec, x, atol=1e-5)
@@ -104,9 +105,15 @@ def test_config_is_validated():
 def _contractive_block(kind: str, coeff: float = 0.97):
     """``g = tanh(W x + b)`` with ``||W|| = coeff`` reached: Lip(g) near ``coeff``, so plain iteration is slow."""
     if kind == "mlp":
-        layer, x = SpectralNormLinear(6, 6, coeff=coeff, n_power_iterations=20), torch.randn(8, 6)
+        layer, x = (
+            SpectralNormLinear(6, 6, spectral=SpectralConfig(coeff=coeff, n_power_iterations=20)),
+            torch.randn(8, 6),
+        )
     else:
-        layer, x = SpectralNormConv2d(2, 2, 3, coeff=coeff, n_power_iterations=20), torch.randn(4, 2, 5, 5)
+        layer, x = (
+            SpectralNormConv2d(2, 2, 3, spectral=SpectralConfig(coeff=coeff, n_power_iterations=20)),
+            torch.randn(4, 2, 5, 5),
+        )
     with torch.no_grad():
         layer.weight.mul_(10.0)
     block = InvertibleResidualBlock(torch.nn.Sequential(layer, torch.nn.Tanh()))
@@ -140,7 +147,7 @@ def test_a_stalled_anderson_falls_back_to_the_plain_iteration(float64, monkeypat
     import pipeline.transforms.inverse as inverse
 
     x = torch.randn(6, 3)
-    block = _saturated_block(mlp_branch(3, (16,), coeff=0.9), x)
+    block = _saturated_block(mlp_branch(3, (16,), spectral=SpectralConfig(coeff=0.9)), x)
     y = block.map(x)
     # a mixing step that makes no progress (proposes the newest stored iterate again), then one that breaks
     monkeypatch.setattr(inverse, "_anderson_mix", lambda xs, fs, cfg: xs[:, -1].clone())
@@ -158,7 +165,7 @@ def test_a_stalled_anderson_falls_back_to_the_plain_iteration(float64, monkeypat
 
 def test_anderson_reports_non_convergence_like_the_plain_iteration(float64, caplog):
     x = torch.randn(4, 3)
-    block = _saturated_block(mlp_branch(3, (16,), coeff=0.9), x)
+    block = _saturated_block(mlp_branch(3, (16,), spectral=SpectralConfig(coeff=0.9)), x)
     y = block.map(x)
     cfg = FixedPointConfig(atol=1e-14, rtol=0, max_iterations=2, method="anderson")
     with caplog.at_level(logging.WARNING):
@@ -172,7 +179,7 @@ def test_anderson_reports_non_convergence_like_the_plain_iteration(float64, capl
 def test_implicit_gradient_equals_the_inverse_jacobian(float64, method):
     """d x / d y = (I + J_g(x))^{-1}, from the dense Jacobian at the solution."""
     x = torch.randn(3, 4)
-    block = _saturated_block(mlp_branch(4, (16, 16), coeff=0.9), x)
+    block = _saturated_block(mlp_branch(4, (16, 16), spectral=SpectralConfig(coeff=0.9)), x)
     block.inverse_config = FixedPointConfig(atol=0, rtol=1e-12, max_iterations=1000, method=method, backward_rtol=1e-12)
     y = block.map(x).detach().requires_grad_(True)
     x_rec = block.inverse(y)
@@ -188,7 +195,7 @@ def test_implicit_gradient_equals_the_inverse_jacobian(float64, method):
 @pytest.mark.parametrize("method", ["plain", "anderson"])
 def test_implicit_parameter_gradient_equals_backprop_through_an_unrolled_solve(float64, method):
     x = torch.randn(5, 3)
-    block = _saturated_block(mlp_branch(3, (16, 16), coeff=0.9), x)
+    block = _saturated_block(mlp_branch(3, (16, 16), spectral=SpectralConfig(coeff=0.9)), x)
     params = [p for p in block.branch.parameters() if p.requires_grad]
     y = block.map(x).detach()
     block.inverse_config = FixedPointConfig(atol=0, rtol=1e-12, max_iterations=1000, method=method, backward_rtol=1e-12)
@@ -205,7 +212,7 @@ def test_implicit_parameter_gradient_equals_backprop_through_an_unrolled_solve(f
 
 def test_no_graph_is_kept_through_the_iterations(float64):
     x = torch.randn(4, 3)
-    block = _saturated_block(mlp_branch(3, (16,), coeff=0.9), x)
+    block = _saturated_block(mlp_branch(3, (16,), spectral=SpectralConfig(coeff=0.9)), x)
     y = block.map(x).detach().requires_grad_(True)
     calls = {"with_grad": 0, "without": 0}
 
@@ -248,7 +255,7 @@ def test_sampling_loss_gradient_through_a_whole_flow_matches_finite_differences(
 
 def test_the_inverse_holds_the_spectral_normalisation_fixed_in_training_mode(float64):
     x = torch.randn(4, 3)
-    block = _saturated_block(mlp_branch(3, (16,), coeff=0.9), x).train()
+    block = _saturated_block(mlp_branch(3, (16,), spectral=SpectralConfig(coeff=0.9)), x).train()
     y = block.map(x).detach()
     layer = block.branch[0]
     with torch.no_grad():  # a training step moved the weight: an unfrozen power iteration would move too

@@ -7,6 +7,7 @@ import torch
 from pipeline.bounds import logdet_bounds, power_series_truncation_bound
 from pipeline.layers import SpectralNormLinear
 from pipeline.layers.branches import branch_lipschitz_bound, conv_branch, mlp_branch
+from pipeline.layers.spectral import SpectralConfig
 from pipeline.transforms import (
     ExactLogDet,
     PowerSeriesLogDet,
@@ -26,7 +27,7 @@ def _trained_like(branch, x, steps=30):
 
 @pytest.fixture
 def mlp(float64):
-    branch = mlp_branch(4, (16, 16), coeff=0.9, n_power_iterations=5)
+    branch = mlp_branch(4, (16, 16), spectral=SpectralConfig(coeff=0.9, n_power_iterations=5))
     with torch.no_grad():
         for p in branch.parameters():
             p.mul_(3.0)  # saturate the constraint so Lip(g) is near its bound
@@ -36,7 +37,7 @@ def mlp(float64):
 
 @pytest.fixture
 def conv(float64):
-    branch = conv_branch(2, 6, coeff=0.9, n_power_iterations=5)
+    branch = conv_branch(2, 6, spectral=SpectralConfig(coeff=0.9, n_power_iterations=5))
     x = torch.randn(2, 2, 3, 3)
     return _trained_like(branch, x), x
 
@@ -159,7 +160,7 @@ def _strong_linear_branch(d=4, radius=0.6):
     """
     q, _ = torch.linalg.qr(torch.randn(d, d))
     weight = q @ torch.diag(torch.linspace(0.3, 1.0, d)) @ q.t()
-    layer = SpectralNormLinear(d, d, coeff=radius, n_power_iterations=5)
+    layer = SpectralNormLinear(d, d, spectral=SpectralConfig(coeff=radius, n_power_iterations=5))
     with torch.no_grad():
         layer.weight.copy_(weight * 2)
     x = torch.randn(2, d)
@@ -319,7 +320,7 @@ def test_memory_saving_backward_equals_the_explicit_surrogate(mlp, estimator):
 
 def test_neumann_gradient_keeps_no_graph_through_the_series(float64):
     """Saved activations do not grow with the number of terms (they do when backpropagating through the series)."""
-    branch = mlp_branch(8, (64, 64), coeff=0.9).train()
+    branch = mlp_branch(8, (64, 64), spectral=SpectralConfig(coeff=0.9)).train()
     x = torch.randn(64, 8, requires_grad=True)
 
     def saved_bytes(estimator):
