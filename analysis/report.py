@@ -22,7 +22,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from analysis.tables import config, finished_runs, table2, table4, unfinished_runs
-from experiments import cli
+from experiments.runner import EntryPoint
 from experiments.tracking import PROJECT_ROOT, configure_tracking, load_model, log_config, tracked_run
 from pipeline.data import dequantize, load_dataset, pad_images
 from pipeline.diagnostics import logdet_estimator_study
@@ -33,7 +33,6 @@ log = logging.getLogger("analysis.report")
 
 @dataclass(frozen=True)
 class ReportConfig:
-    preset: str = "quick"
     density_experiment: str = "density"
     classify_experiment: str = "classify"
     toy_experiment: str = "toy"
@@ -51,9 +50,6 @@ class ReportConfig:
         object.__setattr__(self, "estimator_terms", tuple(self.estimator_terms))
         if self.estimator_images < 1 or self.estimator_probes < 2 or not self.estimator_terms:
             raise ValueError("estimator_images >= 1, estimator_probes >= 2 and some estimator_terms are needed")
-
-
-PRESETS: dict[str, dict] = {"quick": {}}
 
 
 def _save(fig, out: Path, name: str) -> list[str]:
@@ -276,13 +272,8 @@ def run(cfg: ReportConfig) -> str:
     return active.info.run_id
 
 
-def config_from_preset(preset: str, **overrides) -> ReportConfig:
-    return cli.config_from_preset(ReportConfig, PRESETS, preset, **overrides)
-
-
-def main(argv: list[str] | None = None) -> int:
-    return cli.entry_point_main(ReportConfig, PRESETS, run, argv, __doc__)
-
+ENTRY = EntryPoint(ReportConfig, None, run, __doc__)  # no presets: the fields are the configuration
+main = ENTRY.main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -18,7 +18,8 @@ from typing import Any
 from mlflow.tracking import MlflowClient
 
 from analysis import report
-from experiments import classify, cli, density, toy
+from experiments import classify, density, toy
+from experiments.runner import EntryPoint
 from experiments.tracking import PROJECT_ROOT, orchestrator_run
 
 log = logging.getLogger("analysis.reproduce")
@@ -88,7 +89,6 @@ SCALES: dict[str, list[tuple[str, str, dict[str, Any]]]] = {
 
 @dataclass(frozen=True)
 class ReproduceConfig:
-    preset: str = "quick"
     scale: str = "quick"
     data_dir: str | None = None  # for the paper scale's datasets
     download: bool = False
@@ -118,9 +118,6 @@ class ReproduceConfig:
         return module.config_from_preset(preset, **overrides, **extra)
 
 
-PRESETS: dict[str, dict] = {"quick": {}}
-
-
 def run(cfg: ReproduceConfig) -> str:
     """Train what the scale lists, then build the report; returns the orchestrator's run id.
 
@@ -143,8 +140,7 @@ def run(cfg: ReproduceConfig) -> str:
             made.append({"entry": entry, "preset": preset, "overrides": overrides, "run_id": child})
             client.log_text(run_id, json.dumps(made, indent=2, default=str), "runs.json")
         report_id = report.run(
-            report.config_from_preset(
-                "quick",
+            report.ReportConfig(
                 filter_string=f"tags.reproduce_run_id = '{run_id}'",
                 output_dir=cfg.output_dir,
                 run_name=f"{cfg.tag}-report",
@@ -163,13 +159,8 @@ def run(cfg: ReproduceConfig) -> str:
     return run_id
 
 
-def config_from_preset(preset: str, **overrides) -> ReproduceConfig:
-    return cli.config_from_preset(ReproduceConfig, PRESETS, preset, **overrides)
-
-
-def main(argv: list[str] | None = None) -> int:
-    return cli.entry_point_main(ReproduceConfig, PRESETS, run, argv, __doc__)
-
+ENTRY = EntryPoint(ReproduceConfig, None, run, __doc__)  # no presets: the fields are the configuration
+main = ENTRY.main
 
 if __name__ == "__main__":
     sys.exit(main())

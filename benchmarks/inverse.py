@@ -70,8 +70,8 @@ class WorstCaseFlow(FlowModel):
         self.flow = TransformSequence(*(InvertibleResidualBlock(WorstCaseBranch(dim, coeff)) for _ in range(n_blocks)))
         self.priors = nn.ModuleList([DiagonalGaussian((dim,), learnable=False)])
 
-    def forward(self, x, *, estimator=None):
-        z, logdet = self.flow(x, estimator=estimator)
+    def forward(self, x):
+        z, logdet = self.flow(x)
         return [z], logdet
 
     def inverse(self, zs, *, report=None):
@@ -87,7 +87,8 @@ def saturated_flow(coeff: float, image: tuple[int, int, int], blocks: tuple[int,
         for p in flow.parameters():
             p.mul_(4.0)
         x = torch.rand(64, *image, device=device, dtype=dtype) - 0.5
-        flow(x, estimator=PowerSeriesLogDet(n_terms=1))  # ActNorm init, lazy spectral vectors
+        with flow.estimator(PowerSeriesLogDet(n_terms=1)):
+            flow(x)  # ActNorm init, lazy spectral vectors
         for layer in flow.modules():
             if hasattr(layer, "power_iteration"):
                 layer.power_iteration(200)
@@ -96,8 +97,8 @@ def saturated_flow(coeff: float, image: tuple[int, int, int], blocks: tuple[int,
 
 
 def measure(flow, x: torch.Tensor, method: str, rtol: float, repeats: int) -> dict:
-    with torch.no_grad():
-        zs, _ = flow(x, estimator=PowerSeriesLogDet(n_terms=1))
+    with torch.no_grad(), flow.estimator(PowerSeriesLogDet(n_terms=1)):
+        zs, _ = flow(x)
         for block in flow.residual_blocks():
             block.inverse_config = FixedPointConfig(atol=0.0, rtol=rtol, max_iterations=2000, method=method)
         sync = torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)
@@ -130,8 +131,8 @@ def build(args: dict, coeff: float, device, dtype) -> tuple[FlowModel, torch.Ten
     else:
         torch.manual_seed(0)
         flow = WorstCaseFlow(args["dim"], sum(args["blocks"]), coeff).to(device=device, dtype=dtype)
-        with torch.no_grad():
-            flow(torch.zeros(1, args["dim"], device=device, dtype=dtype), estimator=PowerSeriesLogDet(n_terms=1))
+        with torch.no_grad(), flow.estimator(PowerSeriesLogDet(n_terms=1)):
+            flow(torch.zeros(1, args["dim"], device=device, dtype=dtype))
         flow.eval()
         shape = (args["dim"],)
     torch.manual_seed(1)

@@ -82,7 +82,7 @@ def _iresnet(settings: dict, train_x: Tensor, clock: dict) -> Contender:
     if unknown:
         raise ValueError(f"unknown density settings {unknown}")
     cfg = config_from_preset("quick", **{"progress": False, **settings})  # the main job's settings, then --set
-    model = IResNetFlow(cfg.architecture((1, 28, 28)), estimator=cfg.training_estimator())
+    model = IResNetFlow(cfg.flow_architecture((1, 28, 28)), estimator=cfg.training_estimator())
     with torch.no_grad():
         model(train_x[:512])  # ActNorm's data-dependent initialisation, as the main job does
     optimizer = torch.optim.Adamax(model.parameters(), lr=cfg.lr)
@@ -112,7 +112,8 @@ def _iresnet(settings: dict, train_x: Tensor, clock: dict) -> Contender:
         }
 
     def forward_logdet(x: Tensor) -> tuple[Tensor, Tensor]:
-        zs, logdet = model(x, estimator=ExactLogDet())
+        with model.estimator(ExactLogDet()):
+            zs, logdet = model(x)
         return torch.cat([z.flatten(1) for z in zs], dim=1), logdet
 
     return Contender(

@@ -100,8 +100,13 @@ TARGETS = [
         "seconds_per_step",
         None,
     ),
-    ("strict / soft i-ResNet classifier step", "(b) i-ResNet classifier, strict", "(b) i-ResNet classifier",
-     "seconds_per_step", None),
+    (
+        "strict / soft i-ResNet classifier step",
+        "(b) i-ResNet classifier, strict",
+        "(b) i-ResNet classifier",
+        "seconds_per_step",
+        None,
+    ),
     (
         "strict / soft 5-term flow step",
         "(c) flow, 5 terms, Neumann, strict",

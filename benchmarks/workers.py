@@ -55,7 +55,7 @@ def worker(steps: int, threads: int | None) -> dict:
     cfg = config_from_preset("quick")
     data = load_dataset(cfg.dataset, None)
     torch.manual_seed(0)
-    model = IResNetFlow(cfg.architecture(tuple(data.train.images.shape[1:])), estimator=cfg.training_estimator())
+    model = IResNetFlow(cfg.flow_architecture(tuple(data.train.images.shape[1:])), estimator=cfg.training_estimator())
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     images = [dequantize(x, data.n_levels) for x, _ in iterate_batches(data.train, cfg.batch_size, shuffle=False)]
     with torch.no_grad():
@@ -109,8 +109,13 @@ def run(args: dict) -> list[dict]:
             row["linear_images_per_second"] = min(n, cores) * unit["images_per_second"]
             row["fraction_of_linear"] = row["images_per_second"] / row["linear_images_per_second"]
             rows.append(row)
-            log.info("%d worker(s), threads %s: %.1f images/s (%.2fx linear)", n, row["threads"],
-                     row["images_per_second"], row["fraction_of_linear"])
+            log.info(
+                "%d worker(s), threads %s: %.1f images/s (%.2fx linear)",
+                n,
+                row["threads"],
+                row["images_per_second"],
+                row["fraction_of_linear"],
+            )
     return rows
 
 

@@ -16,44 +16,48 @@ import math
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
 import torch
 import torch.nn.functional as F
+from torch import Tensor, nn
 
-from experiments import cli
+from experiments.config import InverseOptions, architecture_of, check_at_least, fill_from_architecture
+from experiments.runner import EntryPoint, Splits, run_training
 from experiments.tracking import PROJECT_ROOT, log_json, log_metrics, log_model, write_csv
-from pipeline.data import DATASETS, ImageSplit, epoch_batches, iterate_batches, load_dataset
+from pipeline.data import DATASETS, ImageSplit, iterate_batches
 from pipeline.data.augment import AUGMENTATIONS, Augmentation
 from pipeline.diagnostics import certified_lipschitz, layer_operator_norms, reconstruction_error_curve
-from pipeline.models import ClassifierArchitecture, ResidualClassifier
+from pipeline.models import (
+    CLASSIFIER_MODELS,
+    CLASSIFIER_PRESETS,
+    ClassifierArchitecture,
+    ResidualClassifier,
+    classifier_variant,
+)
 from pipeline.models.base import n_parameters
 from pipeline.plotting import new_figure, save_figure, save_image_grid
 from pipeline.training.device import check_device_name
-from pipeline.training.distributed import (
-    DistributedContext,
-    check_global_batch,
-    distributed_session,
-    shard_batches,
-    wrap_model,
-)
-from pipeline.training.loop import EpochHook, LoopConfig, fit
+from pipeline.training.loop import EpochHook
 from pipeline.training.schedule import linear_warmup, step_decay
 from pipeline.transforms import InverseReport
 
 log = logging.getLogger("experiments.classify")
 
-MODELS = ("iresnet", "resnet", "resnet-bn")
+MODELS = CLASSIFIER_MODELS
 OPTIMIZERS = ("sgd", "adam", "adamax")
 
 
 @dataclass(frozen=True)
-class ClassifyConfig(cli.InverseOptions):
+class ClassifyConfig(InverseOptions):
     """Everything a classification run needs; validated in one place (``__post_init__``).
 
-    The inverse's options (``inverse_tol``, ``inverse_method``) come from :class:`experiments.cli.InverseOptions`.
+    The network is the model preset ``architecture`` (:data:`pipeline.models.CLASSIFIER_PRESETS`) as the
+    ``model`` variant (:func:`pipeline.models.classifier_variant`); each architecture field left ``None``
+    takes the preset's value. The inverse's options (``inverse_tol``, ``inverse_method``) are
+    :class:`~experiments.config.InverseOptions`.
     """
 
     preset: str = "quick"
@@ -63,18 +67,19 @@ class ClassifyConfig(cli.InverseOptions):
     download: bool = False
     augment: bool = True
     validation_fraction: float = 0.0  # > 0: per-epoch error on a held-out part of train (sweeps), test at the end
-    # model
+    # model: a CLASSIFIER_PRESETS entry as iresnet, resnet or resnet-bn, any field below overridden (None: preset's)
     model: str = "iresnet"
-    n_blocks: tuple[int, ...] = (4, 4, 4)
-    hidden_channels: tuple[int, ...] = (16, 32, 64)
-    strides: tuple[int, ...] = (1, 2, 2)
-    injective_padding: int = 3
-    init_squeeze: bool = False
-    activation: str = "elu"
-    coeff: float = 0.9
-    n_power_iterations: int = 1
-    power_tol: float = 0.0  # > 0: each step's power iteration runs to this relative change of sigma
-    lipschitz: str = "soft"  # "strict": every training forward applies norms <= c (certified bound per step)
+    architecture: str = "quick"
+    n_blocks: tuple[int, ...] | None = None
+    hidden_channels: tuple[int, ...] | None = None
+    strides: tuple[int, ...] | None = None
+    injective_padding: int | None = None
+    init_squeeze: bool | None = None
+    activation: str | None = None
+    coeff: float | None = None
+    n_power_iterations: int | None = None
+    power_tol: float | None = None  # > 0: each step's power iteration runs to this relative change of sigma
+    lipschitz: str | None = None  # "strict": every training forward applies norms <= c (certified per step)
     # optimisation
     optimizer: str = "sgd"
     lr: float = 0.1
@@ -105,18 +110,20 @@ class ClassifyConfig(cli.InverseOptions):
     progress: bool = True
 
     def __post_init__(self) -> None:
+        if self.architecture not in CLASSIFIER_PRESETS:
+            raise ValueError(
+                f"unknown classifier architecture {self.architecture!r}; choose one of {sorted(CLASSIFIER_PRESETS)}"
+            )
+        fill_from_architecture(self, CLASSIFIER_PRESETS[self.architecture])
         for name in ("n_blocks", "hidden_channels", "strides", "milestones", "recon_iterations"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
-        super().__post_init__()  # the inverse options
         if self.dataset not in DATASETS:
             raise ValueError(f"unknown dataset {self.dataset!r}; choose one of {sorted(DATASETS)}")
         if self.model not in MODELS:
             raise ValueError(f"unknown model {self.model!r}; choose one of {MODELS}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {self.optimizer!r}; choose one of {OPTIMIZERS}")
-        for name in ("epochs", "batch_size", "eval_batch_size", "recon_images", "log_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        check_at_least(self, 1, ("epochs", "batch_size", "eval_batch_size", "recon_images", "log_every"))
         for name in ("warmup_steps", "weight_decay", "grad_clip", "momentum"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -127,26 +134,13 @@ class ClassifyConfig(cli.InverseOptions):
         if not 0.0 <= self.validation_fraction < 1.0:
             raise ValueError(f"validation_fraction must be in [0, 1), got {self.validation_fraction}")
         check_device_name(self.device)
-        self.architecture((1, 32, 32), 10)  # the library validates the rest (c in (0, 1), stages, ...)
+        self.inverse_config()
+        self.classifier_architecture((1, 32, 32), 10)  # the library validates the rest (c in (0, 1), stages, ...)
 
-    def architecture(self, input_shape: tuple[int, int, int], num_classes: int) -> ClassifierArchitecture:
-        vanilla = self.model != "iresnet"
-        return ClassifierArchitecture(
-            input_shape=input_shape,
-            num_classes=num_classes,
-            n_blocks=self.n_blocks,
-            hidden_channels=self.hidden_channels,
-            strides=self.strides,
-            injective_padding=self.injective_padding,
-            init_squeeze=self.init_squeeze,
-            activation=self.activation,
-            coeff=None if vanilla else self.coeff,
-            n_power_iterations=self.n_power_iterations,
-            power_tol=0.0 if vanilla else self.power_tol,
-            lipschitz=self.lipschitz,
-            norm="none" if self.model == "resnet-bn" else "actnorm",
-            branch_batchnorm=self.model == "resnet-bn",
-        )
+    def classifier_architecture(self, input_shape: tuple[int, int, int], num_classes: int) -> ClassifierArchitecture:
+        preset = CLASSIFIER_PRESETS[self.architecture]
+        arch = architecture_of(self, preset, input_shape=input_shape, num_classes=num_classes)
+        return classifier_variant(arch, self.model)
 
 
 _PAPER_SCHEDULE = dict(
@@ -158,28 +152,18 @@ _PAPER_SCHEDULE = dict(
     lr_decay=0.2,
     epochs=200,
     batch_size=128,
-    n_power_iterations=1,
 )
+# Presets are data: a model preset and training settings, on top of the defaults.
 PRESETS: dict[str, dict] = {
-    "quick": {},
-    # App. C.2: 39 pre-activation bottleneck blocks (13 per stage), two squeezes, c = 0.9
-    "paper-mnist": dict(
-        dataset="mnist", n_blocks=(13, 13, 13), hidden_channels=(32, 64, 128), injective_padding=3, **_PAPER_SCHEDULE
-    ),
-    "paper-cifar10": dict(
-        dataset="cifar10", n_blocks=(13, 13, 13), hidden_channels=(32, 64, 128), injective_padding=13, **_PAPER_SCHEDULE
-    ),
-    "paper-cifar100": dict(
-        dataset="cifar100",
-        n_blocks=(13, 13, 13),
-        hidden_channels=(32, 64, 128),
-        injective_padding=13,
-        **_PAPER_SCHEDULE,
-    ),
+    "quick": dict(architecture="quick"),
+    # App. C.2: 39 pre-activation bottleneck blocks (13 per stage), two squeezes, c = 0.9, 1 power iteration
+    "paper-mnist": dict(dataset="mnist", architecture="paper-mnist", **_PAPER_SCHEDULE),
+    "paper-cifar10": dict(dataset="cifar10", architecture="paper-cifar10", **_PAPER_SCHEDULE),
+    "paper-cifar100": dict(dataset="cifar100", architecture="paper-cifar100", **_PAPER_SCHEDULE),
 }
 
 
-def _normalization(train: ImageSplit) -> tuple[torch.Tensor, torch.Tensor]:
+def _normalization(train: ImageSplit) -> tuple[Tensor, Tensor]:
     x = train.images.float() / 255.0
     return x.mean(dim=(0, 2, 3)), x.std(dim=(0, 2, 3)).clamp_min(1e-3)
 
@@ -193,128 +177,94 @@ def _optimizer(cfg: ClassifyConfig, params) -> torch.optim.Optimizer:
     return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
+class ClassifyTask:
+    """Cross-entropy training of a residual classifier; test error per epoch, invertibility measured at the end."""
+
+    eval_every = 1
+
+    def __init__(self, cfg: ClassifyConfig, splits: Splits, device: torch.device) -> None:
+        self.cfg, self.splits, self.device = cfg, splits, device
+        data = splits.data
+        if data.n_levels != 256:
+            log.info(
+                "dataset %s has %d intensity levels; inputs are scaled by 1/255 all the same", data.name, data.n_levels
+            )
+        self.mean, self.std = (t.to(device) for t in _normalization(splits.train))
+        self.augment = AUGMENTATIONS.get(cfg.dataset, Augmentation()) if cfg.augment else Augmentation()
+        self.arch = cfg.classifier_architecture(data.shape, data.num_classes)
+        self.model = ResidualClassifier(self.arch, inverse_config=cfg.inverse_config()).to(device)
+        self.optimizer = _optimizer(cfg, self.model.parameters())
+        steps_per_epoch = len(splits.train) // cfg.batch_size
+        warmup, decay = linear_warmup(cfg.warmup_steps), step_decay(cfg.milestones, cfg.lr_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: warmup(step) * decay(step // steps_per_epoch)
+        )
+
+    def prepare(self, images: Tensor, train: bool) -> Tensor:
+        images = images.to(self.device, non_blocking=True)
+        if train:
+            images = self.augment(images)
+        return (images.float() / 255.0 - self.mean[:, None, None]) / self.std[:, None, None]
+
+    def initialize(self) -> None:  # ActNorm's data-dependent initialisation (the model is in train mode)
+        train = self.splits.train
+        self.model(self.prepare(train.images[torch.randperm(len(train))[:512]], train=False))
+
+    def params(self) -> dict:
+        return {
+            "input_shape": self.arch.input_shape,
+            "num_classes": self.arch.num_classes,
+            "n_parameters": n_parameters(self.model),
+            "resolved_device": str(self.device),
+            "invertible_by_construction": self.arch.invertible,
+        }
+
+    def on_start(self, new_run: bool) -> None:
+        if new_run:
+            log_json({"mean": self.mean.tolist(), "std": self.std.tolist()}, "normalization.json")
+        mlflow.set_tag("model", self.cfg.model)
+
+    def step(self, forward: nn.Module, batch) -> tuple[Tensor, dict[str, Tensor]]:
+        images, labels = batch
+        logits = forward(self.prepare(images, train=True))
+        labels = labels.to(self.device, non_blocking=True)
+        loss = F.cross_entropy(logits, labels)
+        accuracy = (logits.argmax(dim=1) == labels).float().mean()
+        return loss, {"accuracy": accuracy.detach()}  # read at log_every, not per step
+
+    @torch.no_grad()
+    def _error_and_loss(self, split: ImageSplit) -> tuple[float, float]:
+        self.model.eval()
+        correct, total_loss = 0, 0.0
+        for images, labels in iterate_batches(split, self.cfg.eval_batch_size, shuffle=False):
+            logits = self.model(self.prepare(images, train=False))
+            labels = labels.to(self.device)
+            total_loss += float(F.cross_entropy(logits, labels, reduction="sum"))
+            correct += int((logits.argmax(dim=1) == labels).sum())
+        self.model.train()
+        return 100.0 * (1 - correct / len(split)), total_loss / len(split)
+
+    def evaluate(self, epoch: int) -> dict[str, float]:
+        metrics = {}
+        validation = self.splits.validation
+        if validation is not None:
+            metrics["val_error"], metrics["val_loss"] = self._error_and_loss(validation)
+        if validation is None or epoch == self.cfg.epochs:
+            metrics["test_error"], metrics["test_loss"] = self._error_and_loss(self.splits.data.test)
+        return metrics
+
+    def finalise(self, run_id: str) -> None:
+        _measure_invertibility(self.model, self.splits.data.test, self.prepare, self.mean, self.std, self.cfg)
+        log_model(self.model)
+
+
 def run(cfg: ClassifyConfig, *, on_epoch_end: EpochHook | None = None) -> str:
     """Train, evaluate and measure invertibility; returns the MLflow run id.
 
     ``on_epoch_end(epoch, metrics)`` sees each epoch's metrics (a sweep reports and prunes there). Under
     ``torchrun`` the ranks train data-parallel (see :mod:`pipeline.training.distributed`).
     """
-    with distributed_session(cfg.device) as (ctx, device):
-        return _run(cfg, ctx, device, on_epoch_end)
-
-
-def _run(cfg: ClassifyConfig, ctx: DistributedContext, device: torch.device, on_epoch_end: EpochHook | None) -> str:
-    check_global_batch(cfg.batch_size, ctx)
-    data = load_dataset(cfg.dataset, cfg.data_dir, download=cfg.download)
-    if data.n_levels != 256:
-        log.info(
-            "dataset %s has %d intensity levels; inputs are scaled by 1/255 all the same", data.name, data.n_levels
-        )
-    train_split, val_split = (
-        data.split_validation(cfg.validation_fraction, seed=cfg.seed)
-        if cfg.validation_fraction > 0
-        else (data.train, None)
-    )
-    mean, std = (t.to(device) for t in _normalization(train_split))
-    augment = AUGMENTATIONS.get(cfg.dataset, Augmentation()) if cfg.augment else Augmentation()
-
-    def prepare(images: torch.Tensor, train: bool) -> torch.Tensor:
-        images = images.to(device, non_blocking=True)
-        if train:
-            images = augment(images)
-        return (images.float() / 255.0 - mean[:, None, None]) / std[:, None, None]
-
-    torch.manual_seed(cfg.seed)
-    arch = cfg.architecture(data.shape, data.num_classes)
-    model = ResidualClassifier(arch, inverse_config=cfg.inverse_config()).to(device)
-    optimizer = _optimizer(cfg, model.parameters())
-    batches = epoch_batches(train_split, cfg.batch_size, cfg.seed)  # refuses a batch larger than the data
-    steps_per_epoch = len(train_split) // cfg.batch_size
-    warmup, decay = linear_warmup(cfg.warmup_steps), step_decay(cfg.milestones, cfg.lr_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup(step) * decay(step // steps_per_epoch))
-
-    with cli.main_rank_run(cfg, ctx) as run_id:
-        state, ckpt_path = cli.start_or_resume(
-            cfg,
-            run_id,
-            model,
-            optimizer,
-            scheduler,
-            device,
-            # ActNorm's data-dependent initialisation (the model is in train mode from construction)
-            initialize=lambda: model(prepare(train_split.images[torch.randperm(len(train_split))[:512]], train=False)),
-            params={
-                "input_shape": arch.input_shape,
-                "num_classes": arch.num_classes,
-                "n_parameters": n_parameters(model),
-                "resolved_device": str(device),
-                "invertible_by_construction": arch.invertible,
-            },
-            ctx=ctx,
-        )
-        if ctx.is_main:
-            if state is None:
-                log_json({"mean": mean.tolist(), "std": std.tolist()}, "normalization.json")
-            mlflow.set_tag("model", cfg.model)
-        train_model = wrap_model(model, ctx, device)  # DDP under torchrun (after the initialisation)
-
-        def step_fn(batch):
-            images, labels = batch
-            logits = train_model(prepare(images, train=True))
-            labels = labels.to(device, non_blocking=True)
-            loss = F.cross_entropy(logits, labels)
-            accuracy = (logits.argmax(dim=1) == labels).float().mean()
-            return loss, {"accuracy": accuracy.detach()}  # read at log_every, not per step
-
-        @torch.no_grad()
-        def error_and_loss(split: ImageSplit) -> tuple[float, float]:
-            model.eval()
-            correct, total_loss = 0, 0.0
-            for images, labels in iterate_batches(split, cfg.eval_batch_size, shuffle=False):
-                logits = model(prepare(images, train=False))
-                labels = labels.to(device)
-                total_loss += float(F.cross_entropy(logits, labels, reduction="sum"))
-                correct += int((logits.argmax(dim=1) == labels).sum())
-            model.train()
-            return 100.0 * (1 - correct / len(split)), total_loss / len(split)
-
-        def evaluate(epoch: int) -> dict[str, float]:
-            metrics = {}
-            if val_split is not None:
-                metrics["val_error"], metrics["val_loss"] = error_and_loss(val_split)
-            if val_split is None or epoch == cfg.epochs:
-                metrics["test_error"], metrics["test_loss"] = error_and_loss(data.test)
-            return metrics
-
-        batches = shard_batches(batches, ctx)
-        loop = LoopConfig(
-            log_metrics=log_metrics,
-            epochs=cfg.epochs,
-            checkpoint_path=ckpt_path,
-            grad_clip=cfg.grad_clip,
-            log_every=cfg.log_every,
-            eval_every=1,
-            amp=cfg.amp,
-            progress=cfg.progress,
-            distributed=ctx,
-        )
-        fit(
-            model,
-            optimizer,
-            scheduler,
-            batches,
-            step_fn,
-            loop,
-            state=state,
-            evaluate=evaluate,
-            checkpoint_extra={"config": asdict(cfg)},
-            on_epoch_end=cli.chain_epoch_hooks(lambda epoch, _: cli.log_spectral_estimates(model, epoch), on_epoch_end),
-        )
-        cli.log_replica_consistency(model, ctx)
-        if ctx.is_main:
-            _measure_invertibility(model, data.test, prepare, mean, std, cfg)
-            log_model(model)
-    return run_id
+    return run_training(cfg, ClassifyTask, on_epoch_end)
 
 
 @torch.no_grad()
@@ -355,43 +305,38 @@ def _measure_invertibility(
                 **{f"recon_{k}": v for k, v in report.summary().items()},
             }
         )
-        # Fig. 6: certified largest singular value of every operator
-        norms = layer_operator_norms(model)
-        write_csv(norms, out / "layer_spectral_norms.csv")
-        fig, ax = new_figure(7, 4)
-        ax.plot(range(len(norms)), [r["norm"] for r in norms], marker=".", linestyle="none")
-        ax.axhline(1.0, color="k", linewidth=0.8)
-        if cfg.model == "iresnet":
-            ax.axhline(cfg.coeff, color="r", linestyle="--", linewidth=0.8, label=f"c = {cfg.coeff}")
-            ax.legend()
-        ax.set_xlabel("layer")
-        ax.set_ylabel("largest singular value (certified)")
-        save_figure(fig, out / "layer_spectral_norms.png")
-        bounds, certified = certified_lipschitz(model)
-        log_json({"block_lipschitz_certified": bounds, "certified_invertible": certified}, "lipschitz.json")
-        log_metrics(
-            {
-                "max_layer_norm": max(r["norm"] for r in norms),
-                "max_block_lipschitz": max(bounds),
-                "certified_invertible": float(certified),
-            }
-        )
-        mlflow.set_tag("certified_invertible", str(certified).lower())
+        _log_layer_norms(model, out, cfg)
         mlflow.log_artifacts(str(out))
 
 
+def _log_layer_norms(model: ResidualClassifier, out: Path, cfg: ClassifyConfig) -> None:
+    """Fig. 6: the certified largest singular value of every operator, and the certified block bounds."""
+    norms = layer_operator_norms(model)
+    write_csv(norms, out / "layer_spectral_norms.csv")
+    fig, ax = new_figure(7, 4)
+    ax.plot(range(len(norms)), [r["norm"] for r in norms], marker=".", linestyle="none")
+    ax.axhline(1.0, color="k", linewidth=0.8)
+    if cfg.model == "iresnet":
+        ax.axhline(cfg.coeff, color="r", linestyle="--", linewidth=0.8, label=f"c = {cfg.coeff}")
+        ax.legend()
+    ax.set_xlabel("layer")
+    ax.set_ylabel("largest singular value (certified)")
+    save_figure(fig, out / "layer_spectral_norms.png")
+    bounds, certified = certified_lipschitz(model)
+    log_json({"block_lipschitz_certified": bounds, "certified_invertible": certified}, "lipschitz.json")
+    log_metrics(
+        {
+            "max_layer_norm": max(r["norm"] for r in norms),
+            "max_block_lipschitz": max(bounds),
+            "certified_invertible": float(certified),
+        }
+    )
+    mlflow.set_tag("certified_invertible", str(certified).lower())
+
+
 # --- command line -------------------------------------------------------------------------------
-def config_from_preset(preset: str, **overrides) -> ClassifyConfig:
-    return cli.config_from_preset(ClassifyConfig, PRESETS, preset, **overrides)
-
-
-def config_for_resume(run_id: str, **overrides) -> ClassifyConfig:
-    return cli.config_for_resume(ClassifyConfig, run_id, **overrides)
-
-
-def main(argv: list[str] | None = None) -> int:
-    return cli.entry_point_main(ClassifyConfig, PRESETS, run, argv, __doc__)
-
+ENTRY = EntryPoint(ClassifyConfig, PRESETS, run, __doc__)
+config_from_preset, config_for_resume, main = ENTRY.config_from_preset, ENTRY.config_for_resume, ENTRY.main
 
 if __name__ == "__main__":
     sys.exit(main())

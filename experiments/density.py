@@ -14,37 +14,31 @@ import logging
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import mlflow
 import torch
+from torch import Tensor, nn
 
-from experiments import cli
-from experiments.tracking import PROJECT_ROOT, log_json, log_metrics, log_model, write_csv
-from pipeline.data import (
-    DATASETS,
-    ImageSplit,
-    dequantize,
-    epoch_batches,
-    load_dataset,
-    pad_images,
+from experiments.config import (
+    EstimatorOptions,
+    InverseOptions,
+    architecture_of,
+    check_at_least,
+    fill_from_architecture,
 )
+from experiments.runner import EntryPoint, Splits, run_training
+from experiments.tracking import PROJECT_ROOT, log_json, log_metrics, log_model, write_csv
+from pipeline.data import DATASETS, ImageSplit, dequantize, pad_images
 from pipeline.diagnostics import logdet_variance_report, total_logdet_std_bits_per_dim
 from pipeline.evaluation import EvalProtocol, diagonal_gaussian_baseline_bits_per_dim, evaluate_bits_per_dim
 from pipeline.metrics import bits_per_dim
-from pipeline.models import FlowArchitecture, IResNetFlow
+from pipeline.models import FLOW_PRESETS, FlowArchitecture, IResNetFlow
 from pipeline.models.base import n_parameters
 from pipeline.plotting import new_figure, save_figure, save_image_grid
 from pipeline.training.device import check_device_name
-from pipeline.training.distributed import (
-    DistributedContext,
-    check_global_batch,
-    distributed_session,
-    shard_batches,
-    wrap_model,
-)
-from pipeline.training.loop import EpochHook, LoopConfig, fit
+from pipeline.training.loop import EpochHook
 from pipeline.training.schedule import warmup_then
 from pipeline.transforms import InverseReport
 
@@ -52,12 +46,13 @@ log = logging.getLogger("experiments.density")
 
 
 @dataclass(frozen=True)
-class DensityConfig(cli.EstimatorOptions, cli.InverseOptions):
+class DensityConfig(EstimatorOptions, InverseOptions):
     """Everything a density run needs; validated in one place (``__post_init__``).
 
-    The training log-det estimator's options (``estimator``, ``n_terms``, ``gradient``, ...) come from
-    :class:`experiments.cli.EstimatorOptions`, the inverse's (``inverse_tol``, ``inverse_method``) from
-    :class:`experiments.cli.InverseOptions`.
+    The flow is the model preset ``architecture`` (:data:`pipeline.models.FLOW_PRESETS`); each architecture
+    field left ``None`` takes that preset's value. The training log-det estimator's options (``estimator``,
+    ``n_terms``, ``gradient``, ...) are :class:`~experiments.config.EstimatorOptions`, the inverse's
+    (``inverse_tol``, ``inverse_method``) :class:`~experiments.config.InverseOptions`.
     """
 
     preset: str = "quick"
@@ -67,14 +62,15 @@ class DensityConfig(cli.EstimatorOptions, cli.InverseOptions):
     download: bool = False
     pad: int = 0
     validation_fraction: float = 0.0  # > 0: evaluate on a held-out part of train (sweeps), test at the end
-    # model
-    n_blocks: tuple[int, ...] = (4, 4)
-    hidden_channels: tuple[int, ...] = (32,)  # one width for every level, or one per level
-    coeff: float = 0.9
-    n_power_iterations: int = 5
-    power_tol: float = 0.0  # > 0: each step's power iteration runs to this relative change of sigma
-    lipschitz: str = "soft"  # "strict": every training forward applies norms <= c (certified bound per step)
-    activation: str = "elu"
+    # model: a FLOW_PRESETS entry, any of its fields below overridden (None: the preset's)
+    architecture: str = "quick"
+    n_blocks: tuple[int, ...] | None = None
+    hidden_channels: tuple[int, ...] | None = None  # one width for every level, or one per level
+    coeff: float | None = None
+    n_power_iterations: int | None = None
+    power_tol: float | None = None  # > 0: each step's power iteration runs to this relative change of sigma
+    lipschitz: str | None = None  # "strict": every training forward applies norms <= c (certified per step)
+    activation: str | None = None
     # optimisation
     epochs: int = 10
     batch_size: int = 64
@@ -108,21 +104,22 @@ class DensityConfig(cli.EstimatorOptions, cli.InverseOptions):
     progress: bool = True
 
     def __post_init__(self) -> None:
+        if self.architecture not in FLOW_PRESETS:
+            raise ValueError(f"unknown flow architecture {self.architecture!r}; choose one of {sorted(FLOW_PRESETS)}")
+        hidden_from_preset = self.hidden_channels is None
+        fill_from_architecture(self, FLOW_PRESETS[self.architecture])
         object.__setattr__(self, "n_blocks", tuple(self.n_blocks))
         hidden = self.hidden_channels
-        object.__setattr__(self, "hidden_channels", (hidden,) if isinstance(hidden, int) else tuple(hidden))
+        hidden = (hidden,) if isinstance(hidden, int) else tuple(hidden)
+        if hidden_from_preset and len(set(hidden)) == 1:
+            hidden = hidden[:1]  # the preset's one width for every level, whatever the number of levels
+        object.__setattr__(self, "hidden_channels", hidden)
         if self.dataset not in DATASETS:
             raise ValueError(f"unknown dataset {self.dataset!r}; choose one of {sorted(DATASETS)}")
-        positive = ("epochs", "batch_size", "eval_batch_size", "n_samples", "log_every", "max_passes")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        super().__post_init__()  # the estimator and inverse options
-        if self.variance_repeats == 1:
+        check_at_least(self, 1, ("epochs", "batch_size", "eval_batch_size", "n_samples", "log_every", "max_passes"))
+        check_at_least(self, 0, ("pad", "warmup_steps", "eval_every", "eval_max_images", "eval_subset"))
+        if self.variance_repeats < 0 or self.variance_repeats == 1:
             raise ValueError("variance_repeats must be 0 (off) or >= 2 (a spread needs two draws)")
-        for name in ("pad", "warmup_steps", "eval_every", "eval_max_images", "eval_subset", "variance_repeats"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0.0 <= self.validation_fraction < 1.0:
             raise ValueError(f"validation_fraction must be in [0, 1), got {self.validation_fraction}")
         if not self.lr > 0:
@@ -133,37 +130,29 @@ class DensityConfig(cli.EstimatorOptions, cli.InverseOptions):
         if not self.sample_temperature >= 0:
             raise ValueError(f"sample_temperature must be >= 0, got {self.sample_temperature}")
         # the library validates its own pieces; building them here fails before any run starts
-        self.architecture((1, 2 ** len(self.n_blocks), 2 ** len(self.n_blocks)))
+        self.training_estimator()
+        self.inverse_config()
+        self.flow_architecture((1, 2 ** len(self.n_blocks), 2 ** len(self.n_blocks)))
         self.protocol()
         check_device_name(self.device)
 
-    def architecture(self, input_shape: tuple[int, int, int]) -> FlowArchitecture:
-        return FlowArchitecture(
-            input_shape=input_shape,
-            n_blocks=self.n_blocks,
-            hidden_channels=self.hidden_channels,
-            activation=self.activation,
-            coeff=self.coeff,
-            n_power_iterations=self.n_power_iterations,
-            power_tol=self.power_tol,
-            lipschitz=self.lipschitz,
-        )
+    def flow_architecture(self, input_shape: tuple[int, int, int]) -> FlowArchitecture:
+        return architecture_of(self, FLOW_PRESETS[self.architecture], input_shape=input_shape)
 
     def protocol(self) -> EvalProtocol:
         return EvalProtocol(bias_tol=self.bias_tol, se_tol=self.se_tol, max_passes=self.max_passes)
 
 
-# Presets are data: each is a set of field values on top of the defaults.
+# Presets are data: a model preset and training settings, on top of the defaults.
 PRESETS: dict[str, dict] = {
     # the embedded 5,000 MNIST digits; minutes on two CPU cores. The best configuration measured by
-    # benchmarks/quality.py at the quick run's training CPU (README, "Quality per CPU second"): c close to 1,
-    # a high rate decayed to zero, small batches, 2 series terms, a power iteration close to converged
+    # benchmarks/quality.py at the quick run's training CPU (README, "Quality per CPU second"): the "quick" flow
+    # (c close to 1, a power iteration close to converged), a high rate decayed to zero, small batches, 2 terms
     "quick": dict(
-        coeff=0.97,
+        architecture="quick",
         lr=5e-2,
         lr_schedule="cosine",
         n_terms=2,
-        n_power_iterations=10,
         batch_size=32,
         epochs=6,
         eval_every=3,
@@ -177,9 +166,7 @@ PRESETS: dict[str, dict] = {
     "paper-mnist": dict(
         dataset="mnist",
         pad=2,
-        n_blocks=(32, 32, 32),
-        hidden_channels=32,
-        n_power_iterations=5,
+        architecture="mnist",
         n_terms=10,
         epochs=200,
         batch_size=128,
@@ -190,9 +177,7 @@ PRESETS: dict[str, dict] = {
     # 3 scales x 32 blocks, 512 filters, 5 series terms
     "paper-cifar10": dict(
         dataset="cifar10",
-        n_blocks=(32, 32, 32),
-        hidden_channels=512,
-        n_power_iterations=5,
+        architecture="cifar10",
         n_terms=5,
         epochs=200,
         batch_size=64,
@@ -204,9 +189,107 @@ PRESETS: dict[str, dict] = {
 
 
 # --- the run ------------------------------------------------------------------------------------
-def _input_shape(split: ImageSplit, pad: int) -> tuple[int, int, int]:
-    c, h, w = split.images.shape[1:]
-    return (c, h + 2 * pad, w + 2 * pad)
+class DensityTask:
+    """Maximum likelihood of the i-ResNet flow on dequantised images, scored in bits/dim."""
+
+    def __init__(self, cfg: DensityConfig, splits: Splits, device: torch.device) -> None:
+        self.cfg, self.splits, self.device = cfg, splits, device
+        data = splits.data
+        self.n_levels = data.n_levels
+        evaluated = splits.validation if splits.validation is not None else data.test
+        if cfg.eval_max_images:
+            evaluated = evaluated.subset(torch.arange(min(cfg.eval_max_images, len(evaluated))))
+        self.evaluated = evaluated
+        # evaluations before the last epoch see a cheap subset; the last one all
+        self.evaluated_subset = (
+            evaluated.subset(torch.arange(min(cfg.eval_subset, len(evaluated)))) if cfg.eval_subset else evaluated
+        )
+        c, h, w = data.train.images.shape[1:]
+        self.arch = cfg.flow_architecture((c, h + 2 * cfg.pad, w + 2 * cfg.pad))
+        self.model = IResNetFlow(self.arch, estimator=cfg.training_estimator(), inverse_config=cfg.inverse_config()).to(
+            device
+        )
+        self.optimizer = torch.optim.Adamax(self.model.parameters(), lr=cfg.lr)
+        self.steps_per_epoch = len(splits.train) // cfg.batch_size
+        schedule = warmup_then(
+            cfg.lr_schedule, cfg.warmup_steps, cfg.epochs * self.steps_per_epoch, cfg.lr_final_fraction
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
+        self.eval_every = cfg.eval_every
+        self.eval_cpu_seconds = 0.0
+
+    def prepare(self, images: Tensor) -> Tensor:
+        return dequantize(pad_images(images.to(self.device, non_blocking=True), self.cfg.pad), self.n_levels)
+
+    def initialize(self) -> None:  # ActNorm's data-dependent initialisation on a large batch
+        train = self.splits.train
+        self.model(self.prepare(train.images[torch.randperm(len(train))[:512]]))
+
+    def params(self) -> dict:
+        return {
+            "n_levels": self.n_levels,
+            "input_shape": self.arch.input_shape,
+            "n_parameters": n_parameters(self.model),
+            "resolved_device": str(self.device),
+        }
+
+    def on_start(self, new_run: bool) -> None:
+        # the reference point: the diagonal Gaussian, exact and free (an untrained flow's value said nothing and
+        # cost 1% of the quick run's CPU)
+        if new_run:
+            baseline = diagonal_gaussian_baseline_bits_per_dim(
+                self.splits.train, self.splits.data.test, n_levels=self.n_levels, pad=self.cfg.pad
+            )
+            log_metrics({"baseline_diagonal_gaussian_test_bpd": baseline})
+
+    def step(self, forward: nn.Module, batch) -> tuple[Tensor, dict[str, Tensor]]:
+        images, _ = batch
+        zs, logdet = forward(self.prepare(images))
+        bpd = bits_per_dim(self.model.prior_log_prob(zs) + logdet, self.model.dim, self.n_levels).mean()
+        return bpd, {"bpd": bpd.detach(), "logdet": logdet.detach().mean()}  # read at log_every, not per step
+
+    def _bits_per_dim(self, split: ImageSplit, prefix: str, protocol: EvalProtocol) -> dict[str, float]:
+        cfg = self.cfg
+        return evaluate_bits_per_dim(
+            self.model,
+            split,
+            n_levels=self.n_levels,
+            pad=cfg.pad,
+            batch_size=cfg.eval_batch_size,
+            protocol=protocol,
+            progress=cfg.progress,
+        ).metrics(prefix)
+
+    def evaluate(self, epoch: int) -> dict[str, float]:
+        started = time.process_time()
+        final = epoch == self.cfg.epochs
+        # before the last epoch: the subset, and the fewest passes (an indicative value with its standard
+        # error, converged or not); the full protocol runs once, at the end. n_images is logged with each
+        protocol = self.cfg.protocol()
+        if not final:
+            protocol = replace(protocol, max_passes=protocol.min_passes)
+        held_out = self.splits.validation is not None
+        metrics = self._bits_per_dim(
+            self.evaluated if final else self.evaluated_subset, "val" if held_out else "test", protocol
+        )
+        if held_out and final:
+            metrics |= self._bits_per_dim(self.splits.data.test, "test", protocol)
+        self.eval_cpu_seconds += time.process_time() - started
+        return metrics | {"eval_cpu_seconds": self.eval_cpu_seconds}  # cumulative, this process
+
+    def finalise(self, run_id: str) -> None:
+        _log_final_artifacts(self.model, self.splits.data.test, self.prepare, self.cfg, run_id, self.steps_per_epoch)
+        # what evaluation cost next to everything this process did (training, artifacts, evaluation)
+        total = time.process_time()
+        log_metrics({"process_cpu_seconds": total, "eval_cpu_fraction": self.eval_cpu_seconds / total})
+
+
+def run(cfg: DensityConfig, *, on_epoch_end: EpochHook | None = None) -> str:
+    """Train and evaluate; returns the MLflow run id. ``on_epoch_end(epoch, metrics)`` sees each epoch's metrics.
+
+    Under ``torchrun`` the ranks train data-parallel (see :mod:`pipeline.training.distributed`).
+    """
+    return run_training(cfg, DensityTask, on_epoch_end)
 
 
 def _log_history_figure(run_id: str, out: Path, steps_per_epoch: int) -> None:
@@ -227,138 +310,6 @@ def _log_history_figure(run_id: str, out: Path, steps_per_epoch: int) -> None:
     ax.legend()
     ax.grid(alpha=0.3)
     save_figure(fig, out)
-
-
-def run(cfg: DensityConfig, *, on_epoch_end: EpochHook | None = None) -> str:
-    """Train and evaluate; returns the MLflow run id. ``on_epoch_end(epoch, metrics)`` sees each epoch's metrics.
-
-    Under ``torchrun`` the ranks train data-parallel (see :mod:`pipeline.training.distributed`).
-    """
-    with distributed_session(cfg.device) as (ctx, device):
-        return _run(cfg, ctx, device, on_epoch_end)
-
-
-def _run(cfg: DensityConfig, ctx: DistributedContext, device: torch.device, on_epoch_end: EpochHook | None) -> str:
-    check_global_batch(cfg.batch_size, ctx)
-    data = load_dataset(cfg.dataset, cfg.data_dir, download=cfg.download)  # fails before a run exists
-    train_split, val_split = (
-        data.split_validation(cfg.validation_fraction, seed=cfg.seed)
-        if cfg.validation_fraction > 0
-        else (data.train, None)
-    )
-    eval_split = val_split if val_split is not None else data.test
-    if cfg.eval_max_images:
-        eval_split = eval_split.subset(torch.arange(min(cfg.eval_max_images, len(eval_split))))
-    # evaluations before the last epoch see a cheap subset; the last one all
-    subset_split = (
-        eval_split.subset(torch.arange(min(cfg.eval_subset, len(eval_split)))) if cfg.eval_subset else eval_split
-    )
-
-    batches = shard_batches(epoch_batches(train_split, cfg.batch_size, cfg.seed), ctx)  # refuses a batch > data
-
-    torch.manual_seed(cfg.seed)
-    arch = cfg.architecture(_input_shape(data.train, cfg.pad))
-    model = IResNetFlow(arch, estimator=cfg.training_estimator(), inverse_config=cfg.inverse_config()).to(device)
-    optimizer = torch.optim.Adamax(model.parameters(), lr=cfg.lr)
-    total_steps = cfg.epochs * (len(train_split) // cfg.batch_size)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, warmup_then(cfg.lr_schedule, cfg.warmup_steps, total_steps, cfg.lr_final_fraction)
-    )
-    n_levels, pad = data.n_levels, cfg.pad
-
-    def prepare(images: torch.Tensor) -> torch.Tensor:
-        return dequantize(pad_images(images.to(device, non_blocking=True), pad), n_levels)
-
-    with cli.main_rank_run(cfg, ctx) as run_id:
-        state, ckpt_path = cli.start_or_resume(
-            cfg,
-            run_id,
-            model,
-            optimizer,
-            scheduler,
-            device,
-            # ActNorm's data-dependent initialisation on a large batch
-            initialize=lambda: model(prepare(train_split.images[torch.randperm(len(train_split))[:512]])),
-            params={
-                "n_levels": n_levels,
-                "input_shape": arch.input_shape,
-                "n_parameters": n_parameters(model),
-                "resolved_device": str(device),
-            },
-            ctx=ctx,
-        )
-        train_model = wrap_model(model, ctx, device)  # DDP under torchrun (after the initialisation)
-
-        def step_fn(batch):
-            images, _ = batch
-            x = prepare(images)
-            zs, logdet = train_model(x)
-            log_prob = model.prior_log_prob(zs) + logdet
-            bpd = bits_per_dim(log_prob, model.dim, n_levels).mean()
-            return bpd, {"bpd": bpd.detach(), "logdet": logdet.detach().mean()}  # read at log_every, not per step
-
-        def bpd_metrics(split: ImageSplit, prefix: str, protocol: EvalProtocol) -> dict[str, float]:
-            return evaluate_bits_per_dim(
-                model,
-                split,
-                n_levels=n_levels,
-                pad=pad,
-                batch_size=cfg.eval_batch_size,
-                protocol=protocol,
-                progress=cfg.progress,
-            ).metrics(prefix)
-
-        eval_cpu = {"seconds": 0.0}
-
-        def evaluate(epoch: int) -> dict[str, float]:
-            started = time.process_time()
-            final = epoch == cfg.epochs
-            # before the last epoch: the subset, and the fewest passes (an indicative value with its standard
-            # error, converged or not); the full protocol runs once, at the end. n_images is logged with each
-            split = eval_split if final else subset_split
-            protocol = cfg.protocol() if final else replace(cfg.protocol(), max_passes=cfg.protocol().min_passes)
-            metrics = bpd_metrics(split, "val" if val_split is not None else "test", protocol)
-            if val_split is not None and final:
-                metrics |= bpd_metrics(data.test, "test", protocol)
-            eval_cpu["seconds"] += time.process_time() - started
-            return metrics | {"eval_cpu_seconds": eval_cpu["seconds"]}  # cumulative, this process
-
-        # the reference point: the diagonal Gaussian, exact and free (an untrained flow's value said nothing and
-        # cost 1% of the quick run's CPU)
-        if state is None and ctx.is_main:
-            baseline = diagonal_gaussian_baseline_bits_per_dim(train_split, data.test, n_levels=n_levels, pad=pad)
-            log_metrics({"baseline_diagonal_gaussian_test_bpd": baseline})
-        loop = LoopConfig(
-            log_metrics=log_metrics,
-            epochs=cfg.epochs,
-            checkpoint_path=ckpt_path,
-            grad_clip=cfg.grad_clip,
-            log_every=cfg.log_every,
-            eval_every=cfg.eval_every,
-            amp=cfg.amp,
-            progress=cfg.progress,
-            distributed=ctx,
-        )
-
-        fit(
-            model,
-            optimizer,
-            scheduler,
-            batches,
-            step_fn,
-            loop,
-            state=state,
-            evaluate=evaluate,
-            checkpoint_extra={"config": asdict(cfg)},
-            on_epoch_end=cli.chain_epoch_hooks(lambda epoch, _: cli.log_spectral_estimates(model, epoch), on_epoch_end),
-        )
-        cli.log_replica_consistency(model, ctx)
-        if ctx.is_main:
-            _log_final_artifacts(model, data.test, prepare, cfg, run_id, len(train_split) // cfg.batch_size)
-            # what evaluation cost next to everything this process did (training, artifacts, evaluation)
-            total = time.process_time()
-            log_metrics({"process_cpu_seconds": total, "eval_cpu_fraction": eval_cpu["seconds"] / total})
-    return run_id
 
 
 @torch.no_grad()
@@ -411,17 +362,8 @@ def _log_final_artifacts(
 
 
 # --- command line -------------------------------------------------------------------------------
-def config_from_preset(preset: str, **overrides) -> DensityConfig:
-    return cli.config_from_preset(DensityConfig, PRESETS, preset, **overrides)
-
-
-def config_for_resume(run_id: str, **overrides) -> DensityConfig:
-    return cli.config_for_resume(DensityConfig, run_id, **overrides)
-
-
-def main(argv: list[str] | None = None) -> int:
-    return cli.entry_point_main(DensityConfig, PRESETS, run, argv, __doc__)
-
+ENTRY = EntryPoint(DensityConfig, PRESETS, run, __doc__)
+config_from_preset, config_for_resume, main = ENTRY.config_from_preset, ENTRY.config_for_resume, ENTRY.main
 
 if __name__ == "__main__":
     sys.exit(main())

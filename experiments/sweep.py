@@ -47,7 +47,9 @@ import yaml
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from experiments import classify, cli, density
+from experiments import classify, density
+from experiments.config import build_parser
+from experiments.runner import EntryPoint
 from experiments.tracking import (
     PROJECT_ROOT,
     RunStopped,
@@ -214,7 +216,7 @@ class SweepConfig:
             key, value = item.split("=", 1)
             argv += [f"--{key.replace('_', '-')}", value]
         target = TARGETS[self.target]
-        parser = cli.build_parser(target.config_cls, target.module.PRESETS, None)
+        parser = build_parser(target.config_cls, target.module.PRESETS, None)
         try:
             parsed = vars(parser.parse_args(argv))
         except SystemExit:
@@ -297,8 +299,12 @@ def _retrying(method: Callable, also: Callable[[BaseException], bool] = lambda e
             except Exception as exc:
                 if delay is None or not (_unreachable(exc) or also(exc)):
                     raise
-                log.warning("study storage unreachable (%s: %s); retrying in %.0f s", type(exc).__name__,
-                            str(exc).splitlines()[0][:200], delay)
+                log.warning(
+                    "study storage unreachable (%s: %s); retrying in %.0f s",
+                    type(exc).__name__,
+                    str(exc).splitlines()[0][:200],
+                    delay,
+                )
                 time.sleep(delay)
         raise AssertionError("unreachable")
 
@@ -583,13 +589,8 @@ def _log_study_summary(study: optuna.Study, cfg: SweepConfig) -> None:
         mlflow.log_artifacts(str(out))
 
 
-def config_from_preset(preset: str, **overrides) -> SweepConfig:
-    return cli.config_from_preset(SweepConfig, PRESETS, preset, **overrides)
-
-
-def main(argv: list[str] | None = None) -> int:
-    return cli.entry_point_main(SweepConfig, PRESETS, run, argv, __doc__)
-
+ENTRY = EntryPoint(SweepConfig, PRESETS, run, __doc__)
+config_from_preset, main = ENTRY.config_from_preset, ENTRY.main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -23,7 +23,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from experiments import cli
+from experiments.config import EstimatorOptions, check_at_least, fill_from_architecture
+from experiments.runner import EntryPoint, log_spectral_estimates
 from experiments.tracking import PROJECT_ROOT, log_config, log_json, log_metrics, tracked_run, write_csv
 from pipeline.data.toy import TOY_DATASETS, sample_toy
 from pipeline.layers.branches import mlp_branch
@@ -42,8 +43,8 @@ EXACT = ExactLogDet()  # evaluation: the exact 2-D log-det, whatever estimator t
 
 
 @dataclass(frozen=True)
-class ToyConfig(cli.EstimatorOptions):
-    """The toy run; the i-ResNet's training log-det options come from :class:`experiments.cli.EstimatorOptions`.
+class ToyConfig(EstimatorOptions):
+    """The toy run; the i-ResNet's training log-det options are :class:`~experiments.config.EstimatorOptions`.
 
     Test NLLs and plotted densities always use the exact 2-D log-det, whatever the training estimator.
     """
@@ -53,8 +54,8 @@ class ToyConfig(cli.EstimatorOptions):
     datasets: str = "8gaussians"  # comma-separated names, or "all"
     models: str = "glow,iresnet"  # comma-separated names from TOY_MODELS
     architecture: str = "quick"  # i-ResNet vector-flow preset; Glow is matched to it in depth and parameters
-    coeff: float = 0.9
-    lipschitz: str = "soft"  # "strict": every training forward applies norms <= c (certified bound per step)
+    coeff: float | None = None  # None: the architecture preset's
+    lipschitz: str | None = None  # "strict": every training forward applies norms <= c (certified per step)
     steps: int = 2000
     steps_per_epoch: int = 250  # checkpoint and log epoch metrics this often
     batch_size: int = 256
@@ -90,23 +91,14 @@ class ToyConfig(cli.EstimatorOptions):
         return names
 
     def __post_init__(self) -> None:
-        super().__post_init__()
-        self.dataset_names()
-        self.model_names()
         if self.architecture not in VECTOR_FLOW_PRESETS:
             raise ValueError(f"unknown architecture {self.architecture!r}; choose one of {sorted(VECTOR_FLOW_PRESETS)}")
-        for name in (
-            "steps",
-            "steps_per_epoch",
-            "batch_size",
-            "n_test",
-            "grid_size",
-            "n_samples",
-            "dynamics_depth",
-            "dynamics_steps",
-        ):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        fill_from_architecture(self, VECTOR_FLOW_PRESETS[self.architecture])
+        self.training_estimator()  # the library validates every estimator option
+        self.dataset_names()
+        self.model_names()
+        names = ("steps", "steps_per_epoch", "batch_size", "n_test", "grid_size", "n_samples", "dynamics_depth")
+        check_at_least(self, 1, (*names, "dynamics_steps"))
         check_device_name(self.device)
         if self.dynamics_depth % 2:
             raise ValueError("dynamics_depth must be even (the x^3 target sits at half depth)")
@@ -140,8 +132,8 @@ def density_grid(model: FlowModel, limit: float, size: int, device: torch.device
     xx, yy = torch.meshgrid(coords, coords, indexing="xy")
     points = torch.stack([xx.reshape(-1), yy.reshape(-1)], dim=1)
     model.eval()
-    with torch.no_grad():
-        log_p = torch.cat([model.log_prob(chunk, estimator=EXACT) for chunk in points.split(4096)])
+    with torch.no_grad(), model.estimator(EXACT):
+        log_p = torch.cat([model.log_prob(chunk) for chunk in points.split(4096)])
     return coords.cpu().numpy(), log_p.exp().reshape(size, size).cpu().numpy()
 
 
@@ -184,7 +176,7 @@ def train_toy_model(
         batches,
         step_fn,
         loop,
-        on_epoch_end=lambda epoch, _: cli.log_spectral_estimates(model, epoch, prefix=prefix),
+        on_epoch_end=lambda epoch, _: log_spectral_estimates(model, epoch, prefix=prefix),
     )
     return model.eval()
 
@@ -259,6 +251,55 @@ def _dynamics_figure(cfg: ToyConfig, device: torch.device, out: Path) -> dict[st
 
 
 # --- the run ------------------------------------------------------------------------------------
+def _train_and_score(
+    cfg: ToyConfig, dataset: str, name: str, test: Tensor, device: torch.device, checkpoint: Path, out: Path
+) -> tuple[dict, tuple[np.ndarray, np.ndarray, float]]:
+    """Train model ``name`` on ``dataset``; its exact test NLL, density grid (saved) and samples' figure."""
+    torch.manual_seed(cfg.seed)
+    prefix = f"{dataset}/{name}/"
+    model = train_toy_model(TOY_MODELS[name](cfg), dataset, cfg, device, prefix, checkpoint)
+    with torch.no_grad(), model.estimator(EXACT):
+        nll = float(-model.log_prob(test).mean())
+        samples = model.sample(cfg.n_samples).cpu().numpy()
+    coords, density = density_grid(model, cfg.grid_limit, cfg.grid_size, device)
+    mass = grid_mass(coords, density)
+    log_metrics({f"{prefix}test_nll": nll, f"{prefix}grid_mass": mass})
+    np.save(out / f"density_{dataset}_{name}.npy", density)
+    fig, ax = new_figure(4, 4)
+    ax.scatter(samples[:, 0], samples[:, 1], s=1, alpha=0.5)
+    ax.set_xlim(-cfg.grid_limit, cfg.grid_limit)
+    ax.set_ylim(-cfg.grid_limit, cfg.grid_limit)
+    ax.set_title(f"{name} samples: {dataset}")
+    save_figure(fig, out / f"samples_{dataset}_{name}.png")
+    row = {
+        "dataset": dataset,
+        "model": name,
+        "test_nll_nats": nll,
+        "grid_mass": mass,
+        "n_parameters": n_parameters(model),
+    }
+    return row, (coords, density, nll)
+
+
+def _density_panels(fig, cfg: ToyConfig, row: int, n_rows: int, dataset: str, panels: list) -> None:
+    """One row of Fig. 2: the data's histogram, then each model's density with its test NLL."""
+    data = sample_toy(dataset, 20_000, seed=cfg.seed + 20_000).numpy()
+    n_cols = 1 + len(panels)
+    ax = fig.add_subplot(n_rows, n_cols, row * n_cols + 1)
+    ax.hist2d(data[:, 0], data[:, 1], bins=cfg.grid_size, range=[[-cfg.grid_limit, cfg.grid_limit]] * 2)
+    ax.set_title(f"{dataset}: data")
+    axes = [ax]
+    for c, (name, (coords, density, nll)) in enumerate(panels):
+        ax = fig.add_subplot(n_rows, n_cols, row * n_cols + c + 2)
+        ax.pcolormesh(coords, coords, density, shading="auto")
+        ax.set_title(f"{name}: NLL {nll:.3f}")
+        axes.append(ax)
+    for ax in axes:
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_aspect("equal")
+
+
 def run(cfg: ToyConfig) -> str:
     device = resolve_device(cfg.device)
     datasets, model_names = cfg.dataset_names(), cfg.model_names()
@@ -270,50 +311,13 @@ def run(cfg: ToyConfig) -> str:
         axes.remove()
         for r, dataset in enumerate(datasets):
             test = sample_toy(dataset, cfg.n_test, seed=cfg.seed + 10_000 + r).to(device)
-            panels = [("data", None)]
+            panels = []
             for name in model_names:
-                torch.manual_seed(cfg.seed)
-                model = TOY_MODELS[name](cfg)
-                prefix = f"{dataset}/{name}/"
-                model = train_toy_model(
-                    model, dataset, cfg, device, prefix, Path(cfg.checkpoint_dir) / run_id / f"{dataset}-{name}.pt"
-                )
-                with torch.no_grad():
-                    nll = float(-model.log_prob(test, estimator=EXACT).mean())
-                    samples = model.sample(cfg.n_samples).cpu().numpy()
-                coords, density = density_grid(model, cfg.grid_limit, cfg.grid_size, device)
-                mass = grid_mass(coords, density)
-                rows.append(
-                    {
-                        "dataset": dataset,
-                        "model": name,
-                        "test_nll_nats": nll,
-                        "grid_mass": mass,
-                        "n_parameters": n_parameters(model),
-                    }
-                )
-                log_metrics({f"{prefix}test_nll": nll, f"{prefix}grid_mass": mass})
-                np.save(out / f"density_{dataset}_{name}.npy", density)
-                sample_fig, ax = new_figure(4, 4)
-                ax.scatter(samples[:, 0], samples[:, 1], s=1, alpha=0.5)
-                ax.set_xlim(-cfg.grid_limit, cfg.grid_limit)
-                ax.set_ylim(-cfg.grid_limit, cfg.grid_limit)
-                ax.set_title(f"{name} samples: {dataset}")
-                save_figure(sample_fig, out / f"samples_{dataset}_{name}.png")
-                panels.append((name, (coords, density, nll)))
-            data = sample_toy(dataset, 20_000, seed=cfg.seed + 20_000).numpy()
-            for c, (name, content) in enumerate(panels):
-                ax = fig.add_subplot(len(datasets), len(panels), r * len(panels) + c + 1)
-                if content is None:
-                    ax.hist2d(data[:, 0], data[:, 1], bins=cfg.grid_size, range=[[-cfg.grid_limit, cfg.grid_limit]] * 2)
-                    ax.set_title(f"{dataset}: data")
-                else:
-                    coords, density, nll = content
-                    ax.pcolormesh(coords, coords, density, shading="auto")
-                    ax.set_title(f"{name}: NLL {nll:.3f}")
-                ax.set_xticks([])
-                ax.set_yticks([])
-                ax.set_aspect("equal")
+                checkpoint = Path(cfg.checkpoint_dir) / run_id / f"{dataset}-{name}.pt"
+                row, panel = _train_and_score(cfg, dataset, name, test, device, checkpoint, out)
+                rows.append(row)
+                panels.append((name, panel))
+            _density_panels(fig, cfg, r, len(datasets), dataset, panels)
         save_figure(fig, out / "fig2_densities.png")
         write_csv(rows, out / "test_nll.csv")
         if cfg.dynamics:
@@ -323,13 +327,9 @@ def run(cfg: ToyConfig) -> str:
         return run_id
 
 
-def config_from_preset(preset: str, **overrides) -> ToyConfig:
-    return cli.config_from_preset(ToyConfig, PRESETS, preset, **overrides)
-
-
-def main(argv: list[str] | None = None) -> int:
-    return cli.entry_point_main(ToyConfig, PRESETS, run, argv, __doc__)
-
+# --- command line -------------------------------------------------------------------------------
+ENTRY = EntryPoint(ToyConfig, PRESETS, run, __doc__)
+config_from_preset, main = ENTRY.config_from_preset, ENTRY.main
 
 if __name__ == "__main__":
     sys.exit(main())

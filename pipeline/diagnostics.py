@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from pipeline.layers.branches import branch_linear_layers
 from pipeline.layers.operator_norm import layer_operator_norm
-from pipeline.transforms.residual import InvertibleResidualBlock
+from pipeline.transforms.residual import InvertibleResidualBlock, using_estimator
 
 
 def _blocks(model: nn.Module) -> list[InvertibleResidualBlock]:
@@ -147,12 +147,12 @@ def logdet_estimator_study(
     flow.eval()
     dim = x[0].numel()
     per_bit = 1.0 / (dim * math.log(2))
-    exact = torch.stack([flow(xi[None], estimator=ExactLogDet(max_dim=dim))[1][0] for xi in x])
+    with using_estimator(flow, ExactLogDet(max_dim=dim)):
+        exact = torch.stack([flow(xi[None])[1][0] for xi in x])
     rows = []
     for n in terms:
-        estimates = torch.stack(
-            [flow(xi[None].expand(n_probes, *xi.shape), estimator=PowerSeriesLogDet(n_terms=int(n)))[1] for xi in x]
-        )  # (images, probes)
+        with using_estimator(flow, PowerSeriesLogDet(n_terms=int(n))):
+            estimates = torch.stack([flow(xi[None].expand(n_probes, *xi.shape))[1] for xi in x])  # (images, probes)
         error = estimates - exact[:, None]
         bias = error.mean(dim=1)
         rows.append(
@@ -177,7 +177,8 @@ def residual_block_inputs(flow: nn.Module, x: Tensor) -> list[Tensor]:
     was_training = flow.training
     flow.eval()
     try:
-        flow(x, estimator=PowerSeriesLogDet(n_terms=1))
+        with using_estimator(flow, PowerSeriesLogDet(n_terms=1)):
+            flow(x)
     finally:
         for h in hooks:
             h.remove()

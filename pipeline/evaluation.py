@@ -39,6 +39,7 @@ from pipeline.data.registry import ImageSplit
 from pipeline.metrics import bits_per_dim
 from pipeline.models.base import FlowModel
 from pipeline.transforms.logdet import LogDetEstimator, PowerSeriesLogDet, RussianRouletteLogDet
+from pipeline.transforms.residual import using_estimator
 
 log = logging.getLogger(__name__)
 
@@ -168,9 +169,8 @@ def evaluate_bits_per_dim(
         se = math.inf
         bar = tqdm(total=protocol.max_passes, desc="eval bits/dim", disable=None if progress else True, leave=False)
         while len(passes) < protocol.max_passes:
-            means = torch.stack(
-                [bits_per_dim(model.log_prob(part, estimator=estimator), model.dim, n_levels).mean() for part in chunks]
-            )
+            with using_estimator(model, estimator):
+                means = torch.stack([bits_per_dim(model.log_prob(part), model.dim, n_levels).mean() for part in chunks])
             if not torch.isfinite(means).all():
                 raise FloatingPointError("non-finite log-likelihood during evaluation")
             passes.append(means.double().cpu())

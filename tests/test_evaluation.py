@@ -34,8 +34,8 @@ def trained():
 def _exact_bpd(model, data, n_images: int) -> float:
     torch.manual_seed(1234)  # evaluate_bits_per_dim's dequantisation noise for its first batch
     x = dequantize(data.test.images[:n_images], data.n_levels)
-    with torch.no_grad():
-        return float(bits_per_dim(model.log_prob(x, estimator=ExactLogDet()), model.dim, data.n_levels).mean())
+    with torch.no_grad(), model.estimator(ExactLogDet()):
+        return float(bits_per_dim(model.log_prob(x), model.dim, data.n_levels).mean())
 
 
 def test_auto_chooses_the_unbiased_roulette_where_theorem_3_is_costly(trained):

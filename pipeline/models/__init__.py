@@ -2,9 +2,11 @@
 
 from pipeline.models.base import FlowModel
 from pipeline.models.classifier import (
+    CLASSIFIER_MODELS,
     CLASSIFIER_PRESETS,
     ClassifierArchitecture,
     ResidualClassifier,
+    classifier_variant,
     iresnet_classifier,
     resnet_classifier,
 )
@@ -17,6 +19,7 @@ from pipeline.models.flow import (
 from pipeline.models.toy import VECTOR_FLOW_PRESETS, VectorFlow, VectorFlowArchitecture, vector_flow
 
 __all__ = [
+    "CLASSIFIER_MODELS",
     "CLASSIFIER_PRESETS",
     "FLOW_PRESETS",
     "VECTOR_FLOW_PRESETS",
@@ -27,6 +30,7 @@ __all__ = [
     "ResidualClassifier",
     "VectorFlow",
     "VectorFlowArchitecture",
+    "classifier_variant",
     "iresnet_classifier",
     "iresnet_flow",
     "resnet_classifier",

@@ -2,25 +2,28 @@
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
+
 from torch import Tensor, nn
 
 from pipeline.distributions import DiagonalGaussian
 from pipeline.metrics import bits_per_dim
 from pipeline.transforms.base import InverseReport
 from pipeline.transforms.logdet import LogDetEstimator
-from pipeline.transforms.residual import InvertibleResidualBlock
+from pipeline.transforms.residual import InvertibleResidualBlock, using_estimator
 
 
 class FlowModel(nn.Module):
     """A flow ``x -> (z_1, ..., z_L)`` with one base distribution per latent.
 
-    Subclasses implement ``forward(x, estimator) -> (zs, logdet)`` and ``inverse(zs, report) -> x``
-    and keep their base distributions in ``self.priors`` (aligned with ``zs``).
+    Subclasses implement ``forward(x) -> (zs, logdet)`` and ``inverse(zs, report) -> x`` and keep their
+    base distributions in ``self.priors`` (aligned with ``zs``). The log-det estimator is chosen when the
+    model is built; ``with model.estimator(ExactLogDet()): ...`` uses another for a while.
     """
 
     priors: nn.ModuleList
 
-    def forward(self, x: Tensor, *, estimator: LogDetEstimator | None = None) -> tuple[list[Tensor], Tensor]:
+    def forward(self, x: Tensor) -> tuple[list[Tensor], Tensor]:
         raise NotImplementedError
 
     def inverse(self, zs: list[Tensor], *, report: InverseReport | None = None) -> Tensor:
@@ -38,13 +41,17 @@ class FlowModel(nn.Module):
         """Sum of the base distributions' log-densities of the latents."""
         return sum(prior.log_prob(z) for prior, z in zip(self.priors, zs, strict=True))
 
-    def log_prob(self, x: Tensor, *, estimator: LogDetEstimator | None = None) -> Tensor:
-        zs, logdet = self(x, estimator=estimator)
+    def log_prob(self, x: Tensor) -> Tensor:
+        zs, logdet = self(x)
         return self.prior_log_prob(zs) + logdet
 
-    def bits_per_dim(self, x: Tensor, *, n_levels: int = 256, estimator: LogDetEstimator | None = None) -> Tensor:
+    def bits_per_dim(self, x: Tensor, *, n_levels: int = 256) -> Tensor:
         """Per-sample bits/dim of dequantised data with ``n_levels`` values per dimension."""
-        return bits_per_dim(self.log_prob(x, estimator=estimator), self.dim, n_levels)
+        return bits_per_dim(self.log_prob(x), self.dim, n_levels)
+
+    def estimator(self, estimator: LogDetEstimator) -> AbstractContextManager[None]:
+        """``with model.estimator(ExactLogDet()): ...``: every residual block uses ``estimator`` in the block."""
+        return using_estimator(self, estimator)
 
     def sample_latents(self, n: int, *, temperature: float = 1.0) -> list[Tensor]:
         return [prior.sample(n, temperature=temperature) for prior in self.priors]
@@ -61,7 +68,7 @@ class FlowModel(nn.Module):
         dims = []
         for block in self.residual_blocks():
             if block.input_shape is None:
-                raise RuntimeError("run a forward pass first: block input sizes are recorded on first use")
+                raise RuntimeError("a residual block built without input_shape knows it after its first call")
             n = 1
             for s in block.input_shape:
                 n *= s
@@ -71,11 +78,6 @@ class FlowModel(nn.Module):
     def lipschitz_bounds(self, *, method: str = "certified") -> list[float]:
         """Upper bound on ``Lip(g)`` for every residual block, in order."""
         return [block.lipschitz_bound(method=method) for block in self.residual_blocks()]
-
-    def set_estimator(self, estimator: LogDetEstimator) -> None:
-        """Make ``estimator`` the default of every residual block."""
-        for block in self.residual_blocks():
-            block.estimator = estimator
 
 
 def n_parameters(model: nn.Module) -> int:

@@ -4,12 +4,13 @@ Injective zero padding of the input channels, an optional initial squeeze, then 
 (ActNorm +) residual blocks with invertible downsampling (squeeze) between them, and a head
 BatchNorm -> nonlinearity -> global average pool -> linear. With ``coeff`` set, the feature map is
 invertible and :meth:`ResidualClassifier.reconstruct` recovers the input from the features.
-``coeff=None`` gives the paper's "vanilla" network: the same architecture, unconstrained.
+``coeff=None`` gives the paper's "vanilla" network: the same architecture, unconstrained
+(:func:`classifier_variant` names the paper's three models on one architecture).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 
 from torch import Tensor, nn
 
@@ -91,9 +92,6 @@ class ClassifierArchitecture:
             shapes.append((c, h, w))
         return shapes
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
 
 class ResidualClassifier(nn.Module):
     """Residual classifier; invertible feature map when built with a Lipschitz coefficient."""
@@ -159,16 +157,37 @@ class ResidualClassifier(nn.Module):
 
 
 CLASSIFIER_PRESETS: dict[str, ClassifierArchitecture] = {
+    # the classify entry point's default: minutes on two CPU cores (28x28 digits)
+    "quick": ClassifierArchitecture(
+        input_shape=(1, 28, 28), n_blocks=(4, 4, 4), hidden_channels=(16, 32, 64), injective_padding=3
+    ),
     # the public reference script: 7-7-7 blocks, 32-64-128 bottlenecks, c=0.9, 1 power iteration
+    "mnist": ClassifierArchitecture(input_shape=(1, 28, 28), injective_padding=3),
     "cifar10": ClassifierArchitecture(),
     "cifar100": ClassifierArchitecture(num_classes=100),
-    # App. C.2: 39 blocks in 3 stages (13 each) on 16 padded channels
-    "paper": ClassifierArchitecture(n_blocks=(13, 13, 13)),
-    "mnist": ClassifierArchitecture(input_shape=(1, 28, 28), injective_padding=3),
-    "quick": ClassifierArchitecture(
-        input_shape=(1, 28, 28), n_blocks=(2, 2, 2), hidden_channels=(16, 32, 64), injective_padding=3
-    ),
+    # App. C.2: 39 pre-activation bottleneck blocks (13 per stage), injective padding of the input channels
+    "paper-mnist": ClassifierArchitecture(input_shape=(1, 28, 28), n_blocks=(13, 13, 13), injective_padding=3),
+    "paper-cifar10": ClassifierArchitecture(n_blocks=(13, 13, 13)),
+    "paper-cifar100": ClassifierArchitecture(n_blocks=(13, 13, 13), num_classes=100),
 }
+CLASSIFIER_MODELS = ("iresnet", "resnet", "resnet-bn")
+
+
+def classifier_variant(arch: ClassifierArchitecture, model: str) -> ClassifierArchitecture:
+    """The paper's three models on one architecture (Table 2).
+
+    ``iresnet``: as given (spectrally normalised, invertible); ``resnet``: the same, unconstrained
+    (``coeff=None``); ``resnet-bn``: unconstrained, BatchNorm inside the branches instead of ActNorm before them.
+    """
+    if model == "iresnet":
+        if arch.coeff is None:
+            raise ValueError("an i-ResNet needs a Lipschitz coefficient; use model 'resnet' for the vanilla network")
+        return arch
+    if model == "resnet":
+        return replace(arch, coeff=None, power_tol=0.0)
+    if model == "resnet-bn":
+        return replace(arch, coeff=None, power_tol=0.0, norm="none", branch_batchnorm=True)
+    raise ValueError(f"unknown model {model!r}; choose one of {CLASSIFIER_MODELS}")
 
 
 def _preset(preset: str) -> ClassifierArchitecture:
@@ -182,13 +201,11 @@ def iresnet_classifier(
     preset: str = "cifar10", *, inverse_config: FixedPointConfig | None = None, **overrides
 ) -> ResidualClassifier:
     """i-ResNet classifier from a named preset (any :class:`ClassifierArchitecture` field overridable)."""
-    arch = replace(_preset(preset), **overrides)
-    if arch.coeff is None:
-        raise ValueError("an i-ResNet needs a Lipschitz coefficient; use resnet_classifier for the vanilla model")
+    arch = classifier_variant(replace(_preset(preset), **overrides), "iresnet")
     return ResidualClassifier(arch, inverse_config=inverse_config)
 
 
 def resnet_classifier(preset: str = "cifar10", *, batchnorm: bool = False, **overrides) -> ResidualClassifier:
     """The vanilla baseline: same architecture, no Lipschitz constraint, optionally BatchNorm in the branches."""
-    overrides = {"coeff": None, "branch_batchnorm": batchnorm, **({"norm": "none"} if batchnorm else {}), **overrides}
-    return ResidualClassifier(replace(_preset(preset), **overrides))
+    arch = classifier_variant(replace(_preset(preset), **overrides), "resnet-bn" if batchnorm else "resnet")
+    return ResidualClassifier(arch)

@@ -13,7 +13,6 @@ from pipeline.models.base import FlowModel, make_prior, n_parameters
 from pipeline.transforms.actnorm import ActNorm
 from pipeline.transforms.base import InverseReport, Transform, TransformSequence
 from pipeline.transforms.coupling import AffineCoupling, InvertibleLinear
-from pipeline.transforms.logdet import LogDetEstimator
 
 
 class GlowFlow(FlowModel):
@@ -28,7 +27,7 @@ class GlowFlow(FlowModel):
         self.flow = TransformSequence(*steps)
         self.priors = nn.ModuleList([make_prior((dim,), learnable=False)])
 
-    def forward(self, x: Tensor, *, estimator: LogDetEstimator | None = None) -> tuple[list[Tensor], Tensor]:
+    def forward(self, x: Tensor) -> tuple[list[Tensor], Tensor]:
         z, logdet = self.flow(x)
         return [z], logdet
 

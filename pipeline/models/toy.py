@@ -66,16 +66,20 @@ class VectorFlow(FlowModel):
                 activation=arch.activation,
                 spectral=arch.spectral,
             )
-            steps.append(InvertibleResidualBlock(branch, estimator=estimator, inverse_config=inverse_config))
+            steps.append(
+                InvertibleResidualBlock(
+                    branch, estimator=estimator, inverse_config=inverse_config, input_shape=(arch.dim,)
+                )
+            )
             if arch.actnorm:
                 steps.append(ActNorm(arch.dim))
         self.flow = TransformSequence(*steps)
         self.priors = nn.ModuleList([make_prior((arch.dim,), arch.learnable_prior)])
 
-    def forward(self, x: Tensor, *, estimator: LogDetEstimator | None = None) -> tuple[list[Tensor], Tensor]:
+    def forward(self, x: Tensor) -> tuple[list[Tensor], Tensor]:
         if x.dim() != 2 or x.shape[1] != self.arch.dim:
             raise ValueError(f"VectorFlow expects (B, {self.arch.dim}), got {tuple(x.shape)}")
-        z, logdet = self.flow(x, estimator=estimator)
+        z, logdet = self.flow(x)
         return [z], logdet
 
     def inverse(self, zs: list[Tensor], *, report: InverseReport | None = None) -> Tensor:

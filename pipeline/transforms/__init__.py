@@ -20,7 +20,7 @@ from pipeline.transforms.logdet import (
     sample_probe,
 )
 from pipeline.transforms.reshape import InjectivePad, Squeeze
-from pipeline.transforms.residual import InvertibleResidualBlock
+from pipeline.transforms.residual import InvertibleResidualBlock, using_estimator
 
 __all__ = [
     "ESTIMATORS",
@@ -43,4 +43,5 @@ __all__ = [
     "make_estimator",
     "sample_probe",
     "solve_fixed_point",
+    "using_estimator",
 ]

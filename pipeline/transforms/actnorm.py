@@ -49,7 +49,7 @@ class ActNorm(Transform):
         self.log_scale.copy_(torch.where(std > self.min_std, -torch.log(std + self.eps), torch.zeros_like(std)))
         self.initialized.fill_(True)
 
-    def forward(self, x: Tensor, *, estimator=None) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         if x.shape[1] != self.num_features:
             raise ValueError(f"ActNorm expects {self.num_features} channels, got input of shape {tuple(x.shape)}")
         if not self._ready:

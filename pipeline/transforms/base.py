@@ -1,8 +1,9 @@
 """The bijection interface shared by every flow layer (after ``nflows``/``zuko``).
 
 ``forward(x) -> (y, logabsdet)`` maps data towards the latent space and returns the per-sample
-log-determinant of the Jacobian; ``inverse(y) -> x`` maps back. Layers whose log-determinant has
-several estimators take an ``estimator`` keyword; the others ignore it.
+log-determinant of the Jacobian; ``inverse(y) -> x`` maps back. A transform's signature is its inputs
+only: a residual block's log-det estimator is its own setting (chosen per model, or for a while with
+:func:`pipeline.transforms.residual.using_estimator`).
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ class InverseReport:
 class Transform(nn.Module):
     """A bijection with a log-determinant."""
 
-    def forward(self, x: Tensor, *, estimator=None) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
 
     def inverse(self, y: Tensor, *, report: InverseReport | None = None) -> Tensor:
@@ -65,12 +66,10 @@ class Transform(nn.Module):
         """The bijection alone, without its log-determinant (cheaper where that costs extra)."""
         return self.forward(x)[0]
 
-    def inverse_and_logdet(
-        self, y: Tensor, *, estimator=None, report: InverseReport | None = None
-    ) -> tuple[Tensor, Tensor]:
+    def inverse_and_logdet(self, y: Tensor, *, report: InverseReport | None = None) -> tuple[Tensor, Tensor]:
         """``x = f^{-1}(y)`` and ``log|det J_{f^{-1}}(y)| = -log|det J_f(x)|``, evaluated at the reconstructed x."""
         x = self.inverse(y, report=report)
-        _, logdet = self.forward(x, estimator=estimator)
+        _, logdet = self.forward(x)
         return x, -logdet
 
 
@@ -87,12 +86,12 @@ class TransformSequence(Transform):
     def __iter__(self):
         return iter(self.transforms)
 
-    def forward(self, x: Tensor, *, estimator=None) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         if self.training:  # every spectral layer's power iteration for this step, stacked by shape
             batched_power_iteration(self)
         total = x.new_zeros(x.shape[0])
         for t in self.transforms:
-            x, logdet = t(x, estimator=estimator)
+            x, logdet = t(x)
             total = total + logdet
         return x, total
 

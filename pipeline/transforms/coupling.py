@@ -31,7 +31,7 @@ class InvertibleLinear(Transform):
         upper = self.upper.triu(1) + torch.diag(self.sign * self.log_abs_diag.exp())
         return self.permutation @ lower @ upper
 
-    def forward(self, x: Tensor, *, estimator=None) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         return x @ self.weight().t(), self.log_abs_diag.sum().expand(x.shape[0])
 
     def inverse(self, y: Tensor, *, report: InverseReport | None = None) -> Tensor:
@@ -67,7 +67,7 @@ class AffineCoupling(Transform):
         log_scale, shift = self.net(cond).chunk(2, dim=1)
         return torch.tanh(log_scale), shift
 
-    def forward(self, x: Tensor, *, estimator=None) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         cond, other = self._halves(x)
         log_scale, shift = self._scale_shift(cond)
         return self._join(cond, other * log_scale.exp() + shift), log_scale.sum(dim=1)

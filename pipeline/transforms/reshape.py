@@ -11,7 +11,7 @@ from pipeline.transforms.base import InverseReport, Transform, zeros_logdet
 class Squeeze(Transform):
     """``(B, C, H, W) -> (B, 4C, H/2, W/2)``: each 2x2 patch becomes 4 channels. Log-det 0."""
 
-    def forward(self, x: Tensor, *, estimator=None) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         if x.dim() != 4 or x.shape[-1] % 2 or x.shape[-2] % 2:
             raise ValueError(f"Squeeze needs (B, C, H, W) with even H and W, got shape {tuple(x.shape)}")
         if x.shape[0] == 0:  # pixel_unshuffle returns an empty batch unchanged, in the wrong shape

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 from torch import Tensor, nn
 
 from pipeline.layers.branches import branch_lipschitz_bound
@@ -14,7 +17,9 @@ from pipeline.transforms.logdet import LogDetEstimator, PowerSeriesLogDet
 class InvertibleResidualBlock(Transform):
     """``y = x + g(x)``; log-determinant by a selectable estimator; inverse by fixed point.
 
-    ``estimator`` is the block's default; ``forward(x, estimator=...)`` overrides it per call.
+    ``estimator`` is the block's log-det estimator; :func:`using_estimator` swaps it for a while.
+    ``input_shape`` (per sample) is given by the models, which know it; a block built alone records it on
+    its first call.
     """
 
     def __init__(
@@ -36,9 +41,9 @@ class InvertibleResidualBlock(Transform):
         if self.input_shape is None:
             self.input_shape = tuple(x.shape[1:])
 
-    def forward(self, x: Tensor, *, estimator: LogDetEstimator | None = None) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         self._remember_shape(x)
-        gx, logdet = (estimator or self.estimator)(self.branch, x)
+        gx, logdet = self.estimator(self.branch, x)
         return x + gx, logdet
 
     def map(self, x: Tensor) -> Tensor:
@@ -60,3 +65,21 @@ class InvertibleResidualBlock(Transform):
         """Upper bound on ``Lip(g)`` (``"certified"``, ``"dense"`` or the power-iteration ``"estimate"``)."""
         input_hw = tuple(self.input_shape[-2:]) if self.input_shape and len(self.input_shape) == 3 else None
         return branch_lipschitz_bound(self.branch, method=method, input_hw=input_hw)
+
+
+@contextmanager
+def using_estimator(module: nn.Module, estimator: LogDetEstimator) -> Iterator[None]:
+    """Every residual block inside ``module`` computes its log-det with ``estimator`` within the context.
+
+    E.g. the exact log-det for an evaluation of a model trained with the series; each block's own
+    estimator is restored on exit, also on an error.
+    """
+    blocks = [m for m in module.modules() if isinstance(m, InvertibleResidualBlock)]
+    saved = [block.estimator for block in blocks]
+    for block in blocks:
+        block.estimator = estimator
+    try:
+        yield
+    finally:
+        for block, own in zip(blocks, saved, strict=True):
+            block.estimator = own

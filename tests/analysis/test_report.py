@@ -93,9 +93,7 @@ def test_an_empty_table_names_the_runs_that_did_not_finish(store):
     failed = client.create_run(exp, run_name="reproduce-density", tags={"reproduce_run_id": "abc"}).info.run_id
     client.set_terminated(failed, status="FAILED")
     out = store / "report"
-    report_id = report.run(
-        report.config_from_preset("quick", filter_string="tags.reproduce_run_id = 'abc'", output_dir=str(out))
-    )
+    report_id = report.run(report.ReportConfig(filter_string="tags.reproduce_run_id = 'abc'", output_dir=str(out)))
     text = (out / "report.md").read_text()
     assert f"`{running}` (reproduce-density, RUNNING)" in text and f"`{failed}` (reproduce-density, FAILED)" in text
     assert client.get_run(report_id).data.metrics["table4_rows"] == 0
@@ -107,7 +105,7 @@ def test_paper_values_are_available_for_the_table():
 
 def test_unknown_scale_is_refused():
     with pytest.raises(ValueError, match="unknown scale"):
-        reproduce.config_from_preset("quick", scale="huge")
+        reproduce.ReproduceConfig(scale="huge")
 
 
 def test_a_report_on_a_store_without_its_experiments_is_refused(store, caplog):
@@ -119,5 +117,5 @@ def test_a_report_on_a_store_without_its_experiments_is_refused(store, caplog):
 
 def test_a_missing_experiment_is_named_in_a_warning(store, caplog):
     MlflowClient().create_experiment("density")
-    report.run(report.config_from_preset("quick", output_dir=str(store / "report")))
+    report.run(report.ReportConfig(output_dir=str(store / "report")))
     assert "experiment 'classify' does not exist" in caplog.text

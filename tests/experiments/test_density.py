@@ -204,13 +204,14 @@ def test_the_training_path_logdet_is_an_unbiased_estimate_of_the_flows_logdet(st
     model = load_model(density.run(cfg))  # eval mode: fixed normalisation, so draws differ only in the estimator
     x = dequantize(load_dataset("digits8x8").train.images[:64], 17)
     torch.manual_seed(0)
-    with torch.no_grad():
-        exact = model(x, estimator=ExactLogDet())[1].mean()
+    with torch.no_grad(), model.estimator(ExactLogDet()):
+        exact = model(x)[1].mean()
     estimates = []
-    for _ in range(200):
-        _, logdet = model(x, estimator=RussianRouletteLogDet(gradient="neumann"))
-        assert logdet.requires_grad  # the memory-saving training path, not the no-grad evaluation one
-        estimates.append(logdet.detach().mean())
+    with model.estimator(RussianRouletteLogDet(gradient="neumann")):
+        for _ in range(200):
+            _, logdet = model(x)
+            assert logdet.requires_grad  # the memory-saving training path, not the no-grad evaluation one
+            estimates.append(logdet.detach().mean())
     estimates = torch.stack(estimates)
     stderr = estimates.std() / math.sqrt(len(estimates))
     assert abs(float(estimates.mean() - exact)) < 4 * float(stderr)

@@ -161,8 +161,11 @@ def test_two_workers_on_one_journal_finish_the_requested_trials(store):
     done = [t for t in trials if not t.user_attrs.get("excess_claim")]
     assert [t.state for t in done] == [optuna.trial.TrialState.COMPLETE] * 4  # exactly --n-trials, none lost
     # a claim beyond the budget (both workers starting the last slot) never trained
-    assert all(t.state == optuna.trial.TrialState.FAIL and "mlflow_run_id" not in t.user_attrs
-               for t in trials if t.user_attrs.get("excess_claim"))
+    assert all(
+        t.state == optuna.trial.TrialState.FAIL and "mlflow_run_id" not in t.user_attrs
+        for t in trials
+        if t.user_attrs.get("excess_claim")
+    )
     parents = [r for r in runs_of("sweep") if "mlflow.parentRunId" not in r.data.tags]
     assert len(parents) == 2  # one parent run per worker invocation
 
@@ -230,9 +233,7 @@ def test_space_file_parameters_must_be_target_options(tmp_path):
 
 
 def test_none_is_a_value_not_an_unset_option():
-    assert (
-        sweep.cli.build_parser(sweep.SweepConfig, sweep.PRESETS, None).parse_args(["--pruner", "none"]).pruner == "none"
-    )
+    assert sweep.build_parser(sweep.SweepConfig, sweep.PRESETS, None).parse_args(["--pruner", "none"]).pruner == "none"
 
 
 def test_multi_objective_mode_logs_the_pareto_front(store):

@@ -58,7 +58,8 @@ def test_power_series_log_prob_is_close_to_exact(float64):
     flow, x = _tiny_flow((1, 4, 4))
     exact = flow.log_prob(x)
     x_many = x[:1].expand(2000, -1, -1, -1)
-    approx = flow.log_prob(x_many, estimator=PowerSeriesLogDet(n_terms=20)).mean().item()
+    with flow.estimator(PowerSeriesLogDet(n_terms=20)):
+        approx = flow.log_prob(x_many).mean().item()
     assert approx == pytest.approx(exact[0].item(), abs=0.05)
 
 
@@ -79,8 +80,8 @@ def test_one_optimisation_step_lowers_the_nll(float64):
 
     def nll():
         flow.eval()
-        with torch.no_grad():
-            value = -flow.log_prob(x, estimator=ExactLogDet()).mean().item()
+        with torch.no_grad(), flow.estimator(ExactLogDet()):
+            value = -flow.log_prob(x).mean().item()
         flow.train()
         return value
 
@@ -146,8 +147,8 @@ def test_variance_report_measures_each_blocks_estimator_spread(float64):
     x = torch.rand(3, 1, 4, 4) - 0.5
     exact_rows = logdet_variance_report(flow, x, ExactLogDet(), n_repeats=3)
     assert len(exact_rows) == 3 and all(r["std_nats"] == 0 for r in exact_rows)  # deterministic: no spread
-    with torch.no_grad():
-        _, logdet = flow(x, estimator=ExactLogDet())
+    with torch.no_grad(), flow.estimator(ExactLogDet()):
+        _, logdet = flow(x)
     assert sum(r["mean_logdet_nats"] for r in exact_rows) == pytest.approx(float(logdet.mean()), rel=1e-10)
     rows = logdet_variance_report(flow, x, RussianRouletteLogDet(), n_repeats=40)
     assert all(r["std_nats"] > 0 for r in rows) and rows[0]["expected_vjps"] == 4
@@ -157,3 +158,26 @@ def test_variance_report_measures_each_blocks_estimator_spread(float64):
         logdet_variance_report(flow, x, PowerSeriesLogDet(n_terms=3, n_probes=16), n_repeats=60)
     )
     assert many < one / 2
+
+
+def test_the_estimator_is_chosen_per_model_and_swapped_with_a_context(float64):
+    arch = FlowArchitecture(input_shape=(1, 4, 4), n_blocks=(2, 1), hidden_channels=4)
+    flow = IResNetFlow(arch, estimator=PowerSeriesLogDet(n_terms=1))
+    assert flow.block_dims() == [16, 16, 8]  # known at construction from level_shapes(), before any call
+    x = torch.rand(3, 1, 4, 4) - 0.5
+    flow(x)  # ActNorm's initialisation
+    flow.eval()
+    blocks = flow.residual_blocks()
+    with torch.no_grad():
+        torch.manual_seed(5)  # the series draws a Hutchinson probe
+        one_term = flow(x)[1]
+        with flow.estimator(ExactLogDet()):
+            assert all(isinstance(b.estimator, ExactLogDet) for b in blocks)
+            exact = flow(x)[1]
+        torch.manual_seed(5)
+        assert torch.equal(flow(x)[1], one_term)  # the blocks' own estimator is back
+    jacobians = dense_jacobians(lambda v: torch.cat([z.flatten(1) for z in flow(v)[0]], dim=1), x)
+    assert torch.allclose(exact, torch.linalg.slogdet(jacobians)[1], atol=1e-10)
+    with pytest.raises(RuntimeError, match="inside"), flow.estimator(ExactLogDet()):
+        raise RuntimeError("inside")
+    assert all(isinstance(b.estimator, PowerSeriesLogDet) for b in blocks)  # restored on an error too

@@ -87,8 +87,6 @@ def test_a_killed_worker_is_failed_by_its_heartbeat_and_the_study_still_complete
     assert all(r.info.status != "RUNNING" for r in runs_of("sweep"))
 
 
-
-
 @pytest.mark.slow
 def test_a_database_restart_mid_sweep_is_survived_and_nothing_is_recorded_twice(store, postgres_server, monkeypatch):
     """The server restarts (fast mode: every connection cut) while two workers train their trials: they
@@ -100,8 +98,13 @@ def test_a_database_restart_mid_sweep_is_survived_and_nothing_is_recorded_twice(
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     logs = [store / f"worker{seed}.log" for seed in (0, 1)]  # files: a full pipe would block a worker
     workers = [
-        subprocess.Popen([*args, "--seed", str(seed)], env=env, cwd=sweep.PROJECT_ROOT, stdout=log.open("w"),
-                         stderr=subprocess.STDOUT)  # fmt: skip
+        subprocess.Popen(
+            [*args, "--seed", str(seed)],
+            env=env,
+            cwd=sweep.PROJECT_ROOT,
+            stdout=log.open("w"),
+            stderr=subprocess.STDOUT,
+        )  # fmt: skip
         for seed, log in zip((0, 1), logs, strict=True)
     ]
     storage = optuna.storages.RDBStorage(db)
@@ -212,7 +215,7 @@ def test_a_lab_on_one_postgresql_a_tracking_server_and_the_dashboard(store, post
                 pruner="none",
             )
         )  # fmt: skip
-        report_id = report.run(report.config_from_preset("quick", output_dir=str(tmp_path / "report")))
+        report_id = report.run(report.ReportConfig(output_dir=str(tmp_path / "report")))
 
         client = MlflowClient()
         for run_id in (density_id, classify_id, sweep_id, report_id):

@@ -59,9 +59,7 @@ def test_a_training_step_reads_the_device_at_most_once(tmp_path, build):
     torch.manual_seed(0)
     model, step, x = build()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    config = LoopConfig(
-        epochs=1, checkpoint_path=tmp_path / "last.pt", log_every=STEPS, progress=False, grad_clip=10.0
-    )
+    config = LoopConfig(epochs=1, checkpoint_path=tmp_path / "last.pt", log_every=STEPS, progress=False, grad_clip=10.0)
     with counting_value_reads(PROJECT_CODE) as counts:
         fit(model, optimizer, None, lambda epoch: [(x,)] * STEPS, step, config)
     assert counts["n"] <= STEPS + PER_EPOCH, f"{counts['n']} reads in {STEPS} steps"

@@ -1,0 +1,333 @@
+"""The life of a run: a process's entry point, and one way to run a training.
+
+:class:`EntryPoint` turns a config class, its presets and a ``run(cfg)`` into ``main(argv)``: parse,
+validate, set up the process (threads, determinism, subnormal floats), run, and report a user's error as
+one line. :func:`run_training` is the training run of every image entry point (density, classify): data
+and splits, the tracked MLflow run started or resumed from its checkpoint, data-parallel wrapping, the
+epoch loop, the replica check; what differs is a small :class:`TrainingTask` (build, step, evaluate,
+finalise).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Generic, Protocol, TypeVar
+
+import mlflow
+import torch
+from torch import Tensor, nn
+
+from experiments import config as configuration
+from experiments.tracking import (
+    configure_tracking,
+    log_config,
+    log_json,
+    log_metrics,
+    log_params_flat,
+    tracked_run,
+)
+from pipeline.data import DatasetNotFoundError, ImageDataset, ImageSplit, epoch_batches, load_dataset
+from pipeline.logging_setup import setup_logging
+from pipeline.training.device import apply_thread_budget, use_deterministic_algorithms
+from pipeline.training.distributed import (
+    SINGLE_PROCESS,
+    DistributedContext,
+    broadcast_object,
+    check_global_batch,
+    distributed_session,
+    replica_deviation,
+    shard_batches,
+    wrap_model,
+)
+from pipeline.training.loop import EpochHook, LoopConfig, LoopState, fit, restore
+from pipeline.training.numerics import flush_denormals
+
+C = TypeVar("C")
+
+OVERSHOOT_LAYERS_PER_EPOCH = 8  # layers whose training-forward norm is measured each epoch (rotating)
+
+
+# --- the training run ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Splits:
+    """The data of a training run: the dataset, the part trained on, and the held-out part (``None``: none)."""
+
+    data: ImageDataset
+    train: ImageSplit
+    validation: ImageSplit | None
+
+
+class TrainingTask(Protocol):
+    """What an entry point adds to :func:`run_training`: the model and its optimisation, one step, evaluation."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    eval_every: int  # epochs between evaluations (0: the last only)
+
+    def initialize(self) -> None:
+        """A new run's data-dependent initialisation (ActNorm), under ``no_grad``, on every rank."""
+
+    def params(self) -> dict[str, Any]:
+        """Derived values logged beside the configuration (a new run)."""
+
+    def on_start(self, new_run: bool) -> None:
+        """Inside the tracked run, before training (rank 0)."""
+
+    def step(self, forward: nn.Module, batch: Any) -> tuple[Tensor, dict[str, Tensor]]:
+        """The loss of one batch and metrics to log; ``forward`` is the model as trained (DDP-wrapped)."""
+
+    def evaluate(self, epoch: int) -> dict[str, float]:
+        """Metrics after ``epoch`` (rank 0)."""
+
+    def finalise(self, run_id: str) -> None:
+        """After the last epoch (rank 0): figures, artifacts, the model."""
+
+
+def run_training(
+    cfg: Any, make_task: Callable[[Any, Splits, torch.device], TrainingTask], on_epoch_end: EpochHook | None
+) -> str:
+    """Train ``make_task(cfg, splits, device)`` under ``cfg``; returns the MLflow run id.
+
+    ``cfg`` has the fields every training config has (data, batch, epochs, device, bookkeeping).
+    Under ``torchrun`` the ranks train data-parallel (see :mod:`pipeline.training.distributed`).
+    """
+    with distributed_session(cfg.device) as (ctx, device):
+        check_global_batch(cfg.batch_size, ctx)
+        data = load_dataset(cfg.dataset, cfg.data_dir, download=cfg.download)  # fails before a run exists
+        train, validation = (
+            data.split_validation(cfg.validation_fraction, seed=cfg.seed)
+            if cfg.validation_fraction > 0
+            else (data.train, None)
+        )
+        batches = shard_batches(epoch_batches(train, cfg.batch_size, cfg.seed), ctx)  # refuses a batch > data
+        torch.manual_seed(cfg.seed)
+        task = make_task(cfg, Splits(data, train, validation), device)
+        with main_rank_run(cfg, ctx) as run_id:
+            state, checkpoint_path = start_or_resume(cfg, run_id, task, device, ctx)
+            if ctx.is_main:
+                task.on_start(state is None)
+            forward = wrap_model(task.model, ctx, device)  # DDP under torchrun (after the initialisation)
+            loop = LoopConfig(
+                log_metrics=log_metrics,
+                epochs=cfg.epochs,
+                checkpoint_path=checkpoint_path,
+                grad_clip=cfg.grad_clip,
+                log_every=cfg.log_every,
+                eval_every=task.eval_every,
+                amp=cfg.amp,
+                progress=cfg.progress,
+                distributed=ctx,
+            )
+            fit(
+                task.model,
+                task.optimizer,
+                task.scheduler,
+                batches,
+                lambda batch: task.step(forward, batch),
+                loop,
+                state=state,
+                evaluate=task.evaluate,
+                checkpoint_extra={"config": asdict(cfg)},
+                on_epoch_end=chain_epoch_hooks(
+                    lambda epoch, _: log_spectral_estimates(task.model, epoch), on_epoch_end
+                ),
+            )
+            log_replica_consistency(task.model, ctx)
+            if ctx.is_main:
+                task.finalise(run_id)
+    return run_id
+
+
+@contextmanager
+def main_rank_run(cfg: Any, ctx: DistributedContext = SINGLE_PROCESS) -> Iterator[str]:
+    """The run's MLflow run: rank 0 opens (or resumes) it; every rank gets its id."""
+    if ctx.is_main:
+        with tracked_run(cfg.experiment_name, run_name=cfg.run_name, resume_run_id=cfg.resume) as active:
+            if not cfg.resume:
+                entry_point_logger(type(cfg)).info(
+                    "run %s started (continue it after an interruption with --resume %s)",
+                    active.info.run_id,
+                    active.info.run_id,
+                )
+            yield broadcast_object(active.info.run_id, ctx)
+    else:
+        yield broadcast_object(None, ctx)
+
+
+def start_or_resume(
+    cfg: Any, run_id: str, task: TrainingTask, device: torch.device, ctx: DistributedContext = SINGLE_PROCESS
+) -> tuple[LoopState | None, Path]:
+    """Inside the active run: restore the checkpoint of a resumed run, or initialise and log a new one.
+
+    A new run's ``task.initialize()`` runs under ``no_grad`` on every rank, before the model is wrapped, so
+    DDP then broadcasts rank 0's result; ``task.params()`` are logged beside the resolved configuration
+    (rank 0). Under torchrun each rank then reseeds, so ranks draw different noise. Returns the loop state
+    (``None`` for a new run) and the checkpoint path.
+    """
+    checkpoint_path = Path(cfg.checkpoint_dir) / run_id / "last.pt"
+    if ctx.is_main:
+        mlflow.set_tag("checkpoint", str(checkpoint_path))
+    if cfg.resume:
+        state, checkpoint = restore(checkpoint_path, task.model, task.optimizer, task.scheduler, device, ctx)
+        if ctx.is_main:
+            state.logged_step, state.logged_epoch = _last_logged(run_id)
+            entry_point_logger(type(cfg)).info("resumed run %s at epoch %d (step %d)", run_id, state.epoch, state.step)
+            if checkpoint.get("config", {}).get("epochs") != cfg.epochs:
+                mlflow.set_tag("epochs_extended_to", cfg.epochs)
+        return state, checkpoint_path
+    with torch.no_grad():
+        task.initialize()
+    if ctx.enabled:
+        torch.manual_seed(cfg.seed * 100_003 + 1 + ctx.rank)
+    if ctx.is_main:
+        log_config(cfg)
+        log_params_flat({**task.params(), **({"distributed_world_size": ctx.world_size} if ctx.enabled else {})})
+        log_json(asdict(cfg), "config.json")
+    return None, checkpoint_path
+
+
+def _last_logged(run_id: str) -> tuple[int, int]:
+    """The last step of ``train_loss`` and the last epoch of ``epoch_seconds`` a run logged."""
+    client = mlflow.tracking.MlflowClient()
+    steps = [m.step for m in client.get_metric_history(run_id, "train_loss")]
+    epochs = [m.step for m in client.get_metric_history(run_id, "epoch_seconds")]
+    return max(steps, default=0), max(epochs, default=0)
+
+
+def chain_epoch_hooks(*hooks: EpochHook | None) -> EpochHook:
+    """One ``on_epoch_end`` that calls each hook given (``None`` skipped), in order."""
+
+    def call(epoch: int, metrics: dict[str, float]) -> None:
+        for hook in hooks:
+            if hook is not None:
+                hook(epoch, metrics)
+
+    return call
+
+
+def log_spectral_estimates(model: nn.Module, epoch: int, prefix: str = "") -> None:
+    """Log every spectrally normalised layer's power-iteration estimate (and the steps it took) at ``epoch``,
+    and the largest training-forward norm / c on a rotating sample of layers (the soft mode's overshoot)."""
+    from pipeline.diagnostics import spectral_estimates, training_norm_ratios
+
+    rows = spectral_estimates(model)
+    if not rows:  # a vanilla network
+        return
+    sample = training_norm_ratios(
+        model, max_layers=OVERSHOOT_LAYERS_PER_EPOCH, offset=epoch * OVERSHOOT_LAYERS_PER_EPOCH
+    )
+    metrics = {f"sigma/b{r['block']:03d}_l{r['layer']}": r["sigma"] for r in rows}
+    steps = [r["power_iterations"] for r in rows]
+    metrics |= {
+        "sigma_max": max(r["sigma"] for r in rows),
+        "power_iterations_mean": sum(steps) / len(steps),
+        "power_iterations_max": max(steps),
+        "lipschitz_training_ratio_max": max(r["ratio"] for r in sample),
+    }
+    log_metrics({prefix + k: v for k, v in metrics.items()}, epoch)
+
+
+def log_replica_consistency(model: nn.Module, ctx: DistributedContext, tolerance: float = 1e-4) -> None:
+    """Under torchrun: check that every rank holds the same parameters and buffers (spectral state included)."""
+    if not ctx.enabled:
+        return
+    deviation = replica_deviation(model, ctx)
+    if ctx.is_main:
+        log_metrics({"ddp_replica_max_deviation": deviation, "ddp_world_size": ctx.world_size})
+        if deviation > tolerance:
+            logging.getLogger(type(model).__module__).warning(
+                "replicas differ by up to %.3e across %d ranks", deviation, ctx.world_size
+            )
+
+
+# --- the process --------------------------------------------------------------------------------
+def entry_point_logger(config_cls: type) -> logging.Logger:
+    """The entry point's logger, named after its module even when it runs as ``__main__`` (``python -m``),
+    so that its records (the run id, "resumed at epoch N") pass :func:`setup_logging`'s project loggers."""
+    module = config_cls.__module__
+    if module == "__main__":
+        spec = getattr(sys.modules["__main__"], "__spec__", None)
+        module = spec.name if spec is not None else "experiments"
+    return logging.getLogger(module)
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Errors that a user's input or environment causes, reported as one line (exit 2), not a traceback.
+
+    Bad values (``ValueError``, ``TypeError``), missing data, paths that cannot be written or read, a
+    diverged training (``FloatingPointError``) and a tracking store that refuses the request.
+    """
+    from mlflow.exceptions import MlflowException
+
+    return (ValueError, TypeError, DatasetNotFoundError, OSError, FloatingPointError, MlflowException)
+
+
+def _tag_launched_run(reason: str) -> None:
+    """Under ``mlflow run``, a failure before the entry point claimed its launched run still says why there."""
+    launched = os.environ.get("MLFLOW_RUN_ID")
+    if not launched:
+        return
+    try:
+        configure_tracking()
+        mlflow.tracking.MlflowClient().set_tag(launched, "failure", reason[:5000])
+    except Exception:
+        pass
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text if len(text) <= 600 else text[:600] + " ..."
+
+
+@dataclass(frozen=True)
+class EntryPoint(Generic[C]):
+    """An entry point: its config class, presets (``None``: the fields alone) and ``run(cfg) -> run id``."""
+
+    config_cls: type[C]
+    presets: dict[str, dict] | None
+    run: Callable[[C], str]
+    description: str | None = None
+
+    def config_from_preset(self, preset: str, **overrides: Any) -> C:
+        return configuration.config_from_preset(self.config_cls, self.presets or {}, preset, **overrides)
+
+    def config_for_resume(self, run_id: str, **overrides: Any) -> C:
+        return configuration.config_for_resume(self.config_cls, run_id, **overrides)
+
+    def main(self, argv: list[str] | None = None) -> int:
+        """Parse, validate, run; returns the process exit code (0, or 2 with one line on a user error).
+
+        A user error (:func:`user_errors`) is logged as one line naming the cause (the traceback only at
+        DEBUG level); a run it interrupts is already FAILED with the reason as its ``failure`` tag. Subnormal
+        floats are flushed to zero in every CPU thread before the run (:mod:`pipeline.training.numerics`):
+        values below ~1e-38 become zero instead of slowing every operation on them 10-100x.
+        """
+        setup_logging()
+        log = entry_point_logger(self.config_cls)
+        try:
+            cfg = configuration.parse_config(self.config_cls, self.presets, argv, self.description)
+            threads = apply_thread_budget(getattr(cfg, "threads", 0))
+            use_deterministic_algorithms(getattr(cfg, "deterministic", False))
+            flush_denormals()  # after the thread budget, so every intra-op worker it starts flushes too
+            log.debug("%d CPU threads", threads)
+        except user_errors() as exc:
+            log.error("invalid configuration: %s", _one_line(exc))
+            log.debug("details", exc_info=True)
+            _tag_launched_run(f"invalid configuration: {_one_line(exc)}")
+            return 2
+        try:
+            run_id = self.run(cfg)
+        except user_errors() as exc:
+            log.error("%s: %s", type(exc).__name__, _one_line(exc))
+            log.debug("details", exc_info=True)
+            _tag_launched_run(f"{type(exc).__name__}: {_one_line(exc)}")
+            return 2
+        log.info("finished run %s", run_id)
+        return 0
