@@ -35,6 +35,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from pipeline.layers.branches import has_closed_form_jacobian, mlp_jacobian
+
 Branch = Callable[[Tensor], Tensor]
 
 PROBES = ("gaussian", "rademacher")
@@ -53,6 +55,25 @@ def sample_probe(like: Tensor, kind: str) -> Tensor:
 
 def _flat_dot(a: Tensor, b: Tensor) -> Tensor:
     return (a * b).flatten(1).sum(dim=1)
+
+
+def _logabsdet_identity_plus(jac: Tensor) -> Tensor:
+    """``log|det(I + J)|`` per sample; in closed form for 1x1 and 2x2 (a batched LU costs far more there)."""
+    d = jac.shape[-1]
+    if d == 1:
+        return torch.log(torch.abs(1 + jac[:, 0, 0]))
+    if d == 2:
+        return torch.log(torch.abs((1 + jac[:, 0, 0]) * (1 + jac[:, 1, 1]) - jac[:, 0, 1] * jac[:, 1, 0]))
+    return torch.linalg.slogdet(torch.eye(d, dtype=jac.dtype, device=jac.device) + jac).logabsdet
+
+
+def _closed_form_jacobian(g: Branch, x: Tensor, differentiable: bool) -> tuple[Tensor, Tensor]:
+    """``g(x)`` and ``J_g(x)`` of an MLP branch (:func:`~pipeline.layers.branches.mlp_jacobian`), without a
+    graph when nothing will be differentiated."""
+    if differentiable:
+        return mlp_jacobian(g, x)
+    with torch.no_grad():
+        return mlp_jacobian(g, x)
 
 
 def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -85,10 +106,12 @@ class LogDetEstimator:
 
 @dataclass(frozen=True)
 class ExactLogDet(LogDetEstimator):
-    """Brute force: the full Jacobian by batched vector-Jacobian products, then ``slogdet``.
+    """Brute force: the full Jacobian, then ``log|det|``.
 
-    Costs ``d`` backward passes (batched with vmap) and ``O(B d^2)`` memory, so it is limited to
-    ``max_dim`` dimensions per sample; use it for low-dimensional data and for testing.
+    The Jacobian of an MLP branch on vectors is built in closed form alongside its forward
+    (:func:`~pipeline.layers.branches.mlp_jacobian`); any other branch takes ``d`` backward passes
+    (batched with vmap). ``O(B d^2)`` memory, so it is limited to ``max_dim`` dimensions per sample; use
+    it for low-dimensional data and for testing.
     """
 
     max_dim: int = 1024
@@ -102,20 +125,21 @@ class ExactLogDet(LogDetEstimator):
         return float(self.max_dim)
 
     def estimate(self, g: Branch, x: Tensor, differentiable: bool) -> tuple[Tensor, Tensor]:
-        gx = g(x)
         batch, d = x.shape[0], math.prod(x.shape[1:])
         if d > self.max_dim:
             raise ValueError(
                 f"exact log-determinant needs the full {d}x{d} Jacobian per sample, above max_dim={self.max_dim}; "
                 "use the 'power_series' estimator for this dimension (or raise max_dim if memory allows)"
             )
+        if x.dim() == 2 and has_closed_form_jacobian(g):
+            gx, jac = _closed_form_jacobian(g, x, differentiable)
+            return gx, _logabsdet_identity_plus(jac)
+        gx = g(x)
         basis = torch.eye(d, dtype=x.dtype, device=x.device).reshape(d, 1, *x.shape[1:])
         basis = basis.expand(d, batch, *x.shape[1:])
         # rows[i, b] = e_i^T J_g(x_b)
         (rows,) = torch.autograd.grad(gx, x, basis, is_grads_batched=True, create_graph=differentiable)
-        jac = rows.reshape(d, batch, d).transpose(0, 1)
-        eye = torch.eye(d, dtype=x.dtype, device=x.device)
-        return gx, torch.linalg.slogdet(eye + jac).logabsdet
+        return gx, _logabsdet_identity_plus(rows.reshape(d, batch, d).transpose(0, 1))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -123,7 +147,10 @@ class _SeriesLogDet(LogDetEstimator):
     """``sum_{k=1}^{m} (-1)^{k+1} c_k v^T J^k v / k`` with Hutchinson probes ``v``.
 
     Subclasses choose the number of terms ``m`` and the weights ``c_k`` (:meth:`series_weights`,
-    drawn afresh for every probe). Each probe costs ``m`` vector-Jacobian products.
+    drawn afresh for every probe). Each probe costs ``m`` vector-Jacobian products. For an MLP branch on
+    vectors of dimension ``d`` at most the expected number of products, ``J`` itself is cheaper
+    (:func:`~pipeline.layers.branches.mlp_jacobian`, about ``d`` forwards of the matrix products): the products
+    are then ``(B, d) x (B, d, d)`` multiplications, with the same probes, weights and value.
     """
 
     n_probes: int = 1
@@ -142,8 +169,8 @@ class _SeriesLogDet(LogDetEstimator):
         """``[c_1, ..., c_m]`` for one probe (random for the Russian roulette)."""
         raise NotImplementedError
 
-    def series(self, gx: Tensor, x: Tensor, *, create_graph: bool, neumann: bool) -> tuple[Tensor, list]:
-        """The averaged value over probes and, with ``neumann``, each probe's ``(w, v)``.
+    def series(self, vjp: Callable[[Tensor], Tensor], x: Tensor, *, neumann: bool) -> tuple[Tensor, list]:
+        """The averaged value over probes and, with ``neumann``, each probe's ``(w, v)``; ``vjp(u) = u^T J``.
 
         ``w = sum_{k=0}^{m-1} (-1)^k c_{k+1} J^{T k} v`` is the Neumann vector: ``w^T (dJ) v`` estimates
         the derivative of the value's expectation. It reuses the value's vector-Jacobian products.
@@ -157,7 +184,7 @@ class _SeriesLogDet(LogDetEstimator):
             u = v  # after k products, u = (J^T)^k v, i.e. the row vector v^T J^k
             w = v * weights[0] if weights else torch.zeros_like(v)  # no terms drawn: value and gradient 0
             for k, c in enumerate(weights, start=1):
-                (u,) = torch.autograd.grad(gx, x, u, create_graph=create_graph, retain_graph=True)
+                u = vjp(u)
                 value = value + ((-1) ** (k + 1) * c / k) * _flat_dot(u.to(acc), v.to(acc))
                 if neumann and k < len(weights):
                     w = w + ((-1) ** k * weights[k]) * u  # weights[k] = c_{k+1} weights v^T J^k
@@ -165,15 +192,33 @@ class _SeriesLogDet(LogDetEstimator):
                 pairs.append((w, v))
         return value / self.n_probes, pairs
 
+    def uses_closed_form_jacobian(self, g: Branch, x: Tensor) -> bool:
+        """Whether ``J`` itself is cheaper than the series' products: an MLP branch on few dimensions."""
+        products = self.expected_vjps() * self.n_probes
+        return x.dim() == 2 and x.shape[1] <= products and has_closed_form_jacobian(g)
+
     def estimate(self, g: Branch, x: Tensor, differentiable: bool) -> tuple[Tensor, Tensor]:
+        if self.uses_closed_form_jacobian(g, x):
+            gx, jac = _closed_form_jacobian(g, x, differentiable)
+            return gx, self._series_of_jacobian(jac, x, differentiable)
         if differentiable and self.gradient == "neumann":
             if not isinstance(g, nn.Module):
                 raise TypeError("the Neumann gradient needs the branch as an nn.Module (its parameters get gradients)")
             params = [p for p in g.parameters() if p.requires_grad]
             return _NeumannLogDet.apply(self, g, x, *params)
         gx = g(x)
-        value, _ = self.series(gx, x, create_graph=differentiable, neumann=False)
+        value, _ = self.series(_vjp_of(gx, x, create_graph=differentiable), x, neumann=False)
         return gx, value
+
+    def _series_of_jacobian(self, jac: Tensor, x: Tensor, differentiable: bool) -> Tensor:
+        """The series with ``J`` at hand; the Neumann gradient as ``d/d(x, θ) mean_probes w^T J v`` by backprop."""
+        neumann = differentiable and self.gradient == "neumann"
+        fixed = jac.detach() if neumann else jac
+        value, pairs = self.series(lambda u: torch.bmm(u.unsqueeze(1), fixed).squeeze(1), x, neumann=neumann)
+        if not neumann:
+            return value
+        surrogate = sum(_flat_dot(torch.bmm(w.unsqueeze(1), jac).squeeze(1), v) for w, v in pairs) / len(pairs)
+        return value + (surrogate - surrogate.detach())  # the estimate's value, the Neumann gradient
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -251,6 +296,15 @@ class RussianRouletteLogDet(_SeriesLogDet):
         return self.n_exact_terms + (1.0 / self.p if self.distribution == "geometric" else self.rate)
 
 
+def _vjp_of(gx: Tensor, x: Tensor, *, create_graph: bool) -> Callable[[Tensor], Tensor]:
+    """``u -> u^T J_g(x)`` by one backward pass through ``gx = g(x)``."""
+
+    def vjp(u: Tensor) -> Tensor:
+        return torch.autograd.grad(gx, x, u, create_graph=create_graph, retain_graph=True)[0]
+
+    return vjp
+
+
 class _NeumannLogDet(torch.autograd.Function):
     """``(g(x), logdet)`` whose log-det gradient is the Neumann estimate; no graph is kept through the series.
 
@@ -266,7 +320,7 @@ class _NeumannLogDet(torch.autograd.Function):
         with torch.enable_grad():
             x_ = x.detach().requires_grad_(True)
             gx = branch(x_)
-            value, pairs = estimator.series(gx, x_, create_graph=False, neumann=True)
+            value, pairs = estimator.series(_vjp_of(gx, x_, create_graph=False), x_, neumann=True)
         # g(x) is saved with its graph (an intermediate keeps its grad_fn): the engine releases it after a
         # plain backward and keeps it under retain_graph=True, as for any built-in op
         ctx.n_params, ctx.n_probes = len(params), len(pairs)

@@ -3,10 +3,17 @@ import math
 
 import pytest
 import torch
+from torch import nn
 
 from pipeline.bounds import logdet_bounds, power_series_truncation_bound
 from pipeline.layers import SpectralNormLinear
-from pipeline.layers.branches import branch_lipschitz_bound, conv_branch, mlp_branch
+from pipeline.layers.branches import (
+    branch_lipschitz_bound,
+    conv_branch,
+    has_closed_form_jacobian,
+    mlp_branch,
+    mlp_jacobian,
+)
 from pipeline.layers.spectral import SpectralConfig
 from pipeline.transforms import (
     ExactLogDet,
@@ -285,7 +292,9 @@ def test_the_gradient_check_sees_a_truncation_bias(strong):
     "estimator", [RussianRouletteLogDet(), PowerSeriesLogDet(n_terms=4, n_probes=2, gradient="neumann")]
 )
 def test_memory_saving_backward_equals_the_explicit_surrogate(mlp, estimator):
-    """Same draws: the value is the series estimate; gradients (x, θ) are the per-sample weighted surrogate w^T J v."""
+    """Same draws: the value is the series estimate; gradients (x, θ) are the per-sample weighted surrogate w^T J v.
+
+    Here the estimator takes the MLP's closed-form Jacobian; the reference goes through vector-Jacobian products."""
     branch, x = mlp
     branch.eval()  # fixed normalisation, so both passes see the same branch
     params = [p for p in branch.parameters() if p.requires_grad]
@@ -300,7 +309,8 @@ def test_memory_saving_backward_equals_the_explicit_surrogate(mlp, estimator):
     torch.manual_seed(11)
     xb = x.clone().requires_grad_(True)
     gx_b = branch(xb)
-    value_b, pairs = estimator.series(gx_b, xb, create_graph=False, neumann=True)
+    vjp = lambda u: torch.autograd.grad(gx_b, xb, u, retain_graph=True)[0]  # noqa: E731
+    value_b, pairs = estimator.series(vjp, xb, neumann=True)
     surrogate = sum(
         (torch.autograd.grad(gx_b, xb, w, create_graph=True)[0] * v).flatten(1).sum(1) for w, v in pairs
     ) / len(pairs)
@@ -319,11 +329,12 @@ def test_memory_saving_backward_equals_the_explicit_surrogate(mlp, estimator):
 
 
 def test_neumann_gradient_keeps_no_graph_through_the_series(float64):
-    """Saved activations do not grow with the number of terms (they do when backpropagating through the series)."""
-    branch = mlp_branch(8, (64, 64), spectral=SpectralConfig(coeff=0.9)).train()
-    x = torch.randn(64, 8, requires_grad=True)
+    """Saved activations do not grow with the number of terms (they do when backpropagating through the series),
+    by vector-Jacobian products (16 dimensions, more than the terms) and with the closed-form Jacobian (2)."""
 
-    def saved_bytes(estimator):
+    def saved_bytes(estimator, dim=16):
+        branch = mlp_branch(dim, (64, 64), spectral=SpectralConfig(coeff=0.9)).train()
+        x = torch.randn(64, dim, requires_grad=True)
         total = 0
 
         def pack(t):
@@ -339,6 +350,8 @@ def test_neumann_gradient_keeps_no_graph_through_the_series(float64):
     neumann = [saved_bytes(PowerSeriesLogDet(n_terms=n, gradient="neumann")) for n in (2, 8)]
     assert backprop[1] > 2 * backprop[0]
     assert neumann[1] == neumann[0]
+    closed_form = [saved_bytes(PowerSeriesLogDet(n_terms=n, gradient="neumann"), dim=2) for n in (2, 8)]
+    assert closed_form[1] == closed_form[0]
 
 
 def test_neumann_gradient_needs_a_module_branch(mlp):
@@ -358,3 +371,46 @@ def test_roulette_arguments_are_validated():
         with pytest.raises(ValueError, match=message):
             RussianRouletteLogDet(**kwargs)
     assert isinstance(make_estimator("russian_roulette", n_exact_terms=3), RussianRouletteLogDet)
+
+
+@pytest.mark.parametrize("activation", ["elu", "softplus", "relu", "lipswish"])
+@pytest.mark.parametrize("preactivation", [False, True])
+def test_the_closed_form_jacobian_of_an_mlp_branch_equals_autograd(float64, activation, preactivation):
+    branch = mlp_branch(
+        3, (16, 16), spectral=SpectralConfig(coeff=0.9), activation=activation, preactivation=preactivation
+    )
+    x = torch.randn(5, 3)
+    branch(x)  # the spectral vectors
+    branch.eval()
+    assert has_closed_form_jacobian(branch)
+    gx, jac = mlp_jacobian(branch, x)
+    assert torch.allclose(gx, branch(x), atol=1e-12)
+    assert torch.allclose(jac, dense_jacobians(branch, x), atol=1e-10)
+    assert not has_closed_form_jacobian(mlp_branch(3, (4,), activation="sort"))  # not elementwise: autograd
+
+
+@pytest.mark.parametrize(
+    "estimator",
+    [ExactLogDet(), RussianRouletteLogDet(), PowerSeriesLogDet(n_terms=5, gradient="backprop")],
+    ids=["exact", "roulette-neumann", "series-backprop"],
+)
+def test_the_closed_form_path_equals_the_product_path_in_value_and_gradient(float64, estimator):
+    """The same estimator on an MLP branch (closed-form J) and on the same branch hidden from that path."""
+    branch = mlp_branch(2, (32, 32), spectral=SpectralConfig(coeff=0.9), activation="lipswish", preactivation=True)
+    x = torch.randn(16, 2)
+    branch(x)
+    branch.eval()
+    opaque = nn.Sequential(branch)  # a sequence whose element is not a layer: vector-Jacobian products
+    assert not has_closed_form_jacobian(opaque)
+    params = [p for p in branch.parameters() if p.requires_grad]
+    results = []
+    for g in (branch, opaque):
+        torch.manual_seed(3)
+        xg = x.clone().requires_grad_(True)
+        gx, logdet = estimator(g, xg)
+        loss = (torch.linspace(0.5, 2.0, 16) * logdet).sum() + (gx**2).sum()
+        results.append((logdet.detach(), torch.autograd.grad(loss, [xg, *params])))
+    (value_a, grads_a), (value_b, grads_b) = results
+    assert torch.allclose(value_a, value_b, atol=1e-12)
+    for ga, gb in zip(grads_a, grads_b, strict=True):
+        assert torch.allclose(ga, gb, atol=1e-10)
