@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pipeline.attributes import temporarily_set
 from pipeline.layers.operator_norm import (
     GRAM_MAX_DIM,
     CertifiedNorm,
@@ -629,12 +630,5 @@ def frozen_power_iteration(module: nn.Module) -> Iterator[None]:
     The normalised weight stays differentiable (through the stored ``u``, ``v``); only the estimate
     stops moving, so an iterative solver sees one and the same operator at every evaluation.
     """
-    layers = spectral_layers(module)
-    previous = [layer.power_iteration_frozen for layer in layers]
-    for layer in layers:
-        layer.power_iteration_frozen = True
-    try:
+    with temporarily_set(spectral_layers(module), "power_iteration_frozen", True):
         yield
-    finally:
-        for layer, was in zip(layers, previous, strict=True):
-            layer.power_iteration_frozen = was

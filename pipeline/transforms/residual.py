@@ -7,6 +7,7 @@ from contextlib import contextmanager
 
 from torch import Tensor, nn
 
+from pipeline.attributes import temporarily_set
 from pipeline.layers.branches import branch_lipschitz_bound
 from pipeline.layers.spectral import frozen_power_iteration
 from pipeline.transforms.base import InverseReport, Transform
@@ -75,11 +76,5 @@ def using_estimator(module: nn.Module, estimator: LogDetEstimator) -> Iterator[N
     estimator is restored on exit, also on an error.
     """
     blocks = [m for m in module.modules() if isinstance(m, InvertibleResidualBlock)]
-    saved = [block.estimator for block in blocks]
-    for block in blocks:
-        block.estimator = estimator
-    try:
+    with temporarily_set(blocks, "estimator", estimator):
         yield
-    finally:
-        for block, own in zip(blocks, saved, strict=True):
-            block.estimator = own
