@@ -124,9 +124,7 @@ class ClassifyConfig(InverseOptions):
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {self.optimizer!r}; choose one of {OPTIMIZERS}")
         check_at_least(self, 1, ("epochs", "batch_size", "eval_batch_size", "recon_images", "log_every"))
-        for name in ("warmup_steps", "weight_decay", "grad_clip", "momentum"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        check_at_least(self, 0, ("warmup_steps", "weight_decay", "grad_clip", "momentum"))
         if not self.lr > 0 or not 0 < self.lr_decay <= 1:
             raise ValueError(f"need lr > 0 and 0 < lr_decay <= 1, got {self.lr}, {self.lr_decay}")
         if not self.recon_iterations or min(self.recon_iterations) < 1:

@@ -117,7 +117,7 @@ class DensityConfig(EstimatorOptions, InverseOptions):
         if self.dataset not in DATASETS:
             raise ValueError(f"unknown dataset {self.dataset!r}; choose one of {sorted(DATASETS)}")
         check_at_least(self, 1, ("epochs", "batch_size", "eval_batch_size", "n_samples", "log_every", "max_passes"))
-        check_at_least(self, 0, ("pad", "warmup_steps", "eval_every", "eval_max_images", "eval_subset"))
+        check_at_least(self, 0, ("pad", "warmup_steps", "eval_every", "eval_max_images", "eval_subset", "grad_clip"))
         if self.variance_repeats < 0 or self.variance_repeats == 1:
             raise ValueError("variance_repeats must be 0 (off) or >= 2 (a spread needs two draws)")
         if not 0.0 <= self.validation_fraction < 1.0:
@@ -125,8 +125,6 @@ class DensityConfig(EstimatorOptions, InverseOptions):
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         warmup_then(self.lr_schedule, self.warmup_steps, 1, self.lr_final_fraction)  # validates both
-        if self.grad_clip < 0:
-            raise ValueError(f"grad_clip must be >= 0, got {self.grad_clip}")
         if not self.sample_temperature >= 0:
             raise ValueError(f"sample_temperature must be >= 0, got {self.sample_temperature}")
         # the library validates its own pieces; building them here fails before any run starts
