@@ -19,7 +19,8 @@ longer run at the mark.
   pipeline's honest protocol (:func:`pipeline.evaluation.evaluate_bits_per_dim`: Theorem-3 series or
   unbiased roulette, to the standard-error target; the JSON has its standard error and bias bound).
 * ``glow``: normflows' multi-scale Glow (``GlowBlock``: affine coupling, invertible 1x1 convolution,
-  ActNorm), L levels of K blocks with ``h`` hidden channels; exact log-det.
+  ActNorm), L levels of K blocks with ``h`` hidden channels; exact log-det. ``--peer-set logit_alpha=...``
+  puts normflows' logit transform first (as its Glow example does), to compare with ``--set logit_alpha=...``.
 * ``realnvp``: the same multi-scale frame from normflows parts with RealNVP's steps (affine coupling
   with an ``exp`` scale, a fixed channel swap, ActNorm); exact log-det.
 * ``residual``: normflows' ``Residual`` (Residual Flows' code): LipSwish CNN branches (3-1-3,
@@ -38,6 +39,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, fields
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -64,6 +66,7 @@ class Contender:
     score: Callable[[ImageSplit], dict]  # {"bpd": ...} on the test split (and protocol details)
     forward_logdet: Callable[[Tensor], tuple[Tensor, Tensor]]  # x -> (flat z, log-det) for the brute-force check
     batch_size: int | None = None  # its own batch size (the i-ResNet preset's); None: --batch-size
+    sample: Callable[[int], Tensor] | None = None  # n samples at temperature 1, in [-1/2, 1/2)
     after_step: Callable[[], None] = lambda: None
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
     grad_clip: float = 0.0
@@ -116,14 +119,21 @@ def _iresnet(settings: dict, train_x: Tensor, clock: dict) -> Contender:
             zs, logdet = model(x)
         return torch.cat([z.flatten(1) for z in zs], dim=1), logdet
 
+    def sample(n: int) -> Tensor:
+        model.eval()
+        with torch.no_grad():
+            x = model.sample(n)
+        model.train()
+        return x
+
     return Contender(
-        model, optimizer, loss, score, forward_logdet, scheduler=scheduler, grad_clip=cfg.grad_clip,
+        model, optimizer, loss, score, forward_logdet, sample=sample, scheduler=scheduler, grad_clip=cfg.grad_clip,
         batch_size=cfg.batch_size,
     )  # fmt: skip
 
 
 # --- normflows peers ------------------------------------------------------------------------------
-def _normflows_multiscale(kind: str, levels: int, blocks: int, hidden: int) -> nn.Module:
+def _normflows_multiscale(kind: str, levels: int, blocks: int, hidden: int, logit_alpha: float = 0.0) -> nn.Module:
     import normflows as nf
 
     flows, merges, priors = [], [], []
@@ -153,7 +163,21 @@ def _normflows_multiscale(kind: str, levels: int, blocks: int, hidden: int) -> n
         else:
             latent = (2 ** (levels + 1), 28 // 2**levels, 28 // 2**levels)
         priors.append(nf.distributions.DiagGaussian(latent))
-    return nf.MultiscaleFlow(priors, flows, merges, class_cond=False)
+    # the logit transform as normflows' Glow example applies it (its ``transform``), on our data range [-1/2, 1/2)
+    logit = [nf.transforms.Logit(logit_alpha), _HalfShift()] if logit_alpha else None
+    transform = nf.flows.Composite(logit) if logit else None
+    return nf.MultiscaleFlow(priors, flows, merges, transform=transform, class_cond=False)
+
+
+class _HalfShift(nn.Module):
+    """Data in [0, 1] (normflows' ``Logit``) -> [-1/2, 1/2) (ours); ``nf.transforms.Shift`` shifts in place,
+    which would change the caller's batch."""
+
+    def forward(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        return z - 0.5, z.new_zeros(z.shape[0])
+
+    def inverse(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return x + 0.5, x.new_zeros(x.shape[0])
 
 
 def _step(*flows: nn.Module) -> nn.Module:
@@ -186,7 +210,7 @@ def _normflows(kind: str, settings: dict, train_x: Tensor) -> Contender:
     levels, blocks = int(settings.get("levels", 2)), int(settings.get("blocks", 4))
     hidden = int(settings.get("hidden", 32))
     lr = float(settings.get("lr", 1e-3))
-    model = _normflows_multiscale(kind, levels, blocks, hidden)
+    model = _normflows_multiscale(kind, levels, blocks, hidden, float(settings.get("logit_alpha", 0.0)))
     with torch.no_grad():
         model.log_prob(train_x[:512], None)  # ActNorm's data-dependent initialisation
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
@@ -222,6 +246,9 @@ def _normflows(kind: str, settings: dict, train_x: Tensor) -> Contender:
         log_det = torch.zeros(len(x), dtype=x.dtype)
         zs = []
         h = x
+        if model.transform is not None:
+            h, ld = model.transform.inverse(h)
+            log_det = log_det + ld
         for i in range(model.num_levels - 1, -1, -1):  # as MultiscaleFlow.inverse_and_log_det
             for flow in reversed(model.flows[i]):
                 h, ld = flow.inverse(h)
@@ -234,8 +261,15 @@ def _normflows(kind: str, settings: dict, train_x: Tensor) -> Contender:
         zs.append(h)
         return torch.cat([z.flatten(1) for z in zs], dim=1), log_det
 
+    def sample(n: int) -> Tensor:
+        model.eval()
+        with torch.no_grad():
+            x, _ = model.sample(n)
+        model.train()
+        return x
+
     after = (lambda: nf_update_lipschitz(model)) if kind == "residual" else (lambda: None)
-    return Contender(model, optimizer, loss, score, forward_logdet, after_step=after)
+    return Contender(model, optimizer, loss, score, forward_logdet, sample=sample, after_step=after)
 
 
 def nf_update_lipschitz(model: nn.Module) -> None:
@@ -302,7 +336,7 @@ def _train_and_score(name: str, settings: dict, args: dict, budget: float) -> di
             cpu += time.process_time() - start
             clock["progress"] = cpu / budget
             steps += 1
-            if not math.isfinite(float(loss)):
+            if not math.isfinite(loss.item()):
                 raise FloatingPointError(f"non-finite training loss at step {steps}")
             if cpu >= budget:
                 break
@@ -316,12 +350,20 @@ def _train_and_score(name: str, settings: dict, args: dict, budget: float) -> di
         "train_cpu_s": cpu,
         "steps": steps,
         "epochs": steps * batch / len(data.train),
-        "train_bpd": float(loss),
+        "train_bpd": loss.item(),
         "eval_cpu_s": time.process_time() - start,
         "logdet_check_error_nats": ld_error,
         "n_parameters": sum(p.numel() for p in contender.model.parameters()),
         **scored,
     }
+    if args.get("samples_dir") and contender.sample is not None:  # to judge by eye, same seed for every contender
+        from pipeline.plotting import save_image_grid
+
+        torch.manual_seed(args["seed"])
+        path = Path(args["samples_dir"]) / f"{name}_{budget:g}s.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_image_grid(contender.sample(64) + 0.5, path)
+        row["samples"] = str(path)
     log.info("%s %s at %.0f CPU-s (%d steps): %.3f bits/dim", name, settings, cpu, steps, scored["bpd"])
     return row
 
@@ -363,7 +405,8 @@ def format_table(rows: list[dict], multiples: list[float]) -> str:
             for r in per_multiple
         )
         out.append(f"{label[:58]:58} {first['n_parameters']:7d} {first['logdet_check_error_nats']:8.1e} {cells}")
-    out.append("* evaluation did not reach its tolerances")
+    if any(not r.get("converged", True) for r in rows):
+        out.append("* evaluation did not reach its tolerances")
     return "\n".join(out)
 
 
@@ -384,12 +427,13 @@ def main(argv: list[str] | None = None) -> None:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="a peer setting: levels, blocks, hidden, lr (default 2, 4, 32, 1e-3)",
+        help="a peer setting: levels, blocks, hidden, lr, logit_alpha (default 2, 4, 32, 1e-3, 0: no logit transform)",
     )
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--test-images", type=int, default=0, help="score on the first N test digits (0: all)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="also write the results to this JSON file")
+    parser.add_argument("--samples-dir", help="also save 64 samples (temperature 1) of each contender here, as PNG")
     args = vars(parser.parse_args(argv))
     if args["budget"] <= 0 or min(args["multiples"]) <= 0:
         parser.error("--budget and --multiples must be > 0")

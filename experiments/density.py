@@ -71,6 +71,8 @@ class DensityConfig(EstimatorOptions, InverseOptions):
     power_tol: float | None = None  # > 0: each step's power iteration runs to this relative change of sigma
     lipschitz: str | None = None  # "strict": every training forward applies norms <= c (certified per step)
     activation: str | None = None
+    logit_alpha: float | None = None  # > 0: a logit transform of the data first; 0: none
+    split_prior: str | None = None  # "conditional": Glow's learned prior for each factored-out half
     # optimisation
     epochs: int = 10
     batch_size: int = 64

@@ -1,8 +1,9 @@
 """Multi-scale i-ResNet flow for images (paper App. C.3, after Real-NVP / Glow).
 
-Each level squeezes (space-to-depth), applies ``n_blocks`` steps of ActNorm + invertible residual
-block, and, except the last, factors out half of its channels as a latent with its own learned
-diagonal-Gaussian prior.
+An optional logit transform maps the dequantised data onto the real line first. Each level squeezes
+(space-to-depth), applies ``n_blocks`` steps of ActNorm + invertible residual block, and, except the last,
+factors out half of its channels as a latent with its own learned diagonal-Gaussian prior; with
+``split_prior="conditional"`` that prior's mean and scale also depend on the other half (Glow's learned prior).
 """
 
 from __future__ import annotations
@@ -18,10 +19,14 @@ from pipeline.layers.spectral import SpectralConfig
 from pipeline.models.base import FlowModel, make_prior
 from pipeline.transforms.actnorm import ActNorm
 from pipeline.transforms.base import InverseReport, Transform, TransformSequence
+from pipeline.transforms.coupling import SplitPriorCoupling
 from pipeline.transforms.inverse import FixedPointConfig
 from pipeline.transforms.logdet import LogDetEstimator, PowerSeriesLogDet
+from pipeline.transforms.logit import LogitTransform
 from pipeline.transforms.reshape import Squeeze
 from pipeline.transforms.residual import InvertibleResidualBlock
+
+SPLIT_PRIORS = ("unconditional", "conditional")
 
 
 @dataclass(frozen=True)
@@ -40,6 +45,8 @@ class FlowArchitecture:
     actnorm: bool = True
     learnable_prior: bool = True
     squeeze_first: bool = True  # squeeze before the first level too (as the reference code does)
+    logit_alpha: float = 0.0  # > 0: a logit transform of the data first (Residual Flows: 1e-6 on MNIST); 0: none
+    split_prior: str = "unconditional"  # or "conditional": each factored-out half's prior depends on the rest (Glow)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "input_shape", tuple(self.input_shape))
@@ -55,6 +62,10 @@ class FlowArchitecture:
             raise ValueError(f"hidden_channels needs one width >= 1 (or one per level), got {self.hidden_channels}")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"unknown activation {self.activation!r}; choose one of {sorted(ACTIVATIONS)}")
+        if not 0.0 <= self.logit_alpha < 0.5:
+            raise ValueError(f"logit_alpha must be 0 (no logit transform) or in (0, 1/2), got {self.logit_alpha}")
+        if self.split_prior not in SPLIT_PRIORS:
+            raise ValueError(f"unknown split_prior {self.split_prior!r}; choose one of {list(SPLIT_PRIORS)}")
         _ = self.spectral  # validates the spectral settings
         self.level_shapes()  # raises on sizes that do not squeeze/split
 
@@ -104,6 +115,8 @@ class IResNetFlow(FlowModel):
             zip(arch.n_blocks, arch.hidden_channels, shapes, strict=True)
         ):
             steps: list[Transform] = []
+            if level == 0 and arch.logit_alpha:
+                steps.append(LogitTransform(arch.logit_alpha))
             if level > 0 or arch.squeeze_first:
                 steps.append(Squeeze())
             for _ in range(n_blocks):
@@ -121,8 +134,10 @@ class IResNetFlow(FlowModel):
                         branch, estimator=estimator, inverse_config=inverse_config, input_shape=(c, h, w)
                     )
                 )
-            levels.append(TransformSequence(*steps))
             last = level == len(arch.n_blocks) - 1
+            if not last and arch.split_prior == "conditional":
+                steps.append(SplitPriorCoupling(c))
+            levels.append(TransformSequence(*steps))
             priors.append(make_prior((c, h, w) if last else (c // 2, h, w), arch.learnable_prior))
         self.levels = nn.ModuleList(levels)
         self.priors = nn.ModuleList(priors)

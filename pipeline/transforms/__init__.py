@@ -2,6 +2,7 @@
 
 from pipeline.transforms.actnorm import ActNorm
 from pipeline.transforms.base import InverseReport, Transform, TransformSequence
+from pipeline.transforms.coupling import SplitPriorCoupling
 from pipeline.transforms.inverse import (
     INVERSE_METHODS,
     FixedPointConfig,
@@ -19,6 +20,7 @@ from pipeline.transforms.logdet import (
     make_estimator,
     sample_probe,
 )
+from pipeline.transforms.logit import LogitTransform
 from pipeline.transforms.reshape import InjectivePad, Squeeze
 from pipeline.transforms.residual import InvertibleResidualBlock, using_estimator
 
@@ -34,8 +36,10 @@ __all__ = [
     "InverseReport",
     "InvertibleResidualBlock",
     "LogDetEstimator",
+    "LogitTransform",
     "PowerSeriesLogDet",
     "RussianRouletteLogDet",
+    "SplitPriorCoupling",
     "Squeeze",
     "Transform",
     "TransformSequence",

@@ -1,6 +1,7 @@
-"""Glow's building blocks for vectors: invertible linear maps (LU) and affine couplings.
+"""Glow's building blocks: invertible linear maps (LU) and affine couplings.
 
-Used by the Glow baseline the paper compares with on the 2-D toy densities (Fig. 2).
+The vector ones are the Glow baseline the paper compares with on the 2-D toy densities (Fig. 2);
+:class:`SplitPriorCoupling` is Glow's learned prior at a multi-scale flow's split, for the image flows.
 """
 
 from __future__ import annotations
@@ -76,3 +77,44 @@ class AffineCoupling(Transform):
         cond, other = self._halves(y)
         log_scale, shift = self._scale_shift(cond)
         return self._join(cond, (other - shift) * torch.exp(-log_scale))
+
+
+class SplitPriorCoupling(Transform):
+    """Glow's learned prior for a factored-out half, as a transform: ``z' = (z - mu(h)) * exp(-s(h))``.
+
+    On ``(B, C, H, W)``: ``z`` is the first half of the channels (the half a multi-scale flow factors out), ``h`` the
+    second (the half that goes on to the next level). ``mu`` and ``s`` come from one ``kernel_size`` convolution of
+    ``h``, zero-initialised (Glow's ``Conv2dZeros``), so the layer starts as the identity and the factored-out
+    latent's density becomes conditional on the coarser levels: without it, sampling draws that half as noise
+    independent of the image the other levels describe. ``s`` is bounded by ``tanh``; the log-det is exact.
+    """
+
+    def __init__(self, channels: int, kernel_size: int = 3) -> None:
+        super().__init__()
+        if channels < 2 or channels % 2:
+            raise ValueError(f"a split needs an even number of channels >= 2, got {channels}")
+        if kernel_size < 1 or kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size must be odd and >= 1, got {kernel_size}")
+        self.channels = channels
+        self.net = nn.Conv2d(channels // 2, channels, kernel_size, padding=kernel_size // 2)
+        nn.init.zeros_(self.net.weight)
+        nn.init.zeros_(self.net.bias)
+
+    def _shift_log_scale(self, h: Tensor) -> tuple[Tensor, Tensor]:
+        shift, log_scale = self.net(h).chunk(2, dim=1)
+        return shift, torch.tanh(log_scale)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        if x.dim() != 4 or x.shape[1] != self.channels:
+            raise ValueError(f"SplitPriorCoupling expects (B, {self.channels}, H, W), got {tuple(x.shape)}")
+        z, h = x.chunk(2, dim=1)
+        shift, log_scale = self._shift_log_scale(h)
+        return torch.cat([(z - shift) * torch.exp(-log_scale), h], dim=1), -log_scale.flatten(1).sum(dim=1)
+
+    def inverse(self, y: Tensor, *, report: InverseReport | None = None) -> Tensor:
+        z, h = y.chunk(2, dim=1)
+        shift, log_scale = self._shift_log_scale(h)
+        return torch.cat([z * torch.exp(log_scale) + shift, h], dim=1)
+
+    def extra_repr(self) -> str:
+        return str(self.channels)

@@ -112,10 +112,13 @@ def test_each_peer_row_trains_and_is_checked_against_the_exact_logdet():
 
 
 @pytest.mark.parametrize("name", ["iresnet", "glow"])
-def test_quality_trains_for_its_cpu_budget_and_scores_honestly(name):
-    args = dict(seed=0, batch_size=16, test_images=50)
-    settings = {"n_blocks": (1, 1), "hidden_channels": 8, "n_power_iterations": 2} if name == "iresnet" else {
-        "blocks": 1, "hidden": 8}  # fmt: skip
+def test_quality_trains_for_its_cpu_budget_and_scores_honestly(name, tmp_path):
+    from PIL import Image
+
+    args = dict(seed=0, batch_size=16, test_images=50, samples_dir=str(tmp_path))
+    # both with the logit transform first, so the brute-force check covers it in each library
+    ours = {"n_blocks": (1, 1), "hidden_channels": 8, "n_power_iterations": 2, "split_prior": "conditional"}
+    settings = {**(ours if name == "iresnet" else {"blocks": 1, "hidden": 8}), "logit_alpha": 1e-6}
     row = quality._train_and_score(name, settings, args, budget=1.0)
     assert row["train_cpu_s"] >= 1.0 and row["steps"] >= 1
     assert row["logdet_check_error_nats"] < 1e-2  # the library's log-det against the full Jacobian
@@ -123,7 +126,8 @@ def test_quality_trains_for_its_cpu_budget_and_scores_honestly(name):
     if name == "iresnet":
         assert row["estimator"] in ("russian_roulette", "power_series") and row["se"] < 2e-3
     table = quality.format_table([row], [1.0])
-    assert f"{row['bpd']:9.3f}" in table
+    assert f"{row['bpd']:9.3f}" in table and "did not reach" not in table
+    assert Image.open(row["samples"]).size == (8 * 29 + 1, 8 * 29 + 1)  # 64 samples of 28x28, 1-pixel padding
 
 
 def test_a_worker_trains_the_quick_flow_under_the_thread_budget(monkeypatch):

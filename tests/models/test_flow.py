@@ -4,12 +4,12 @@ import torch
 from pipeline.bounds import flow_bias_bound_bits_per_dim
 from pipeline.metrics import bits_per_dim
 from pipeline.models import FlowArchitecture, IResNetFlow, iresnet_flow
-from pipeline.transforms import ExactLogDet, FixedPointConfig, InverseReport, PowerSeriesLogDet
+from pipeline.transforms import ExactLogDet, FixedPointConfig, InverseReport, PowerSeriesLogDet, SplitPriorCoupling
 from tests.transforms.helpers import dense_jacobians
 
 
-def _tiny_flow(shape, n_blocks=(2, 2)):
-    arch = FlowArchitecture(input_shape=shape, n_blocks=n_blocks, hidden_channels=8, n_power_iterations=5)
+def _tiny_flow(shape, n_blocks=(2, 2), **options):
+    arch = FlowArchitecture(input_shape=shape, n_blocks=n_blocks, hidden_channels=8, n_power_iterations=5, **options)
     flow = IResNetFlow(
         arch, estimator=ExactLogDet(), inverse_config=FixedPointConfig(atol=1e-12, rtol=1e-12, max_iterations=500)
     )
@@ -20,12 +20,23 @@ def _tiny_flow(shape, n_blocks=(2, 2)):
         for prior in flow.priors:
             prior.mean.normal_(0, 0.3)
             prior.log_std.normal_(0, 0.3)
+        for split in (m for m in flow.modules() if isinstance(m, SplitPriorCoupling)):  # and off the identity
+            split.net.weight.normal_(0, 0.3)
     return flow.eval(), x[:3]
 
 
-@pytest.mark.parametrize("shape", [(1, 4, 4), (3, 4, 4)])
-def test_flow_logdet_equals_brute_force_jacobian_of_the_whole_model(float64, shape):
-    flow, x = _tiny_flow(shape)
+# the logit transform (Residual Flows' first layer) and the conditional split prior are part of the map checked
+SHAPES_AND_OPTIONS = [
+    ((1, 4, 4), {}),
+    ((3, 4, 4), {}),
+    ((1, 4, 4), {"logit_alpha": 1e-6, "split_prior": "conditional"}),
+    ((3, 4, 4), {"logit_alpha": 0.05}),
+]
+
+
+@pytest.mark.parametrize(("shape", "options"), SHAPES_AND_OPTIONS)
+def test_flow_logdet_equals_brute_force_jacobian_of_the_whole_model(float64, shape, options):
+    flow, x = _tiny_flow(shape, **options)
 
     def encode(v):
         zs, _ = flow(v)
@@ -44,9 +55,9 @@ def test_flow_logdet_equals_brute_force_jacobian_of_the_whole_model(float64, sha
     assert torch.allclose(flow.log_prob(x), manual + logdet)
 
 
-@pytest.mark.parametrize("shape", [(1, 4, 4), (3, 4, 4)])
-def test_flow_inverse_of_forward_is_identity(float64, shape):
-    flow, x = _tiny_flow(shape)
+@pytest.mark.parametrize(("shape", "options"), SHAPES_AND_OPTIONS)
+def test_flow_inverse_of_forward_is_identity(float64, shape, options):
+    flow, x = _tiny_flow(shape, **options)
     zs, _ = flow(x)
     report = InverseReport()
     x_rec = flow.inverse(zs, report=report)
@@ -117,6 +128,10 @@ def test_architecture_is_validated():
         FlowArchitecture(coeff=1.0)
     with pytest.raises(ValueError, match="unknown activation"):
         FlowArchitecture(activation="tanh")
+    with pytest.raises(ValueError, match="logit_alpha"):
+        FlowArchitecture(logit_alpha=0.5)
+    with pytest.raises(ValueError, match="unknown split_prior"):
+        FlowArchitecture(split_prior="learned")
     with pytest.raises(ValueError, match="unknown flow preset"):
         iresnet_flow("imagenet")
     with pytest.raises(ValueError, match="expects inputs of shape"):

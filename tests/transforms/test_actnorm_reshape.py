@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from pipeline.transforms import ActNorm, InjectivePad, Squeeze
+from pipeline.transforms import ActNorm, InjectivePad, LogitTransform, SplitPriorCoupling, Squeeze
 from tests.transforms.helpers import dense_jacobians
 
 
@@ -54,3 +54,45 @@ def test_injective_padding_round_trip():
     y = pad(x)
     assert y.shape == (2, 16, 4, 4) and torch.equal(y[:, 3:], torch.zeros(2, 13, 4, 4))
     assert torch.equal(pad.inverse(y), x)
+
+
+@pytest.mark.parametrize("alpha", [1e-6, 0.05])
+def test_logit_transform_logdet_and_inverse_are_exact(float64, alpha):
+    x = torch.rand(3, 2, 3, 3) - 0.5
+    x[0, 0, 0, 0] = -0.5  # the ends of the dequantised range stay finite
+    x[0, 0, 0, 1] = 0.5
+    layer = LogitTransform(alpha)
+    y, logdet = layer(x)
+    jac = dense_jacobians(lambda v: layer(v)[0], x)
+    assert torch.isfinite(y).all()
+    assert torch.allclose(logdet, torch.linalg.slogdet(jac).logabsdet)
+    assert torch.allclose(layer.inverse(y), x)
+    x_rec, inverse_logdet = layer.inverse_and_logdet(y)
+    assert torch.allclose(inverse_logdet, -logdet)
+
+
+def test_logit_transform_refuses_data_outside_its_range_and_a_bad_alpha():
+    with pytest.raises(RuntimeError, match=r"data in \[-0.5, 0.5\]"):
+        LogitTransform()(torch.full((1, 1, 2, 2), 0.7))
+    with pytest.raises(RuntimeError, match="or NaN"):
+        LogitTransform()(torch.full((1, 1, 2, 2), float("nan")))
+    for alpha in (0.0, 0.5):
+        with pytest.raises(ValueError, match="alpha must be in"):
+            LogitTransform(alpha)
+
+
+def test_split_prior_coupling_starts_at_identity_and_is_exact(float64):
+    layer = SplitPriorCoupling(4)
+    x = torch.randn(3, 4, 3, 3)
+    y, logdet = layer(x)
+    assert torch.equal(y, x) and torch.equal(logdet, torch.zeros(3))  # zero-initialised: the identity
+    with torch.no_grad():
+        layer.net.weight.normal_(0, 0.5)
+        layer.net.bias.normal_(0, 0.5)
+    y, logdet = layer(x)
+    jac = dense_jacobians(lambda v: layer(v)[0], x)
+    assert torch.allclose(logdet, torch.linalg.slogdet(jac).logabsdet)
+    assert torch.equal(y[:, 2:], x[:, 2:])  # the half that goes on is untouched
+    assert torch.allclose(layer.inverse(y), x)
+    with pytest.raises(ValueError, match="even number of channels"):
+        SplitPriorCoupling(3)
