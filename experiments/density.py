@@ -72,6 +72,8 @@ class DensityConfig(EstimatorOptions, InverseOptions):
     lipschitz: str | None = None  # "strict": every training forward applies norms <= c (certified per step)
     activation: str | None = None
     logit_alpha: float | None = None  # > 0: a logit transform of the data first; 0: none
+    fc_blocks: int | None = None  # fully connected residual blocks at the end (Residual Flows)
+    fc_hidden: int | None = None
     split_prior: str | None = None  # "conditional": Glow's learned prior for each factored-out half
     # optimisation
     epochs: int = 10

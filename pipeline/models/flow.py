@@ -2,7 +2,8 @@
 
 An optional logit transform maps the dequantised data onto the real line first. Each level squeezes
 (space-to-depth), applies ``n_blocks`` steps of ActNorm + invertible residual block, and, except the last,
-factors out half of its channels as a latent with its own learned diagonal-Gaussian prior; with
+factors out half of its channels as a latent with its own learned diagonal-Gaussian prior (the last level may end
+with fully connected blocks on its flattened map); with
 ``split_prior="conditional"`` that prior's mean and scale also depend on the other half (Glow's learned prior).
 """
 
@@ -14,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from pipeline.layers.activations import ACTIVATIONS
-from pipeline.layers.branches import conv_branch
+from pipeline.layers.branches import conv_branch, mlp_branch
 from pipeline.layers.spectral import SpectralConfig
 from pipeline.models.base import FlowModel, make_prior
 from pipeline.transforms.actnorm import ActNorm
@@ -23,7 +24,7 @@ from pipeline.transforms.coupling import SplitPriorCoupling
 from pipeline.transforms.inverse import FixedPointConfig
 from pipeline.transforms.logdet import LogDetEstimator, PowerSeriesLogDet
 from pipeline.transforms.logit import LogitTransform
-from pipeline.transforms.reshape import Squeeze
+from pipeline.transforms.reshape import Flatten, Squeeze, Unflatten
 from pipeline.transforms.residual import InvertibleResidualBlock
 
 SPLIT_PRIORS = ("unconditional", "conditional")
@@ -46,6 +47,8 @@ class FlowArchitecture:
     learnable_prior: bool = True
     squeeze_first: bool = True  # squeeze before the first level too (as the reference code does)
     logit_alpha: float = 0.0  # > 0: a logit transform of the data first (Residual Flows: 1e-6 on MNIST); 0: none
+    fc_blocks: int = 0  # fully connected residual blocks after the last level's (Residual Flows' "fc end")
+    fc_hidden: int = 128  # their hidden width
     split_prior: str = "unconditional"  # or "conditional": each factored-out half's prior depends on the rest (Glow)
 
     def __post_init__(self) -> None:
@@ -64,6 +67,8 @@ class FlowArchitecture:
             raise ValueError(f"unknown activation {self.activation!r}; choose one of {sorted(ACTIVATIONS)}")
         if not 0.0 <= self.logit_alpha < 0.5:
             raise ValueError(f"logit_alpha must be 0 (no logit transform) or in (0, 1/2), got {self.logit_alpha}")
+        if self.fc_blocks < 0 or self.fc_hidden < 1:
+            raise ValueError(f"fc_blocks must be >= 0 and fc_hidden >= 1, got {self.fc_blocks} and {self.fc_hidden}")
         if self.split_prior not in SPLIT_PRIORS:
             raise ValueError(f"unknown split_prior {self.split_prior!r}; choose one of {list(SPLIT_PRIORS)}")
         _ = self.spectral  # validates the spectral settings
@@ -135,12 +140,33 @@ class IResNetFlow(FlowModel):
                     )
                 )
             last = level == len(arch.n_blocks) - 1
+            if last and arch.fc_blocks:
+                steps += self._fc_stage(arch, (c, h, w), estimator, inverse_config)
             if not last and arch.split_prior == "conditional":
                 steps.append(SplitPriorCoupling(c))
             levels.append(TransformSequence(*steps))
             priors.append(make_prior((c, h, w) if last else (c // 2, h, w), arch.learnable_prior))
         self.levels = nn.ModuleList(levels)
         self.priors = nn.ModuleList(priors)
+
+    @staticmethod
+    def _fc_stage(
+        arch: FlowArchitecture,
+        shape: tuple[int, int, int],
+        estimator: LogDetEstimator,
+        inverse_config: FixedPointConfig | None,
+    ) -> list[Transform]:
+        """ActNorm + a residual block with an MLP branch, ``fc_blocks`` times, on the flattened last level."""
+        dim = shape[0] * shape[1] * shape[2]
+        steps: list[Transform] = [Flatten(shape)]
+        for _ in range(arch.fc_blocks):
+            if arch.actnorm:
+                steps.append(ActNorm(dim))
+            branch = mlp_branch(dim, (arch.fc_hidden,) * 2, activation=arch.activation, spectral=arch.spectral)
+            steps.append(
+                InvertibleResidualBlock(branch, estimator=estimator, inverse_config=inverse_config, input_shape=(dim,))
+            )
+        return [*steps, Unflatten(shape)]
 
     def forward(self, x: Tensor) -> tuple[list[Tensor], Tensor]:
         if tuple(x.shape[1:]) != self.input_shape:

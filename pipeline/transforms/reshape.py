@@ -1,4 +1,4 @@
-"""Volume-preserving reshapes: squeeze (space-to-depth) and injective zero padding."""
+"""Volume-preserving reshapes: squeeze (space-to-depth), flattening, and injective zero padding."""
 
 from __future__ import annotations
 
@@ -29,6 +29,35 @@ class Squeeze(Transform):
             b, c, h, w = y.shape
             return y.new_empty(0, c // 4, 2 * h, 2 * w)
         return F.pixel_shuffle(y, 2)
+
+
+class Flatten(Transform):
+    """``(B, *shape) -> (B, prod(shape))``, e.g. before fully connected blocks on a feature map. Log-det 0."""
+
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        super().__init__()
+        self.shape = tuple(shape)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        if tuple(x.shape[1:]) != self.shape:
+            raise ValueError(f"Flatten expects (B, {', '.join(map(str, self.shape))}), got {tuple(x.shape)}")
+        return x.flatten(1), zeros_logdet(x)
+
+    def inverse(self, y: Tensor, *, report: InverseReport | None = None) -> Tensor:
+        return y.reshape(y.shape[0], *self.shape)
+
+    def extra_repr(self) -> str:
+        return str(self.shape)
+
+
+class Unflatten(Flatten):
+    """The inverse of :class:`Flatten`: ``(B, prod(shape)) -> (B, *shape)``."""
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return super().inverse(x), zeros_logdet(x)
+
+    def inverse(self, y: Tensor, *, report: InverseReport | None = None) -> Tensor:
+        return super().forward(y)[0]
 
 
 class InjectivePad(nn.Module):

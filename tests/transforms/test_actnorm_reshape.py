@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from pipeline.transforms import ActNorm, InjectivePad, LogitTransform, SplitPriorCoupling, Squeeze
+from pipeline.transforms.reshape import Flatten, Unflatten
 from tests.transforms.helpers import dense_jacobians
 
 
@@ -96,3 +97,13 @@ def test_split_prior_coupling_starts_at_identity_and_is_exact(float64):
     assert torch.allclose(layer.inverse(y), x)
     with pytest.raises(ValueError, match="even number of channels"):
         SplitPriorCoupling(3)
+
+
+def test_flatten_and_unflatten_are_inverse_reshapes():
+    x = torch.randn(2, 3, 4, 5)
+    y, logdet = Flatten((3, 4, 5))(x)
+    assert y.shape == (2, 60) and torch.equal(logdet, torch.zeros(2))
+    assert torch.equal(Flatten((3, 4, 5)).inverse(y), x)
+    assert torch.equal(Unflatten((3, 4, 5))(y)[0], x) and torch.equal(Unflatten((3, 4, 5)).inverse(x), y)
+    with pytest.raises(ValueError, match="Flatten expects"):
+        Flatten((3, 4, 5))(torch.randn(2, 3, 4, 4))
