@@ -160,8 +160,12 @@ def test_variance_report_measures_each_blocks_estimator_spread(float64):
     from pipeline.diagnostics import logdet_variance_report, total_logdet_std_bits_per_dim
     from pipeline.transforms import RussianRouletteLogDet
 
-    # without ActNorm the residual blocks carry the whole log-det, so their means must add up to it
-    flow = iresnet_flow("quick", input_shape=(1, 4, 4), n_blocks=(2, 1), hidden_channels=4, actnorm=False).eval()
+    # without ActNorm (and the logit transform, the split prior, the fully connected end) the residual blocks carry
+    # the whole log-det, so their means must add up to it
+    flow = iresnet_flow(
+        "quick", input_shape=(1, 4, 4), n_blocks=(2, 1), hidden_channels=4, actnorm=False, logit_alpha=0.0,
+        split_prior="unconditional", fc_blocks=0,
+    ).eval()  # fmt: skip
     x = torch.rand(3, 1, 4, 4) - 0.5
     exact_rows = logdet_variance_report(flow, x, ExactLogDet(), n_repeats=3)
     assert len(exact_rows) == 3 and all(r["std_nats"] == 0 for r in exact_rows)  # deterministic: no spread
