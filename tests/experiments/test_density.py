@@ -111,7 +111,7 @@ def test_resumed_run_ends_with_the_same_parameters_as_an_uninterrupted_one(store
     [
         (["--coeff", "1.0"], "0 < c < 1"),
         (["--coeff", "1.5"], "0 < c < 1"),
-        (["--n-terms", "-2"], "n_terms"),
+        (["--estimator", "power_series", "--n-terms", "-2"], "n_terms"),
         (["--dataset", "imagenet"], "unknown dataset"),
         (["--dataset", "mnist", "--data-dir", "/nonexistent/mnist"], "does not exist"),
         (["--epochs", "0"], "epochs"),
