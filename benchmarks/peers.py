@@ -241,6 +241,8 @@ ROWS: list[tuple[str, Callable[[dict], Adapter]]] = [
 def _measure(index: int, args: dict, queue) -> None:
     name, build = ROWS[index]
     try:
+        if args.get("threads"):
+            torch.set_num_threads(args["threads"])
         torch.manual_seed(args["seed"])
         device = resolve_device(args["device"])
         adapter = build(args)
@@ -301,6 +303,8 @@ def run(args: dict) -> list[dict]:
     for repeat in range(args["repeats"]):
         results = []
         for index, (name, _) in enumerate(ROWS):
+            if args.get("rows") and not any(part in name for part in args["rows"]):
+                continue
             result = in_fresh_process(_measure, index, args)
             results.append(result)
             status = result.get("error") or f"{result['seconds_per_step'] * 1e3:.1f} ms/step"
@@ -351,6 +355,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--n-test", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=3, help="rounds over all rows; the step time is their median")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads of each row's process (0: torch's default)")
+    parser.add_argument("--rows", nargs="+", help="only the rows whose name contains one of these (e.g. exact)")
     parser.add_argument("--json", help="also write the results to this JSON file")
     args = vars(parser.parse_args(argv))
     if not 0 < args["coeff"] < 1:
