@@ -162,6 +162,8 @@ def config_for_resume(config_cls: type[C], run_id: str, **overrides: Any) -> C:
         raise ValueError(f"cannot resume run {run_id}: no checkpoint at {path}")
     checkpoint = load_checkpoint(path)
     saved = {k: tuple(v) if isinstance(v, list) else v for k, v in checkpoint["config"].items()}
+    # fields added since the run started: the values that reproduce it, not today's preset
+    saved = {**getattr(config_cls, "BEFORE_FIELD_EXISTED", {}), **saved}
     epochs = overrides.get("epochs", saved["epochs"])
     if epochs < saved["epochs"]:
         raise ValueError(f"cannot shorten a run on resume ({saved['epochs']} epochs were configured)")

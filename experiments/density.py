@@ -16,6 +16,7 @@ import tempfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import ClassVar
 
 import mlflow
 import torch
@@ -106,6 +107,14 @@ class DensityConfig(EstimatorOptions, InverseOptions):
     checkpoint_dir: str = str(PROJECT_ROOT / "checkpoints")
     log_every: int = 10
     progress: bool = True
+
+    # what a run checkpointed before these fields existed used (config_for_resume): the paper's flow
+    BEFORE_FIELD_EXISTED: ClassVar[dict] = {
+        "logit_alpha": 0.0,
+        "split_prior": "unconditional",
+        "fc_blocks": 0,
+        "fc_hidden": 128,
+    }
 
     def __post_init__(self) -> None:
         if self.architecture not in FLOW_PRESETS:

@@ -59,3 +59,19 @@ def test_an_entry_point_without_presets_has_no_preset_option():
     assert "--preset" not in build_parser(report.ReportConfig, None, None).format_help()
     cfg = parse_config(report.ReportConfig, None, ["--estimator-images", "2"], None)
     assert cfg.estimator_images == 2
+
+
+def test_a_run_checkpointed_before_the_flow_options_existed_resumes_with_the_flow_it_trained(tmp_path):
+    from dataclasses import asdict
+
+    from experiments.config import config_for_resume
+    from pipeline.training.checkpoint import save_checkpoint
+
+    saved = asdict(density.config_from_preset("quick", epochs=3))
+    for name in density.DensityConfig.BEFORE_FIELD_EXISTED:
+        del saved[name]  # as an older version wrote it
+    save_checkpoint(tmp_path / "old-run" / "last.pt", {"config": saved, "epoch": 1})
+    cfg = config_for_resume(density.DensityConfig, "old-run", checkpoint_dir=str(tmp_path))
+    arch = cfg.flow_architecture((1, 28, 28))
+    assert (arch.logit_alpha, arch.split_prior, arch.fc_blocks) == (0.0, "unconditional", 0)  # not today's preset
+    assert cfg.resume == "old-run" and cfg.epochs == 3 and cfg.estimator == saved["estimator"]
