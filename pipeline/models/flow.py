@@ -2,9 +2,9 @@
 
 An optional logit transform maps the dequantised data onto the real line first. Each level squeezes
 (space-to-depth), applies ``n_blocks`` steps of ActNorm + invertible residual block, and, except the last,
-factors out half of its channels as a latent with its own learned diagonal-Gaussian prior (the last level may end
-with fully connected blocks on its flattened map); with
+factors out half of its channels as a latent with its own learned diagonal-Gaussian prior; with
 ``split_prior="conditional"`` that prior's mean and scale also depend on the other half (Glow's learned prior).
+The last level may end with fully connected residual blocks on its flattened map (Residual Flows).
 """
 
 from __future__ import annotations
