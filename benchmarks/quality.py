@@ -72,6 +72,16 @@ class Contender:
     grad_clip: float = 0.0
 
 
+def _in_eval_mode(model: nn.Module, draw: Callable[[], Tensor]) -> Tensor:
+    """``draw()`` with ``model`` in evaluation mode and without a graph; training mode again afterwards."""
+    model.eval()
+    try:
+        with torch.no_grad():
+            return draw()
+    finally:
+        model.train()
+
+
 # --- this project's flow --------------------------------------------------------------------------
 def _iresnet(settings: dict, train_x: Tensor, clock: dict) -> Contender:
     from experiments.density import DensityConfig, config_from_preset
@@ -120,11 +130,7 @@ def _iresnet(settings: dict, train_x: Tensor, clock: dict) -> Contender:
         return torch.cat([z.flatten(1) for z in zs], dim=1), logdet
 
     def sample(n: int) -> Tensor:
-        model.eval()
-        with torch.no_grad():
-            x = model.sample(n)
-        model.train()
-        return x
+        return _in_eval_mode(model, lambda: model.sample(n))
 
     return Contender(
         model, optimizer, loss, score, forward_logdet, sample=sample, scheduler=scheduler, grad_clip=cfg.grad_clip,
@@ -262,11 +268,7 @@ def _normflows(kind: str, settings: dict, train_x: Tensor) -> Contender:
         return torch.cat([z.flatten(1) for z in zs], dim=1), log_det
 
     def sample(n: int) -> Tensor:
-        model.eval()
-        with torch.no_grad():
-            x, _ = model.sample(n)
-        model.train()
-        return x
+        return _in_eval_mode(model, lambda: model.sample(n)[0])  # normflows returns (x, log q)
 
     after = (lambda: nf_update_lipschitz(model)) if kind == "residual" else (lambda: None)
     return Contender(model, optimizer, loss, score, forward_logdet, sample=sample, after_step=after)
