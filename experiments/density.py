@@ -14,7 +14,7 @@ import logging
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import ClassVar
 
@@ -108,12 +108,12 @@ class DensityConfig(EstimatorOptions, InverseOptions):
     log_every: int = 10
     progress: bool = True
 
-    # what a run checkpointed before these fields existed used (config_for_resume): the paper's flow
+    # what a run checkpointed before these fields existed used (config_for_resume): the architecture's defaults,
+    # which are the paper's flow
     BEFORE_FIELD_EXISTED: ClassVar[dict] = {
-        "logit_alpha": 0.0,
-        "split_prior": "unconditional",
-        "fc_blocks": 0,
-        "fc_hidden": 128,
+        f.name: f.default
+        for f in fields(FlowArchitecture)
+        if f.name in ("logit_alpha", "split_prior", "fc_blocks", "fc_hidden")
     }
 
     def __post_init__(self) -> None:
