@@ -137,7 +137,8 @@ def _relu(m: nn.ReLU, x: Tensor) -> tuple[Tensor, Tensor]:
 def _lipswish(m: LipSwish, x: Tensor) -> tuple[Tensor, Tensor]:
     z = F.softplus(m.beta_raw) * x
     s = torch.sigmoid(z)
-    return x * s / 1.1, (s + z * s * (1 - s)) / 1.1
+    # d/dx x sigmoid(z) = s + z s (1 - s); sigmoid_backward(z, s) is z s (1 - s) in one twice-differentiable kernel
+    return x * s / 1.1, (s + torch.ops.aten.sigmoid_backward(z, s)) / 1.1
 
 
 ACTIVATION_VALUE_AND_DERIVATIVE: dict[type[nn.Module], Callable[[nn.Module, Tensor], tuple[Tensor, Tensor]]] = {
@@ -172,7 +173,7 @@ def mlp_jacobian(branch: nn.Sequential, x: Tensor) -> tuple[Tensor, Tensor]:
         if isinstance(m, (nn.Linear, SpectralNormLinear)):
             weight = m.normalized_weight(h) if isinstance(m, SpectralNormLinear) else m.weight
             h = F.linear(h, weight, m.bias)
-            jac_t = weight.t() if jac_t is None else jac_t @ weight.t()
+            jac_t = weight.t() if jac_t is None else F.linear(jac_t, weight)  # J^T W^T, as one matrix product
         else:
             h, derivative = ACTIVATION_VALUE_AND_DERIVATIVE[type(m)](m, h)
             jac_t = torch.diag_embed(derivative) if jac_t is None else jac_t * derivative.unsqueeze(-2)

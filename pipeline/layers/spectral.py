@@ -273,16 +273,18 @@ class _SpectralNorm(nn.Module):
                 self.last_power_iterations = self.n_power_iterations
             elif not self.power_iteration_frozen:
                 self.last_power_iterations = self._training_power_iteration()
-            # u, v are constants for autograd (cloned: the next step updates them in place)
-            u, v = self.u.clone(), self.v.clone()
-            sigma = (u * self._operator(v, self.weight)).sum()
+            sigma = self._sigma_estimate(self.weight)  # u, v are constants for autograd
             self.sigma.copy_(sigma.detach())
             if self.lipschitz == "strict":
                 # divide by at least a certified bound (no host sync); the gradient keeps the estimate's form
                 floor = self._step_bound(self.weight.detach()).to(sigma.dtype)
                 sigma = sigma * torch.clamp(floor / sigma.detach(), min=1.0)
-            factor = torch.clamp(self.coeff / sigma, max=1.0)
-            return self.weight * factor
+            # W * min(1, c / sigma), written as one division by max(1, sigma / c): three kernels instead of four
+            return self.weight / torch.clamp_min(sigma / self.coeff, 1.0)
+
+    def _sigma_estimate(self, weight: Tensor) -> Tensor:
+        """``u^T A(W) v``, differentiable in ``W``; ``u``, ``v`` cloned, as the next step updates them in place."""
+        return (self.u.clone() * self._operator(self.v.clone(), weight)).sum()
 
     @torch.no_grad()
     def _refresh_sigma(self) -> None:
@@ -434,6 +436,10 @@ class SpectralNormLinear(_SpectralNorm):
     def _batch_key(self) -> tuple:
         w = self.weight
         return (SpectralNormLinear, tuple(w.shape), w.dtype, w.device, self.n_power_iterations)
+
+    def _sigma_estimate(self, weight: Tensor) -> Tensor:
+        # u^T W v = <W, u v^T>: the outer product is a new tensor (no clones of u, v) and its gradient is W's
+        return torch.dot(weight.flatten(), torch.outer(self.u, self.v).flatten())
 
     def _stacked_operator(self, v: Tensor, weight: Tensor) -> Tensor:  # (G, in), (G, out, in) -> (G, out)
         return torch.bmm(weight, v.unsqueeze(-1)).squeeze(-1)

@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.layers import SpectralNormConv2d, SpectralNormLinear, dense_operator_norm
-from pipeline.layers.spectral import SpectralConfig
+from pipeline.layers.spectral import SpectralConfig, frozen_power_iteration
 
 
 def _dense_conv_norm(layer: SpectralNormConv2d, weight: torch.Tensor) -> float:
@@ -72,12 +72,34 @@ def test_eval_mode_reuses_the_stored_estimate(float64):
     assert not torch.equal(v, layer.v)  # training steps refine the estimate
 
 
-def test_gradient_flows_through_the_normalisation(float64):
-    layer = SpectralNormLinear(4, 4, spectral=SpectralConfig(coeff=0.5))
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+@pytest.mark.parametrize("scale", [10.0, 1e-3], ids=["rescaled", "untouched"])
+def test_the_training_weight_and_its_gradient_follow_the_formula(float64, kind, scale):
+    """Training applies ``W min(1, c / u^T A(W) v)`` with ``u``, ``v`` constants; value and gradient in W and x."""
+    if kind == "linear":
+        layer, x = SpectralNormLinear(4, 5, spectral=SpectralConfig(coeff=0.5)), torch.randn(3, 4)
+    else:
+        layer, x = SpectralNormConv2d(2, 3, 3, spectral=SpectralConfig(coeff=0.5)), torch.randn(2, 2, 5, 5)
     with torch.no_grad():
-        layer.weight.mul_(10)
-    layer(torch.randn(2, 4)).sum().backward()
-    assert layer.weight.grad is not None and torch.isfinite(layer.weight.grad).all()
+        layer.weight.mul_(scale)
+    layer(x)  # the vectors
+    with frozen_power_iteration(layer):
+        u, v = layer.u.clone(), layer.v.clone()
+        w = layer.weight.detach().clone().requires_grad_(True)
+        sigma = (u * layer._operator(v, w)).sum()
+        reference_weight = w * torch.clamp(0.5 / sigma, max=1.0)
+        xr, xg = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        if kind == "linear":
+            reference = F.linear(xr, reference_weight, layer.bias)
+        else:
+            reference = F.conv2d(xr, reference_weight, layer.bias, stride=layer.stride, padding=layer.padding)
+        out = layer(xg)
+        weights = torch.linspace(-1.0, 2.0, out.numel()).reshape(out.shape)
+        grads = torch.autograd.grad((out * weights).sum(), [layer.weight, xg])
+        expected = torch.autograd.grad((reference * weights).sum(), [w, xr])
+    assert torch.allclose(out, reference, atol=1e-12)
+    assert all(torch.allclose(g, e, atol=1e-12) for g, e in zip(grads, expected, strict=True))
+    assert (scale > 1) == bool(float(sigma) > 0.5)  # both sides of the clamp are covered
 
 
 def test_state_dict_round_trip_restores_lazy_vectors(float64):
