@@ -17,13 +17,15 @@ ActNorm. Each peer is paired with our library configured the same way:
   roulette (geometric p = 0.5, 2 exact terms) with the Neumann gradient computed in the forward
   pass; also with its exact 2-D log-det (``brute_force``).
 
-Columns: median step time (each row runs ``--repeats`` times, interleaved with the others; the median
-of the rounds is shown, as CPU timings drift by 10-20% between processes); memory growth from before
-the first step to the peak (CUDA allocations, or the process's RSS on CPU; each row runs in its own
-process); the test NLL after training, in nats, from the *exact* 2-D log-det of each library's own
-forward map (the same harness for all); the error of each library's training log-det estimate against
-that exact value (mean and mean absolute, nats, in training mode); and each library's inverse on the
-test latents: max absolute error and time.
+Columns: the median step time, taken with every row in **one process, the rows' steps in turn** (step 1
+of every row, then step 2, ...), so that the machine's drift (10-30% between processes on a shared
+machine) hits all rows alike and the ratios hold; on CPU with one thread (the default) the clock is the
+process's CPU time, elsewhere wall time (CUDA synchronised). ``--repeats`` such runs, the median shown.
+Then, each row in its own process: memory growth from before the first step to the peak (CUDA
+allocations, or the process's RSS on CPU); the test NLL after training, in nats, from the *exact* 2-D
+log-det of each library's own forward map (the same harness for all); the error of each library's
+training log-det estimate against that exact value (mean and mean absolute, nats, in training mode); and
+each library's inverse on the test latents: max absolute error and time.
 """
 
 from __future__ import annotations
@@ -238,32 +240,62 @@ ROWS: list[tuple[str, Callable[[dict], Adapter]]] = [
 ]
 
 
-def _measure(index: int, args: dict, queue) -> None:
-    name, build = ROWS[index]
+def _build(index: int, args: dict, device: torch.device) -> tuple[Adapter, torch.optim.Optimizer]:
+    torch.manual_seed(args["seed"])
+    adapter = ROWS[index][1](args)
+    adapter.module.to(device).train()
+    return adapter, torch.optim.Adam(adapter.module.parameters(), lr=args["lr"])
+
+
+def _train_step(adapter: Adapter, optimizer: torch.optim.Optimizer, x: Tensor) -> None:
+    optimizer.zero_grad(set_to_none=True)
+    adapter.loss(x).backward()
+    optimizer.step()
+    adapter.after_step()
+
+
+def _clock(device: torch.device, threads: int) -> tuple[Callable[[], float], str]:
+    """CPU time for one CPU thread (immune to other processes' load), else wall time (CUDA synchronised)."""
+    if device.type == "cpu" and threads == 1:
+        return time.process_time, "process CPU time"
+    if device.type == "cuda":
+        return lambda: (torch.cuda.synchronize(), time.perf_counter())[1], "wall time"
+    return time.perf_counter, "wall time"
+
+
+def _time_interleaved(indices: list[int], args: dict, queue) -> None:
+    """Every row's training steps taken in turn in this one process: drift on the machine hits them alike."""
     try:
         if args.get("threads"):
             torch.set_num_threads(args["threads"])
-        torch.manual_seed(args["seed"])
         device = resolve_device(args["device"])
-        adapter = build(args)
-        adapter.module.to(device)
-        optimizer = torch.optim.Adam(adapter.module.parameters(), lr=args["lr"])
-        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-        test = sample_toy(args["dataset"], args["n_test"], seed=10_000).to(device)
-        base = memory_now_mib(device)
-        times = []
-        adapter.module.train()
+        clock, clock_name = _clock(device, torch.get_num_threads())
+        rows = [_build(index, args, device) for index in indices]
+        times: list[list[float]] = [[] for _ in rows]
         for step in range(args["steps"]):
             x = sample_toy(args["dataset"], args["batch"], seed=step).to(device)
-            sync()
-            start = time.perf_counter()
-            optimizer.zero_grad(set_to_none=True)
-            loss = adapter.loss(x)
-            loss.backward()
-            optimizer.step()
-            adapter.after_step()
-            sync()
-            times.append(time.perf_counter() - start)
+            for (adapter, optimizer), row_times in zip(rows, times, strict=True):
+                start = clock()
+                _train_step(adapter, optimizer, x)
+                row_times.append(clock() - start)
+        queue.put({"seconds_per_step": [statistics.median(t[args["warmup"] :]) for t in times], "clock": clock_name})
+    except Exception as exc:
+        queue.put({"error": f"{type(exc).__name__}: {exc}"})
+
+
+def _measure(index: int, args: dict, queue) -> None:
+    """One row alone in this process: memory, accuracy of its estimator and of its inverse."""
+    name = ROWS[index][0]
+    try:
+        if args.get("threads"):
+            torch.set_num_threads(args["threads"])
+        device = resolve_device(args["device"])
+        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        adapter, optimizer = _build(index, args, device)
+        test = sample_toy(args["dataset"], args["n_test"], seed=10_000).to(device)
+        base = memory_now_mib(device)
+        for step in range(args["steps"]):
+            _train_step(adapter, optimizer, sample_toy(args["dataset"], args["batch"], seed=step).to(device))
         peak = memory_peak_mib(device)
         # accuracy of the training estimator against the exact log-det of the same map
         estimate = adapter.logdet_estimate(test.clone()).detach()  # a copy: normflows sets requires_grad on it
@@ -281,7 +313,6 @@ def _measure(index: int, args: dict, queue) -> None:
         queue.put(
             {
                 "row": name,
-                "seconds_per_step": statistics.median(times[args["warmup"] :]),
                 "memory_above_start_mib": peak - base,
                 "test_nll": float(-log_prob.mean()),
                 "logdet_mean_error": float(error.mean()),
@@ -297,27 +328,35 @@ def _measure(index: int, args: dict, queue) -> None:
 
 
 def run(args: dict) -> list[dict]:
-    """Every row ``--repeats`` times, the rows interleaved (machine drift hits them alike); per row the
-    median step time over the repeats and the rest from the first (the training is seeded, so identical)."""
-    rounds: list[list[dict]] = []
+    """Each selected row alone in its own process (memory, accuracy); then ``--repeats`` runs timing all of them
+    interleaved in one process (:func:`_time_interleaved`); per row the median step time over the runs."""
+    indices = [
+        index
+        for index, (name, _) in enumerate(ROWS)
+        if not args.get("rows") or any(part in name for part in args["rows"])
+    ]
+    results = []
+    for index in indices:
+        result = in_fresh_process(_measure, index, args)
+        log.info("%s: %s", ROWS[index][0], result.get("error") or "measured")
+        results.append(result)
+    rounds = []
     for repeat in range(args["repeats"]):
-        results = []
-        for index, (name, _) in enumerate(ROWS):
-            if args.get("rows") and not any(part in name for part in args["rows"]):
-                continue
-            result = in_fresh_process(_measure, index, args)
-            results.append(result)
-            status = result.get("error") or f"{result['seconds_per_step'] * 1e3:.1f} ms/step"
-            log.info("round %d/%d, %s: %s", repeat + 1, args["repeats"], name, status)
-        rounds.append(results)
-    merged = []
-    for per_row in zip(*rounds, strict=True):
-        first = dict(per_row[0])
-        if "error" not in first:
-            first["seconds_per_step"] = statistics.median(r["seconds_per_step"] for r in per_row)
-            first["seconds_per_step_rounds"] = [r["seconds_per_step"] for r in per_row]
-        merged.append(first)
-    return merged
+        timing = in_fresh_process(_time_interleaved, indices, args)
+        if "error" in timing:
+            raise RuntimeError(f"the interleaved timing run failed: {timing['error']}")
+        log.info(
+            "timing run %d/%d (%s): %s", repeat + 1, args["repeats"], timing["clock"],
+            ", ".join(f"{s * 1e3:.1f}" for s in timing["seconds_per_step"]),
+        )  # fmt: skip
+        rounds.append(timing)
+    for position, result in enumerate(results):
+        if "error" not in result:
+            per_round = [r["seconds_per_step"][position] for r in rounds]
+            result["seconds_per_step"] = statistics.median(per_round)
+            result["seconds_per_step_rounds"] = per_round
+            result["clock"] = rounds[0]["clock"]
+    return results
 
 
 def format_table(results: list[dict]) -> str:
@@ -336,6 +375,9 @@ def format_table(results: list[dict]) -> str:
             f"{r['inverse_max_abs_error']:9.1e} {r['inverse_seconds'] * 1e3:7.1f} "
             f"{'yes' if r['logdet_gradient'] else 'NO':>12}"
         )
+    clocks = sorted({r["clock"] for r in results if "clock" in r})
+    if clocks:
+        out.append(f"ms/step: median step, every row's steps in turn in one process ({', '.join(clocks)})")
     return "\n".join(out)
 
 
@@ -354,13 +396,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--n-test", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--repeats", type=int, default=3, help="rounds over all rows; the step time is their median")
-    parser.add_argument("--threads", type=int, default=0, help="CPU threads of each row's process (0: torch's default)")
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="interleaved timing runs over all rows; the step time is their median"
+    )
+    parser.add_argument(
+        "--threads", type=int, default=1,
+        help="CPU threads of each process (0: torch's default); with 1 on CPU the step time is process CPU time",
+    )  # fmt: skip
     parser.add_argument("--rows", nargs="+", help="only the rows whose name contains one of these (e.g. exact)")
     parser.add_argument("--json", help="also write the results to this JSON file")
     args = vars(parser.parse_args(argv))
     if not 0 < args["coeff"] < 1:
         parser.error("--coeff must satisfy 0 < c < 1")
+    if args["repeats"] < 1:
+        parser.error("--repeats must be >= 1")
     if args["steps"] <= args["warmup"]:
         parser.error("--steps must exceed --warmup")
     setup_logging()

@@ -107,8 +107,16 @@ def test_each_peer_row_trains_and_is_checked_against_the_exact_logdet():
     assert abs(exact["logdet_mean_abs_error"]) < 1e-5  # our exact estimator agrees with the harness
     assert exact["inverse_max_abs_error"] < 1e-4
     assert rows["FrEIA IResNetLayer: ELU, series"]["logdet_gradient"] is False
-    assert all(r["test_nll"] > 0 and r["seconds_per_step"] > 0 for r in rows.values())
-    assert "normflows" in peers.format_table(list(rows.values()))
+    assert all(r["test_nll"] > 0 for r in rows.values())
+    # the step times: every row's steps in turn in one process, one median per row
+    queue = _Queue()
+    peers._time_interleaved(list(range(len(peers.ROWS))), args, queue)
+    assert "error" not in queue[0] and len(queue[0]["seconds_per_step"]) == len(peers.ROWS)
+    assert all(t > 0 for t in queue[0]["seconds_per_step"])
+    for row, seconds in zip(rows.values(), queue[0]["seconds_per_step"], strict=True):
+        row.update(seconds_per_step=seconds, clock=queue[0]["clock"])
+    table = peers.format_table(list(rows.values()))
+    assert "normflows" in table and queue[0]["clock"] in table
 
 
 @pytest.mark.parametrize("name", ["iresnet", "glow"])
