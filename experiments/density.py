@@ -158,8 +158,8 @@ class DensityConfig(EstimatorOptions, InverseOptions):
 PRESETS: dict[str, dict] = {
     # the embedded 5,000 MNIST digits; minutes on two CPU cores. The best configuration measured by
     # benchmarks/quality.py at the quick run's training CPU (README, "Quality per CPU second"): the "quick" flow
-    # (c close to 1, a power iteration close to converged, logit transform, conditional split prior, fully
-    # connected end), a high rate decayed to zero, small batches, and the unbiased roulette estimator: with a
+    # (c close to 1, a power iteration close to converged, LipSwish, logit transform, conditional split prior,
+    # fully connected end), a high rate decayed to zero, small batches, and the unbiased roulette estimator: with a
     # truncated series the flow learns to exploit the truncation (2 terms: train 0.85, test 1.80 bits/dim)
     "quick": dict(
         architecture="quick",
@@ -167,7 +167,7 @@ PRESETS: dict[str, dict] = {
         lr_schedule="cosine",
         estimator="russian_roulette",
         batch_size=32,
-        epochs=7,  # ~4.5 minutes on two cores (the README's quick start measures it); 5 is the limit
+        epochs=6,  # ~4-4.5 minutes on two cores (the README's quick start measures it); 5 is the limit
         eval_every=3,
         eval_subset=100,  # epoch 3: indicative, two passes of 100 images
         # at c = 0.97 the unbiased evaluation costs ~11 CPU-s (two threads) per pass of the 1,000 test images: a
