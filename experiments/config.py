@@ -10,6 +10,9 @@ names (:func:`fill_from_architecture`), so a run's ``config.*`` parameters are a
 from __future__ import annotations
 
 import argparse
+import math
+import os
+import sys
 import types
 import typing
 from dataclasses import dataclass, fields, replace
@@ -101,6 +104,43 @@ def check_at_least(cfg: Any, minimum: int, names: tuple[str, ...]) -> None:
             raise ValueError(f"{name} must be >= {minimum}, got {getattr(cfg, name)}")
 
 
+def check_finite(cfg: Any) -> None:
+    """Every float option of ``cfg`` is a finite number (``inf`` passes ``> 0`` checks, NaN every comparison)."""
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{f.name} must be a finite number, got {value}")
+
+
+def check_directory_usable(path: str, name: str) -> None:
+    """``path`` is, or can be created as, a directory this process can write (checked before any run starts)."""
+    existing = Path(path).absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"{name} {path} cannot be a directory: {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{name} {path} is not writable by this process ({existing} refuses it)")
+
+
+def check_common(cfg: Any) -> None:
+    """The checks every run's config makes: finite floats, a non-negative seed, a usable checkpoint directory."""
+    check_finite(cfg)
+    if getattr(cfg, "seed", 0) < 0:
+        raise ValueError(f"seed must be >= 0 (it seeds torch, numpy and Python alike), got {cfg.seed}")
+    if hasattr(cfg, "checkpoint_dir"):
+        check_directory_usable(cfg.checkpoint_dir, "checkpoint_dir")
+
+
+def entry_point_module(config_cls: type) -> str:
+    """The module of an entry point's config (``experiments.density``), also when it runs as ``__main__``."""
+    module = config_cls.__module__
+    if module == "__main__":
+        spec = getattr(sys.modules["__main__"], "__spec__", None)
+        module = spec.name if spec is not None else "experiments"
+    return module
+
+
 # --- the command line ---------------------------------------------------------------------------
 def _option_type(hint: Any) -> type:
     """``int`` for ``int | None``, ``tuple`` for ``tuple[int, ...]``: the type an option's text is parsed to."""
@@ -161,6 +201,20 @@ def config_for_resume(config_cls: type[C], run_id: str, **overrides: Any) -> C:
     if not path.exists():
         raise ValueError(f"cannot resume run {run_id}: no checkpoint at {path}")
     checkpoint = load_checkpoint(path)
+    expected = entry_point_module(config_cls)
+    started_by = checkpoint.get("entry_point")  # recorded since this check exists
+    unknown = sorted(set(checkpoint["config"]) - {f.name for f in fields(config_cls)})  # type: ignore[arg-type]
+    name = expected.rsplit(".", 1)[-1]
+    if started_by and started_by != expected:
+        raise ValueError(
+            f"run {run_id} was not started by {name} but by {started_by.rsplit('.', 1)[-1]}; resume it with "
+            f"python -m {started_by} --resume {run_id}"
+        )
+    if not started_by and unknown:  # a checkpoint from before the entry point was recorded
+        raise ValueError(
+            f"run {run_id} was not started by {name} (its options {', '.join(unknown[:4])} are not {name}'s); resume "
+            "it with the entry point that started it"
+        )
     saved = {k: tuple(v) if isinstance(v, list) else v for k, v in checkpoint["config"].items()}
     # fields added since the run started: the values that reproduce it, not today's preset
     saved = {**getattr(config_cls, "BEFORE_FIELD_EXISTED", {}), **saved}

@@ -27,6 +27,7 @@ from experiments.config import (
     InverseOptions,
     architecture_of,
     check_at_least,
+    check_common,
     fill_from_architecture,
 )
 from experiments.runner import EntryPoint, Splits, run_training
@@ -39,6 +40,7 @@ from pipeline.models import FLOW_PRESETS, FlowArchitecture, IResNetFlow
 from pipeline.models.base import n_parameters
 from pipeline.plotting import new_figure, save_figure, save_image_grid
 from pipeline.training.device import check_device_name
+from pipeline.training.distributed import SINGLE_PROCESS, DistributedContext
 from pipeline.training.loop import EpochHook
 from pipeline.training.schedule import warmup_then
 from pipeline.transforms import InverseReport
@@ -90,7 +92,7 @@ class DensityConfig(EstimatorOptions, InverseOptions):
     deterministic: bool = False  # deterministic kernels (GPU): a resumed run then equals an uninterrupted one
     amp: bool = False
     # evaluation
-    eval_every: int = 5
+    eval_every: int = 5  # epochs between evaluations; 0: only after the last epoch
     eval_batch_size: int = 250
     eval_max_images: int = 0  # 0: the whole split
     eval_subset: int = 200  # images of the evaluations before the last epoch (cheap; 0: as the last)
@@ -121,6 +123,7 @@ class DensityConfig(EstimatorOptions, InverseOptions):
             raise ValueError(f"unknown flow architecture {self.architecture!r}; choose one of {sorted(FLOW_PRESETS)}")
         hidden_from_preset = self.hidden_channels is None
         fill_from_architecture(self, FLOW_PRESETS[self.architecture])
+        check_common(self)
         object.__setattr__(self, "n_blocks", tuple(self.n_blocks))
         hidden = self.hidden_channels
         hidden = (hidden,) if isinstance(hidden, int) else tuple(hidden)
@@ -205,8 +208,10 @@ PRESETS: dict[str, dict] = {
 class DensityTask:
     """Maximum likelihood of the i-ResNet flow on dequantised images, scored in bits/dim."""
 
-    def __init__(self, cfg: DensityConfig, splits: Splits, device: torch.device) -> None:
-        self.cfg, self.splits, self.device = cfg, splits, device
+    def __init__(
+        self, cfg: DensityConfig, splits: Splits, device: torch.device, ctx: DistributedContext = SINGLE_PROCESS
+    ) -> None:
+        self.cfg, self.splits, self.device, self.ctx = cfg, splits, device, ctx
         data = splits.data
         self.n_levels = data.n_levels
         evaluated = splits.validation if splits.validation is not None else data.test
@@ -247,6 +252,8 @@ class DensityTask:
         }
 
     def on_start(self, new_run: bool) -> None:
+        if self.cfg.eval_every == 0:
+            log.info("eval_every=0: the flow is evaluated once, after the last epoch (%d)", self.cfg.epochs)
         # the reference point: the diagonal Gaussian, exact and free (an untrained flow's value said nothing and
         # cost 1% of the quick run's CPU)
         if new_run:
@@ -270,7 +277,8 @@ class DensityTask:
             pad=cfg.pad,
             batch_size=cfg.eval_batch_size,
             protocol=protocol,
-            progress=cfg.progress,
+            progress=cfg.progress and self.ctx.is_main,
+            ctx=self.ctx,
         ).metrics(prefix)
 
     def evaluate(self, epoch: int) -> dict[str, float]:

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
+import signal
+import threading
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar
@@ -34,6 +35,7 @@ from experiments.tracking import (
 )
 from pipeline.data import DatasetNotFoundError, ImageDataset, ImageSplit, epoch_batches, load_dataset
 from pipeline.logging_setup import setup_logging
+from pipeline.training.checkpoint import checkpoint_lease
 from pipeline.training.device import apply_thread_budget, use_deterministic_algorithms
 from pipeline.training.distributed import (
     SINGLE_PROCESS,
@@ -84,16 +86,18 @@ class TrainingTask(Protocol):
         """The loss of one batch and metrics to log; ``forward`` is the model as trained (DDP-wrapped)."""
 
     def evaluate(self, epoch: int) -> dict[str, float]:
-        """Metrics after ``epoch`` (rank 0)."""
+        """Metrics after ``epoch``, on every rank (each scores its share of the images; every rank returns all)."""
 
     def finalise(self, run_id: str) -> None:
         """After the last epoch (rank 0): figures, artifacts, the model."""
 
 
 def run_training(
-    cfg: Any, make_task: Callable[[Any, Splits, torch.device], TrainingTask], on_epoch_end: EpochHook | None
+    cfg: Any,
+    make_task: Callable[[Any, Splits, torch.device, DistributedContext], TrainingTask],
+    on_epoch_end: EpochHook | None,
 ) -> str:
-    """Train ``make_task(cfg, splits, device)`` under ``cfg``; returns the MLflow run id.
+    """Train ``make_task(cfg, splits, device, ctx)`` under ``cfg``; returns the MLflow run id.
 
     ``cfg`` has the fields every training config has (data, batch, epochs, device, bookkeeping).
     Under ``torchrun`` the ranks train data-parallel (see :mod:`pipeline.training.distributed`).
@@ -106,9 +110,12 @@ def run_training(
             if cfg.validation_fraction > 0
             else (data.train, None)
         )
-        batches = shard_batches(epoch_batches(train, cfg.batch_size, cfg.seed), ctx)  # refuses a batch > data
+        # on a GPU the training images live there (uint8, once): a batch is then an index into device memory, not a
+        # copy from pageable host memory per step, which non_blocking cannot overlap with compute
+        on_device = train.to(device) if device.type == "cuda" else train
+        batches = shard_batches(epoch_batches(on_device, cfg.batch_size, cfg.seed), ctx)  # refuses a batch > data
         torch.manual_seed(cfg.seed)
-        task = make_task(cfg, Splits(data, train, validation), device)
+        task = make_task(cfg, Splits(data, train, validation), device, ctx)
         with main_rank_run(cfg, ctx) as run_id:
             state, checkpoint_path = start_or_resume(cfg, run_id, task, device, ctx)
             if ctx.is_main:
@@ -134,7 +141,7 @@ def run_training(
                 loop,
                 state=state,
                 evaluate=task.evaluate,
-                checkpoint_extra={"config": asdict(cfg)},
+                checkpoint_extra={"config": asdict(cfg), "entry_point": configuration.entry_point_module(type(cfg))},
                 on_epoch_end=chain_epoch_hooks(
                     lambda epoch, _: log_spectral_estimates(task.model, epoch), on_epoch_end
                 ),
@@ -145,20 +152,41 @@ def run_training(
     return run_id
 
 
+def checkpoint_directory(cfg: Any, run_id: str) -> Path:
+    return Path(cfg.checkpoint_dir) / run_id
+
+
 @contextmanager
 def main_rank_run(cfg: Any, ctx: DistributedContext = SINGLE_PROCESS) -> Iterator[str]:
-    """The run's MLflow run: rank 0 opens (or resumes) it; every rank gets its id."""
-    if ctx.is_main:
-        with tracked_run(cfg.experiment_name, run_name=cfg.run_name, resume_run_id=cfg.resume) as active:
-            if not cfg.resume:
-                entry_point_logger(type(cfg)).info(
-                    "run %s started (continue it after an interruption with --resume %s)",
-                    active.info.run_id,
-                    active.info.run_id,
-                )
-            yield broadcast_object(active.info.run_id, ctx)
-    else:
+    """The run's MLflow run: rank 0 opens (or resumes) it, holding the lease of its checkpoint directory
+    (:func:`~pipeline.training.checkpoint.checkpoint_lease`); every rank gets its id.
+
+    A resume takes the lease before it touches the run: a run still training elsewhere is refused and left as it
+    is. A run stopped by Ctrl-C or SIGTERM ends KILLED; the exception then carries the line that says how to
+    continue it (``stop_hint``).
+    """
+    if not ctx.is_main:
         yield broadcast_object(None, ctx)
+        return
+    with ExitStack() as stack:
+        if cfg.resume:
+            stack.enter_context(checkpoint_lease(checkpoint_directory(cfg, cfg.resume)))
+        active = stack.enter_context(
+            tracked_run(cfg.experiment_name, run_name=cfg.run_name, resume_run_id=cfg.resume)
+        )
+        run_id = active.info.run_id
+        if not cfg.resume:
+            stack.enter_context(checkpoint_lease(checkpoint_directory(cfg, run_id)))
+            entry_point_logger(type(cfg)).info(
+                "run %s started (continue it after an interruption with --resume %s)", run_id, run_id
+            )
+        try:
+            yield broadcast_object(run_id, ctx)
+        except KeyboardInterrupt as exc:
+            exc.stop_hint = (  # type: ignore[attr-defined]
+                f"run {run_id} is marked KILLED with its last checkpoint kept; continue it with --resume {run_id}"
+            )
+            raise
 
 
 def start_or_resume(
@@ -171,11 +199,11 @@ def start_or_resume(
     (rank 0). Under torchrun each rank then reseeds, so ranks draw different noise. Returns the loop state
     (``None`` for a new run) and the checkpoint path.
     """
-    checkpoint_path = Path(cfg.checkpoint_dir) / run_id / "last.pt"
+    checkpoint_path = checkpoint_directory(cfg, run_id) / "last.pt"
     if ctx.is_main:
         mlflow.set_tag("checkpoint", str(checkpoint_path))
     if cfg.resume:
-        state, checkpoint = restore(checkpoint_path, task.model, task.optimizer, task.scheduler, device, ctx)
+        state, checkpoint = restore(checkpoint_path, task.model, task.optimizer, task.scheduler, ctx)
         if ctx.is_main:
             state.logged_step, state.logged_epoch = _last_logged(run_id)
             entry_point_logger(type(cfg)).info("resumed run %s at epoch %d (step %d)", run_id, state.epoch, state.step)
@@ -251,11 +279,35 @@ def log_replica_consistency(model: nn.Module, ctx: DistributedContext, tolerance
 def entry_point_logger(config_cls: type) -> logging.Logger:
     """The entry point's logger, named after its module even when it runs as ``__main__`` (``python -m``),
     so that its records (the run id, "resumed at epoch N") pass :func:`setup_logging`'s project loggers."""
-    module = config_cls.__module__
-    if module == "__main__":
-        spec = getattr(sys.modules["__main__"], "__spec__", None)
-        module = spec.name if spec is not None else "experiments"
-    return logging.getLogger(module)
+    return logging.getLogger(configuration.entry_point_module(config_cls))
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, ``timeout``, Slurm, Kubernetes, ``docker stop``; torchrun forwards it to every rank):
+    stops a run exactly as Ctrl-C does, so every record of it says it was stopped."""
+
+
+SIGTERM_EXIT = 128 + signal.SIGTERM  # what a shell reports for a process ended by SIGTERM (143)
+SIGINT_EXIT = 128 + signal.SIGINT  # 130
+
+
+@contextmanager
+def stopping_on_sigterm() -> Iterator[None]:
+    """Inside the block, SIGTERM raises :class:`Terminated` in the main thread (once; a second one is ignored
+    while the run records its stop, which then cannot be cut short by the same signal)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum: int, frame: Any) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise Terminated(f"stopped by {signal.Signals(signum).name}")
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
@@ -269,14 +321,14 @@ def user_errors() -> tuple[type[BaseException], ...]:
     return (ValueError, TypeError, DatasetNotFoundError, OSError, FloatingPointError, MlflowException)
 
 
-def _tag_launched_run(reason: str) -> None:
+def _tag_launched_run(reason: str, key: str = "failure") -> None:
     """Under ``mlflow run``, a failure before the entry point claimed its launched run still says why there."""
     launched = os.environ.get("MLFLOW_RUN_ID")
     if not launched:
         return
     try:
         configure_tracking()
-        mlflow.tracking.MlflowClient().set_tag(launched, "failure", reason[:5000])
+        mlflow.tracking.MlflowClient().set_tag(launched, key, reason[:5000])
     except Exception:
         pass
 
@@ -323,7 +375,14 @@ class EntryPoint(Generic[C]):
             _tag_launched_run(f"invalid configuration: {_one_line(exc)}")
             return 2
         try:
-            run_id = self.run(cfg)
+            with stopping_on_sigterm():
+                run_id = self.run(cfg)
+        except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: every run it cut is already KILLED
+            what = "SIGTERM" if isinstance(exc, Terminated) else "Ctrl-C"
+            log.error("stopped by %s: %s", what, getattr(exc, "stop_hint", "before a run had started"))
+            log.debug("details", exc_info=True)
+            _tag_launched_run(f"stopped by {what}", key="stopped")
+            return SIGTERM_EXIT if isinstance(exc, Terminated) else SIGINT_EXIT
         except user_errors() as exc:
             log.error("%s: %s", type(exc).__name__, _one_line(exc))
             log.debug("details", exc_info=True)

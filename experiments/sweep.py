@@ -48,7 +48,7 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from experiments import classify, density
-from experiments.config import build_parser
+from experiments.config import build_parser, check_common
 from experiments.runner import EntryPoint
 from experiments.tracking import (
     PROJECT_ROOT,
@@ -124,6 +124,7 @@ class SweepConfig:
     retry_dead_trials: bool = True  # try a dead worker's parameters once more (recorded: retried_trial_number)
 
     def __post_init__(self) -> None:
+        check_common(self)
         if self.target not in TARGETS:
             raise ValueError(f"unknown target {self.target!r}; choose one of {sorted(TARGETS)}")
         target = TARGETS[self.target]
@@ -202,6 +203,8 @@ class SweepConfig:
                 raise ValueError(f"search-space entry {name!r} needs {' and '.join(missing)}: {spec!r}")
             if not all(isinstance(spec[k], int | float) and not isinstance(spec[k], bool) for k in ("low", "high")):
                 raise ValueError(f"{name!r}: low and high must be numbers, got {spec!r}")
+            if spec["type"] == "int" and not all(float(spec[k]).is_integer() for k in ("low", "high")):
+                raise ValueError(f"{name!r} is an int parameter: low and high must be whole numbers, got {spec!r}")
             if not spec["low"] < spec["high"]:
                 raise ValueError(f"{name!r}: need low < high, got {spec}")
         return space
@@ -247,7 +250,7 @@ def suggest(trial: optuna.Trial, space: dict[str, dict]) -> dict[str, Any]:
         if spec["type"] == "float":
             params[name] = trial.suggest_float(name, spec["low"], spec["high"], log=spec.get("log", False))
         elif spec["type"] == "int":
-            params[name] = trial.suggest_int(name, spec["low"], spec["high"], log=spec.get("log", False))
+            params[name] = trial.suggest_int(name, int(spec["low"]), int(spec["high"]), log=spec.get("log", False))
         else:
             params[name] = trial.suggest_categorical(name, spec["choices"])
     return params
@@ -329,22 +332,29 @@ def make_storage(
     """The study's storage: a journal file (``journal:PATH``), or a database URL (default: the project's
     SQLite file) with heartbeats every ``heartbeat_interval`` s when given, ``on_dead_trial`` called for a
     trial found without heartbeat for ``grace_period`` s."""
-    if spec.startswith("journal:"):
-        from optuna.storages.journal import JournalFileBackend
+    try:
+        if spec.startswith("journal:"):
+            from optuna.storages.journal import JournalFileBackend
 
-        return optuna.storages.JournalStorage(JournalFileBackend(spec.removeprefix("journal:")))
-    url = spec or f"sqlite:///{PROJECT_ROOT / 'optuna.db'}"
-    storage_class = optuna.storages.RDBStorage if url.startswith("sqlite") else ReconnectingRDBStorage
-    if heartbeat_interval is None:
-        return storage_class(url)
-    with warnings.catch_warnings():  # heartbeats are flagged experimental in Optuna
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return storage_class(
-            url,
-            heartbeat_interval=heartbeat_interval,
-            grace_period=grace_period or 3 * heartbeat_interval,
-            heartbeat_stale_trial_callback=on_dead_trial,
-        )
+            return optuna.storages.JournalStorage(JournalFileBackend(spec.removeprefix("journal:")))
+        url = spec or f"sqlite:///{PROJECT_ROOT / 'optuna.db'}"
+        storage_class = optuna.storages.RDBStorage if url.startswith("sqlite") else ReconnectingRDBStorage
+        if heartbeat_interval is None:
+            return storage_class(url)
+        with warnings.catch_warnings():  # heartbeats are flagged experimental in Optuna
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return storage_class(
+                url,
+                heartbeat_interval=heartbeat_interval,
+                grace_period=grace_period or 3 * heartbeat_interval,
+                heartbeat_stale_trial_callback=on_dead_trial,
+            )
+    except Exception as exc:  # an unknown scheme, a missing driver, a file that is no database, a dead server
+        shown = f"{spec.split('://', 1)[0]}://***@{spec.rsplit('@', 1)[1]}" if "@" in spec else spec or "(default)"
+        raise ValueError(
+            f"the study storage {shown} cannot be opened ({type(exc).__name__}: {' '.join(str(exc).split())[:300]}); "
+            "use journal:PATH, sqlite:///PATH or a database URL such as postgresql+psycopg://user@host/db"
+        ) from None
 
 
 class ExcessClaim(RuntimeError):
@@ -360,12 +370,47 @@ def counts_toward_budget(trial: optuna.trial.FrozenTrial) -> bool:
     return trial.state in (TrialState.RUNNING, TrialState.COMPLETE, TrialState.PRUNED)
 
 
+class TrialSeededSampler(optuna.samplers.BaseSampler):
+    """Samples each trial with a sampler of its own, seeded from ``(seed, trial number)``.
+
+    Trial numbers are handed out by the storage, one per trial, so workers of one study that start from the same
+    ``--seed`` draw different parameters (a sampler seeded with ``seed`` alone gives each worker the same stream:
+    two workers drew the same configurations), while one worker alone is reproducible from ``--seed``. The
+    samplers here (TPE, random) keep no state between trials but their random stream: they read the history
+    from the study.
+    """
+
+    def __init__(self, make: Callable[[int], optuna.samplers.BaseSampler], seed: int) -> None:
+        self._make, self._seed = make, seed
+        self._current: tuple[int, optuna.samplers.BaseSampler] | None = None
+
+    def _for(self, trial: optuna.trial.FrozenTrial) -> optuna.samplers.BaseSampler:
+        if self._current is None or self._current[0] != trial.number:
+            import numpy as np
+
+            seed = int(np.random.SeedSequence([self._seed, trial.number]).generate_state(1)[0])
+            self._current = (trial.number, self._make(seed))
+        return self._current[1]
+
+    def infer_relative_search_space(self, study, trial):  # type: ignore[no-untyped-def]
+        return self._for(trial).infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study, trial, search_space):  # type: ignore[no-untyped-def]
+        return self._for(trial).sample_relative(study, trial, search_space)
+
+    def sample_independent(self, study, trial, param_name, param_distribution):  # type: ignore[no-untyped-def]
+        return self._for(trial).sample_independent(study, trial, param_name, param_distribution)
+
+    def before_trial(self, study, trial):  # type: ignore[no-untyped-def]
+        self._for(trial).before_trial(study, trial)
+
+    def after_trial(self, study, trial, state, values):  # type: ignore[no-untyped-def]
+        self._for(trial).after_trial(study, trial, state, values)
+
+
 def _sampler(cfg: SweepConfig) -> optuna.samplers.BaseSampler:
-    return (
-        optuna.samplers.RandomSampler(seed=cfg.seed)
-        if cfg.sampler == "random"
-        else optuna.samplers.TPESampler(seed=cfg.seed)
-    )
+    make = optuna.samplers.RandomSampler if cfg.sampler == "random" else optuna.samplers.TPESampler
+    return TrialSeededSampler(lambda seed: make(seed=seed), cfg.seed)
 
 
 def _pruner(cfg: SweepConfig) -> optuna.pruners.BasePruner:
@@ -376,7 +421,11 @@ def _pruner(cfg: SweepConfig) -> optuna.pruners.BasePruner:
     return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0)
 
 
-def make_objective(cfg: SweepConfig) -> Callable[[optuna.Trial], float | tuple[float, float]]:
+def make_objective(
+    cfg: SweepConfig, running: list[int] | None = None
+) -> Callable[[optuna.Trial], float | tuple[float, float]]:
+    """The study's objective; ``running`` (if given) collects the number of each trial as it starts."""
+    running = [] if running is None else running
     target = TARGETS[cfg.target]
     space, base = cfg.space(), cfg.base_overrides()
     client = MlflowClient()
@@ -386,14 +435,18 @@ def make_objective(cfg: SweepConfig) -> Callable[[optuna.Trial], float | tuple[f
         if trial.number in counted and counted.index(trial.number) >= cfg.n_trials:
             trial.set_user_attr("excess_claim", True)
             raise ExcessClaim(f"the study's {cfg.n_trials} trials were already claimed by other workers")
+        running.append(trial.number)
         try:
-            return run_trial(trial)
+            value = run_trial(trial)
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM: Optuna marks the trial FAIL; no worker_done frees its slot
+            raise
         except Exception as exc:
             if not isinstance(exc, optuna.TrialPruned):
                 trial.set_user_attr("failure", f"{type(exc).__name__}: {exc}"[:2000])
+            trial.set_user_attr("worker_done", True)  # an outcome of the trial's own (a dead worker's lacks it)
             raise
-        finally:  # the worker is alive to record the outcome (a dead worker's trial lacks this)
-            trial.set_user_attr("worker_done", True)
+        trial.set_user_attr("worker_done", True)
+        return value
 
     def run_trial(trial: optuna.Trial) -> float | tuple[float, float]:
         params = suggest(trial, space)
@@ -528,13 +581,27 @@ def run(cfg: SweepConfig) -> str:
     return parent.info.run_id
 
 
+class _NoTracebackForStops(logging.Filter):
+    """Optuna logs a trial cut by Ctrl-C or SIGTERM as failed, with a traceback; a stop is no error: the line stays,
+    the traceback goes (the entry point says what was stopped)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[0] is not None and issubclass(record.exc_info[0], KeyboardInterrupt):
+            record.exc_info = None
+        return True
+
+
+logging.getLogger("optuna.study._optimize").addFilter(_NoTracebackForStops())
+
+
 def _optimize(study: optuna.Study, cfg: SweepConfig, storage: optuna.storages.BaseStorage) -> None:
     """Claim and run trials until the study holds ``n_trials`` (exact across workers; see the module doc)."""
     import time
 
     from optuna.storages._heartbeat import is_heartbeat_enabled
 
-    objective = make_objective(cfg)
+    running: list[int] = []
+    objective = make_objective(cfg, running)
     deadline = time.monotonic() + cfg.timeout if cfg.timeout else math.inf
     heartbeats = is_heartbeat_enabled(storage)
     while time.monotonic() < deadline:
@@ -545,16 +612,39 @@ def _optimize(study: optuna.Study, cfg: SweepConfig, storage: optuna.storages.Ba
         trials = study.get_trials(deepcopy=False)
         counted = [t for t in trials if counts_toward_budget(t)]
         if len(counted) < cfg.n_trials or any(t.state == TrialState.WAITING for t in trials):
-            study.optimize(
-                objective,
-                n_trials=1,
-                timeout=None if math.isinf(deadline) else max(deadline - time.monotonic(), 0.0),
-                catch=(Exception,),  # a failing trial is recorded FAILED; the study goes on
-            )
+            try:
+                study.optimize(
+                    objective,
+                    n_trials=1,
+                    timeout=None if math.isinf(deadline) else max(deadline - time.monotonic(), 0.0),
+                    catch=(Exception,),  # a failing trial is recorded FAILED; the study goes on
+                )
+            except KeyboardInterrupt as exc:
+                exc.stop_hint = _stopped_trial(study, cfg, running)  # type: ignore[attr-defined]
+                raise
         elif heartbeats and any(t.state == TrialState.RUNNING for t in counted):
             time.sleep(cfg.heartbeat_interval)  # another worker's trial runs; if that worker dies, its slot frees
         else:
             return
+
+
+def _stopped_trial(study: optuna.Study, cfg: SweepConfig, running: list[int]) -> str:
+    """After Ctrl-C or SIGTERM: queue the stopped trial's parameters once more; the line that says so."""
+    if not running:
+        return f"no trial of study {cfg.study_name!r} had started in this worker"
+    trial = next(t for t in study.get_trials(deepcopy=False) if t.number == running[-1])
+    retried = ""
+    if cfg.retry_dead_trials and trial.state == TrialState.FAIL and trial.params:
+        before = len(study.get_trials(deepcopy=False))
+        with warnings.catch_warnings():  # experimental in Optuna since 2.8
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.RetryFailedTrialCallback(max_retry=1)(study, trial)  # once, as for a dead worker
+        if len(study.get_trials(deepcopy=False)) > before:
+            retried = ", its parameters queued to be tried again"
+    return (
+        f"trial {trial.number} of study {cfg.study_name!r} is marked {trial.state.name}{retried}, its MLflow runs "
+        "KILLED; start a worker again to continue the study"
+    )
 
 
 def _log_study_summary(study: optuna.Study, cfg: SweepConfig) -> None:

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from experiments.config import EstimatorOptions, check_at_least, fill_from_architecture
+from experiments.config import EstimatorOptions, check_at_least, check_common, fill_from_architecture
 from experiments.runner import EntryPoint, log_spectral_estimates
 from experiments.tracking import PROJECT_ROOT, log_config, log_json, log_metrics, tracked_run, write_csv
 from pipeline.data.toy import TOY_DATASETS, sample_toy
@@ -94,6 +94,7 @@ class ToyConfig(EstimatorOptions):
         if self.architecture not in VECTOR_FLOW_PRESETS:
             raise ValueError(f"unknown architecture {self.architecture!r}; choose one of {sorted(VECTOR_FLOW_PRESETS)}")
         fill_from_architecture(self, VECTOR_FLOW_PRESETS[self.architecture])
+        check_common(self)
         self.training_estimator()  # the library validates every estimator option
         self.dataset_names()
         self.model_names()

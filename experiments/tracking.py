@@ -137,6 +137,14 @@ def _initialize_sqlite_store(db: Path) -> None:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             MlflowClient().search_experiments(max_results=1)  # creates and migrates the schema once
+        except Exception as exc:
+            if _transient(exc):  # locked: the callers' retries wait for it
+                raise
+            raise ValueError(
+                f"the tracking store sqlite:///{db} cannot be read ({str(exc).splitlines()[0][:200]}): the file is "
+                "damaged or is not an MLflow database. Move it aside (a new store is created in its place), or "
+                "point MLFLOW_TRACKING_URI at another store"
+            ) from None
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
@@ -246,6 +254,8 @@ def tracked_run(
         yield run
     except (KeyboardInterrupt, RunStopped) as exc:
         _end_active_run("KILLED", "stopped", f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
+        if not hasattr(exc, "stop_hint"):  # what the entry point says of the stop (an inner run's, if any)
+            exc.stop_hint = f"run {run.info.run_id} is marked KILLED"  # type: ignore[attr-defined]
         raise
     except BaseException as exc:
         _end_active_run("FAILED", "failure", f"{type(exc).__name__}: {exc}")

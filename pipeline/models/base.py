@@ -80,6 +80,19 @@ class FlowModel(nn.Module):
         return [block.lipschitz_bound(method=method) for block in self.residual_blocks()]
 
 
+def in_model_dtype(model: nn.Module, x: Tensor) -> Tensor:
+    """``x`` cast to the dtype of ``model``'s parameters, at the model's boundary: a model computes in its own
+    precision whatever its input's (float16 data through a float32 flow would otherwise run the logit transform
+    and the log-det in half precision). Integer data (undequantised pixels) is refused."""
+    if not x.is_floating_point():
+        raise TypeError(
+            f"{type(model).__name__} expects floating-point data (dequantised pixels, pipeline.data.dequantize), "
+            f"got {x.dtype}"
+        )
+    parameter = next(model.parameters(), None)
+    return x if parameter is None or x.dtype == parameter.dtype else x.to(parameter.dtype)
+
+
 def n_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from pipeline.layers.activations import ACTIVATIONS, make_activation
 from pipeline.layers.branches import conv_branch
 from pipeline.layers.spectral import SpectralConfig
+from pipeline.models.base import in_model_dtype
 from pipeline.transforms.actnorm import ActNorm
 from pipeline.transforms.base import InverseReport, Transform, TransformSequence
 from pipeline.transforms.inverse import FixedPointConfig
@@ -137,7 +138,7 @@ class ResidualClassifier(nn.Module):
 
     def features(self, x: Tensor) -> Tensor:
         """The (invertible, for an i-ResNet) feature map before the head."""
-        h = self.pad(x)
+        h = self.pad(in_model_dtype(self, x))
         for stage in self.stages:
             h = stage.map(h)
         return h

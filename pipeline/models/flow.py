@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from pipeline.layers.activations import ACTIVATIONS
 from pipeline.layers.branches import conv_branch, mlp_branch
 from pipeline.layers.spectral import SpectralConfig
-from pipeline.models.base import FlowModel, make_prior
+from pipeline.models.base import FlowModel, in_model_dtype, make_prior
 from pipeline.transforms.actnorm import ActNorm
 from pipeline.transforms.base import InverseReport, Transform, TransformSequence
 from pipeline.transforms.coupling import SplitPriorCoupling
@@ -171,6 +171,7 @@ class IResNetFlow(FlowModel):
     def forward(self, x: Tensor) -> tuple[list[Tensor], Tensor]:
         if tuple(x.shape[1:]) != self.input_shape:
             raise ValueError(f"IResNetFlow expects inputs of shape (B, {self.input_shape}), got {tuple(x.shape)}")
+        x = in_model_dtype(self, x)
         zs = []
         logdet = x.new_zeros(x.shape[0])
         h = x
@@ -186,6 +187,7 @@ class IResNetFlow(FlowModel):
     def inverse(self, zs: list[Tensor], *, report: InverseReport | None = None) -> Tensor:
         if len(zs) != len(self.levels):
             raise ValueError(f"expected {len(self.levels)} latents, got {len(zs)}")
+        zs = [in_model_dtype(self, z) for z in zs]
         h = zs[-1]
         for level in reversed(range(len(self.levels))):
             if level < len(self.levels) - 1:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from pipeline.models.base import FlowModel, make_prior, n_parameters
+from pipeline.models.base import FlowModel, in_model_dtype, make_prior, n_parameters
 from pipeline.transforms.actnorm import ActNorm
 from pipeline.transforms.base import InverseReport, Transform, TransformSequence
 from pipeline.transforms.coupling import AffineCoupling, InvertibleLinear
@@ -28,12 +28,12 @@ class GlowFlow(FlowModel):
         self.priors = nn.ModuleList([make_prior((dim,), learnable=False)])
 
     def forward(self, x: Tensor) -> tuple[list[Tensor], Tensor]:
-        z, logdet = self.flow(x)
+        z, logdet = self.flow(in_model_dtype(self, x))
         return [z], logdet
 
     def inverse(self, zs: list[Tensor], *, report: InverseReport | None = None) -> Tensor:
         (z,) = zs
-        return self.flow.inverse(z)
+        return self.flow.inverse(in_model_dtype(self, z))
 
 
 def matched_glow(reference: FlowModel, n_hidden_layers: int = 2) -> GlowFlow:

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 from pipeline.layers.activations import ACTIVATIONS
 from pipeline.layers.branches import mlp_branch
 from pipeline.layers.spectral import SpectralConfig
-from pipeline.models.base import FlowModel, make_prior
+from pipeline.models.base import FlowModel, in_model_dtype, make_prior
 from pipeline.transforms.actnorm import ActNorm
 from pipeline.transforms.base import InverseReport, Transform, TransformSequence
 from pipeline.transforms.inverse import FixedPointConfig
@@ -79,12 +79,12 @@ class VectorFlow(FlowModel):
     def forward(self, x: Tensor) -> tuple[list[Tensor], Tensor]:
         if x.dim() != 2 or x.shape[1] != self.arch.dim:
             raise ValueError(f"VectorFlow expects (B, {self.arch.dim}), got {tuple(x.shape)}")
-        z, logdet = self.flow(x)
+        z, logdet = self.flow(in_model_dtype(self, x))
         return [z], logdet
 
     def inverse(self, zs: list[Tensor], *, report: InverseReport | None = None) -> Tensor:
         (z,) = zs
-        return self.flow.inverse(z, report=report)
+        return self.flow.inverse(in_model_dtype(self, z), report=report)
 
 
 VECTOR_FLOW_PRESETS: dict[str, VectorFlowArchitecture] = {

@@ -3,14 +3,27 @@
 A checkpoint holds only tensors and plain data (numbers, strings, lists, dicts) and is read with
 ``torch.load(weights_only=True)``: loading one never runs code from the file. ``format`` names the
 layout; a file without it (an older pickle) or unreadable (truncated) is refused with a message
-naming the file.
+naming the file. It is always read onto the CPU: ``load_state_dict`` places each tensor where the model
+and optimizer keep it (an optimizer's step counters stay on the host), and the RNG states stay the CPU
+byte tensors that ``torch.set_rng_state`` takes, whichever device trains.
+
+A process training into a run's checkpoint directory holds its :func:`checkpoint_lease`, an exclusive
+lock that the operating system drops when the process ends, however it ends: a second process (a
+``--resume`` of a run that is still training) is refused, a crashed run can be resumed at once.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import random
+import shutil
+import signal
+import socket
 import tempfile
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +47,9 @@ def rng_state() -> dict[str, Any]:
         },
         "python": random.getstate(),
     }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        # this process's own GPU only: a rank trains on one, and a resume may see fewer GPUs than were visible
+        state["cuda_device"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -45,8 +59,17 @@ def set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state((n["key"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if torch.cuda.is_available():
+        if "cuda_device" in state:
+            torch.cuda.set_rng_state(state["cuda_device"])
+        elif "cuda" in state:  # older checkpoints: every visible GPU's; this process's is the current one's
+            index = torch.cuda.current_device()
+            if index < len(state["cuda"]):
+                torch.cuda.set_rng_state(state["cuda"][index])
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (a full disk, a quota, a dead mount); the previous file is intact."""
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
@@ -56,25 +79,55 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
     state = {"format": CHECKPOINT_FORMAT, **state}
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        # Ctrl-C or SIGTERM wait until the file is written: raised inside torch.save's writer, either would come out
+        # as a failed write ("enforce fail"), and the stop would be lost
+        with _signals_deferred(), _reported_as_write_error(path):
+            with os.fdopen(fd, "wb") as f:
+                torch.save(state, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read a checkpoint of this project's format safely (``weights_only``); ValueError names a bad file."""
+@contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """SIGINT and SIGTERM are held back (delivered on exit) in the block; where signals cannot be masked (not
+    the main thread, no ``pthread_sigmask``) the block runs as is."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+@contextmanager
+def _reported_as_write_error(path: Path) -> Iterator[None]:
+    try:
+        yield
+    except (RuntimeError, OSError) as exc:  # torch.save reports a failed write as an "enforce fail"
+        free = shutil.disk_usage(path.parent).free
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else " ".join(str(exc).split())[:200]
+        raise CheckpointWriteError(
+            f"cannot write the checkpoint {path} ({reason}; {free:,} bytes free on its filesystem)"
+        ) from None
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a checkpoint of this project's format safely (``weights_only``) onto the CPU; ValueError names a
+    bad file."""
     import pickle
 
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no checkpoint at {path}")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise ValueError(
             f"the checkpoint {path} holds Python objects beyond tensors and plain data (an older version's or "
@@ -87,3 +140,40 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         found = state.get("format") if isinstance(state, dict) else type(state).__name__
         raise ValueError(f"the checkpoint {path} is not in this project's format {CHECKPOINT_FORMAT!r} ({found!r})")
     return state
+
+
+class RunInUse(ValueError):
+    """Another live process holds the lease of a run's checkpoint directory."""
+
+
+LEASE_FILE = "lease"
+
+
+@contextmanager
+def checkpoint_lease(directory: str | Path) -> Iterator[None]:
+    """Hold the exclusive lease of a run's checkpoint ``directory`` (created) while the block runs.
+
+    The lease is an ``flock`` on ``directory/lease``: released by the operating system when this process ends,
+    by a crash or ``kill -9`` too, so only a live process can hold it. A second holder is refused with
+    :class:`RunInUse`, naming the process (pid and host) that holds it.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / LEASE_FILE, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise RunInUse(
+                f"the run whose checkpoints are in {directory} is still training ({holder} holds it); two processes "
+                "would train into one run and one checkpoint. Stop that process first (its run can then be resumed)"
+            ) from None
+        f.truncate(0)
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}")
+        f.flush()
+        try:
+            yield
+        finally:
+            f.truncate(0)
+            fcntl.flock(f, fcntl.LOCK_UN)

@@ -179,3 +179,91 @@ def test_a_logged_model_is_weights_and_json_and_reloads(store):
     model = load_model(run_id)
     x = torch.rand(4, *model.input_shape) - 0.5
     assert torch.isfinite(model.log_prob(x)).all()
+
+
+@pytest.fixture
+def small_filesystem(tmp_path):
+    """``small_filesystem(n_bytes)``: a real filesystem of that size (a tmpfs), unmounted after the test."""
+    mounted = []
+
+    def mount(n_bytes: int) -> Path:
+        point = tmp_path / f"fs{len(mounted)}"
+        point.mkdir()
+        command = ["mount", "-t", "tmpfs", "-o", f"size={n_bytes}", "tmpfs", str(point)]
+        done = subprocess.run(command, capture_output=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+        mounted.append(point)
+        return point
+
+    yield mount
+    for point in mounted:
+        subprocess.run(["umount", str(point)], check=False)
+
+
+def test_a_full_disk_at_a_checkpoint_is_one_line_and_keeps_the_last_checkpoint(store, caplog, small_filesystem):
+    one_epoch = density.run(density.config_from_preset("quick", **{**TINY, "epochs": 1}, checkpoint_dir=str(store)))
+    size = (store / one_epoch / "last.pt").stat().st_size
+    # room for one checkpoint and the lease, not for the next checkpoint written beside it
+    disk = small_filesystem((size * 3 // 2 // 4096 + 3) * 4096)
+    assert density.main(_density_args(store, "--checkpoint-dir", str(disk), "--eval-every", "0")) == 2
+    message = _one_error_line(caplog)
+    run = next(r for r in runs_of("density") if r.info.run_id != one_epoch)
+    path = disk / run.info.run_id / "last.pt"
+    assert f"CheckpointWriteError: cannot write the checkpoint {path}" in message
+    assert "bytes free on its filesystem" in message and "the last good checkpoint (epoch 1) is kept" in message
+    assert run.info.status == "FAILED" and "cannot write the checkpoint" in run.data.tags["failure"]
+    assert torch.load(path, weights_only=True)["epoch"] == 1  # intact
+    assert sorted(p.name for p in path.parent.iterdir()) == ["last.pt", "lease"]  # no partial file left
+
+
+@pytest.mark.parametrize("damage", ["random bytes", "truncated"])
+def test_a_damaged_sqlite_tracking_store_is_one_line_naming_it(store, caplog, monkeypatch, damage):
+    db = store / "damaged.db"
+    if damage == "random bytes":
+        db.write_bytes(os.urandom(50_000))
+    else:
+        density.run(density.config_from_preset("quick", **{**TINY, "epochs": 1}, checkpoint_dir=str(store / "c")))
+        db.write_bytes((store / "mlflow.db").read_bytes()[:30_000])
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
+    assert density.main(_density_args(store)) == 2
+    assert f"the tracking store sqlite:///{db} cannot be read" in _one_error_line(caplog)
+
+
+@pytest.mark.parametrize(
+    "option,value,message",
+    [
+        ("--lr", "inf", "lr must be a finite number, got inf"),
+        ("--coeff", "nan", "coeff must be a finite number, got nan"),
+        ("--seed", "-1", "seed must be >= 0"),
+    ],
+)
+def test_non_finite_floats_and_a_negative_seed_are_refused_before_any_run(store, caplog, option, value, message):
+    assert density.main(_density_args(store, option, value)) == 2
+    assert message in _one_error_line(caplog)
+    assert runs_of("density") == []
+
+
+@pytest.mark.parametrize("entry", [density, classify])
+def test_a_checkpoint_dir_that_is_a_file_is_refused_before_any_run(store, caplog, entry):
+    a_file = store / "a-file"
+    a_file.write_text("")
+    args = ["--checkpoint-dir", str(a_file / "sub"), "--epochs", "1", "--dataset", "digits8x8"]
+    assert entry.main(args) == 2
+    assert f"checkpoint_dir {a_file / 'sub'} cannot be a directory: {a_file} is a file" in _one_error_line(caplog)
+    assert runs_of(entry.__name__.rsplit(".", 1)[-1]) == []
+
+
+def test_resuming_a_run_with_another_entry_point_names_the_one_that_started_it(store, caplog):
+    run_id = density.run(density.config_from_preset("quick", **TINY, checkpoint_dir=str(store / "ckpt")))
+    assert classify.main(["--resume", run_id, "--checkpoint-dir", str(store / "ckpt")]) == 2
+    assert (
+        f"run {run_id} was not started by classify but by density; resume it with python -m experiments.density "
+        f"--resume {run_id}"
+    ) in _one_error_line(caplog)
+
+
+def test_eval_every_zero_says_what_it_means(store, caplog):
+    with caplog.at_level("INFO"):
+        density.run(density.config_from_preset("quick", **{**TINY, "eval_every": 0}, checkpoint_dir=str(store)))
+    assert "eval_every=0: the flow is evaluated once, after the last epoch (2)" in caplog.text

@@ -269,3 +269,47 @@ def test_reusing_a_study_with_another_objective_is_one_clear_error(store):
     optuna.create_study(study_name="iresnet-sweep", storage=f"sqlite:///{store / 'optuna.db'}")
     with pytest.raises(ValueError, match="exists with directions \\['minimize'\\].*objective 'bpd-time'"):
         sweep.run(_cfg(store, objective="bpd-time"))
+
+
+def test_workers_of_one_study_draw_different_parameters_and_one_worker_is_reproducible(tmp_path):
+    """Two workers started with the same --seed on one storage: each trial gets its own draws (before, both workers'
+    samplers were seeded alike and drew the same configurations), while the same single worker repeats itself."""
+    space = {**TINY_SPACE, "n_power_iterations": {"type": "int", "low": 1, "high": 10}}
+    cfg = sweep.config_from_preset("quick", target="density")
+
+    def draws(storage_url: str, n_workers: int) -> list[dict]:
+        storage = optuna.storages.RDBStorage(storage_url)
+        workers = [
+            optuna.create_study(study_name="s", storage=storage, load_if_exists=True, sampler=sweep._sampler(cfg))
+            for _ in range(n_workers)
+        ]
+        trials = [worker.ask() for worker in workers for _ in range(2 // n_workers)]  # started together
+        return [sweep.suggest(trial, space) for trial in trials]
+
+    parallel = draws(f"sqlite:///{tmp_path / 'a.db'}", n_workers=2)
+    assert parallel[0] != parallel[1]
+    assert draws(f"sqlite:///{tmp_path / 'b.db'}", n_workers=1) == draws(f"sqlite:///{tmp_path / 'c.db'}", 1)
+
+
+def test_an_int_parameter_needs_whole_bounds(tmp_path):
+    path = tmp_path / "space.yaml"
+    path.write_text("n_terms: {type: int, low: 1.5, high: 3.7}\n")
+    with pytest.raises(ValueError, match="'n_terms' is an int parameter: low and high must be whole numbers"):
+        sweep.config_from_preset("quick", space_file=str(path))
+
+
+@pytest.mark.parametrize("storage", ["bogus://x", "postgresql+nodriver://u@localhost/db"])
+def test_a_storage_that_cannot_be_opened_is_one_line(store, caplog, storage):
+    assert sweep.main(["--storage", storage, "--n-trials", "1"]) == 2
+    errors = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and errors[0].exc_info is None
+    assert "the study storage " in errors[0].getMessage() and "cannot be opened" in errors[0].getMessage()
+    assert runs_of("sweep") == []  # refused before a parent run exists
+
+
+def test_a_damaged_study_database_is_one_line(store, caplog):
+    db = store / "optuna.db"
+    db.write_bytes(os.urandom(20_000))
+    assert sweep.main(["--storage", f"sqlite:///{db}", "--n-trials", "1"]) == 2
+    errors = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and f"the study storage sqlite:///{db} cannot be opened" in errors[0].getMessage()

@@ -203,3 +203,14 @@ def test_the_estimator_is_chosen_per_model_and_swapped_with_a_context(float64):
     with pytest.raises(RuntimeError, match="inside"), flow.estimator(ExactLogDet()):
         raise RuntimeError("inside")
     assert all(isinstance(b.estimator, PowerSeriesLogDet) for b in blocks)  # restored on an error too
+
+
+def test_half_precision_input_is_computed_in_the_models_precision():
+    """The model's boundary casts its input: float16 data gives what the same values in float32 give."""
+    flow, x = _tiny_flow((1, 4, 4), logit_alpha=1e-6)
+    x16 = x.half()
+    assert torch.equal(flow.log_prob(x16), flow.log_prob(x16.float()))
+    zs, _ = flow(x16.float())
+    assert torch.equal(flow.inverse([z.half() for z in zs]), flow.inverse([z.half().float() for z in zs]))
+    with pytest.raises(TypeError, match="expects floating-point data"):
+        flow(torch.zeros(1, 1, 4, 4, dtype=torch.uint8))

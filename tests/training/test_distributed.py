@@ -48,8 +48,6 @@ def test_a_checkpoint_resumes_only_with_its_number_of_processes(tmp_path):
         },
     )
     with pytest.raises(ValueError, match="written by 2 process"):
-        restore(tmp_path / "last.pt", model, optimizer, None, torch.device("cpu"))
-    loop_state, _ = restore(
-        tmp_path / "last.pt", model, optimizer, None, torch.device("cpu"), DistributedContext(rank=1, world_size=2)
-    )
+        restore(tmp_path / "last.pt", model, optimizer, None)
+    loop_state, _ = restore(tmp_path / "last.pt", model, optimizer, None, DistributedContext(rank=1, world_size=2))
     assert (loop_state.epoch, loop_state.step) == (1, 3)
