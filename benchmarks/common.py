@@ -5,20 +5,48 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import resource
+import time
 from collections.abc import Callable
+from queue import Empty
 from typing import Any
 
 import torch
 
 
-def in_fresh_process(target: Callable[..., None], *args: Any) -> dict:
-    """Run ``target(*args, queue)`` in a spawned process (its memory is its own) and return what it put."""
+class CaseFailed(RuntimeError):
+    """A benchmark case's process died or ran out of time before it reported its measurement."""
+
+
+def in_fresh_process(target: Callable[..., None], *args: Any, timeout_s: float = 3600.0) -> dict:
+    """Run ``target(*args, queue)`` in a spawned process (its memory is its own) and return what it put.
+
+    A process that dies first (an exception, out of memory, a signal) or runs past ``timeout_s`` is reported as
+    :class:`CaseFailed` with its exit code, instead of a wait for a result that never comes.
+    """
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     proc = ctx.Process(target=target, args=(*args, queue))
     proc.start()
-    result = queue.get()
-    proc.join()
+    deadline = time.monotonic() + timeout_s
+    try:
+        while True:
+            try:
+                result = queue.get(timeout=0.5)
+                break
+            except Empty:
+                if not proc.is_alive() and queue.empty():
+                    raise CaseFailed(
+                        f"{getattr(target, '__name__', target)}{args[:1]!r}: the process ended with exit code "
+                        f"{proc.exitcode} before reporting a result"
+                    ) from None
+                if time.monotonic() > deadline:
+                    raise CaseFailed(
+                        f"{getattr(target, '__name__', target)}{args[:1]!r}: no result within {timeout_s:g} s"
+                    ) from None
+    finally:
+        if proc.is_alive() and time.monotonic() > deadline:
+            proc.kill()
+        proc.join()
     return result
 
 

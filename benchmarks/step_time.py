@@ -18,10 +18,11 @@ weight decay 5e-4, on its benchmark batch): a trained network can produce subnor
 gradient at very negative pre-activations) that a fresh one does not. Each process flushes subnormals
 to zero in every thread first, as the entry points do (``--no-flush`` shows the cost without).
 
-Host syncs (``reads/step``, ``syncs/step``): each case also trains a few steps through the library's
-``fit`` (``--sync-steps``, 0 skips it). ``reads/step`` counts the project's reads of tensor values
-(``item``, ``bool``, ``float``, ...) per step on any device, each a stall on a GPU; ``syncs/step`` is what
-CUDA's sync debug mode sees, PyTorch's own included (GPU only). Per-epoch work is differenced out.
+Host syncs (``syncs/step``, ``cuda/step``): each case also trains a few steps through the library's
+``fit`` (``--sync-steps``, 0 skips it). ``syncs/step`` counts at PyTorch's dispatcher every operation that makes
+the host wait for a GPU, from any code (:func:`pipeline.training.host_syncs.counting_host_syncs`: on a CPU, as if
+the tensors were on a GPU); ``cuda/step`` is what CUDA's sync debug mode sees (GPU only). Per-epoch work is
+differenced out.
 
 The issue's targets, each a ratio measured in the same run, are printed below the table:
 i-ResNet / ResNet classifier step <= 1.3; 5-term flow step / classifier step <= 3; memory growth of
@@ -47,19 +48,16 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from benchmarks.common import emit, in_fresh_process, memory_now_mib, memory_peak_mib
-from experiments.tracking import PROJECT_ROOT
 from pipeline.logging_setup import setup_logging
 from pipeline.models import ClassifierArchitecture, FlowArchitecture, IResNetFlow, ResidualClassifier
 from pipeline.models.base import n_parameters
 from pipeline.training.device import resolve_device
-from pipeline.training.host_syncs import counting_cuda_syncs, counting_value_reads
+from pipeline.training.host_syncs import counting_cuda_syncs, counting_host_syncs
 from pipeline.training.loop import LoopConfig, fit
 from pipeline.training.numerics import flush_denormals
 from pipeline.transforms import LogDetEstimator, PowerSeriesLogDet, RussianRouletteLogDet
 
 log = logging.getLogger("benchmarks.step_time")
-
-PROJECT_CODE = (str(PROJECT_ROOT / "pipeline"), str(PROJECT_ROOT / "experiments"))
 
 
 @dataclass(frozen=True)
@@ -229,8 +227,8 @@ def syncs_per_step(model: torch.nn.Module, loss_fn: Callable[[], Tensor], device
     """Host syncs of one training step as :func:`pipeline.training.loop.fit` runs it (metrics, checks, optimizer).
 
     Two epochs of ``steps`` and ``2 * steps`` steps are counted and differenced, so the per-epoch work
-    (checkpoint, epoch metrics) cancels: ``value_reads_per_step`` counts the project's reads of tensor
-    values (any device), ``cuda_syncs_per_step`` the synchronisations CUDA sees (on a GPU only).
+    (checkpoint, epoch metrics) cancels: ``host_syncs_per_step`` counts at the dispatcher (any device),
+    ``cuda_syncs_per_step`` the synchronisations CUDA reports (on a GPU only).
     """
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-4)
 
@@ -238,14 +236,14 @@ def syncs_per_step(model: torch.nn.Module, loss_fn: Callable[[], Tensor], device
         loss = loss_fn()
         return loss, {"loss_copy": loss.detach()}  # a metric, as every entry point's step returns
 
-    counts: dict[str, list[int]] = {"value_reads": [], "cuda_syncs": []}
+    counts: dict[str, list[int]] = {"host_syncs": [], "cuda_syncs": []}
     with tempfile.TemporaryDirectory() as tmp:
         for n in (steps, 2 * steps):
             config = LoopConfig(epochs=1, checkpoint_path=Path(tmp) / "last.pt", log_every=10, progress=False)
             cuda = counting_cuda_syncs() if device.type == "cuda" else nullcontext({"n": 0})
-            with counting_value_reads(PROJECT_CODE) as reads, cuda as syncs:
+            with counting_host_syncs(device) as host, cuda as syncs:
                 fit(model, optimizer, None, lambda epoch, n=n: [(None,)] * n, step, config, n_samples=lambda b: 1)
-            counts["value_reads"].append(reads["n"])
+            counts["host_syncs"].append(host["n"])
             counts["cuda_syncs"].append(syncs["n"])
     per_step = {f"{k}_per_step": (b - a) / steps for k, (a, b) in counts.items()}
     if device.type != "cuda":
@@ -284,7 +282,7 @@ def check_targets(results: list[dict]) -> list[dict]:
 def format_table(results: list[dict], targets: list[dict]) -> str:
     header = (
         f"{'case':32} {'s/step':>8} {'img/s':>8} {'x time':>7} {'peak MiB':>9} {'+MiB':>7} {'x +MiB':>7} "
-        f"{'reads/step':>10} {'syncs/step':>10}"
+        f"{'syncs/step':>10} {'cuda/step':>10}"
     )
     rows = [header, "-" * len(header)]
     for r in results:
@@ -292,7 +290,7 @@ def format_table(results: list[dict], targets: list[dict]) -> str:
         rows.append(
             f"{r['case']:32} {r['seconds_per_step']:8.3f} {r['images_per_second']:8.1f} "
             f"{r['time_ratio']:7.2f} {r['peak_memory_mib']:9.0f} {r['memory_above_start_mib']:7.0f} "
-            f"{r['memory_ratio']:7.2f} {r.get('value_reads_per_step', math.nan):10.2f} "
+            f"{r['memory_ratio']:7.2f} {r.get('host_syncs_per_step', math.nan):10.2f} "
             f"{r.get('cuda_syncs_per_step', math.nan):10.2f}"
             + ("" if trained is None else f"  trained {trained:.3f} s/step")
         )

@@ -24,7 +24,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from experiments.config import InverseOptions, architecture_of, check_at_least, fill_from_architecture
+from experiments.config import (
+    InverseOptions,
+    architecture_of,
+    check_at_least,
+    check_common,
+    fill_from_architecture,
+)
 from experiments.runner import EntryPoint, Splits, run_training
 from experiments.tracking import PROJECT_ROOT, log_json, log_metrics, log_model, write_csv
 from pipeline.data import DATASETS, ImageSplit, iterate_batches
@@ -40,6 +46,7 @@ from pipeline.models import (
 from pipeline.models.base import n_parameters
 from pipeline.plotting import new_figure, save_figure, save_image_grid
 from pipeline.training.device import check_device_name
+from pipeline.training.distributed import SINGLE_PROCESS, DistributedContext, sum_over_ranks
 from pipeline.training.loop import EpochHook
 from pipeline.training.schedule import linear_warmup, step_decay
 from pipeline.transforms import InverseReport
@@ -115,6 +122,7 @@ class ClassifyConfig(InverseOptions):
                 f"unknown classifier architecture {self.architecture!r}; choose one of {sorted(CLASSIFIER_PRESETS)}"
             )
         fill_from_architecture(self, CLASSIFIER_PRESETS[self.architecture])
+        check_common(self)
         for name in ("n_blocks", "hidden_channels", "strides", "milestones", "recon_iterations"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
         if self.dataset not in DATASETS:
@@ -180,8 +188,10 @@ class ClassifyTask:
 
     eval_every = 1
 
-    def __init__(self, cfg: ClassifyConfig, splits: Splits, device: torch.device) -> None:
-        self.cfg, self.splits, self.device = cfg, splits, device
+    def __init__(
+        self, cfg: ClassifyConfig, splits: Splits, device: torch.device, ctx: DistributedContext = SINGLE_PROCESS
+    ) -> None:
+        self.cfg, self.splits, self.device, self.ctx = cfg, splits, device, ctx
         data = splits.data
         if data.n_levels != 256:
             log.info(
@@ -232,14 +242,19 @@ class ClassifyTask:
 
     @torch.no_grad()
     def _error_and_loss(self, split: ImageSplit) -> tuple[float, float]:
+        """Error (%) and mean loss on ``split``; under torchrun each rank scores every world_size-th batch."""
         self.model.eval()
-        correct, total_loss = 0, 0.0
-        for images, labels in iterate_batches(split, self.cfg.eval_batch_size, shuffle=False):
+        totals = torch.zeros(2, dtype=torch.float64, device=self.device)  # correct, summed loss (read once)
+        batches = iterate_batches(split, self.cfg.eval_batch_size, shuffle=False)
+        for index, (images, labels) in enumerate(batches):
+            if index % self.ctx.world_size != self.ctx.rank:
+                continue
             logits = self.model(self.prepare(images, train=False))
             labels = labels.to(self.device)
-            total_loss += float(F.cross_entropy(logits, labels, reduction="sum"))
-            correct += int((logits.argmax(dim=1) == labels).sum())
+            totals[0] += (logits.argmax(dim=1) == labels).sum()
+            totals[1] += F.cross_entropy(logits, labels, reduction="sum")
         self.model.train()
+        correct, total_loss = sum_over_ranks(totals, self.ctx).tolist()
         return 100.0 * (1 - correct / len(split)), total_loss / len(split)
 
     def evaluate(self, epoch: int) -> dict[str, float]:

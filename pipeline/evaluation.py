@@ -38,6 +38,7 @@ from pipeline.data.preprocessing import dequantize, iterate_batches, pad_images
 from pipeline.data.registry import ImageSplit
 from pipeline.metrics import bits_per_dim
 from pipeline.models.base import FlowModel
+from pipeline.training.distributed import SINGLE_PROCESS, DistributedContext, sum_over_ranks
 from pipeline.transforms.logdet import LogDetEstimator, PowerSeriesLogDet, RussianRouletteLogDet
 from pipeline.transforms.residual import using_estimator
 
@@ -145,8 +146,15 @@ def evaluate_bits_per_dim(
     protocol: EvalProtocol = EvalProtocol(),
     seed: int = 1234,
     progress: bool = True,
+    ctx: DistributedContext = SINGLE_PROCESS,
 ) -> BitsPerDimEstimate:
-    """Test bits/dim of ``model`` on ``split`` by the paper's protocol (see module docstring)."""
+    """Test bits/dim of ``model`` on ``split`` by the paper's protocol (see module docstring).
+
+    Every chunk of every pass draws its noise (probes, roulette lengths) from a seed of its own, ``(seed, pass,
+    chunk)``: the result does not depend on the order of the chunks, so under torchrun (``ctx``, every rank calling)
+    each rank evaluates every ``world_size``-th chunk, one all-reduce per pass gathers them, and every rank returns
+    the value a single process computes.
+    """
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -168,9 +176,14 @@ def evaluate_bits_per_dim(
         passes: list[torch.Tensor] = []  # per pass: each chunk's mean bits/dim
         se = math.inf
         bar = tqdm(total=protocol.max_passes, desc="eval bits/dim", disable=None if progress else True, leave=False)
+        mine = range(ctx.rank, len(chunks), ctx.world_size)
         while len(passes) < protocol.max_passes:
+            means = torch.zeros(len(chunks), dtype=torch.float64, device=device)
             with using_estimator(model, estimator):
-                means = torch.stack([bits_per_dim(model.log_prob(part), model.dim, n_levels).mean() for part in chunks])
+                for i in mine:
+                    torch.manual_seed(seed + 1_000_003 * (len(passes) * len(chunks) + i + 1))
+                    means[i] = bits_per_dim(model.log_prob(chunks[i]), model.dim, n_levels).mean()
+            means = sum_over_ranks(means, ctx)  # every rank's chunks (each chunk is computed by one rank)
             if not torch.isfinite(means).all():
                 raise FloatingPointError("non-finite log-likelihood during evaluation")
             passes.append(means.double().cpu())

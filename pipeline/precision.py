@@ -14,9 +14,9 @@ Policy (README, "Precision on GPUs"):
 * The inverse's tolerance is floored at what its dtype can resolve (:func:`relative_precision_floor`), and
   a residual that stops decreasing is reported as a precision floor, not as a failure to contract.
 
-TF32 is switched with the ``fp32_precision`` API of PyTorch >= 2.9 and restored exactly on exit. The
-switch is process-wide, like the flags themselves: another thread running CUDA kernels meanwhile gets
-full fp32 too (slower, never less accurate).
+TF32 is switched with the ``fp32_precision`` API of PyTorch >= 2.9 (:data:`MINIMUM_TORCH`, the project's
+declared floor) and restored exactly on exit. The switch is process-wide, like the flags themselves: another
+thread running CUDA kernels meanwhile gets full fp32 too (slower, never less accurate).
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
+
+MINIMUM_TORCH = (2, 9)  # torch.backends.cuda.matmul.fp32_precision and torch.backends.cudnn.conv.fp32_precision
 
 # the residual of a fixed-point iteration in dtype d cannot reliably go below ~ this many eps(d) times ||y||
 PRECISION_FLOOR_EPS = 8

@@ -172,3 +172,19 @@ def test_the_series_accumulates_in_float32_whatever_the_dtype_of_its_products(au
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), torch.no_grad():
         gx, logdet = PowerSeriesLogDet(n_terms=8)(g, x)
     assert gx.dtype == torch.bfloat16 and logdet.dtype == torch.float32
+
+
+def test_the_declared_torch_floor_has_the_precision_api_the_library_uses():
+    """``full_precision`` uses the ``fp32_precision`` switches (torch >= 2.9); a lower floor in pyproject.toml let
+    torch 2.4-2.8 install and fail at the first spectral forward on CUDA."""
+    import re
+    from pathlib import Path
+
+    from pipeline.precision import MINIMUM_TORCH
+
+    pyproject = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    floor = re.search(r'"torch>=(\d+)\.(\d+)', pyproject)
+    assert floor is not None and (int(floor[1]), int(floor[2])) >= MINIMUM_TORCH
+    installed = tuple(int(part) for part in torch.__version__.split(".")[:2])
+    assert installed >= MINIMUM_TORCH
+    assert all(hasattr(s, "fp32_precision") for s in (torch.backends.cuda.matmul, torch.backends.cudnn.conv))

@@ -265,7 +265,8 @@ class _SpectralNorm(nn.Module):
         guarantee is about) would inherit it.
         """
         with full_precision(self.weight.device.type):
-            self._ensure_initialized(None if x is None else x.float())
+            if not self._initialized():  # x (a bf16 activation under --amp) is copied to float32 only here, once
+                self._ensure_initialized(None if x is None else x.float())
             if not self.training:
                 return self._eval_weight()
             if self._iterated_ahead:  # batched_power_iteration has run this forward's steps already
@@ -525,6 +526,13 @@ class SpectralNormConv2d(_SpectralNorm):
         w = self.weight
         shape = (tuple(w.shape), tuple(self.v.shape), self.stride, self.padding)
         return (SpectralNormConv2d, *shape, w.dtype, w.device, self.n_power_iterations)
+
+    def _sigma_estimate(self, weight: Tensor) -> Tensor:
+        # u^T conv(v, W) = <W, G>, G the weight gradient of conv(v, .) at output gradient u: one correlation of v and
+        # u, without a graph, instead of a convolution and its backward per layer and step; the gradient in W is G
+        with torch.no_grad():
+            g = torch.nn.grad.conv2d_weight(self.v, weight.shape, self.u, stride=self.stride, padding=self.padding)
+        return torch.dot(weight.flatten(), g.flatten())
 
     def _stacked_operator(self, v: Tensor, weight: Tensor) -> Tensor:
         # G layers as one grouped convolution: v (G, 1, C_in, H, W), weight (G, C_out, C_in, k, k)

@@ -70,6 +70,9 @@ def use_deterministic_algorithms(enabled: bool = True) -> None:
     hold on GPUs too (CUDA convolution backward and cuBLAS reductions are otherwise nondeterministic;
     CPU kernels already are). Costs some GPU speed; an op without a deterministic kernel then raises."""
     if not enabled:
+        # cuDNN then times its convolution algorithms once per input shape and keeps the fastest (the shapes of a
+        # training are fixed); only where CUDA is used, and never with deterministic kernels
+        torch.backends.cudnn.benchmark = True
         return
     # cuBLAS needs a fixed workspace to be deterministic; read when CUDA initialises, so set it first
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")

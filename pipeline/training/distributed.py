@@ -12,9 +12,10 @@ What keeps the replicas one model:
 * ``batch_size`` is the *global* batch: each step's batch is split across the ranks
   (:func:`shard_batches`), so a run means the same thing at any world size;
 * the model is wrapped after its data-dependent initialisation, so DDP broadcasts rank 0's
-  parameters and buffers (ActNorm, spectral-norm vectors) at the start, and ``broadcast_buffers``
-  re-sends the buffers (the power-iteration vectors ``u``, ``v`` and ``sigma``) at every forward;
-  gradients are averaged, so every rank takes the same optimizer step;
+  parameters and buffers (ActNorm, spectral-norm vectors) at the start; gradients are averaged, so every
+  rank takes the same optimizer step and runs the same power iteration; :func:`broadcast_buffers` re-sends
+  rank 0's buffers (``u``, ``v``, ``sigma``) once per epoch, so kernels that are not bitwise deterministic
+  cannot let the replicas drift apart for longer than an epoch;
 * :func:`replica_deviation` checks it: the largest difference of any parameter or buffer across
   ranks, logged at the end of a run;
 * each rank draws its own noise (dequantisation, Hutchinson probes, roulette lengths) from a
@@ -123,10 +124,9 @@ def wrap_model(model: nn.Module, ctx: DistributedContext, device: torch.device) 
     shard, and rank 0's are the ones saved.
 
     Buffers are not re-broadcast at every forward (``broadcast_buffers=False``): at the paper-cifar10
-    preset that is 1,248 buffers, 85 MiB per forward. DDP broadcasts them once at construction; after that
-    every rank's power iteration computes the same ``u``, ``v``, ``sigma`` from the same weights, and
-    ActNorm's buffer no longer changes, so the broadcast was redundant. ``log_replica_consistency``
-    checks that the replicas agree at the end of every run.
+    preset that is 1,248 buffers, 85 MiB per forward. DDP broadcasts them once at construction and the
+    training loop once per epoch (:func:`broadcast_buffers`); ``log_replica_consistency`` checks that the
+    replicas agree at the end of every run.
     """
     if not ctx.enabled:
         return model
@@ -188,13 +188,48 @@ def mean_over_ranks(
     return dict(zip(keys, t.tolist(), strict=True))
 
 
-def any_rank(flag: bool, ctx: DistributedContext, device: torch.device) -> bool:
-    """True on every rank if ``flag`` is true on any (so all ranks stop together)."""
+def sum_over_ranks(t: torch.Tensor, ctx: DistributedContext) -> torch.Tensor:
+    """``t`` summed over the ranks, on every rank (``t`` itself in a world of one); one all-reduce, no host sync."""
+    if ctx.enabled:
+        dist.all_reduce(t)
+    return t
+
+
+def any_rank(flag: bool | torch.Tensor, ctx: DistributedContext, device: torch.device) -> bool:
+    """True on every rank if ``flag`` is true on any (so all ranks stop together).
+
+    A tensor flag (a 0-d bool on the device, e.g. ``~torch.isfinite(loss)``) is reduced where it lies and read
+    once: one all-reduce and one host sync per call, none before the reduction.
+    """
     if not ctx.enabled:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
+        return bool(flag)
+    t = (flag.reshape(1) if torch.is_tensor(flag) else torch.tensor([bool(flag)], device=device)).to(torch.float32)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
+
+
+def broadcast_buffers(model: nn.Module, ctx: DistributedContext) -> None:
+    """Rank 0's floating-point buffers (the power iteration's ``u``, ``v``, ``sigma``; running statistics) on every
+    rank, in one broadcast per dtype.
+
+    Training wraps the model with ``broadcast_buffers=False``: re-sending 1,248 buffers (85 MiB at paper-cifar10)
+    at every forward is too dear. Every rank then runs the same power iteration on the same weights, but kernels
+    that are not bitwise deterministic (cuDNN's, atomics) let the vectors drift apart; the loop calls this once
+    per epoch, before the checkpoint, so the replicas never drift for longer than an epoch.
+    """
+    if not ctx.enabled:
+        return
+    by_dtype: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
+    for buffer in model.buffers():
+        if buffer.numel() and buffer.is_floating_point():  # flags and counters do not drift
+            by_dtype.setdefault((buffer.dtype, buffer.device), []).append(buffer)
+    for buffers in by_dtype.values():
+        flat = torch.cat([b.detach().reshape(-1) for b in buffers])
+        dist.broadcast(flat, src=0)
+        offset = 0
+        for b in buffers:
+            b.detach().copy_(flat[offset : offset + b.numel()].view_as(b))
+            offset += b.numel()
 
 
 def _replicated_tensors(model: nn.Module) -> list[torch.Tensor]:

@@ -7,8 +7,9 @@ A non-finite loss stops the run with :class:`NonFiniteLossError` before the opti
 the last checkpoint on disk stays the last good one.
 
 Under ``torchrun`` (``LoopConfig.distributed``) every rank runs the loop on its shard; the non-finite
-check is collective (all ranks stop together), logged metrics are averaged over the ranks, and only
-rank 0 logs, evaluates, calls ``on_epoch_end`` and writes checkpoints (with every rank's RNG state).
+check is collective (all ranks stop together), logged metrics are averaged over the ranks, ``evaluate`` runs
+on every rank (a collective: each rank scores its share of the images), and only rank 0 logs, calls
+``on_epoch_end`` and writes checkpoints (with every rank's RNG state).
 """
 
 from __future__ import annotations
@@ -26,12 +27,19 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from pipeline.training.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from pipeline.training.checkpoint import (
+    CheckpointWriteError,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from pipeline.training.distributed import (
     SINGLE_PROCESS,
     DistributedContext,
     all_gather_object,
     any_rank,
+    broadcast_buffers,
     mean_over_ranks,
 )
 
@@ -107,10 +115,15 @@ def _checkpoint_state(
 
 
 def restore(
-    path: Path, model: nn.Module, optimizer, scheduler, device: torch.device, ctx: DistributedContext = SINGLE_PROCESS
+    path: Path, model: nn.Module, optimizer, scheduler, ctx: DistributedContext = SINGLE_PROCESS
 ) -> tuple[LoopState, dict]:
-    """Load a checkpoint into model/optimizer/scheduler; returns the loop state and the whole dict."""
-    ckpt = load_checkpoint(path, map_location=device)
+    """Load a checkpoint into model/optimizer/scheduler; returns the loop state and the whole dict.
+
+    The file is read onto the CPU and ``load_state_dict`` moves each tensor to its parameter's device, so the
+    RNG states stay host byte tensors and the optimizer's step counters stay on the host (a device-resident
+    counter would cost a host read per step).
+    """
+    ckpt = load_checkpoint(path)
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
     if scheduler is not None and ckpt.get("scheduler") is not None:
@@ -166,7 +179,7 @@ def fit(
             with autocast:
                 loss, metrics = step_fn(batch)
             # the step's one host sync: a non-finite loss must stop the run before the optimizer step
-            if any_rank(not bool(torch.isfinite(loss)), ctx, device):
+            if any_rank(~torch.isfinite(loss.detach()), ctx, device):
                 raise NonFiniteLossError(
                     f"training loss became {loss.item()} at epoch {epoch}, step {state.step + 1} (on rank {ctx.rank} "
                     f"or another); the run is stopped and "
@@ -210,20 +223,26 @@ def fit(
                 f"{_last_good_checkpoint(config.checkpoint_path, state.epoch)}. Lower the learning rate or set "
                 "grad_clip"
             )
+        broadcast_buffers(model, ctx)  # rank 0's power-iteration vectors on every rank (see the function)
         state.epoch = epoch
         eval_epoch = epoch == config.epochs or (config.eval_every and epoch % config.eval_every == 0)
-        if ctx.is_main and evaluate is not None and eval_epoch:
+        if evaluate is not None and eval_epoch:  # on every rank: an evaluation shards its images over the ranks
             epoch_metrics |= evaluate(epoch)
-        rngs = all_gather_object(rng_state(), ctx)  # (the other ranks wait here for rank 0's evaluation)
+        rngs = all_gather_object(rng_state(), ctx)
         if ctx.is_main:
             if config.log_metrics is not None and epoch > state.logged_epoch:
                 config.log_metrics({f"{config.metric_prefix}{k}": v for k, v in epoch_metrics.items()}, epoch)
             log.info("epoch %d: %s", epoch, ", ".join(f"{k}={v:.4g}" for k, v in epoch_metrics.items()))
-            save_checkpoint(
-                config.checkpoint_path,
-                _checkpoint_state(model, optimizer, scheduler, state, checkpoint_extra or {}, rngs),
-            )
+            try:
+                save_checkpoint(
+                    config.checkpoint_path,
+                    _checkpoint_state(model, optimizer, scheduler, state, checkpoint_extra or {}, rngs),
+                )
+            except CheckpointWriteError as exc:
+                raise CheckpointWriteError(
+                    f"{exc}; the run is stopped and {_last_good_checkpoint(config.checkpoint_path, epoch - 1)}"
+                ) from None
             if on_epoch_end is not None:
                 on_epoch_end(epoch, epoch_metrics)
-        ctx.barrier()  # the others wait for rank 0's evaluation and checkpoint
+        ctx.barrier()  # the others wait for rank 0's checkpoint
     return state

@@ -36,6 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from pipeline.layers.branches import has_closed_form_jacobian, mlp_jacobian
+from pipeline.training.host_syncs import host_value
 
 Branch = Callable[[Tensor], Tensor]
 
@@ -284,10 +285,11 @@ class RussianRouletteLogDet(_SeriesLogDet):
         return float(torch.special.gammainc(torch.tensor(float(j), dtype=torch.float64), torch.tensor(self.rate)))
 
     def draw(self) -> int:
-        """One draw of ``N`` from the global torch generator (reproducible, checkpointed with the RNG state)."""
+        """One draw of ``N`` from the global CPU generator (reproducible, checkpointed with the RNG state): a host
+        tensor on every device, so reading it waits for no GPU."""
         if self.distribution == "geometric":
-            return int(torch.empty((), dtype=torch.float64).geometric_(self.p))
-        return int(torch.poisson(torch.tensor(self.rate, dtype=torch.float64)))
+            return int(host_value(torch.empty((), dtype=torch.float64).geometric_(self.p)))
+        return int(host_value(torch.poisson(torch.tensor(self.rate, dtype=torch.float64))))
 
     def series_weights(self) -> list[float]:
         extra = self.draw()

@@ -54,7 +54,7 @@ def test_step_time_times_each_model_fresh_and_after_training():
     (result,) = queue
     assert result["seconds_per_step"] > 0 and result["seconds_per_step_trained"] > 0
     # through fit: the non-finite check every step, and one read of the metrics every log_every (10) steps
-    assert 1.0 <= result["value_reads_per_step"] <= 1.2 and math.isnan(result["cuda_syncs_per_step"])
+    assert 1.0 <= result["host_syncs_per_step"] <= 1.2 and math.isnan(result["cuda_syncs_per_step"])
     rows = {t["ratio"]: t for t in step_time.check_targets([result | {"case": c.name} for c in step_time.CASES])}
     trained = rows["trained / fresh i-ResNet classifier step"]
     assert trained["value"] == pytest.approx(result["seconds_per_step_trained"] / result["seconds_per_step"])
@@ -152,3 +152,24 @@ def test_a_worker_trains_the_quick_flow_under_the_thread_budget(monkeypatch):
     row = {"workers": 1, "threads": "budget", "threads_per_worker": 1, "images_per_second": 64 / result["seconds"],
            "cpu_seconds_per_image": result["cpu_seconds"] / 64, "fraction_of_linear": 1.0}  # fmt: skip
     assert "1.00" in workers.format_table([row], cores=2)
+
+
+def _dies(code: int, queue) -> None:
+    import os
+
+    os._exit(code)
+
+
+def _hangs(seconds: float, queue) -> None:
+    import time
+
+    time.sleep(seconds)
+
+
+def test_a_case_whose_process_dies_is_reported_with_its_exit_code():
+    from benchmarks.common import CaseFailed, in_fresh_process
+
+    with pytest.raises(CaseFailed, match="ended with exit code 3 before reporting a result"):
+        in_fresh_process(_dies, 3)
+    with pytest.raises(CaseFailed, match="no result within 1 s"):
+        in_fresh_process(_hangs, 60.0, timeout_s=1.0)

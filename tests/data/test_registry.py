@@ -138,3 +138,13 @@ def test_dequantization_and_batches():
     again = [labels.tolist() for _, labels in iterate_batches(split, 4, shuffle=True, seed=3)]
     assert first == again and sorted(sum(first, [])) == list(range(10))
     assert len(list(iterate_batches(split, 4, shuffle=False, drop_last=True))) == 2
+
+
+def test_a_dataset_with_pixels_beyond_its_levels_is_refused_where_it_is_loaded():
+    from pipeline.data import ImageDataset, ImageSplit
+
+    good = ImageSplit(torch.full((2, 1, 2, 2), 16, dtype=torch.uint8), torch.zeros(2, dtype=torch.long))
+    ImageDataset("d", good, good, n_levels=17, num_classes=1)
+    bad = ImageSplit(torch.full((2, 1, 2, 2), 17, dtype=torch.uint8), torch.zeros(2, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"a test pixel has value 17, but the data has 17 levels \(0 to 16\)"):
+        ImageDataset("d", good, bad, n_levels=17, num_classes=1)

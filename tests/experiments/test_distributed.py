@@ -98,6 +98,21 @@ def test_density_trains_data_parallel_and_logs_once(store, repeat):
     ckpt = torch.load(store / "ckpt" / run.info.run_id / "last.pt", weights_only=True)
     assert ckpt["epoch"] == 2 and len(ckpt["rng_per_rank"]) == 2
     assert not torch.equal(ckpt["rng_per_rank"][0]["torch"], ckpt["rng_per_rank"][1]["torch"])  # own noise
+    # the evaluation was sharded over the two ranks and gives what one process computes for the same model
+    from experiments.tracking import load_model
+    from pipeline.data import load_dataset
+    from pipeline.evaluation import EvalProtocol, evaluate_bits_per_dim
+
+    data = load_dataset("digits8x8")
+    alone = evaluate_bits_per_dim(
+        load_model(run.info.run_id),
+        data.test.subset(torch.arange(40)),
+        n_levels=data.n_levels,
+        protocol=EvalProtocol(se_tol=0.05, max_passes=3),
+        progress=False,
+    )
+    assert run.data.metrics["test_bpd"] == pytest.approx(alone.bpd, rel=1e-6, abs=1e-6)
+    assert run.data.metrics["test_n_passes"] == alone.n_passes
 
 
 @pytest.mark.slow

@@ -72,11 +72,12 @@ def test_logit_transform_logdet_and_inverse_are_exact(float64, alpha):
     assert torch.allclose(inverse_logdet, -logdet)
 
 
-def test_logit_transform_refuses_data_outside_its_range_and_a_bad_alpha():
-    with pytest.raises(RuntimeError, match=r"data in \[-0.5, 0.5\]"):
-        LogitTransform()(torch.full((1, 1, 2, 2), 0.7))
-    with pytest.raises(RuntimeError, match="or NaN"):
-        LogitTransform()(torch.full((1, 1, 2, 2), float("nan")))
+def test_logit_transform_gives_nan_outside_its_range_and_refuses_a_bad_alpha():
+    # no device-side assert: data outside the box makes a NaN, which the training loop's non-finite check stops
+    # (the data itself is checked where it is loaded, pipeline.data.ImageDataset)
+    for bad in (0.7, -0.6, float("nan")):
+        y, logdet = LogitTransform()(torch.full((1, 1, 2, 2), bad))
+        assert torch.isnan(y).all() and torch.isnan(logdet).all()
     for alpha in (0.0, 0.5):
         with pytest.raises(ValueError, match="alpha must be in"):
             LogitTransform(alpha)
