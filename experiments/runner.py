@@ -166,7 +166,12 @@ def main_rank_run(cfg: Any, ctx: DistributedContext = SINGLE_PROCESS) -> Iterato
     continue it (``stop_hint``).
     """
     if not ctx.is_main:
-        yield broadcast_object(None, ctx)
+        run_id = broadcast_object(None, ctx)
+        try:
+            yield run_id
+        except KeyboardInterrupt as exc:
+            exc.stop_hint = f"rank {ctx.rank} of run {run_id} stopped (rank 0 records the run)"  # type: ignore[attr-defined]
+            raise
         return
     with ExitStack() as stack:
         if cfg.resume:

@@ -144,3 +144,28 @@ def test_classify_trains_data_parallel(store, repeat):
     )
     run = _one_finished_run("classify")
     assert "test_error" in run.data.metrics and run.data.tags["certified_invertible"] in ("true", "false")
+
+
+@pytest.mark.slow
+def test_sigterm_to_torchrun_stops_every_rank_and_the_run_is_killed(store):
+    """torchrun forwards SIGTERM to every rank: rank 0 records the run KILLED, every rank says it stopped."""
+    import signal
+    import time
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1"]
+    cmd += ["--master_port", str(_free_port()), "-m", "experiments.density", "--dataset", "digits8x8"]
+    cmd += ["--n-blocks", "1 1", "--hidden-channels", "8", "--epochs", "500", "--batch-size", "64", "--eval-every"]
+    cmd += ["0", "--device", "cpu", "--progress", "false", "--checkpoint-dir", str(store / "ckpt")]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{store / 'mlflow.db'}", "OMP_NUM_THREADS": "1"}
+    agent = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 300
+    while not list((store / "ckpt").glob("*/last.pt")):
+        assert agent.poll() is None and time.monotonic() < deadline, agent.communicate()[0][-3000:]
+        time.sleep(0.2)
+    agent.send_signal(signal.SIGTERM)
+    output = agent.communicate(timeout=300)[0]
+    assert agent.returncode != 0
+    (run,) = runs_of("density")
+    assert run.info.status == "KILLED" and "SIGTERM" in run.data.tags["stopped"], output[-3000:]
+    assert f"stopped by SIGTERM: run {run.info.run_id} is marked KILLED" in output
+    assert f"stopped by SIGTERM: rank 1 of run {run.info.run_id} stopped" in output
