@@ -24,6 +24,10 @@ the host wait for a GPU, from any code (:func:`pipeline.training.host_syncs.coun
 the tensors were on a GPU); ``cuda/step`` is what CUDA's sync debug mode sees (GPU only). Per-epoch work is
 differenced out.
 
+``spectral`` is the share of a step spent in the spectral normalisation (power iteration, sigma, the normalised
+weight and their backward); ``h2d ms`` (GPU only) is what copying the batch from pageable host memory would cost
+per step (a training keeps its images on the GPU instead).
+
 The issue's targets, each a ratio measured in the same run, are printed below the table:
 i-ResNet / ResNet classifier step <= 1.3; 5-term flow step / classifier step <= 3; memory growth of
 a flow step with the memory-saving (Neumann) gradient / without it (backprop through 5 terms) <= 0.5.
@@ -178,6 +182,8 @@ def _measure(case: Case, args: dict, queue) -> None:
 
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    # the sync count trains from the initial weights: the timed steps (random data, no schedule) can diverge
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
 
     def step(opt: torch.optim.Optimizer = optimizer) -> None:
         opt.zero_grad(set_to_none=True)
@@ -200,6 +206,8 @@ def _measure(case: Case, args: dict, queue) -> None:
     sync()
     seconds = median_step_seconds()
     peak = memory_peak_mib(device)
+    costs = step_costs(model, x, device, args["steps"])
+    model.load_state_dict(initial)
     syncs = syncs_per_step(model, loss_fn, device, args["sync_steps"]) if args["sync_steps"] else {}
     trained = {}
     if args["train_steps"]:
@@ -212,6 +220,7 @@ def _measure(case: Case, args: dict, queue) -> None:
         {
             **trained,
             **syncs,
+            **costs,
             "case": case.name,
             "seconds_per_step": seconds,
             "images_per_second": args["batch"] / seconds,
@@ -221,6 +230,41 @@ def _measure(case: Case, args: dict, queue) -> None:
             "device": str(device),
         }
     )
+
+
+def step_costs(model: torch.nn.Module, x: Tensor, device: torch.device, repeats: int) -> dict:
+    """What parts of a step cost, in seconds (medians of ``repeats``).
+
+    ``spectral_seconds``: the spectral normalisation of every layer as a training step runs it (the stacked power
+    iteration, each layer's ``u^T A(W) v`` and the normalised weight, and their backward). ``pageable_copy_seconds``
+    (GPU only): copying the step's batch from pageable host memory, what every step paid before the training images
+    were kept on the device (a batch is now an index into device memory).
+    """
+    from pipeline.layers.spectral import batched_power_iteration, spectral_layers
+
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    layers = spectral_layers(model)
+
+    def median_seconds(work: Callable[[], None]) -> float:
+        times = []
+        for _ in range(repeats):
+            sync()
+            start = time.perf_counter()
+            work()
+            sync()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    def spectral() -> None:
+        batched_power_iteration(model)
+        torch.stack([layer.normalized_weight().sum() for layer in layers]).sum().backward()
+
+    costs = {"spectral_seconds": median_seconds(spectral) if layers else 0.0, "pageable_copy_seconds": math.nan}
+    model.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        host = x.cpu()
+        costs["pageable_copy_seconds"] = median_seconds(lambda: host.to(device, non_blocking=True))
+    return costs
 
 
 def syncs_per_step(model: torch.nn.Module, loss_fn: Callable[[], Tensor], device: torch.device, steps: int) -> dict:
@@ -238,8 +282,9 @@ def syncs_per_step(model: torch.nn.Module, loss_fn: Callable[[], Tensor], device
 
     counts: dict[str, list[int]] = {"host_syncs": [], "cuda_syncs": []}
     with tempfile.TemporaryDirectory() as tmp:
+        config = LoopConfig(epochs=1, checkpoint_path=Path(tmp) / "last.pt", log_every=10, progress=False)
+        fit(model, optimizer, None, lambda epoch: [(None,)], step, config, n_samples=lambda b: 1)  # one-time reads
         for n in (steps, 2 * steps):
-            config = LoopConfig(epochs=1, checkpoint_path=Path(tmp) / "last.pt", log_every=10, progress=False)
             cuda = counting_cuda_syncs() if device.type == "cuda" else nullcontext({"n": 0})
             with counting_host_syncs(device) as host, cuda as syncs:
                 fit(model, optimizer, None, lambda epoch, n=n: [(None,)] * n, step, config, n_samples=lambda b: 1)
@@ -282,7 +327,7 @@ def check_targets(results: list[dict]) -> list[dict]:
 def format_table(results: list[dict], targets: list[dict]) -> str:
     header = (
         f"{'case':32} {'s/step':>8} {'img/s':>8} {'x time':>7} {'peak MiB':>9} {'+MiB':>7} {'x +MiB':>7} "
-        f"{'syncs/step':>10} {'cuda/step':>10}"
+        f"{'syncs/step':>10} {'cuda/step':>10} {'spectral':>8} {'h2d ms':>7}"
     )
     rows = [header, "-" * len(header)]
     for r in results:
@@ -291,7 +336,9 @@ def format_table(results: list[dict], targets: list[dict]) -> str:
             f"{r['case']:32} {r['seconds_per_step']:8.3f} {r['images_per_second']:8.1f} "
             f"{r['time_ratio']:7.2f} {r['peak_memory_mib']:9.0f} {r['memory_above_start_mib']:7.0f} "
             f"{r['memory_ratio']:7.2f} {r.get('host_syncs_per_step', math.nan):10.2f} "
-            f"{r.get('cuda_syncs_per_step', math.nan):10.2f}"
+            f"{r.get('cuda_syncs_per_step', math.nan):10.2f} "
+            f"{r.get('spectral_seconds', math.nan) / r['seconds_per_step']:8.0%} "
+            f"{1e3 * r.get('pageable_copy_seconds', math.nan):7.2f}"
             + ("" if trained is None else f"  trained {trained:.3f} s/step")
         )
     rows += ["", f"{'target ratio':42} {'value':>7} {'target':>7}  met"]

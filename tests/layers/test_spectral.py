@@ -189,3 +189,25 @@ def test_a_layer_takes_a_spectral_config_only():
         SpectralNormLinear(2, 2, {"coeff": 0.5})
     layer = SpectralNormConv2d(2, 3, 3, SpectralConfig(coeff=0.5, lipschitz="strict"))
     assert (layer.coeff, layer.lipschitz, layer.n_power_iterations) == (0.5, "strict", 5)
+
+
+def test_an_initialised_layer_does_not_copy_its_bf16_input_to_float32():
+    """Under --amp a layer's input is bf16; only the first forward (which sizes the vectors) needs it in float32."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Copies(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.shapes = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket is torch.ops.aten._to_copy:
+                self.shapes.append(tuple(args[0].shape))
+            return func(*args, **(kwargs or {}))
+
+    layer = SpectralNormConv2d(2, 3, 3, spectral=SpectralConfig(coeff=0.5))
+    x = torch.randn(4, 2, 5, 5, dtype=torch.bfloat16)
+    layer.normalized_weight(x)  # the first call sizes u and v from x
+    with Copies() as copies:
+        layer.normalized_weight(x)
+    assert tuple(x.shape) not in copies.shapes

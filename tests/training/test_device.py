@@ -46,3 +46,15 @@ def test_deterministic_mode_sets_every_flag_it_needs(monkeypatch):
     finally:
         torch.use_deterministic_algorithms(False)
         torch.backends.cudnn.deterministic = False
+
+
+def test_without_deterministic_kernels_cudnn_picks_its_fastest_algorithms():
+    from pipeline.training.device import use_deterministic_algorithms
+
+    previous = torch.backends.cudnn.benchmark
+    try:
+        torch.backends.cudnn.benchmark = False
+        use_deterministic_algorithms(False)
+        assert torch.backends.cudnn.benchmark  # the shapes of a training are fixed: time them once, keep the best
+    finally:
+        torch.backends.cudnn.benchmark = previous

@@ -51,3 +51,41 @@ def test_a_checkpoint_resumes_only_with_its_number_of_processes(tmp_path):
         restore(tmp_path / "last.pt", model, optimizer, None)
     loop_state, _ = restore(tmp_path / "last.pt", model, optimizer, None, DistributedContext(rank=1, world_size=2))
     assert (loop_state.epoch, loop_state.step) == (1, 3)
+
+
+def _two_ranks(rank: int, init_file: str, results) -> None:
+    import torch.distributed as dist
+
+    from pipeline.training.distributed import any_rank, broadcast_buffers
+    from pipeline.training.host_syncs import counting_host_syncs
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    ctx = DistributedContext(rank=rank, world_size=2)
+    try:
+        flag = torch.tensor(rank == 1)  # true on one rank only
+        with counting_host_syncs("cpu") as syncs:
+            stop = any_rank(flag, ctx, torch.device("cpu"))
+        layer = torch.nn.BatchNorm1d(3)
+        layer.running_mean.fill_(float(rank))  # drifted apart
+        broadcast_buffers(layer, ctx)
+        results.put((rank, stop, syncs["n"], layer.running_mean.tolist(), int(layer.num_batches_tracked)))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_any_rank_reads_once_and_buffers_follow_rank_0(tmp_path):
+    """Two gloo processes: the non-finite flag is reduced on the device and read once (it was read, reduced and
+    read again), and one broadcast puts rank 0's floating-point buffers on every rank."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    processes = [ctx.Process(target=_two_ranks, args=(r, str(tmp_path / "init"), results)) for r in range(2)]
+    for p in processes:
+        p.start()
+    got = sorted(results.get(timeout=120) for _ in processes)
+    for p in processes:
+        p.join(timeout=60)
+    assert [stop for _, stop, *_ in got] == [True, True]  # every rank stops when one must
+    assert [n for _, _, n, *_ in got] == [1, 1]
+    assert [mean for *_, mean, _ in got] == [[0.0, 0.0, 0.0]] * 2
