@@ -22,8 +22,9 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from analysis.tables import config, finished_runs, table2, table4, unfinished_runs
+from experiments.models import load_model, require_kind
 from experiments.runner import EntryPoint
-from experiments.tracking import PROJECT_ROOT, configure_tracking, load_model, log_config, tracked_run
+from experiments.tracking import PROJECT_ROOT, configure_tracking, log_config, tracked_run
 from pipeline.data import dequantize, load_dataset, pad_images
 from pipeline.diagnostics import logdet_estimator_study
 from pipeline.plotting import new_figure
@@ -42,6 +43,7 @@ class ReportConfig:
     estimator_images: int = 4
     estimator_terms: tuple[int, ...] = (1, 2, 3, 5, 10, 20)
     estimator_probes: int = 64
+    estimator_model: str = ""  # the density model of the estimator study: a run id, runs:/ or models:/ URI ("": latest)
     experiment_name: str = "analysis"
     run_name: str | None = None
     progress: bool = False
@@ -158,21 +160,27 @@ def _classify_figures(t2: pd.DataFrame, runs: pd.DataFrame, report: Report, out:
 
 
 def _estimator_study(runs: pd.DataFrame, cfg: ReportConfig, report: Report, out: Path) -> None:
-    """Figs. 4/9 on the latest density run: its trained model, real test images, exact log-det."""
-    latest = runs.sort_values("start_time").iloc[-1]
-    model = load_model(latest["run_id"])
-    data_dir = config(latest, "data_dir")
-    data = load_dataset(config(latest, "dataset"), None if data_dir in (None, "None", "") else data_dir)
-    pad = int(config(latest, "pad"))
+    """Figs. 4/9 on a density model (``estimator_model``, else the latest density run's): real test images, exact
+    log-det."""
+    if cfg.estimator_model:
+        source = cfg.estimator_model
+        logged = require_kind(source, "density", "the estimator study")
+        model = load_model(source)
+        data, pad = load_dataset(logged["dataset"]), int(logged.get("pad", 0))
+    else:
+        latest = runs.sort_values("start_time").iloc[-1]
+        source = f"density run {latest['run_id']}"
+        model = load_model(latest["run_id"])
+        data_dir = config(latest, "data_dir")
+        data = load_dataset(config(latest, "dataset"), None if data_dir in (None, "None", "") else data_dir)
+        pad = int(config(latest, "pad"))
     generator = torch.Generator().manual_seed(0)
     x = dequantize(pad_images(data.test.images[: cfg.estimator_images], pad), data.n_levels, generator=generator)
     torch.manual_seed(0)
     rows = logdet_estimator_study(model, x, cfg.estimator_terms, n_probes=cfg.estimator_probes)
     df = pd.DataFrame(rows)
-    df["run_id"] = latest["run_id"]
-    report.table(
-        f"Log-det estimator: bias and std vs terms (density run {latest['run_id']})", df, "estimator_bias_std.csv"
-    )
+    df["model"] = source
+    report.table(f"Log-det estimator: bias and std vs terms ({source})", df, "estimator_bias_std.csv")
     fig, ax = new_figure()
     ax.errorbar(
         df["n_terms"],
@@ -230,7 +238,7 @@ def run(cfg: ReportConfig) -> str:
         unfinished_runs(cfg.density_experiment, cfg.filter_string) if t4.empty else [],
     )
     _classify_figures(t2, classify_runs, report, out)
-    if not density_runs.empty:
+    if not density_runs.empty or cfg.estimator_model:
         _estimator_study(density_runs, cfg, report, out)
         for _, r in density_runs.iterrows():
             files = [

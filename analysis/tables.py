@@ -79,6 +79,13 @@ def _column(row: pd.Series) -> str:
     return f"c={float(config(row, 'coeff')):g}"
 
 
+def _model_uri(row: pd.Series) -> str:
+    """The row's logged MLflow Model (``runs:/ID/model``, to load or serve it); runs from before MLflow Models
+    have their model as plain artifacts, which ``experiments.models.load_model(run_id)`` still reads."""
+    uri = row.get("tags.model_uri")
+    return uri if isinstance(uri, str) and uri else ""
+
+
 def table2(classify_runs: pd.DataFrame) -> pd.DataFrame:
     """Test error vs coefficient (and the vanilla models), one row per run, with the paper's value."""
     columns = [
@@ -90,6 +97,7 @@ def table2(classify_runs: pd.DataFrame) -> pd.DataFrame:
         "certified_invertible",
         "max_block_lipschitz",
         "run_id",
+        "model_uri",
     ]
     if classify_runs.empty:
         return pd.DataFrame(columns=columns)
@@ -106,6 +114,7 @@ def table2(classify_runs: pd.DataFrame) -> pd.DataFrame:
                 "certified_invertible": bool(r.get("metrics.certified_invertible", 0.0) == 1.0),
                 "max_block_lipschitz": r.get("metrics.max_block_lipschitz"),
                 "run_id": r["run_id"],
+                "model_uri": _model_uri(r),
             }
         )
     return pd.DataFrame(rows, columns=columns).sort_values(["dataset", "column", "run_id"]).reset_index(drop=True)
@@ -113,7 +122,9 @@ def table2(classify_runs: pd.DataFrame) -> pd.DataFrame:
 
 def table4(density_runs: pd.DataFrame) -> pd.DataFrame:
     """Test bits/dim per dataset (with standard error and bias bound), beside the paper's i-ResNet value."""
-    columns = ["dataset", "model", "test_bpd", "test_standard_error", "test_bias_bound", "paper_bpd", "run_id"]
+    columns = [
+        "dataset", "model", "test_bpd", "test_standard_error", "test_bias_bound", "paper_bpd", "run_id", "model_uri"
+    ]
     if density_runs.empty:
         return pd.DataFrame(columns=columns)
     rows = [
@@ -125,6 +136,7 @@ def table4(density_runs: pd.DataFrame) -> pd.DataFrame:
             "test_bias_bound": r["metrics.test_bias_bound"],
             "paper_bpd": PAPER_TABLE4.get(config(r, "dataset"), {}).get("i-ResNet"),
             "run_id": r["run_id"],
+            "model_uri": _model_uri(r),
         }
         for _, r in density_runs.iterrows()
     ]

@@ -31,10 +31,12 @@ from experiments.config import (
     check_common,
     fill_from_architecture,
 )
+from experiments.models import log_pyfunc_model
 from experiments.runner import EntryPoint, Splits, run_training
-from experiments.tracking import PROJECT_ROOT, log_json, log_metrics, log_model, write_csv
+from experiments.tracking import PROJECT_ROOT, log_json, log_metrics, write_csv
 from pipeline.data import DATASETS, ImageSplit, iterate_batches
 from pipeline.data.augment import AUGMENTATIONS, Augmentation
+from pipeline.data.preprocessing import standardize
 from pipeline.diagnostics import certified_lipschitz, layer_operator_norms, reconstruction_error_curve
 from pipeline.models import (
     CLASSIFIER_MODELS,
@@ -115,6 +117,8 @@ class ClassifyConfig(InverseOptions):
     checkpoint_dir: str = str(PROJECT_ROOT / "checkpoints")
     log_every: int = 10
     progress: bool = True
+    register_model: str | None = None  # a Model Registry name: the trained model becomes a new version of it
+    log_system_metrics: bool = False  # MLflow's CPU/GPU/memory monitor beside the run's own metrics
 
     def __post_init__(self) -> None:
         if self.architecture not in CLASSIFIER_PRESETS:
@@ -212,7 +216,7 @@ class ClassifyTask:
         images = images.to(self.device, non_blocking=True)
         if train:
             images = self.augment(images)
-        return (images.float() / 255.0 - self.mean[:, None, None]) / self.std[:, None, None]
+        return standardize(images, self.mean, self.std)
 
     def initialize(self) -> None:  # ActNorm's data-dependent initialisation (the model is in train mode)
         train = self.splits.train
@@ -268,7 +272,18 @@ class ClassifyTask:
 
     def finalise(self, run_id: str) -> None:
         _measure_invertibility(self.model, self.splits.data.test, self.prepare, self.mean, self.std, self.cfg)
-        log_model(self.model)
+        log_pyfunc_model(
+            self.model,
+            "classify",
+            {
+                "mean": self.mean.tolist(),
+                "std": self.std.tolist(),
+                "num_classes": self.splits.data.num_classes,
+                "dataset": self.cfg.dataset,
+            },
+            self.splits.data.test.images[:2].numpy(),
+            register_as=self.cfg.register_model,
+        )
 
 
 def run(cfg: ClassifyConfig, *, on_epoch_end: EpochHook | None = None) -> str:

@@ -30,8 +30,9 @@ from experiments.config import (
     check_common,
     fill_from_architecture,
 )
+from experiments.models import log_pyfunc_model
 from experiments.runner import EntryPoint, Splits, run_training
-from experiments.tracking import PROJECT_ROOT, log_json, log_metrics, log_model, write_csv
+from experiments.tracking import PROJECT_ROOT, log_json, log_metrics, write_csv
 from pipeline.data import DATASETS, ImageSplit, dequantize, pad_images
 from pipeline.diagnostics import logdet_variance_report, total_logdet_std_bits_per_dim
 from pipeline.evaluation import EvalProtocol, diagonal_gaussian_baseline_bits_per_dim, evaluate_bits_per_dim
@@ -109,6 +110,8 @@ class DensityConfig(EstimatorOptions, InverseOptions):
     checkpoint_dir: str = str(PROJECT_ROOT / "checkpoints")
     log_every: int = 10
     progress: bool = True
+    register_model: str | None = None  # a Model Registry name: the trained model becomes a new version of it
+    log_system_metrics: bool = False  # MLflow's CPU/GPU/memory monitor beside the run's own metrics
 
     # what a run checkpointed before these fields existed used (config_for_resume): the architecture's defaults,
     # which are the paper's flow
@@ -299,7 +302,8 @@ class DensityTask:
         return metrics | {"eval_cpu_seconds": self.eval_cpu_seconds}  # cumulative, this process
 
     def finalise(self, run_id: str) -> None:
-        _log_final_artifacts(self.model, self.splits.data.test, self.prepare, self.cfg, run_id, self.steps_per_epoch)
+        data = self.splits.data
+        _log_final_artifacts(self.model, data.test, data.n_levels, self.prepare, self.cfg, run_id, self.steps_per_epoch)
         # what evaluation cost next to everything this process did (training, artifacts, evaluation)
         total = time.process_time()
         log_metrics({"process_cpu_seconds": total, "eval_cpu_fraction": self.eval_cpu_seconds / total})
@@ -335,7 +339,13 @@ def _log_history_figure(run_id: str, out: Path, steps_per_epoch: int) -> None:
 
 @torch.no_grad()
 def _log_final_artifacts(
-    model: IResNetFlow, test: ImageSplit, prepare, cfg: DensityConfig, run_id: str, steps_per_epoch: int
+    model: IResNetFlow,
+    test: ImageSplit,
+    n_levels: int,
+    prepare,
+    cfg: DensityConfig,
+    run_id: str,
+    steps_per_epoch: int,
 ) -> None:
     model.eval()
     crop = (slice(None), slice(None), slice(cfg.pad, -cfg.pad or None), slice(cfg.pad, -cfg.pad or None))
@@ -379,7 +389,13 @@ def _log_final_artifacts(
                 }
             )
         mlflow.log_artifacts(str(out))
-    log_model(model)
+    log_pyfunc_model(
+        model,
+        "density",
+        {"n_levels": n_levels, "pad": cfg.pad, "dataset": cfg.dataset},
+        test.images[:2].numpy(),
+        register_as=cfg.register_model,
+    )
 
 
 # --- command line -------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from experiments.tracking import (
     log_json,
     log_metrics,
     log_params_flat,
+    retry_tracking_write,
     tracked_run,
 )
 from pipeline.data import DatasetNotFoundError, ImageDataset, ImageSplit, epoch_batches, load_dataset
@@ -115,10 +116,13 @@ def run_training(
         on_device = train.to(device) if device.type == "cuda" else train
         batches = shard_batches(epoch_batches(on_device, cfg.batch_size, cfg.seed), ctx)  # refuses a batch > data
         torch.manual_seed(cfg.seed)
-        task = make_task(cfg, Splits(data, train, validation), device, ctx)
+        splits = Splits(data, train, validation)
+        task = make_task(cfg, splits, device, ctx)
         with main_rank_run(cfg, ctx) as run_id:
             state, checkpoint_path = start_or_resume(cfg, run_id, task, device, ctx)
             if ctx.is_main:
+                if state is None:
+                    log_datasets(splits)
                 task.on_start(state is None)
             forward = wrap_model(task.model, ctx, device)  # DDP under torchrun (after the initialisation)
             loop = LoopConfig(
@@ -177,7 +181,12 @@ def main_rank_run(cfg: Any, ctx: DistributedContext = SINGLE_PROCESS) -> Iterato
         if cfg.resume:
             stack.enter_context(checkpoint_lease(checkpoint_directory(cfg, cfg.resume)))
         active = stack.enter_context(
-            tracked_run(cfg.experiment_name, run_name=cfg.run_name, resume_run_id=cfg.resume)
+            tracked_run(
+                cfg.experiment_name,
+                run_name=cfg.run_name,
+                resume_run_id=cfg.resume,
+                log_system_metrics=cfg.log_system_metrics,
+            )
         )
         run_id = active.info.run_id
         if not cfg.resume:
@@ -224,6 +233,27 @@ def start_or_resume(
         log_params_flat({**task.params(), **({"distributed_world_size": ctx.world_size} if ctx.enabled else {})})
         log_json(asdict(cfg), "config.json")
     return None, checkpoint_path
+
+
+def log_datasets(splits: Splits) -> None:
+    """The run's data as MLflow dataset inputs (name, digest, source, split), so the UI shows what trained it."""
+    import warnings
+
+    import mlflow.data
+
+    data = splits.data
+    for context, split in (("training", splits.train), ("validation", splits.validation), ("test", data.test)):
+        if split is None:
+            continue
+        with warnings.catch_warnings():  # MLflow says a local path "can be interpreted in multiple ways"
+            warnings.simplefilter("ignore", UserWarning)
+            dataset = mlflow.data.from_numpy(
+                split.images.cpu().numpy(),
+                targets=split.labels.cpu().numpy(),
+                source=data.source or data.name,
+                name=f"{data.name}-{context}",
+            )
+        retry_tracking_write(lambda dataset=dataset, context=context: mlflow.log_input(dataset, context=context))
 
 
 def _last_logged(run_id: str) -> tuple[int, int]:

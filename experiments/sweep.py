@@ -672,7 +672,10 @@ def _log_study_summary(study: optuna.Study, cfg: SweepConfig) -> None:
                 best = study.best_trial
                 mlflow.log_metric(f"best_{TARGETS[cfg.target].metric}", best.value)
                 log_params_flat({f"best_{k}": v for k, v in best.params.items()})
-                mlflow.set_tag("best_mlflow_run_id", best.user_attrs.get("mlflow_run_id", ""))
+                best_run = best.user_attrs.get("mlflow_run_id", "")
+                mlflow.set_tag("best_mlflow_run_id", best_run)
+                if best_run:  # the best trial's model, to load, register or serve (experiments.models.load_model)
+                    mlflow.set_tag("best_model_uri", f"runs:/{best_run}/model")
             _log_study_figures(study, cfg, out)
         else:
             log.warning("no trial of study %s has completed yet", cfg.study_name)

@@ -24,12 +24,13 @@ import torch
 from torch import Tensor, nn
 
 from experiments.config import EstimatorOptions, check_at_least, check_common, fill_from_architecture
+from experiments.models import log_pyfunc_model
 from experiments.runner import EntryPoint, log_spectral_estimates
 from experiments.tracking import PROJECT_ROOT, log_config, log_json, log_metrics, tracked_run, write_csv
 from pipeline.data.toy import TOY_DATASETS, sample_toy
 from pipeline.layers.branches import mlp_branch
 from pipeline.layers.spectral import SpectralConfig
-from pipeline.models import VECTOR_FLOW_PRESETS, FlowModel, vector_flow
+from pipeline.models import VECTOR_FLOW_PRESETS, FlowModel, VectorFlow, vector_flow
 from pipeline.models.base import n_parameters
 from pipeline.models.glow import matched_glow
 from pipeline.plotting import new_figure, save_figure
@@ -75,6 +76,8 @@ class ToyConfig(EstimatorOptions):
     run_name: str | None = None
     checkpoint_dir: str = str(PROJECT_ROOT / "checkpoints")
     progress: bool = True
+    register_model: str | None = None  # a Model Registry name: the trained model becomes a new version of it
+    log_system_metrics: bool = False  # MLflow's CPU/GPU/memory monitor beside the run's own metrics
 
     def dataset_names(self) -> list[str]:
         names = sorted(TOY_DATASETS) if self.datasets == "all" else [n.strip() for n in self.datasets.split(",")]
@@ -265,6 +268,16 @@ def _train_and_score(
     coords, density = density_grid(model, cfg.grid_limit, cfg.grid_size, device)
     mass = grid_mass(coords, density)
     log_metrics({f"{prefix}test_nll": nll, f"{prefix}grid_mass": mass})
+    if isinstance(model, VectorFlow):  # the i-ResNet as an MLflow Model (the Glow baseline has no serialised form)
+        log_pyfunc_model(
+            model.cpu(),
+            "toy",
+            {"dataset": dataset},
+            test[:2].cpu().numpy().astype(np.float32),
+            name=f"{dataset}-{name}",
+            register_as=f"{cfg.register_model}-{dataset}" if cfg.register_model else None,
+        )
+        model.to(device)
     np.save(out / f"density_{dataset}_{name}.npy", density)
     fig, ax = new_figure(4, 4)
     ax.scatter(samples[:, 0], samples[:, 1], s=1, alpha=0.5)
@@ -304,14 +317,19 @@ def _density_panels(fig, cfg: ToyConfig, row: int, n_rows: int, dataset: str, pa
 def run(cfg: ToyConfig) -> str:
     device = resolve_device(cfg.device)
     datasets, model_names = cfg.dataset_names(), cfg.model_names()
-    with tracked_run(cfg.experiment_name, run_name=cfg.run_name) as active, tempfile.TemporaryDirectory() as tmp:
+    with (
+        tracked_run(cfg.experiment_name, run_name=cfg.run_name, log_system_metrics=cfg.log_system_metrics) as active,
+        tempfile.TemporaryDirectory() as tmp,
+    ):
         run_id, out = active.info.run_id, Path(tmp)
         log_config(cfg)
         rows = []
         fig, axes = new_figure(3.2 * (1 + len(model_names)), 3.2 * len(datasets))
         axes.remove()
         for r, dataset in enumerate(datasets):
-            test = sample_toy(dataset, cfg.n_test, seed=cfg.seed + 10_000 + r).to(device)
+            test = sample_toy(dataset, cfg.n_test, seed=cfg.seed + 10_000 + r)
+            mlflow.log_input(mlflow.data.from_numpy(test.numpy(), name=f"{dataset}-test"), context="test")
+            test = test.to(device)
             panels = []
             for name in model_names:
                 checkpoint = Path(cfg.checkpoint_dir) / run_id / f"{dataset}-{name}.pt"

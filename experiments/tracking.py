@@ -38,6 +38,7 @@ def configure_tracking() -> str:
     other databases: the losers retry once the winner is done).
     """
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # no phoning home from offline machines
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per model download otherwise
     wait_for_database_on_connect()
     uri = os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
     mlflow.set_tracking_uri(uri)
@@ -215,12 +216,18 @@ class RunStopped(Exception):
 
 @contextmanager
 def tracked_run(
-    experiment_name: str, *, run_name: str | None = None, resume_run_id: str | None = None
+    experiment_name: str,
+    *,
+    run_name: str | None = None,
+    resume_run_id: str | None = None,
+    log_system_metrics: bool = False,
 ) -> Iterator[mlflow.ActiveRun]:
     """Start (or resume) a run; mark it FAILED if the body raises (KILLED on Ctrl-C or :class:`RunStopped`).
 
-    With a run already active (a sweep's parent run), the new run is nested under it.
+    With a run already active (a sweep's parent run), the new run is nested under it. ``log_system_metrics``
+    starts MLflow's monitor of CPU, memory and GPU use (``system/*`` metrics, every 10 s by default).
     """
+    system = {"log_system_metrics": True} if log_system_metrics else {}
     configure_tracking()
     launched_run = os.environ.get("MLFLOW_RUN_ID")
     if resume_run_id:
@@ -233,20 +240,20 @@ def tracked_run(
             client.set_tag(launched_run, "mlflow.note.content", f"resumed run {resume_run_id}; see that run")
             client.set_tag(launched_run, "resumed_run_id", resume_run_id)
             os.environ.pop("MLFLOW_RUN_ID", None)
-        run = mlflow.start_run(run_id=resume_run_id)
+        run = mlflow.start_run(run_id=resume_run_id, **system)
         for key in ("failure", "stopped"):  # the interruption is history now: keep it, but not as the run's state
             if key in previous.data.tags:
                 client.set_tag(resume_run_id, f"previous_{key}", previous.data.tags[key])
                 client.delete_tag(resume_run_id, key)
     elif launched_run and mlflow.active_run() is None:
-        run = mlflow.start_run(run_id=launched_run)
+        run = mlflow.start_run(run_id=launched_run, **system)
         # claimed: a later start_run(nested=True) would otherwise silently resume this run again
         os.environ.pop("MLFLOW_RUN_ID", None)
     elif mlflow.active_run() is not None:
         parent = mlflow.active_run()
-        run = mlflow.start_run(experiment_id=parent.info.experiment_id, run_name=run_name, nested=True)
+        run = mlflow.start_run(experiment_id=parent.info.experiment_id, run_name=run_name, nested=True, **system)
     else:
-        run = mlflow.start_run(experiment_id=experiment_id(experiment_name), run_name=run_name)
+        run = mlflow.start_run(experiment_id=experiment_id(experiment_name), run_name=run_name, **system)
     try:
         if not resume_run_id:
             for hook in list(_RUN_START_HOOKS):
@@ -404,28 +411,9 @@ def log_config(config: Any) -> None:
     log_params_flat({k: v for k, v in asdict(config).items() if k not in ("resume", "progress")}, CONFIG_PREFIX)
 
 
-MODEL_ARTIFACT = "model"
+def load_model(ref: str, *, map_location: str = "cpu") -> Any:
+    """Rebuild a logged model (in evaluation mode): a run id, ``runs:/``, ``models:/NAME/VERSION`` or
+    ``models:/NAME@ALIAS``; old runs' plain ``model/`` artifacts too. See :func:`experiments.models.load_model`."""
+    from experiments.models import load_model as load
 
-
-def log_model(model: Any) -> None:
-    """Log ``model`` to the active run as data (weights + architecture JSON, see
-    :mod:`pipeline.models.serialization`) under ``model/``, so :func:`load_model` can rebuild it."""
-    import tempfile
-
-    from pipeline.models.serialization import save_model
-
-    with tempfile.TemporaryDirectory() as tmp:
-        save_model(model, tmp)
-        retry_tracking_write(lambda: mlflow.log_artifacts(tmp, artifact_path=MODEL_ARTIFACT))
-
-
-def load_model(run_id: str, *, map_location: str = "cpu") -> Any:
-    """Rebuild the model logged by a run (in evaluation mode, to sample from or evaluate it)."""
-    import tempfile
-
-    from pipeline.models.serialization import load_model_folder
-
-    configure_tracking()
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=MODEL_ARTIFACT, dst_path=tmp)
-        return load_model_folder(folder, map_location=map_location)
+    return load(ref, map_location=map_location)

@@ -26,6 +26,12 @@ def dequantize(images: Tensor, n_levels: int, *, generator: torch.Generator | No
     return (v + u) / n_levels - 0.5
 
 
+def standardize(images: Tensor, mean: Tensor, std: Tensor) -> Tensor:
+    """A classifier's input: ``(v / 255 - mean) / std`` per channel, for uint8 images ``v`` (any device)."""
+    mean, std = mean.to(images.device), std.to(images.device)
+    return (images.float() / 255.0 - mean[:, None, None]) / std[:, None, None]
+
+
 def pad_images(images: Tensor, pad: int) -> Tensor:
     """Zero-pad the spatial border by ``pad`` pixels (28x28 MNIST -> 32x32 for three squeezes)."""
     return F.pad(images, (pad, pad, pad, pad)) if pad else images

@@ -14,6 +14,7 @@ digits with 17 levels).
 from __future__ import annotations
 
 import gzip
+import inspect
 import pickle
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -60,6 +61,7 @@ class ImageDataset:
     test: ImageSplit
     n_levels: int
     num_classes: int
+    source: str = ""  # where the images were read from (a folder or a file): the run's dataset lineage
 
     def __post_init__(self) -> None:
         # the data boundary: every pixel a level below n_levels, so dequantised data lies in [-1/2, 1/2) (where the
@@ -106,7 +108,8 @@ def _load_mnist5k(data_dir: Path | None, download: bool) -> ImageDataset:
     x, y = mnist_data()
     images = x.reshape(-1, 1, 28, 28).astype(np.uint8)
     train, test = _seeded_split(images, y, n_test=1000)
-    return ImageDataset("digits-mnist5k", train, test, n_levels=256, num_classes=10)
+    source = str(Path(inspect.getfile(mnist_data)).parent / "data" / "mnist_5k.csv.gz")
+    return ImageDataset("digits-mnist5k", train, test, n_levels=256, num_classes=10, source=source)
 
 
 def _load_digits8x8(data_dir: Path | None, download: bool) -> ImageDataset:
@@ -115,7 +118,10 @@ def _load_digits8x8(data_dir: Path | None, download: bool) -> ImageDataset:
     digits = load_digits()
     images = digits.images.reshape(-1, 1, 8, 8).astype(np.uint8)  # values 0..16
     train, test = _seeded_split(images, digits.target, n_test=360)
-    return ImageDataset("digits8x8", train, test, n_levels=17, num_classes=10)
+    import sklearn.datasets
+
+    source = str(Path(sklearn.datasets.__file__).parent / "data" / "digits.csv.gz")
+    return ImageDataset("digits8x8", train, test, n_levels=17, num_classes=10, source=source)
 
 
 def _require_dir(data_dir: Path | None, name: str, download: bool) -> Path:
@@ -164,7 +170,7 @@ def _load_idx_folder(name: str, folders: list[Path], how_to_get: str) -> ImageDa
             arrays = {key: _read_idx(path) for key, path in found.items()}  # type: ignore[arg-type]
             train = _split(arrays["train_images"][:, None], arrays["train_labels"])
             test = _split(arrays["test_images"][:, None], arrays["test_labels"])
-            return ImageDataset(name, train, test, n_levels=256, num_classes=10)
+            return ImageDataset(name, train, test, n_levels=256, num_classes=10, source=str(folder))
     expected = ", ".join(f"{stem}[.gz]" for stem in _IDX_FILES.values())
     where = " or ".join(str(f) for f in folders)
     raise DatasetNotFoundError(f"{name}: expected the IDX files {expected} in {where}. {how_to_get}")
@@ -231,7 +237,9 @@ def _load_cifar(data_dir: Path | None, download: bool, *, n_classes: int) -> Ima
             labels.append(np.asarray(batch[label_key]))
         return _split(np.concatenate(images), np.concatenate(labels))
 
-    return ImageDataset(name, read(train_files), read(test_files), n_levels=256, num_classes=n_classes)
+    return ImageDataset(
+        name, read(train_files), read(test_files), n_levels=256, num_classes=n_classes, source=str(folder)
+    )
 
 
 def _load_svhn(data_dir: Path | None, download: bool) -> ImageDataset:
@@ -253,7 +261,7 @@ def _load_svhn(data_dir: Path | None, download: bool) -> ImageDataset:
         images = np.transpose(mat["X"], (3, 2, 0, 1)).astype(np.uint8)  # (H, W, C, N) -> (N, C, H, W)
         labels = mat["y"].astype(np.int64).reshape(-1) % 10  # the digit 0 is stored as label 10
         splits[split] = _split(images, labels)
-    return ImageDataset("svhn", splits["train"], splits["test"], n_levels=256, num_classes=10)
+    return ImageDataset("svhn", splits["train"], splits["test"], n_levels=256, num_classes=10, source=str(root))
 
 
 DATASETS: dict[str, Callable[[Path | None, bool], ImageDataset]] = {

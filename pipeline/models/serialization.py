@@ -18,6 +18,7 @@ from torch import nn
 
 from pipeline.models.classifier import ClassifierArchitecture, ResidualClassifier
 from pipeline.models.flow import FlowArchitecture, IResNetFlow
+from pipeline.models.toy import VectorFlow, VectorFlowArchitecture
 from pipeline.transforms.inverse import FixedPointConfig
 from pipeline.transforms.logdet import LogDetEstimator, make_estimator
 from pipeline.transforms.residual import InvertibleResidualBlock
@@ -29,6 +30,7 @@ WEIGHTS_FILE, SPEC_FILE = "weights.pt", "model.json"
 MODEL_CLASSES: dict[str, tuple[type[nn.Module], type, bool]] = {
     "IResNetFlow": (IResNetFlow, FlowArchitecture, True),
     "ResidualClassifier": (ResidualClassifier, ClassifierArchitecture, False),
+    "VectorFlow": (VectorFlow, VectorFlowArchitecture, True),
 }
 
 

@@ -70,11 +70,13 @@ def test_reproduce_through_mlflow_run_then_report_files_and_cells_match_the_logg
         metrics = client.get_run(row["run_id"]).data.metrics
         assert row["test_error"] == pytest.approx(metrics["test_error"])
         assert row["certified_invertible"] == (metrics["certified_invertible"] == 1.0)
+        assert row["model_uri"] == f"runs:/{row['run_id']}/model"  # the row's MLflow Model
     t4 = pd.read_csv(out / "table4_bits_per_dim.csv")
     (row,) = t4.itertuples()
     metrics = client.get_run(row.run_id).data.metrics
     assert row.test_bpd == pytest.approx(metrics["test_bpd"])
     assert row.test_standard_error == pytest.approx(metrics["test_standard_error"])
+    assert row.model_uri == f"runs:/{row.run_id}/model"
     est = pd.read_csv(out / "estimator_bias_std.csv")
     assert list(est["n_terms"]) == [1, 2, 3, 5, 10, 20]
     # with 20 terms the truncation is negligible: what is left is Monte-Carlo noise around zero

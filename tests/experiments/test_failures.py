@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import mlflow
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
@@ -172,13 +173,31 @@ def test_a_run_resumed_after_a_crash_mid_epoch_logs_each_step_once(store, monkey
 
 def test_a_logged_model_is_weights_and_json_and_reloads(store):
     run_id = density.run(density.config_from_preset("quick", **TINY, checkpoint_dir=str(store / "ckpt")))
-    files = {a.path for a in MlflowClient().list_artifacts(run_id, "model")}
-    assert files == {"model/weights.pt", "model/model.json"}  # no pickle anywhere
-    spec = json.loads(Path(MlflowClient().download_artifacts(run_id, "model/model.json", str(store))).read_text())
+    folder = Path(mlflow.artifacts.download_artifacts(f"runs:/{run_id}/model", dst_path=str(store / "m")))
+    files = {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()}
+    assert {"MLmodel", "artifacts/network/weights.pt", "artifacts/network/model.json"} <= files
+    assert not [f for f in files if f.endswith((".pkl", ".pickle"))]  # models from code: nothing pickled
+    spec = json.loads((folder / "artifacts/network/model.json").read_text())
     assert spec["class"] == "IResNetFlow" and spec["architecture"]["n_blocks"] == [1, 1]
     model = load_model(run_id)
     x = torch.rand(4, *model.input_shape) - 0.5
     assert torch.isfinite(model.log_prob(x)).all()
+
+
+def test_a_run_logged_before_mlflow_models_still_loads(store):
+    """Older runs hold their model as plain artifacts (model/weights.pt + model/model.json, no MLmodel)."""
+    import tempfile
+
+    from pipeline.models.serialization import save_model
+
+    run_id = density.run(density.config_from_preset("quick", **TINY, checkpoint_dir=str(store / "ckpt")))
+    trained = load_model(run_id)
+    with mlflow.start_run() as old, tempfile.TemporaryDirectory() as tmp:
+        save_model(trained, tmp)
+        mlflow.log_artifacts(tmp, artifact_path="model")
+    again = load_model(old.info.run_id)
+    for a, b in zip(trained.state_dict().values(), again.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
 
 
 @pytest.fixture

@@ -58,6 +58,9 @@ def test_three_trial_study_end_to_end_with_nested_runs(store):
     assert parent.info.status == "FINISHED"
     assert parent.data.metrics["best_val_bpd"] == pytest.approx(study.best_value)
     assert parent.data.params["best_coeff"] == str(study.best_params["coeff"])
+    best_run = study.best_trial.user_attrs["mlflow_run_id"]
+    assert parent.data.tags["best_model_uri"] == f"runs:/{best_run}/model"
+    assert mlflow.pyfunc.load_model(parent.data.tags["best_model_uri"]).metadata.run_id == best_run
     artifacts = {a.path for a in MlflowClient().list_artifacts(parent_id)}
     assert {"trials.csv", "history.png", "search_space.json"} <= artifacts
     # resuming the study by name with a larger budget runs only the missing trials

@@ -17,3 +17,19 @@ def test_vector_flow_exact_logdet_and_inverse(float64):
     assert torch.allclose(logdet, torch.linalg.slogdet(jac).logabsdet, atol=1e-10)
     assert torch.allclose(flow.inverse([z]), x, atol=1e-9)
     assert flow.sample(7).shape == (7, 2)
+
+
+def test_a_vector_flow_round_trips_as_data(tmp_path):
+    from pipeline.models import vector_flow
+    from pipeline.models.serialization import load_model_folder, save_model
+
+    torch.manual_seed(0)
+    flow = vector_flow("quick")
+    x = torch.randn(16, 2)
+    with torch.no_grad():
+        flow(x)  # ActNorm's initialisation
+    flow.eval()
+    save_model(flow, tmp_path)
+    again = load_model_folder(tmp_path)
+    assert type(again) is type(flow)
+    assert torch.equal(again.log_prob(x), flow.log_prob(x))

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import optuna
 import pytest
 from mlflow.tracking import MlflowClient
@@ -204,7 +205,9 @@ def test_a_lab_on_one_postgresql_a_tracking_server_and_the_dashboard(store, post
         monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
         mlflow.set_tracking_uri(uri)
         ckpt = str(store / "ckpt")
-        density_id = density.run(density.config_from_preset("quick", **TINY_DENSITY_CFG, checkpoint_dir=ckpt))
+        density_id = density.run(
+            density.config_from_preset("quick", **TINY_DENSITY_CFG, checkpoint_dir=ckpt, register_model="lab-flow")
+        )
         classify_id = classify.run(classify.config_from_preset("quick", **TINY_CLASSIFY, checkpoint_dir=ckpt))
         space = tmp_path / "space.json"
         space.write_text(json.dumps(TINY_SPACE))
@@ -221,10 +224,17 @@ def test_a_lab_on_one_postgresql_a_tracking_server_and_the_dashboard(store, post
         for run_id in (density_id, classify_id, sweep_id, report_id):
             assert client.get_run(run_id).info.status == "FINISHED"
         assert client.get_run(density_id).data.metrics["test_bpd"] > 0
-        assert {"samples_T1.png", "model"} <= {a.path for a in client.list_artifacts(density_id)}
+        assert "samples_T1.png" in {a.path for a in client.list_artifacts(density_id)}
         assert (tmp_path / "artifacts").exists()  # artifacts went through the server to its destination
         model = load_model(density_id)  # downloaded through the server and rebuilt
         assert torch.isfinite(model.log_prob(torch.rand(2, *model.input_shape) - 0.5)).all()
+        # the Model Registry on PostgreSQL: the registered version loads by name, as a network and as pyfunc
+        assert client.get_model_version("lab-flow", "1").run_id == density_id
+        registered = load_model("models:/lab-flow/1")
+        pairs = zip(model.state_dict().values(), registered.state_dict().values(), strict=True)
+        assert all(torch.equal(a, b) for a, b in pairs)
+        images = np.zeros((2, *model.input_shape), np.uint8)
+        assert len(mlflow.pyfunc.load_model("models:/lab-flow/1").predict(images)) == 2
         children = [r for r in runs_of("sweep") if r.data.tags.get("mlflow.parentRunId") == sweep_id]
         assert len(children) == 2 and all(r.info.status == "FINISHED" for r in children)
         assert client.get_run(report_id).data.metrics["table4_rows"] >= 1

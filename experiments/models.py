@@ -1,0 +1,167 @@
+"""Trained models as MLflow Models: logged as a pyfunc model from code, registered, loaded by any reference.
+
+:func:`log_pyfunc_model` logs the network as data (``weights.pt`` + ``model.json``,
+:mod:`pipeline.models.serialization`) inside an MLflow Model whose flavour is ``python_function``, written as code
+(``experiments/pyfunc_model.py``): the run then shows a logged model with its signature and input example,
+``mlflow.pyfunc.load_model("runs:/ID/model")`` and ``mlflow models serve`` work, and ``register_model`` adds a
+version in the Model Registry. Nothing is pickled.
+
+:func:`load_model` takes a run id, ``runs:/ID/NAME``, ``models:/NAME/VERSION`` or ``models:/NAME@ALIAS`` and rebuilds
+the network with the library; runs logged before MLflow Models (``model/weights.pt`` + ``model/model.json`` as
+plain artifacts) load as before.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import torch
+from mlflow.models import ModelSignature
+from mlflow.types import ColSpec, Schema, TensorSpec
+from torch import nn
+
+from experiments.tracking import PROJECT_ROOT, configure_tracking, retry_tracking_write
+from pipeline.models.scoring import input_shape
+
+MODEL_NAME = "model"  # the name of a run's (main) logged model: runs:/RUN_ID/model
+PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
+LIBRARY = PROJECT_ROOT / "pipeline"  # travels with each model (code_paths): the model loads without the project
+MODEL_URI_TAG = "model_uri"  # run tag: the URI of the run's logged model (report and sweep link to it)
+RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+def signature(kind: str, model: nn.Module, config: dict[str, Any]) -> ModelSignature:
+    """What the served model takes and returns: uint8 images (N, C, H, W) or float32 points (N, 2)."""
+    shape = input_shape(model)
+    if kind == "toy":
+        inputs = Schema([TensorSpec(np.dtype(np.float32), (-1, *shape))])
+        return ModelSignature(inputs, Schema([TensorSpec(np.dtype(np.float64), (-1,))]))
+    c, h, w = shape
+    pad = int(config.get("pad", 0))
+    inputs = Schema([TensorSpec(np.dtype(np.uint8), (-1, c, h - 2 * pad, w - 2 * pad))])
+    if kind == "density":
+        return ModelSignature(inputs, Schema([ColSpec("double", "bits_per_dim"), ColSpec("double", "standard_error")]))
+    return ModelSignature(inputs, Schema([TensorSpec(np.dtype(np.float64), (-1, int(config["num_classes"])))]))
+
+
+def _requirements() -> list[str]:
+    # stated, not inferred: MLflow's inference loads the model in a subprocess to see what it imports
+    import pandas
+
+    return [
+        f"torch=={torch.__version__.split('+')[0]}",
+        f"numpy=={np.__version__}",
+        f"pandas=={pandas.__version__}",
+        f"mlflow=={mlflow.__version__}",
+    ]
+
+
+def log_pyfunc_model(
+    model: nn.Module,
+    kind: str,
+    config: dict[str, Any],
+    input_example: np.ndarray,
+    *,
+    name: str = MODEL_NAME,
+    register_as: str | None = None,
+) -> str:
+    """Log ``model`` to the active run as an MLflow pyfunc model of ``kind``; returns its ``runs:/`` URI.
+
+    ``config`` is what scoring needs beyond the network (``n_levels`` and ``pad`` of a density model, the
+    normalisation of a classifier) and travels as the model's ``model_config``. With ``register_as`` the model
+    becomes a new version of that registered model. MLflow checks the input example against the model before the
+    model is logged (a served request of that form works).
+    """
+    from pipeline.models.serialization import save_model
+
+    run_id = mlflow.active_run().info.run_id
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "network"
+        save_model(model, folder)
+        library = shutil.copytree(LIBRARY, Path(tmp) / LIBRARY.name, ignore=shutil.ignore_patterns("__pycache__"))
+        retry_tracking_write(
+            lambda: mlflow.pyfunc.log_model(
+                name=name,
+                python_model=str(PYFUNC_CODE),
+                artifacts={"model": str(folder)},
+                code_paths=[str(library)],
+                model_config={"kind": kind, **config},
+                signature=signature(kind, model, config),
+                input_example=input_example,
+                pip_requirements=_requirements(),
+                registered_model_name=register_as,
+            )
+        )
+    uri = f"runs:/{run_id}/{name}"
+    if name == MODEL_NAME:
+        mlflow.set_tag(MODEL_URI_TAG, uri)
+    return uri
+
+
+def model_uri(ref: str) -> str:
+    """The MLflow URI of a reference: a run id means that run's logged model."""
+    if RUN_ID.match(ref):
+        return f"runs:/{ref}/{MODEL_NAME}"
+    if ref.startswith(("runs:/", "models:/")):
+        return ref
+    raise ValueError(
+        f"{ref!r} is not a model reference: give a run id, runs:/RUN_ID/{MODEL_NAME}, models:/NAME/VERSION or "
+        "models:/NAME@ALIAS"
+    )
+
+
+def _no_model(uri: str, exc: Exception) -> ValueError:
+    return ValueError(f"no model at {uri} in {mlflow.get_tracking_uri()}: {' '.join(str(exc).split())[:300]}")
+
+
+def _download(uri: str, dst: str) -> Path:
+    try:
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=dst))
+    except Exception as exc:
+        raise _no_model(uri, exc) from None
+
+
+def load_model(ref: str, *, map_location: str = "cpu") -> nn.Module:
+    """Rebuild the network of a logged model (in evaluation mode): ``ref`` is a run id, ``runs:/ID/NAME``,
+    ``models:/NAME/VERSION`` or ``models:/NAME@ALIAS``. ValueError, naming the reference, if there is none."""
+    from pipeline.models.serialization import SPEC_FILE, load_model_folder
+
+    configure_tracking()
+    uri = model_uri(ref)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = _download(uri, tmp)
+        for network in (folder / "artifacts" / "network", folder):  # an MLflow Model; a run from before them
+            if (network / SPEC_FILE).exists():
+                return load_model_folder(network, map_location=map_location)
+        raise ValueError(f"{uri} is not a model of this project (no {SPEC_FILE} in it)")
+
+
+def model_config(ref: str) -> dict[str, Any]:
+    """What a logged pyfunc model knows beyond its network: ``kind`` (``density``, ``classify``, ``toy``), its
+    dataset, and what scoring needs (``n_levels``, ``pad``; the normalisation of a classifier)."""
+    configure_tracking()
+    uri = model_uri(ref)
+    try:
+        info = mlflow.models.get_model_info(uri)
+    except Exception as exc:
+        raise _no_model(uri, exc) from None
+    return dict(info.flavors.get("python_function", {}).get("config") or {})
+
+
+def model_kind(ref: str) -> str:
+    """The kind (``density``, ``classify``, ``toy``) of a logged pyfunc model."""
+    return str(model_config(ref).get("kind"))
+
+
+def require_kind(ref: str, kind: str, what: str) -> dict[str, Any]:
+    """The model's config, or ValueError naming the reference when the model is of another kind than ``kind``."""
+    config = model_config(ref)
+    if config.get("kind") != kind:
+        raise ValueError(f"{ref} is a {config.get('kind') or 'foreign'} model; {what} needs a {kind} model")
+    return config

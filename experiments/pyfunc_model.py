@@ -1,0 +1,47 @@
+"""The project's MLflow pyfunc model, logged as code (MLflow's "models from code"): nothing is pickled.
+
+MLflow runs this file when it loads a logged model: ``load_context`` rebuilds the network from the model's
+``weights.pt`` + ``model.json`` through the library's whitelisted builder (:mod:`pipeline.models.serialization`),
+and ``predict`` scores a batch by the model's kind (the model's ``model_config``) with
+:func:`pipeline.models.scoring.score`. The library travels with the model (``code_paths``), so it needs only
+torch, numpy, pandas and mlflow where it is loaded.
+
+* ``density``: uint8 images ``(N, C, H, W)`` -> a table of each image's ``bits_per_dim`` and ``standard_error``
+  (:func:`pipeline.evaluation.bits_per_dim_per_image`: the evaluation protocol's estimator from the certified
+  bounds, averaged over ``passes`` draws, reproducible);
+* ``classify``: uint8 images -> class probabilities ``(N, K)``;
+* ``toy``: float32 points ``(N, 2)`` -> their log-density, with the exact 2-D log-determinant.
+"""
+
+import mlflow
+import numpy as np
+
+
+class IResNetPyfuncModel(mlflow.pyfunc.PythonModel):
+    def load_context(self, context) -> None:
+        from pipeline.models.serialization import load_model_folder
+
+        self.model = load_model_folder(context.artifacts["model"])
+        self.config = dict(context.model_config or {})
+
+    # np.ndarray: a hint MLflow infers no schema from (the logged signature is the schema: uint8 image tensors, or
+    # float points) and that evaluates at class creation (no `from __future__ import annotations` in this file)
+    def predict(self, context, model_input: np.ndarray, params=None):
+        import pandas as pd
+
+        from pipeline.models.scoring import score
+
+        try:
+            answer = score(self.model, self.config["kind"], np.asarray(model_input), self.config)
+        except ValueError as exc:  # a request of the wrong form: HTTP 400 with the reason, not a traceback
+            from mlflow.exceptions import MlflowException
+            from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+            raise MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE) from None
+        if self.config["kind"] == "density":
+            return pd.DataFrame(answer)
+        (values,) = answer.values()
+        return values
+
+
+mlflow.models.set_model(IResNetPyfuncModel())

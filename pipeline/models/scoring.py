@@ -1,0 +1,71 @@
+"""What a trained model answers for a batch, by kind: each image's bits/dim, class probabilities, a log-density.
+
+:func:`score` is the one implementation behind the MLflow pyfunc model (``experiments/pyfunc_model.py``) and the
+library's own use, so a served answer is the library's answer for the same inputs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipeline.data.preprocessing import standardize
+from pipeline.evaluation import bits_per_dim_per_image
+from pipeline.transforms.logdet import ExactLogDet
+
+KINDS = ("density", "classify", "toy")
+DENSITY_PASSES = 8  # draws averaged per image: the standard error is returned beside each value
+
+
+def input_shape(model: nn.Module) -> tuple[int, ...]:
+    """The shape of one input of ``model`` (flows know it; a classifier's architecture does)."""
+    shape = getattr(model, "input_shape", None)
+    return tuple(shape if shape is not None else model.arch.input_shape)
+
+
+def _images(model: nn.Module, inputs: np.ndarray, pad: int = 0) -> torch.Tensor:
+    expected = input_shape(model)
+    shape = (expected[0], expected[1] - 2 * pad, expected[2] - 2 * pad)
+    if inputs.dtype != np.uint8 or inputs.ndim != 4 or tuple(inputs.shape[1:]) != shape:
+        raise ValueError(
+            f"expected uint8 images of shape (N, {', '.join(map(str, shape))}), got {inputs.dtype} "
+            f"{tuple(inputs.shape)}"
+        )
+    return torch.from_numpy(np.ascontiguousarray(inputs))
+
+
+def score(model: nn.Module, kind: str, inputs: np.ndarray, config: dict[str, Any]) -> dict[str, np.ndarray]:
+    """The model's answer for ``inputs``, by ``kind`` (``config``: what the training knew of the data).
+
+    * ``density``: uint8 images -> ``bits_per_dim`` and ``standard_error`` per image (``config``: ``n_levels``,
+      ``pad``, optional ``passes``);
+    * ``classify``: uint8 images -> ``probabilities`` (N, K) (``config``: the training set's per-channel ``mean``
+      and ``std``);
+    * ``toy``: float32 points (N, 2) -> ``log_density`` (exact log-determinant).
+    """
+    if kind == "density":
+        pad = int(config.get("pad", 0))
+        images = _images(model, inputs, pad)
+        bpd, se = bits_per_dim_per_image(
+            model, images, n_levels=int(config["n_levels"]), pad=pad, passes=int(config.get("passes", DENSITY_PASSES))
+        )
+        return {"bits_per_dim": bpd.numpy(), "standard_error": se.numpy()}
+    if kind == "classify":
+        images = _images(model, inputs)
+        mean, std = torch.tensor(config["mean"]), torch.tensor(config["std"])
+        with torch.no_grad():
+            logits = model(standardize(images.to(next(model.parameters()).device), mean, std))
+        return {"probabilities": torch.softmax(logits.double(), dim=1).cpu().numpy()}
+    if kind == "toy":
+        if inputs.ndim != 2 or inputs.shape[1] != model.input_shape[0] or not np.issubdtype(inputs.dtype, np.floating):
+            raise ValueError(
+                f"expected float points of shape (N, {model.input_shape[0]}), got {inputs.dtype} {tuple(inputs.shape)}"
+            )
+        x = torch.from_numpy(np.ascontiguousarray(inputs)).to(next(model.parameters()).device)
+        with model.estimator(ExactLogDet()):
+            log_density = model.log_prob(x).detach()
+        return {"log_density": log_density.double().cpu().numpy()}
+    raise ValueError(f"unknown model kind {kind!r}; choose one of {KINDS}")
