@@ -8,7 +8,7 @@ for ``--steps`` steps (the work of a sweep trial, without the tracking store). N
 together; the aggregate throughput is all their images over the time the last one needed.
 
 * ``budget``: each worker takes ``--threads 0`` (the default), i.e. the machine's cores divided
-  among the local workers (``IRESNET_LOCAL_WORKERS=N``, as the README's recipe sets), at least 1.
+  among the local workers (``IRESNET_LOCAL_WORKERS=N``, as the recipe in docs/sweeps.md sets), at least 1.
 * ``no budget``: every worker uses PyTorch's default (all cores), as before ``--threads`` existed.
 
 "linear" is N times the throughput of one worker with one thread, up to the number of cores: what N

@@ -1,6 +1,6 @@
 """Where the guarantees live, arithmetic is full precision: no autocast, no TF32.
 
-Policy (README, "Precision on GPUs"):
+Policy (docs/design.md, "Precision on GPUs"):
 
 * The spectral normalisation (power iteration, the sigma that divides the weight, the certified bound)
   and the fixed-point inverse (and its implicit backward) run inside :func:`full_precision`: autocast

@@ -199,7 +199,7 @@ class IResNetFlow(FlowModel):
 # --- presets (data, not code) -----------------------------------------------------------------
 FLOW_PRESETS: dict[str, FlowArchitecture] = {
     # the main job's flow, minutes on two CPU cores (28x28 digits: 2 levels of 4 blocks). Each choice was the best
-    # measured at its CPU budget (README, "Quality per CPU"): c close to 1, a power iteration close to converged,
+    # measured at its CPU budget (docs/benchmarks.md): c close to 1, a power iteration close to converged,
     # LipSwish, the logit transform first, Glow's conditional split prior and 2 fully connected blocks at the end
     "quick": FlowArchitecture(
         input_shape=(1, 28, 28),

@@ -96,7 +96,7 @@ def test_the_counter_sees_syncs_inside_torch_and_outside_the_project(tmp_path):
 def test_strict_mode_syncs_once_per_spectral_layer_per_step(tmp_path):
     """Strict mode's certified bound is an exact matrix norm (linear layers) or the largest singular value over the
     frequencies (convolutions), one batched SVD per layer: on CUDA its solver returns through the host. The counter
-    shows it; the README states it."""
+    shows it; docs/design.md states it."""
     soft = _train(tmp_path, _flow_step, counting_host_syncs("cpu"), fc_blocks=1, fc_hidden=8)
     strict = _train(tmp_path, _flow_step, counting_host_syncs("cpu"), fc_blocks=1, fc_hidden=8, lipschitz="strict")
     assert "_linalg_svd" not in soft
