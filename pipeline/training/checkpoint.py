@@ -15,6 +15,7 @@ lock that the operating system drops when the process ends, however it ends: a s
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import random
 import shutil
@@ -31,6 +32,8 @@ import numpy as np
 import torch
 
 CHECKPOINT_FORMAT = "iresnet-pipeline/checkpoint-v2"
+
+log = logging.getLogger(__name__)
 
 
 def rng_state() -> dict[str, Any]:
@@ -162,6 +165,7 @@ def checkpoint_lease(directory: str | Path) -> Iterator[None]:
     with open(directory / LEASE_FILE, "a+") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            leased = True
         except BlockingIOError:
             f.seek(0)
             holder = f.read().strip() or "another process"
@@ -169,11 +173,16 @@ def checkpoint_lease(directory: str | Path) -> Iterator[None]:
                 f"the run whose checkpoints are in {directory} is still training ({holder} holds it); two processes "
                 "would train into one run and one checkpoint. Stop that process first (its run can then be resumed)"
             ) from None
-        f.truncate(0)
-        f.write(f"pid {os.getpid()} on {socket.gethostname()}")
-        f.flush()
+        except OSError as exc:  # a filesystem without locks (ENOLCK): train, but unguarded
+            log.warning("cannot lease %s (%s): a second --resume of this run would not be refused", directory, exc)
+            leased = False
+        if leased:
+            f.truncate(0)
+            f.write(f"pid {os.getpid()} on {socket.gethostname()}")
+            f.flush()
         try:
             yield
         finally:
-            f.truncate(0)
-            fcntl.flock(f, fcntl.LOCK_UN)
+            if leased:
+                f.truncate(0)
+                fcntl.flock(f, fcntl.LOCK_UN)

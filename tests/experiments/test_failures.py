@@ -3,7 +3,6 @@
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import mlflow
@@ -13,7 +12,7 @@ from mlflow.tracking import MlflowClient
 
 from analysis import report
 from experiments import classify, density
-from experiments.tracking import PROJECT_ROOT, load_model
+from experiments.tracking import load_model
 from pipeline.data import load_dataset
 from tests.experiments.conftest import SimulatedCrash, runs_of
 from tests.experiments.test_density import TINY
@@ -113,27 +112,6 @@ def test_resuming_a_finished_run_is_refused_unless_it_trains_further(store, capl
     assert len(MlflowClient().list_artifacts(run_id, "model")) == n_models
     assert density.main(["--resume", run_id, "--checkpoint-dir", ckpt, "--epochs", "3"]) == 0  # extending is fine
     assert MlflowClient().get_run(run_id).info.status == "FINISHED"
-
-
-def test_python_m_prints_the_run_id_needed_to_resume(store, caplog):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    out = subprocess.run(
-        [sys.executable, "-m", "experiments.density", *_density_args(store, "--epochs", "1")],
-        env=env,
-        cwd=PROJECT_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert out.returncode == 0, out.stderr
-    (run,) = runs_of("density")
-    assert f"run {run.info.run_id} started (continue it after an interruption with --resume" in out.stderr
-    # the id it printed resumes the run (the same command line, in-process)
-    argv = ["--resume", run.info.run_id, "--epochs", "2", "--checkpoint-dir", str(store / "ckpt")]
-    argv += ["--progress", "false"]
-    with caplog.at_level("INFO"):
-        assert density.main(argv) == 0
-    assert f"resumed run {run.info.run_id} at epoch 1" in caplog.text
 
 
 def test_a_run_resumed_after_a_crash_mid_epoch_logs_each_step_once(store, monkeypatch):

@@ -94,6 +94,8 @@ def test_sigterm_stops_a_density_run_as_killed_and_a_live_run_is_not_resumed_twi
     assert "Traceback" not in stderr
     (line,) = _error_lines(stderr)
     assert "stopped by SIGTERM" in line and f"--resume {run_id}" in line
+    # `python -m` names the run when it starts (the module's logger passes as __main__ too)
+    assert f"run {run_id} started (continue it after an interruption with --resume {run_id})" in stderr
     run = client.get_run(run_id)
     assert run.info.status == "KILLED"
     assert "SIGTERM" in run.data.tags["stopped"]
@@ -186,3 +188,16 @@ def test_sigterm_stops_a_sweep_worker_and_frees_its_trial_for_a_retry(store):
     for run_id in (first.user_attrs["mlflow_run_id"], first.user_attrs["mlflow_parent_run_id"]):
         run = client.get_run(run_id)
         assert run.info.status == "KILLED" and "SIGTERM" in run.data.tags["stopped"], run_id
+
+
+def test_a_filesystem_without_locks_trains_unguarded_with_a_warning(tmp_path, monkeypatch, caplog):
+    import errno
+    import fcntl
+
+    def no_locks(*args):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with checkpoint_lease(tmp_path):
+        pass
+    assert "cannot lease" in caplog.text and "would not be refused" in caplog.text
