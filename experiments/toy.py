@@ -30,7 +30,7 @@ from experiments.tracking import PROJECT_ROOT, log_config, log_json, log_metrics
 from pipeline.data.toy import TOY_DATASETS, sample_toy
 from pipeline.layers.branches import mlp_branch
 from pipeline.layers.spectral import SpectralConfig
-from pipeline.models import VECTOR_FLOW_PRESETS, FlowModel, VectorFlow, vector_flow
+from pipeline.models import VECTOR_FLOW_PRESETS, FlowModel, vector_flow
 from pipeline.models.base import n_parameters
 from pipeline.models.glow import matched_glow
 from pipeline.plotting import new_figure, save_figure
@@ -268,16 +268,16 @@ def _train_and_score(
     coords, density = density_grid(model, cfg.grid_limit, cfg.grid_size, device)
     mass = grid_mass(coords, density)
     log_metrics({f"{prefix}test_nll": nll, f"{prefix}grid_mass": mass})
-    if isinstance(model, VectorFlow):  # the i-ResNet as an MLflow Model (the Glow baseline has no serialised form)
-        log_pyfunc_model(
-            model.cpu(),
-            "toy",
-            {"dataset": dataset},
-            test[:2].cpu().numpy().astype(np.float32),
-            name=f"{dataset}-{name}",
-            register_as=f"{cfg.register_model}-{dataset}" if cfg.register_model else None,
-        )
-        model.to(device)
+    # the model as an MLflow Model of the run (the i-ResNet and the Glow baseline alike)
+    log_pyfunc_model(
+        model.cpu(),
+        "toy",
+        {"dataset": dataset},
+        test[:2].cpu().numpy().astype(np.float32),
+        name=f"{dataset}-{name}",
+        register_as=f"{cfg.register_model}-{dataset}-{name}" if cfg.register_model else None,
+    )
+    model.to(device)
     np.save(out / f"density_{dataset}_{name}.npy", density)
     fig, ax = new_figure(4, 4)
     ax.scatter(samples[:, 0], samples[:, 1], s=1, alpha=0.5)

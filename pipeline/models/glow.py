@@ -7,6 +7,8 @@ parameter count of a given i-ResNet vector flow.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from torch import Tensor, nn
 
 from pipeline.models.base import FlowModel, in_model_dtype, make_prior, n_parameters
@@ -15,11 +17,25 @@ from pipeline.transforms.base import InverseReport, Transform, TransformSequence
 from pipeline.transforms.coupling import AffineCoupling, InvertibleLinear
 
 
+@dataclass(frozen=True)
+class GlowArchitecture:
+    """Architecture of :class:`GlowFlow`: ``n_steps`` of ActNorm, an LU linear map and an affine coupling."""
+
+    dim: int = 2
+    n_steps: int = 100
+    hidden: tuple[int, ...] = (64, 64)  # the coupling networks' hidden widths
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "hidden", tuple(self.hidden))
+        if self.dim < 2 or self.n_steps < 1:
+            raise ValueError(f"need dim >= 2 and n_steps >= 1, got {self.dim}, {self.n_steps}")
+
+
 class GlowFlow(FlowModel):
-    def __init__(self, dim: int = 2, n_steps: int = 100, hidden: tuple[int, ...] = (64, 64)) -> None:
+    def __init__(self, arch: GlowArchitecture) -> None:
         super().__init__()
-        if dim < 2 or n_steps < 1:
-            raise ValueError(f"need dim >= 2 and n_steps >= 1, got {dim}, {n_steps}")
+        self.arch = arch
+        dim, n_steps, hidden = arch.dim, arch.n_steps, arch.hidden
         self.input_shape = (dim,)
         steps: list[Transform] = []
         for i in range(n_steps):
@@ -48,4 +64,4 @@ def matched_glow(reference: FlowModel, n_hidden_layers: int = 2) -> GlowFlow:
         return 2 * dim + dim * dim + conditioner  # actnorm + LU parameters + coupling network
 
     width = min(range(1, 4096), key=lambda w: abs(per_step(w) - target))
-    return GlowFlow(dim, n_steps, (width,) * n_hidden_layers)
+    return GlowFlow(GlowArchitecture(dim, n_steps, (width,) * n_hidden_layers))

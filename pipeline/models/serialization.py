@@ -18,6 +18,7 @@ from torch import nn
 
 from pipeline.models.classifier import ClassifierArchitecture, ResidualClassifier
 from pipeline.models.flow import FlowArchitecture, IResNetFlow
+from pipeline.models.glow import GlowArchitecture, GlowFlow
 from pipeline.models.toy import VectorFlow, VectorFlowArchitecture
 from pipeline.transforms.inverse import FixedPointConfig
 from pipeline.transforms.logdet import LogDetEstimator, make_estimator
@@ -31,6 +32,7 @@ MODEL_CLASSES: dict[str, tuple[type[nn.Module], type, bool]] = {
     "IResNetFlow": (IResNetFlow, FlowArchitecture, True),
     "ResidualClassifier": (ResidualClassifier, ClassifierArchitecture, False),
     "VectorFlow": (VectorFlow, VectorFlowArchitecture, True),
+    "GlowFlow": (GlowFlow, GlowArchitecture, False),  # the toy baseline
 }
 
 

@@ -89,12 +89,12 @@ def test_a_classifier_is_a_pyfunc_model_of_class_probabilities(store):
         require_kind(run_id, "density", "the estimator study")
 
 
-def test_a_toy_run_logs_its_iresnet_as_a_log_density_model_and_system_metrics(store):
+def test_a_toy_run_logs_its_models_as_log_density_models_and_system_metrics(store):
     mlflow.set_system_metrics_sampling_interval(1)
     mlflow.set_system_metrics_samples_before_logging(1)
     try:
         cfg = toy.config_from_preset(
-            "quick", models="iresnet", steps=200, steps_per_epoch=100, dynamics=False, grid_size=20, n_test=200,
+            "quick", models="glow,iresnet", steps=100, steps_per_epoch=100, dynamics=False, grid_size=20, n_test=200,
             n_samples=50, log_system_metrics=True, checkpoint_dir=str(store / "c"), progress=False,
         )  # fmt: skip
         started = time.monotonic()
@@ -104,9 +104,11 @@ def test_a_toy_run_logs_its_iresnet_as_a_log_density_model_and_system_metrics(st
     finally:
         mlflow.set_system_metrics_sampling_interval(None)
         mlflow.set_system_metrics_samples_before_logging(None)
-    pyfunc = mlflow.pyfunc.load_model(f"runs:/{run_id}/8gaussians-iresnet")
     points = np.array([[0.0, 0.0], [2.0, 0.0]], np.float32)
-    assert pyfunc.predict(points).shape == (2,)
+    for name in ("iresnet", "glow"):  # every trained model, the baseline too
+        pyfunc = mlflow.pyfunc.load_model(f"runs:/{run_id}/8gaussians-{name}")
+        ours = score(load_model(f"runs:/{run_id}/8gaussians-{name}"), "toy", points, {})
+        assert np.array_equal(pyfunc.predict(points), ours["log_density"])
     metrics = MlflowClient().get_run(run_id).data.metrics
     assert any(key.startswith("system/cpu_utilization") for key in metrics), sorted(metrics)
 

@@ -2,7 +2,7 @@ import torch
 
 from pipeline.models import vector_flow
 from pipeline.models.base import n_parameters
-from pipeline.models.glow import GlowFlow, matched_glow
+from pipeline.models.glow import GlowArchitecture, GlowFlow, matched_glow
 from pipeline.transforms.coupling import AffineCoupling, InvertibleLinear
 from tests.transforms.helpers import dense_jacobians
 
@@ -14,7 +14,7 @@ def _perturb(module):
 
 
 def test_glow_logdet_equals_brute_force_and_inverse_round_trips(float64):
-    flow = GlowFlow(dim=3, n_steps=3, hidden=(8,))
+    flow = GlowFlow(GlowArchitecture(dim=3, n_steps=3, hidden=(8,)))
     x = torch.randn(5, 3)
     flow(x)  # ActNorm init
     _perturb(flow)

@@ -33,3 +33,19 @@ def test_a_vector_flow_round_trips_as_data(tmp_path):
     again = load_model_folder(tmp_path)
     assert type(again) is type(flow)
     assert torch.equal(again.log_prob(x), flow.log_prob(x))
+
+
+def test_the_glow_baseline_round_trips_as_data(tmp_path):
+    from pipeline.models import vector_flow
+    from pipeline.models.glow import matched_glow
+    from pipeline.models.serialization import load_model_folder, save_model
+
+    torch.manual_seed(0)
+    glow = matched_glow(vector_flow("quick"))
+    x = torch.randn(16, 2)
+    with torch.no_grad():
+        glow(x)
+    glow.eval()
+    save_model(glow, tmp_path)
+    again = load_model_folder(tmp_path)
+    assert again.arch == glow.arch and torch.equal(again.log_prob(x), glow.log_prob(x))
