@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ from pipeline.data import load_dataset
 from pipeline.models.scoring import score
 from tests.experiments.test_classify import TINY as TINY_CLASSIFY
 from tests.experiments.test_density import TINY
+from tests.experiments.test_distributed import _free_port
 
 
 def _density_run(store, **overrides) -> str:
@@ -111,12 +111,6 @@ def test_a_toy_run_logs_its_models_as_log_density_models_and_system_metrics(stor
         assert np.array_equal(pyfunc.predict(points), ours["log_density"])
     metrics = MlflowClient().get_run(run_id).data.metrics
     assert any(key.startswith("system/cpu_utilization") for key in metrics), sorted(metrics)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _post(url: str, body: dict) -> tuple[int, dict]:
