@@ -410,10 +410,3 @@ def log_config(config: Any) -> None:
 
     log_params_flat({k: v for k, v in asdict(config).items() if k not in ("resume", "progress")}, CONFIG_PREFIX)
 
-
-def load_model(ref: str, *, map_location: str = "cpu") -> Any:
-    """Rebuild a logged model (in evaluation mode): a run id, ``runs:/``, ``models:/NAME/VERSION`` or
-    ``models:/NAME@ALIAS``; old runs' plain ``model/`` artifacts too. See :func:`experiments.models.load_model`."""
-    from experiments.models import load_model as load
-
-    return load(ref, map_location=map_location)

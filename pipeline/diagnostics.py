@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from pipeline.layers.branches import branch_linear_layers
-from pipeline.layers.operator_norm import layer_operator_norm
+from pipeline.layers.layer_norms import layer_operator_norm
 from pipeline.transforms.residual import InvertibleResidualBlock, using_estimator
 
 

@@ -8,6 +8,26 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.training.device import LOCAL_WORKERS_ENV, thread_budget
+
+MAX_TEST_WORKERS = 4  # beyond this, the PostgreSQL and subprocess tests gain nothing from more workers
+
+
+def pytest_xdist_auto_num_workers(config):
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(cores, MAX_TEST_WORKERS))
+
+
+def pytest_configure(config):
+    """Under pytest-xdist, each worker, and every process it starts, takes its share of the cores: PyTorch processes
+    that each use every core collapse one another (the library's thread budget reads the same variable)."""
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if workers:
+        os.environ.setdefault(LOCAL_WORKERS_ENV, workers)
+        threads = thread_budget()
+        os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+        torch.set_num_threads(threads)
+
 
 @pytest.fixture(autouse=True)
 def _seed():

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pipeline.layers.activations import LipSwish, make_activation
-from pipeline.layers.operator_norm import layer_operator_norm
+from pipeline.layers.layer_norms import layer_operator_norm
 from pipeline.layers.spectral import SpectralConfig, SpectralNormConv2d, SpectralNormLinear
 
 

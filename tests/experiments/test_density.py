@@ -8,7 +8,8 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from experiments import density
-from experiments.tracking import PROJECT_ROOT, load_model
+from experiments.models import load_model
+from experiments.tracking import PROJECT_ROOT
 from tests.experiments.conftest import SimulatedCrash, assert_same_final_parameters, runs_of
 
 TINY = dict(

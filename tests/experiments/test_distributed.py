@@ -99,7 +99,7 @@ def test_density_trains_data_parallel_and_logs_once(store, repeat):
     assert ckpt["epoch"] == 2 and len(ckpt["rng_per_rank"]) == 2
     assert not torch.equal(ckpt["rng_per_rank"][0]["torch"], ckpt["rng_per_rank"][1]["torch"])  # own noise
     # the evaluation was sharded over the two ranks and gives what one process computes for the same model
-    from experiments.tracking import load_model
+    from experiments.models import load_model
     from pipeline.data import load_dataset
     from pipeline.evaluation import EvalProtocol, evaluate_bits_per_dim
 

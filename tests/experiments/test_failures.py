@@ -12,7 +12,7 @@ from mlflow.tracking import MlflowClient
 
 from analysis import report
 from experiments import classify, density
-from experiments.tracking import load_model
+from experiments.models import load_model
 from pipeline.data import load_dataset
 from tests.experiments.conftest import SimulatedCrash, runs_of
 from tests.experiments.test_density import TINY

@@ -187,7 +187,7 @@ def test_a_lab_on_one_postgresql_a_tracking_server_and_the_dashboard(store, post
 
     from analysis import report
     from experiments import classify, density
-    from experiments.tracking import load_model
+    from experiments.models import load_model
     from tests.experiments.test_classify import TINY as TINY_CLASSIFY
     from tests.experiments.test_density import TINY as TINY_DENSITY_CFG
 

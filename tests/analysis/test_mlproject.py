@@ -3,13 +3,13 @@ from pathlib import Path
 
 import yaml
 
-from experiments import mlproject
+from analysis import mlproject
 from experiments.tracking import PROJECT_ROOT
 
 
 def test_the_committed_mlproject_is_the_generated_one():
     committed = (Path(PROJECT_ROOT) / "MLproject").read_text()
-    assert committed == mlproject.render(), "run: python -m experiments.mlproject > MLproject"
+    assert committed == mlproject.render(), "run: python -m analysis.mlproject > MLproject"
 
 
 def test_every_config_field_is_a_parameter_passed_to_its_option():
