@@ -24,7 +24,8 @@ from mlflow.tracking import MlflowClient
 from analysis.tables import config, finished_runs, table2, table4, unfinished_runs
 from experiments.models import load_model, require_kind
 from experiments.runner import EntryPoint
-from experiments.tracking import PROJECT_ROOT, configure_tracking, log_config, tracked_run
+from experiments.tracking import log_config, tracked_run
+from experiments.tracking_store import PROJECT_ROOT, configure_tracking
 from pipeline.data import dequantize, load_dataset, pad_images
 from pipeline.diagnostics import logdet_estimator_study
 from pipeline.plotting import new_figure

@@ -20,7 +20,8 @@ from mlflow.tracking import MlflowClient
 from analysis import report
 from experiments import classify, density, toy
 from experiments.runner import EntryPoint
-from experiments.tracking import PROJECT_ROOT, orchestrator_run
+from experiments.tracking import orchestrator_run
+from experiments.tracking_store import PROJECT_ROOT
 
 log = logging.getLogger("analysis.reproduce")
 

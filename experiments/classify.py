@@ -33,7 +33,8 @@ from experiments.config import (
 )
 from experiments.models import log_pyfunc_model
 from experiments.runner import EntryPoint, Splits, run_training
-from experiments.tracking import PROJECT_ROOT, log_json, log_metrics, write_csv
+from experiments.tracking import log_json, log_metrics, write_csv
+from experiments.tracking_store import PROJECT_ROOT
 from pipeline.data import DATASETS, ImageSplit, iterate_batches
 from pipeline.data.augment import AUGMENTATIONS, Augmentation
 from pipeline.data.preprocessing import standardize

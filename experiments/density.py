@@ -32,7 +32,8 @@ from experiments.config import (
 )
 from experiments.models import log_pyfunc_model
 from experiments.runner import EntryPoint, Splits, run_training
-from experiments.tracking import PROJECT_ROOT, log_json, log_metrics, write_csv
+from experiments.tracking import log_json, log_metrics, write_csv
+from experiments.tracking_store import PROJECT_ROOT
 from pipeline.data import DATASETS, ImageSplit, dequantize, pad_images
 from pipeline.diagnostics import logdet_variance_report, total_logdet_std_bits_per_dim
 from pipeline.evaluation import EvalProtocol, diagonal_gaussian_baseline_bits_per_dim, evaluate_bits_per_dim

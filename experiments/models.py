@@ -26,7 +26,7 @@ from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, Schema, TensorSpec
 from torch import nn
 
-from experiments.tracking import PROJECT_ROOT, configure_tracking, retry_tracking_write
+from experiments.tracking_store import PROJECT_ROOT, configure_tracking, retry_tracking_write
 from pipeline.models.scoring import input_shape
 
 MODEL_NAME = "model"  # the name of a run's (main) logged model: runs:/RUN_ID/model

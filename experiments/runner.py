@@ -25,15 +25,8 @@ import torch
 from torch import Tensor, nn
 
 from experiments import config as configuration
-from experiments.tracking import (
-    configure_tracking,
-    log_config,
-    log_json,
-    log_metrics,
-    log_params_flat,
-    retry_tracking_write,
-    tracked_run,
-)
+from experiments.tracking import log_config, log_json, log_metrics, log_params_flat, tracked_run
+from experiments.tracking_store import configure_tracking, retry_tracking_write
 from pipeline.data import DatasetNotFoundError, ImageDataset, ImageSplit, epoch_batches, load_dataset
 from pipeline.logging_setup import setup_logging
 from pipeline.training.checkpoint import checkpoint_lease

@@ -26,7 +26,8 @@ from torch import Tensor, nn
 from experiments.config import EstimatorOptions, check_at_least, check_common, fill_from_architecture
 from experiments.models import log_pyfunc_model
 from experiments.runner import EntryPoint, log_spectral_estimates
-from experiments.tracking import PROJECT_ROOT, log_config, log_json, log_metrics, tracked_run, write_csv
+from experiments.tracking import log_config, log_json, log_metrics, tracked_run, write_csv
+from experiments.tracking_store import PROJECT_ROOT
 from pipeline.data.toy import TOY_DATASETS, sample_toy
 from pipeline.layers.branches import mlp_branch
 from pipeline.layers.spectral import SpectralConfig

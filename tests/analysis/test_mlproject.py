@@ -4,7 +4,7 @@ from pathlib import Path
 import yaml
 
 from analysis import mlproject
-from experiments.tracking import PROJECT_ROOT
+from experiments.tracking_store import PROJECT_ROOT
 
 
 def test_the_committed_mlproject_is_the_generated_one():

@@ -11,7 +11,7 @@ from mlflow.tracking import MlflowClient
 
 from analysis import report, reproduce
 from analysis.tables import PAPER_TABLE2, finished_runs
-from experiments.tracking import PROJECT_ROOT
+from experiments.tracking_store import PROJECT_ROOT
 from tests.experiments.conftest import runs_of
 
 

@@ -9,7 +9,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from experiments import classify
-from experiments.tracking import PROJECT_ROOT
+from experiments.tracking_store import PROJECT_ROOT
 from pipeline.diagnostics import certified_lipschitz, reconstruction_error_curve
 from pipeline.models import iresnet_classifier, resnet_classifier
 from tests.experiments.conftest import SimulatedCrash, assert_same_final_parameters, runs_of

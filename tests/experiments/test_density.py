@@ -9,7 +9,7 @@ from mlflow.tracking import MlflowClient
 
 from experiments import density
 from experiments.models import load_model
-from experiments.tracking import PROJECT_ROOT
+from experiments.tracking_store import PROJECT_ROOT
 from tests.experiments.conftest import SimulatedCrash, assert_same_final_parameters, runs_of
 
 TINY = dict(

@@ -18,7 +18,7 @@ from mlflow.tracking import MlflowClient
 
 from experiments import classify, density, toy
 from experiments.models import load_model, model_kind, require_kind
-from experiments.tracking import PROJECT_ROOT
+from experiments.tracking_store import PROJECT_ROOT
 from pipeline.data import load_dataset
 from pipeline.models.scoring import score
 from tests.experiments.test_classify import TINY as TINY_CLASSIFY

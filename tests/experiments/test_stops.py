@@ -19,8 +19,9 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from experiments import density, sweep
-from experiments.tracking import PROJECT_ROOT
+from experiments import density
+from experiments.study import counts_toward_budget
+from experiments.tracking_store import PROJECT_ROOT
 from pipeline.training.checkpoint import LEASE_FILE, RunInUse, checkpoint_lease, load_checkpoint
 from tests.experiments.conftest import runs_of
 from tests.experiments.test_density import TINY
@@ -182,7 +183,7 @@ def test_sigterm_stops_a_sweep_worker_and_frees_its_trial_for_a_retry(store):
     assert "queued to be tried again" in line
     study = optuna.load_study(study_name="iresnet-sweep", storage=storage)
     first, retry = study.get_trials(deepcopy=False)
-    assert first.state == optuna.trial.TrialState.FAIL and not sweep.counts_toward_budget(first)  # its slot is free
+    assert first.state == optuna.trial.TrialState.FAIL and not counts_toward_budget(first)  # its slot is free
     assert retry.state == optuna.trial.TrialState.WAITING and retry.params == first.params
     client = MlflowClient()
     for run_id in (first.user_attrs["mlflow_run_id"], first.user_attrs["mlflow_parent_run_id"]):

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from experiments import sweep
+from experiments import search_space, study, sweep
 from tests.experiments.conftest import runs_of
 
 TINY_DENSITY = (
@@ -283,11 +283,13 @@ def test_workers_of_one_study_draw_different_parameters_and_one_worker_is_reprod
     def draws(storage_url: str, n_workers: int) -> list[dict]:
         storage = optuna.storages.RDBStorage(storage_url)
         workers = [
-            optuna.create_study(study_name="s", storage=storage, load_if_exists=True, sampler=sweep._sampler(cfg))
+            optuna.create_study(
+                study_name="s", storage=storage, load_if_exists=True, sampler=study.make_sampler(cfg.sampler, cfg.seed)
+            )
             for _ in range(n_workers)
         ]
         trials = [worker.ask() for worker in workers for _ in range(2 // n_workers)]  # started together
-        return [sweep.suggest(trial, space) for trial in trials]
+        return [search_space.suggest(trial, space) for trial in trials]
 
     parallel = draws(f"sqlite:///{tmp_path / 'a.db'}", n_workers=2)
     assert parallel[0] != parallel[1]

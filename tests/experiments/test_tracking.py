@@ -7,7 +7,8 @@ import pytest
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from experiments.tracking import configure_tracking, log_metrics, tracked_run
+from experiments.tracking import log_metrics, tracked_run
+from experiments.tracking_store import configure_tracking
 
 HOLD_S = 21.0  # longer than MLflow's own 20 s SQLite busy timeout
 
