@@ -29,12 +29,9 @@ import time
 
 from benchmarks.common import emit
 from pipeline.logging_setup import setup_logging
+from pipeline.training.device import usable_cores
 
 log = logging.getLogger("benchmarks.workers")
-
-
-def _cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def worker(steps: int, threads: int | None) -> dict:
@@ -99,7 +96,7 @@ def run_group(n: int, steps: int, threads: int | None) -> dict:
 
 
 def run(args: dict) -> list[dict]:
-    cores = _cores()
+    cores = usable_cores()
     unit = run_group(1, args["steps"], threads=1)  # one worker, one thread: the unit of "linear"
     unit["role"] = "unit (1 worker, 1 thread)"
     rows = [unit]
@@ -149,7 +146,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--steps and --workers must be >= 1")
     setup_logging()
     rows = run(args)
-    emit(format_table(rows, _cores()), args["json"], {"config": args, "cores": _cores(), "results": rows})
+    emit(format_table(rows, usable_cores()), args["json"], {"config": args, "cores": usable_cores(), "results": rows})
 
 
 if __name__ == "__main__":

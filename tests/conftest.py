@@ -8,14 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.training.device import LOCAL_WORKERS_ENV, thread_budget
+from pipeline.training.device import LOCAL_WORKERS_ENV, thread_budget, usable_cores
 
 MAX_TEST_WORKERS = 4  # beyond this, the PostgreSQL and subprocess tests gain nothing from more workers
 
 
 def pytest_xdist_auto_num_workers(config):
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(cores, MAX_TEST_WORKERS))
+    return max(1, min(usable_cores(), MAX_TEST_WORKERS))
 
 
 def pytest_configure(config):

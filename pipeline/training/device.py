@@ -44,14 +44,18 @@ def local_workers() -> int:
     return 1
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity, e.g. a container's or taskset's share)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def thread_budget(threads: int = 0) -> int:
     """``threads`` if > 0, else the usable cores divided among the local workers (at least 1)."""
     if threads < 0:
         raise ValueError(f"threads must be >= 0 (0: automatic), got {threads}")
     if threads:
         return threads
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores // local_workers())
+    return max(1, usable_cores() // local_workers())
 
 
 def apply_thread_budget(threads: int = 0) -> int:
