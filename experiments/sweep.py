@@ -199,10 +199,10 @@ def make_objective(
     space, base = cfg.space(), cfg.base_overrides()
     client = MlflowClient()
 
-    def claim_then_run(trial: optuna.Trial) -> float | tuple[float, float]:
-        claim_slot(trial, cfg.n_trials)
+    def objective(trial: optuna.Trial) -> float | tuple[float, float]:
+        claim_slot(trial, cfg.n_trials)  # an excess claim is no outcome of the trial's: recorded as such alone
         running.append(trial.number)
-        return run_trial(trial)
+        return recorded(trial)
 
     def run_trial(trial: optuna.Trial) -> float | tuple[float, float]:
         params = suggest(trial, space)
@@ -240,7 +240,8 @@ def make_objective(
             return value, target.second[2](metrics)
         return value
 
-    return recording_the_outcome(claim_then_run)
+    recorded = recording_the_outcome(run_trial)
+    return objective
 
 
 def _log_study_figures(study: optuna.Study, cfg: SweepConfig, out: Path) -> None:
