@@ -111,6 +111,8 @@ def test_a_database_restart_mid_sweep_is_survived_and_nothing_is_recorded_twice(
     storage = optuna.storages.RDBStorage(db)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:  # both workers mid-trial: each trial linked to its MLflow run
+        if any(w.poll() is not None for w in workers):
+            break  # a worker ended before its trial trained: the assertion below shows why
         try:
             trials = optuna.load_study(study_name="rs", storage=storage).trials
         except KeyError:
@@ -124,7 +126,7 @@ def test_a_database_restart_mid_sweep_is_survived_and_nothing_is_recorded_twice(
         time.sleep(0.2)
     storage.remove_session()
     storage.engine.dispose()  # this test's own connections would keep nothing alive, but close them anyway
-    assert len(running) == 2, "the workers did not reach their trials"
+    assert len(running) == 2, ["the workers did not reach their trials", *(log.read_text()[-3000:] for log in logs)]
     postgres_server.restart()
     assert all(w.poll() is None for w in workers), "a worker finished before the restart: nothing was tested"
     try:
