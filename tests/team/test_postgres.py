@@ -95,7 +95,9 @@ def test_a_database_restart_mid_sweep_is_survived_and_nothing_is_recorded_twice(
     FINISHED child run whose metrics were each logged once."""
     import time
 
-    db, args = _sweep_on_postgres(store, postgres_server, monkeypatch, "rs", n_trials=2, grace_s=30, epochs=12)
+    # trials long beside a worker's start-up even on a loaded machine: with 12 epochs one worker finished both
+    # trials before the other had started (a fresh-clone run under pytest-xdist), and nothing was restarted mid-trial
+    db, args = _sweep_on_postgres(store, postgres_server, monkeypatch, "rs", n_trials=2, grace_s=30, epochs=40)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     logs = [store / f"worker{seed}.log" for seed in (0, 1)]  # files: a full pipe would block a worker
     workers = [
@@ -109,7 +111,7 @@ def test_a_database_restart_mid_sweep_is_survived_and_nothing_is_recorded_twice(
         for seed, log in zip((0, 1), logs, strict=True)
     ]
     storage = optuna.storages.RDBStorage(db)
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + 600
     while time.monotonic() < deadline:  # both workers mid-trial: each trial linked to its MLflow run
         if any(w.poll() is not None for w in workers):
             break  # a worker ended before its trial trained: the assertion below shows why
