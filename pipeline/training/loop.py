@@ -51,15 +51,23 @@ class NonFiniteLossError(FloatingPointError):
 
 
 def non_finite_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
-    """Names of the parameters, buffers and optimizer-state tensors holding NaN or inf (one host sync)."""
+    """Names of the parameters, buffers and optimizer-state tensors holding NaN or inf (one host sync per device).
+
+    The tensors are checked where they live: on a GPU the optimizers' step counters stay on the host, so the flags
+    are read once per device (a GPU's in one read) rather than stacked across devices.
+    """
     named = [(f"model.{k}", v) for k, v in model.state_dict().items()]
     for index, per_param in enumerate(optimizer.state.values()):
         named += [(f"optimizer.state[{index}].{k}", v) for k, v in per_param.items()]
     named = [(k, v) for k, v in named if torch.is_tensor(v) and v.is_floating_point() and v.numel()]
-    if not named:
-        return []
-    finite = torch.stack([v.isfinite().all() for _, v in named]).tolist()
-    return [k for (k, _), ok in zip(named, finite, strict=True) if not ok]
+    by_device: dict[torch.device, list[tuple[str, Tensor]]] = {}
+    for name, value in named:
+        by_device.setdefault(value.device, []).append((name, value))
+    bad = []
+    for group in by_device.values():
+        finite = torch.stack([v.isfinite().all() for _, v in group]).tolist()
+        bad += [name for (name, _), ok in zip(group, finite, strict=True) if not ok]
+    return bad
 
 
 def _last_good_checkpoint(path: Path, epoch: int) -> str:
@@ -169,6 +177,8 @@ def fit(
         epoch = state.epoch + 1
         model.train()
         started, seen, totals, count = time.perf_counter(), 0, {}, 0
+        if device.type == "cuda":  # the epoch's own peak (a host call, no sync)
+            torch.cuda.reset_peak_memory_stats(device)
         bar = tqdm(
             batches(epoch),
             desc=f"epoch {epoch}/{config.epochs}",
@@ -214,6 +224,8 @@ def fit(
         epoch_metrics |= {"epoch_seconds": seconds, "train_images_per_second": seen / seconds if seconds else math.nan}
         epoch_metrics = mean_over_ranks(epoch_metrics, ctx, device)  # one host sync per epoch
         epoch_metrics["train_images_per_second"] *= ctx.world_size  # every rank's images, in the same time
+        if device.type == "cuda":  # this process's (rank 0's under torchrun) peak allocation during the epoch
+            epoch_metrics["gpu_peak_memory_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
         # a finite loss can still come with an update that overflowed: never checkpoint (or evaluate) such a state
         bad = non_finite_state(model, optimizer) if ctx.is_main else []
         if any_rank(bool(bad), ctx, device):
