@@ -1,7 +1,7 @@
 """The life of a run: a process's entry point, and one way to run a training.
 
 :class:`EntryPoint` turns a config class, its presets and a ``run(cfg)`` into ``main(argv)``: parse,
-validate, set up the process (threads, determinism, subnormal floats), run, and report a user's error as
+validate, set up the process (threads, subnormal floats), run, and report a user's error as
 one line. :func:`run_training` is the training run of every image entry point (density, classify): data
 and splits, the tracked MLflow run started or resumed from its checkpoint, data-parallel wrapping, the
 epoch loop, the replica check; what differs is a small :class:`TrainingTask` (build, step, evaluate,
@@ -30,7 +30,7 @@ from experiments.tracking_store import configure_tracking, retry_tracking_write
 from pipeline.data import DatasetNotFoundError, ImageDataset, ImageSplit, epoch_batches, load_dataset
 from pipeline.logging_setup import setup_logging
 from pipeline.training.checkpoint import checkpoint_lease
-from pipeline.training.device import apply_thread_budget, use_deterministic_algorithms
+from pipeline.training.device import apply_thread_budget, deterministic_algorithms
 from pipeline.training.distributed import (
     SINGLE_PROCESS,
     DistributedContext,
@@ -96,7 +96,7 @@ def run_training(
     ``cfg`` has the fields every training config has (data, batch, epochs, device, bookkeeping).
     Under ``torchrun`` the ranks train data-parallel (see :mod:`pipeline.training.distributed`).
     """
-    with distributed_session(cfg.device) as (ctx, device):
+    with deterministic_algorithms(cfg.deterministic), distributed_session(cfg.device) as (ctx, device):
         check_global_batch(cfg.batch_size, ctx)
         data = load_dataset(cfg.dataset, cfg.data_dir, download=cfg.download)  # fails before a run exists
         train, validation = (
@@ -394,7 +394,6 @@ class EntryPoint(Generic[C]):
         try:
             cfg = configuration.parse_config(self.config_cls, self.presets, argv, self.description)
             threads = apply_thread_budget(getattr(cfg, "threads", 0))
-            use_deterministic_algorithms(getattr(cfg, "deterministic", False))
             flush_denormals()  # after the thread budget, so every intra-op worker it starts flushes too
             log.debug("%d CPU threads", threads)
         except user_errors() as exc:

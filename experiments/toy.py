@@ -35,7 +35,7 @@ from pipeline.models import VECTOR_FLOW_PRESETS, FlowModel, vector_flow
 from pipeline.models.base import n_parameters
 from pipeline.models.glow import matched_glow
 from pipeline.plotting import new_figure, save_figure
-from pipeline.training.device import check_device_name, resolve_device
+from pipeline.training.device import check_device_name, deterministic_algorithms, resolve_device
 from pipeline.training.loop import LoopConfig, fit
 from pipeline.transforms import ExactLogDet, InvertibleResidualBlock
 
@@ -319,6 +319,7 @@ def run(cfg: ToyConfig) -> str:
     device = resolve_device(cfg.device)
     datasets, model_names = cfg.dataset_names(), cfg.model_names()
     with (
+        deterministic_algorithms(cfg.deterministic),
         tracked_run(cfg.experiment_name, run_name=cfg.run_name, log_system_metrics=cfg.log_system_metrics) as active,
         tempfile.TemporaryDirectory() as tmp,
     ):

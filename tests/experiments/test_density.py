@@ -218,6 +218,18 @@ def test_the_training_path_logdet_is_an_unbiased_estimate_of_the_flows_logdet(st
     assert abs(float(estimates.mean() - exact)) < 4 * float(stderr)
 
 
+def test_deterministic_holds_for_a_run_started_from_the_library_and_is_undone_after_it(store):
+    """A sweep's trial and ``reproduce`` call ``run(cfg)``, not the command line: ``deterministic=True`` must hold
+    there too (a GPU run resumed from the library differed from the uninterrupted one when it did not)."""
+    seen = []
+    cfg = density.config_from_preset("quick", **{**TINY, "epochs": 1}, deterministic=True,
+                                     checkpoint_dir=str(store / "ckpt"))  # fmt: skip
+    assert not torch.are_deterministic_algorithms_enabled()
+    density.run(cfg, on_epoch_end=lambda epoch, _: seen.append(torch.are_deterministic_algorithms_enabled()))
+    assert seen == [True]
+    assert not torch.are_deterministic_algorithms_enabled() and not torch.backends.cudnn.deterministic
+
+
 def test_a_deterministic_run_trains_and_reproduces_itself(store):
     """--deterministic: every op the density run uses has a deterministic kernel (else PyTorch raises)."""
     args = ["--checkpoint-dir", str(store / "ckpt"), "--deterministic", "true", "--epochs", "1"]
