@@ -157,19 +157,21 @@ def conv_operator_norm_estimate(
     """Lanczos (ARPACK) estimate of a convolution's norm from products with ``A^T A``, and whether it converged.
 
     Far faster than the power iteration when the top singular values are close (as they are for
-    convolutions): a few dozen products instead of thousands. An estimate, not a bound.
+    convolutions): a few dozen products instead of thousands. An estimate, not a bound. The products run in float64
+    where the weight lives (on a GPU, not the host's cores: a paper classifier's evaluation spent most of its time
+    in these products on the CPU); ARPACK's vectors cross to the device and back once per product.
     """
-    w = weight.detach().double().cpu()
+    w = weight.detach().double()
     c_in = w.shape[1]
     out_hw = _conv_output_hw(input_hw, w.shape[-1], stride, padding)
     output_padding = _conv_output_padding(input_hw, out_hw, w.shape[-1], stride, padding)
     d = c_in * input_hw[0] * input_hw[1]
 
     def gram_times(x: np.ndarray) -> np.ndarray:
-        v = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float64)).reshape(1, c_in, *input_hw)
+        v = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float64)).to(w.device).reshape(1, c_in, *input_hw)
         image = F.conv2d(v, w, stride=stride, padding=padding)
         back = F.conv_transpose2d(image, w, stride=stride, padding=padding, output_padding=output_padding)
-        return back.reshape(-1).numpy()
+        return back.reshape(-1).cpu().numpy()
 
     operator = scipy.sparse.linalg.LinearOperator((d, d), matvec=gram_times, dtype=np.float64)
     try:
