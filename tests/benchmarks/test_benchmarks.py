@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from benchmarks import inverse, peers, quality, step_time, workers
+from benchmarks import inverse, peers, presets, quality, step_time, workers
 
 
 class _Queue(list):
@@ -173,3 +173,28 @@ def test_a_case_whose_process_dies_is_reported_with_its_exit_code():
         in_fresh_process(_dies, 3)
     with pytest.raises(CaseFailed, match="no result within 1 s"):
         in_fresh_process(_hangs, 60.0, timeout_s=1.0)
+
+
+@pytest.mark.parametrize("case", ["density:quick", "classify:quick"])
+def test_a_preset_trains_through_its_entry_points_task_and_projects_its_schedule(case):
+    args = dict(device="cpu", amp=False, steps=2, batch_size=8, threads=0, data_dir=None)
+    row = presets.measure_case(case, args)
+    assert row["case"] == case and row["batch_size"] == 8 and row["steps_timed"] == 2
+    assert row["images_per_second"] > 0 and math.isfinite(row["train_loss"])
+    assert row["seconds_per_step"] == pytest.approx(8 / row["images_per_second"])
+    n_train = presets.DATASET_SHAPES["digits-mnist5k"][2]  # the quick presets' data: a full epoch is 4,000 images
+    assert row["full_epoch_minutes"] == pytest.approx(n_train / row["images_per_second"] / 60)
+    assert row["schedule_hours"] == pytest.approx(row["full_epoch_minutes"] * row["schedule_epochs"] / 60)
+    assert math.isnan(row["gpu_peak_memory_mib"])  # CUDA's peak only; none on a CPU
+    assert "density" not in case or row["estimator"] == "russian_roulette"  # the preset's own estimator
+    assert case in presets.format_table([row])
+
+
+def test_a_preset_case_names_an_entry_point_and_one_of_its_presets():
+    assert presets.parse_case("classify:paper-cifar100") == ("classify", "paper-cifar100")
+    with pytest.raises(ValueError, match="ENTRY:PRESET"):
+        presets.parse_case("toy:quick")
+    with pytest.raises(ValueError, match="no preset 'paper-svhn'"):
+        presets.parse_case("density:paper-svhn")
+    data = presets.random_dataset("cifar100", 5)
+    assert data.shape == (3, 32, 32) and len(data.train) == 5 and int(data.train.labels.max()) < 100
