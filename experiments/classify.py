@@ -310,7 +310,7 @@ def _measure_invertibility(
         write_csv(curve, out / "reconstruction_vs_iterations.csv")
         for row in curve:
             value = row["rel_error_mean"]
-            log_metrics({"recon_rel_error_mean": value if math.isfinite(value) else 1e30}, row["iterations"])
+            log_metrics({"recon_rel_error_mean": value if math.isfinite(value) else 1e30}, int(row["iterations"]))
         fig, ax = new_figure()
         ax.semilogy([r["iterations"] for r in curve], [max(r["rel_error_mean"], 1e-16) for r in curve], marker="o")
         ax.set_xlabel("fixed-point iterations per block")

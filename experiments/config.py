@@ -17,7 +17,7 @@ import types
 import typing
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from experiments.tracking import run_status
 from pipeline.training.checkpoint import load_checkpoint
@@ -197,22 +197,22 @@ def config_for_resume(config_cls: type[C], run_id: str, **overrides: Any) -> C:
     if unknown:
         raise ValueError(f"a resumed run keeps its configuration; cannot change {sorted(unknown)} on resume")
     checkpoint_dir = overrides.get("checkpoint_dir", config_cls.checkpoint_dir)  # type: ignore[attr-defined]
-    path = Path(checkpoint_dir) / run_id / "last.pt"
+    path = Path(str(checkpoint_dir)) / run_id / "last.pt"
     if not path.exists():
         raise ValueError(f"cannot resume run {run_id}: no checkpoint at {path}")
     checkpoint = load_checkpoint(path)
     expected = entry_point_module(config_cls)
     started_by = checkpoint.get("entry_point")  # recorded since this check exists
-    unknown = sorted(set(checkpoint["config"]) - {f.name for f in fields(config_cls)})  # type: ignore[arg-type]
+    foreign = sorted(set(checkpoint["config"]) - {f.name for f in fields(config_cls)})  # type: ignore[arg-type]
     name = expected.rsplit(".", 1)[-1]
     if started_by and started_by != expected:
         raise ValueError(
             f"run {run_id} was not started by {name} but by {started_by.rsplit('.', 1)[-1]}; resume it with "
             f"python -m {started_by} --resume {run_id}"
         )
-    if not started_by and unknown:  # a checkpoint from before the entry point was recorded
+    if not started_by and foreign:  # a checkpoint from before the entry point was recorded
         raise ValueError(
-            f"run {run_id} was not started by {name} (its options {', '.join(unknown[:4])} are not {name}'s); resume "
+            f"run {run_id} was not started by {name} (its options {', '.join(foreign[:4])} are not {name}'s); resume "
             "it with the entry point that started it"
         )
     saved = {k: tuple(v) if isinstance(v, list) else v for k, v in checkpoint["config"].items()}
@@ -226,7 +226,7 @@ def config_for_resume(config_cls: type[C], run_id: str, **overrides: Any) -> C:
             f"run {run_id} already FINISHED all {checkpoint['epoch']} epochs; resuming it would log its final "
             f"metrics and model again. Pass --epochs N with N > {checkpoint['epoch']} to train it further"
         )
-    return replace(config_cls(**saved), resume=run_id, **overrides)
+    return cast(C, replace(cast(Any, config_cls(**saved)), resume=run_id, **overrides))
 
 
 def parse_config(

@@ -128,9 +128,9 @@ class DensityConfig(EstimatorOptions, InverseOptions):
         hidden_from_preset = self.hidden_channels is None
         fill_from_architecture(self, FLOW_PRESETS[self.architecture])
         check_common(self)
-        object.__setattr__(self, "n_blocks", tuple(self.n_blocks))
+        object.__setattr__(self, "n_blocks", tuple(self.n_blocks or ()))  # filled from the preset: never None here
         hidden = self.hidden_channels
-        hidden = (hidden,) if isinstance(hidden, int) else tuple(hidden)
+        hidden = (hidden,) if isinstance(hidden, int) else tuple(hidden or ())
         if hidden_from_preset and len(set(hidden)) == 1:
             hidden = hidden[:1]  # the preset's one width for every level, whatever the number of levels
         object.__setattr__(self, "hidden_channels", hidden)
@@ -150,7 +150,8 @@ class DensityConfig(EstimatorOptions, InverseOptions):
         # the library validates its own pieces; building them here fails before any run starts
         self.training_estimator()
         self.inverse_config()
-        self.flow_architecture((1, 2 ** len(self.n_blocks), 2 ** len(self.n_blocks)))
+        side = 2 ** len(self.n_blocks or ())
+        self.flow_architecture((1, side, side))
         self.protocol()
         check_device_name(self.device)
 

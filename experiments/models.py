@@ -26,6 +26,7 @@ from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, Schema, TensorSpec
 from torch import nn
 
+from experiments.tracking import active_run_id
 from experiments.tracking_store import PROJECT_ROOT, configure_tracking, retry_tracking_write
 from pipeline.models.scoring import input_shape
 
@@ -80,7 +81,7 @@ def log_pyfunc_model(
     """
     from pipeline.models.serialization import save_model
 
-    run_id = mlflow.active_run().info.run_id
+    run_id = active_run_id()
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "network"
         save_model(model, folder)

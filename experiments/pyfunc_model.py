@@ -15,9 +15,10 @@ torch, numpy, pandas and mlflow where it is loaded.
 
 import mlflow
 import numpy as np
+from mlflow.pyfunc import PythonModel
 
 
-class IResNetPyfuncModel(mlflow.pyfunc.PythonModel):
+class IResNetPyfuncModel(PythonModel):
     def load_context(self, context) -> None:
         from pipeline.models.serialization import load_model_folder
 

@@ -14,9 +14,10 @@ import logging
 import os
 import signal
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -62,10 +63,20 @@ class Splits:
 class TrainingTask(Protocol):
     """What an entry point adds to :func:`run_training`: the model and its optimisation, one step, evaluation."""
 
-    model: nn.Module
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
-    eval_every: int  # epochs between evaluations (0: the last only)
+    # read-only members: a task's own attributes may be narrower (an IResNetFlow, an Adamax, a LambdaLR)
+    @property
+    def model(self) -> nn.Module: ...
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer: ...
+
+    @property
+    def scheduler(self) -> torch.optim.lr_scheduler.LRScheduler: ...
+
+    @property
+    def eval_every(self) -> int:
+        """Epochs between evaluations (0: the last only)."""
+        ...
 
     def initialize(self) -> None:
         """A new run's data-dependent initialisation (ActNorm), under ``no_grad``, on every rank."""
@@ -76,7 +87,7 @@ class TrainingTask(Protocol):
     def on_start(self, new_run: bool) -> None:
         """Inside the tracked run, before training (rank 0)."""
 
-    def step(self, forward: nn.Module, batch: Any) -> tuple[Tensor, dict[str, Tensor]]:
+    def step(self, forward: nn.Module, batch: Any) -> tuple[Tensor, Mapping[str, Tensor]]:
         """The loss of one batch and metrics to log; ``forward`` is the model as trained (DDP-wrapped)."""
 
     def evaluate(self, epoch: int) -> dict[str, float]:
@@ -232,7 +243,7 @@ def log_datasets(splits: Splits) -> None:
     """The run's data as MLflow dataset inputs (name, digest, source, split), so the UI shows what trained it."""
     import warnings
 
-    import mlflow.data
+    from mlflow.data.numpy_dataset import from_numpy
 
     data = splits.data
     for context, split in (("training", splits.train), ("validation", splits.validation), ("test", data.test)):
@@ -240,13 +251,13 @@ def log_datasets(splits: Splits) -> None:
             continue
         with warnings.catch_warnings():  # MLflow says a local path "can be interpreted in multiple ways"
             warnings.simplefilter("ignore", UserWarning)
-            dataset = mlflow.data.from_numpy(
+            dataset = from_numpy(
                 split.images.cpu().numpy(),
                 targets=split.labels.cpu().numpy(),
                 source=data.source or data.name,
                 name=f"{data.name}-{context}",
             )
-        retry_tracking_write(lambda dataset=dataset, context=context: mlflow.log_input(dataset, context=context))
+        retry_tracking_write(partial(mlflow.log_input, dataset, context=context))
 
 
 def _last_logged(run_id: str) -> tuple[int, int]:

@@ -20,7 +20,7 @@ import logging
 import math
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -119,7 +119,7 @@ class TrialSeededSampler(optuna.samplers.BaseSampler):
         self._for(trial).before_trial(study, trial)
 
     def after_trial(
-        self, study: optuna.Study, trial: FrozenTrial, state: TrialState, values: list[float] | None
+        self, study: optuna.Study, trial: FrozenTrial, state: TrialState, values: Sequence[float] | None
     ) -> None:
         self._for(trial).after_trial(study, trial, state, values)
 

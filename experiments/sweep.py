@@ -29,13 +29,14 @@ import sys
 import tempfile
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import mlflow
 import optuna
 from mlflow.tracking import MlflowClient
+from optuna.study import StudyDirection
 from optuna.trial import TrialState
 
 from experiments import classify, density
@@ -51,7 +52,15 @@ from experiments.study import (
     retry_once,
 )
 from experiments.study_storage import DeadTrialHandler, open_storage
-from experiments.tracking import RunStopped, log_config, log_json, log_params_flat, on_run_start, tracked_run
+from experiments.tracking import (
+    RunStopped,
+    active_run_id,
+    log_config,
+    log_json,
+    log_params_flat,
+    on_run_start,
+    tracked_run,
+)
 from experiments.tracking_store import PROJECT_ROOT
 
 log = logging.getLogger("experiments.sweep")
@@ -62,7 +71,7 @@ DEFAULT_OVERRIDES = {"density": "epochs=2 eval_max_images=500", "classify": "epo
 @dataclass(frozen=True)
 class Target:
     module: Any
-    config_cls: type
+    config_cls: type[Any]
     metric: str  # the validation metric to minimise
     # multi-objective mode: (name, second metric, its direction, how to read it from the run's metrics)
     second: tuple[str, str, Callable[[dict], float]]
@@ -152,7 +161,7 @@ class SweepConfig:
             space = read_space_file(Path(self.space_file))
         else:
             space = default_space(with_logdet=self.target == "density", tune_lr=self.tune_lr)
-        check_space(space, set(TARGETS[self.target].config_cls.__dataclass_fields__), self.target)
+        check_space(space, {f.name for f in fields(TARGETS[self.target].config_cls)}, self.target)
         return space
 
     def base_overrides(self) -> dict[str, Any]:
@@ -222,8 +231,7 @@ def make_objective(
                 if trial.should_prune():
                     raise PrunedRun(f"pruned at epoch {epoch} ({target.metric}={metrics[target.metric]:.4g})")
 
-        parent = mlflow.active_run()
-        trial.set_user_attr("mlflow_parent_run_id", parent.info.run_id)
+        trial.set_user_attr("mlflow_parent_run_id", active_run_id())
 
         def link(run_id: str) -> None:  # at the child run's start: a worker dying mid-trial leaves both matched
             client.set_tag(run_id, "optuna_trial", trial.number)
@@ -255,9 +263,11 @@ def _log_study_figures(study: optuna.Study, cfg: SweepConfig, out: Path) -> None
     if cfg.multi_objective:
         plots["pareto_front"] = lambda: ovm.plot_pareto_front(study, target_names=names)
         for i, name in enumerate(names):
-            plots[f"history_{name}"] = lambda i=i, name=name: ovm.plot_optimization_history(
-                study, target=lambda t: t.values[i], target_name=name
-            )
+
+            def history(i: int = i, name: str = name) -> Any:
+                return ovm.plot_optimization_history(study, target=lambda t: t.values[i], target_name=name)
+
+            plots[f"history_{name}"] = history
     else:
         plots["history"] = lambda: ovm.plot_optimization_history(study, target_name=target.metric)
         plots["importances"] = lambda: ovm.plot_param_importances(study)
@@ -307,7 +317,8 @@ def run(cfg: SweepConfig) -> str:
     )
     if journal:
         log.warning("a journal storage has no heartbeats: a worker killed mid-trial leaves that trial RUNNING")
-    directions = ["minimize", TARGETS[cfg.target].second[1]] if cfg.multi_objective else ["minimize"]
+    second = [StudyDirection[TARGETS[cfg.target].second[1].upper()]] if cfg.multi_objective else []
+    directions = [StudyDirection.MINIMIZE, *second]
     study = optuna.create_study(
         study_name=cfg.study_name,
         storage=storage,
@@ -316,7 +327,7 @@ def run(cfg: SweepConfig) -> str:
         sampler=make_sampler(cfg.sampler, cfg.seed),
         pruner=make_pruner(cfg.pruner, multi_objective=cfg.multi_objective),
     )
-    if study.directions != [optuna.study.StudyDirection[d.upper()] for d in directions]:
+    if study.directions != directions:
         raise ValueError(
             f"study {cfg.study_name!r} exists with directions {[d.name.lower() for d in study.directions]}, not "
             f"{directions} (objective {cfg.objective!r}); use the study's objective or another --study-name"
@@ -392,6 +403,7 @@ def _log_study_summary(study: optuna.Study, cfg: SweepConfig) -> None:
                 mlflow.log_metric("pareto_front_size", len(front))
             else:
                 best = study.best_trial
+                assert best.value is not None  # the best trial is a completed one
                 mlflow.log_metric(f"best_{TARGETS[cfg.target].metric}", best.value)
                 log_params_flat({f"best_{k}": v for k, v in best.params.items()})
                 best_run = best.user_attrs.get("mlflow_run_id", "")

@@ -17,10 +17,12 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import cast
 
 import mlflow
 import numpy as np
 import torch
+from mlflow.data.numpy_dataset import from_numpy
 from torch import Tensor, nn
 
 from experiments.config import EstimatorOptions, check_at_least, check_common, fill_from_architecture
@@ -199,7 +201,7 @@ class Residual1D(nn.Module):
 
     def forward(self, x: Tensor) -> list[Tensor]:
         states = [x]
-        for block in self.blocks:
+        for block in cast("list[InvertibleResidualBlock]", self.blocks):
             states.append(block.map(states[-1]))
         return states
 
@@ -237,7 +239,7 @@ def train_dynamics(coeff: float | None, cfg: ToyConfig, device: torch.device) ->
 def _dynamics_figure(cfg: ToyConfig, device: torch.device, out: Path) -> dict[str, float]:
     fig, axes = new_figure(10, 4)
     axes.remove()
-    metrics = {}
+    metrics: dict[str, float] = {}
     for i, (name, coeff) in enumerate((("ResNet", None), ("i-ResNet", cfg.coeff))):
         net, inputs = train_dynamics(coeff, cfg, device)
         with torch.no_grad():
@@ -330,7 +332,7 @@ def run(cfg: ToyConfig) -> str:
         axes.remove()
         for r, dataset in enumerate(datasets):
             test = sample_toy(dataset, cfg.n_test, seed=cfg.seed + 10_000 + r)
-            mlflow.log_input(mlflow.data.from_numpy(test.numpy(), name=f"{dataset}-test"), context="test")
+            mlflow.log_input(from_numpy(test.numpy(), name=f"{dataset}-test"), context="test")
             test = test.to(device)
             panels = []
             for name in model_names:

@@ -75,7 +75,7 @@ def tracked_run(
     With a run already active (a sweep's parent run), the new run is nested under it. ``log_system_metrics``
     starts MLflow's monitor of CPU, memory and GPU use (``system/*`` metrics, every 10 s by default).
     """
-    system = {"log_system_metrics": True} if log_system_metrics else {}
+    system: bool | None = True if log_system_metrics else None  # None: MLflow's own default (its environment)
     configure_tracking()
     launched_run = os.environ.get("MLFLOW_RUN_ID")
     if resume_run_id:
@@ -88,20 +88,23 @@ def tracked_run(
             client.set_tag(launched_run, "mlflow.note.content", f"resumed run {resume_run_id}; see that run")
             client.set_tag(launched_run, "resumed_run_id", resume_run_id)
             os.environ.pop("MLFLOW_RUN_ID", None)
-        run = mlflow.start_run(run_id=resume_run_id, **system)
+        run = mlflow.start_run(run_id=resume_run_id, log_system_metrics=system)
         for key in ("failure", "stopped"):  # the interruption is history now: keep it, but not as the run's state
             if key in previous.data.tags:
                 client.set_tag(resume_run_id, f"previous_{key}", previous.data.tags[key])
                 client.delete_tag(resume_run_id, key)
     elif launched_run and mlflow.active_run() is None:
-        run = mlflow.start_run(run_id=launched_run, **system)
+        run = mlflow.start_run(run_id=launched_run, log_system_metrics=system)
         # claimed: a later start_run(nested=True) would otherwise silently resume this run again
         os.environ.pop("MLFLOW_RUN_ID", None)
-    elif mlflow.active_run() is not None:
-        parent = mlflow.active_run()
-        run = mlflow.start_run(experiment_id=parent.info.experiment_id, run_name=run_name, nested=True, **system)
+    elif (parent := mlflow.active_run()) is not None:
+        run = mlflow.start_run(
+            experiment_id=parent.info.experiment_id, run_name=run_name, nested=True, log_system_metrics=system
+        )
     else:
-        run = mlflow.start_run(experiment_id=experiment_id(experiment_name), run_name=run_name, **system)
+        run = mlflow.start_run(
+            experiment_id=experiment_id(experiment_name), run_name=run_name, log_system_metrics=system
+        )
     try:
         if not resume_run_id:
             for hook in list(_RUN_START_HOOKS):
@@ -110,13 +113,21 @@ def tracked_run(
     except (KeyboardInterrupt, RunStopped) as exc:
         _end_active_run("KILLED", "stopped", f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
         if not hasattr(exc, "stop_hint"):  # what the entry point says of the stop (an inner run's, if any)
-            exc.stop_hint = f"run {run.info.run_id} is marked KILLED"  # type: ignore[attr-defined]
+            exc.stop_hint = f"run {run.info.run_id} is marked KILLED"  # type: ignore[union-attr]
         raise
     except BaseException as exc:
         _end_active_run("FAILED", "failure", f"{type(exc).__name__}: {exc}")
         raise
     else:
         mlflow.end_run(status="FINISHED")
+
+
+def active_run_id() -> str:
+    """The id of MLflow's active run (a clear error where there is none)."""
+    run = mlflow.active_run()
+    if run is None:
+        raise RuntimeError("no MLflow run is active")
+    return run.info.run_id
 
 
 def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
@@ -136,7 +147,7 @@ def _end_active_run(status: str, tag: str, reason: str) -> None:
     exit hook can no longer end the run FINISHED; the status write is then retried. The reason tag is
     best effort: a store that refuses it must not leave the run looking finished.
     """
-    run_id = mlflow.active_run().info.run_id
+    run_id = active_run_id()
     client = MlflowClient()
     try:
         mlflow.end_run(status=status)

@@ -14,8 +14,9 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import replace
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
@@ -25,12 +26,24 @@ from pipeline.layers.layer_norms import layer_operator_norm
 from pipeline.transforms.residual import InvertibleResidualBlock, using_estimator
 
 
-def _blocks(model: nn.Module) -> list[InvertibleResidualBlock]:
+class FeatureInverse(Protocol):
+    """A model with an invertible feature map (a :class:`~pipeline.models.ResidualClassifier`)."""
+
+    def features(self, x: Tensor) -> Tensor: ...
+
+    def reconstruct(self, features: Tensor) -> Tensor: ...
+
+    def modules(self) -> Iterator[nn.Module]: ...
+
+
+def _blocks(model: nn.Module | FeatureInverse) -> list[InvertibleResidualBlock]:
     return [m for m in model.modules() if isinstance(m, InvertibleResidualBlock)]
 
 
 @torch.no_grad()
-def reconstruction_error_curve(model: nn.Module, x: Tensor, iterations: Sequence[int]) -> list[dict[str, float]]:
+def reconstruction_error_curve(
+    model: FeatureInverse, x: Tensor, iterations: Sequence[int]
+) -> list[dict[str, float]]:
     """Relative reconstruction error ``||x_rec - x|| / ||x||`` after exactly ``k`` iterations per block.
 
     ``model`` must have ``features(x)`` and ``reconstruct(features)`` (a classifier). Each block keeps
@@ -67,7 +80,7 @@ def layer_operator_norms(model: nn.Module, *, method: str = "certified") -> list
     for i, block in enumerate(_blocks(model)):
         if block.input_shape is None:
             raise RuntimeError("run a forward pass first: layer input sizes are recorded on first use")
-        input_hw = tuple(block.input_shape[-2:]) if len(block.input_shape) == 3 else None
+        input_hw = (block.input_shape[1], block.input_shape[2]) if len(block.input_shape) == 3 else None
         for j, layer in enumerate(branch_linear_layers(block.branch)):
             kernel = getattr(layer, "kernel_size", None)
             kernel = kernel[0] if isinstance(kernel, tuple) else kernel

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 
@@ -32,8 +33,9 @@ MINIMUM_TORCH = (2, 9)  # torch.backends.cuda.matmul.fp32_precision and torch.ba
 PRECISION_FLOOR_EPS = 8
 
 
-def _tf32_switches() -> list[object]:
-    return [torch.backends.cuda.matmul, torch.backends.cudnn.conv]
+def _tf32_switches() -> list[Any]:
+    # the fp32_precision switches (torch >= 2.9) are set at run time; torch's stubs do not declare them
+    return [torch.backends.cuda.matmul, torch.backends.cudnn.conv]  # type: ignore[attr-defined]
 
 
 @contextmanager

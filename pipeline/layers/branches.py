@@ -9,6 +9,7 @@ eval mode (each layer applies its certified weight), and :func:`branch_lipschitz
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any, TypeGuard
 
 import torch
 import torch.nn.functional as F
@@ -141,7 +142,7 @@ def _lipswish(m: LipSwish, x: Tensor) -> tuple[Tensor, Tensor]:
     return x * s / 1.1, (s + torch.ops.aten.sigmoid_backward(z, s)) / 1.1
 
 
-ACTIVATION_VALUE_AND_DERIVATIVE: dict[type[nn.Module], Callable[[nn.Module, Tensor], tuple[Tensor, Tensor]]] = {
+ACTIVATION_VALUE_AND_DERIVATIVE: dict[type[nn.Module], Callable[[Any, Tensor], tuple[Tensor, Tensor]]] = {
     nn.ELU: _elu,
     nn.Softplus: _softplus,
     nn.ReLU: _relu,
@@ -149,7 +150,7 @@ ACTIVATION_VALUE_AND_DERIVATIVE: dict[type[nn.Module], Callable[[nn.Module, Tens
 }
 
 
-def has_closed_form_jacobian(branch: nn.Module) -> bool:
+def has_closed_form_jacobian(branch: object) -> TypeGuard[nn.Sequential]:
     """Whether :func:`mlp_jacobian` handles ``branch``: a sequence of linear maps and known activations."""
     return isinstance(branch, nn.Sequential) and all(
         isinstance(m, (nn.Linear, SpectralNormLinear)) or type(m) in ACTIVATION_VALUE_AND_DERIVATIVE for m in branch

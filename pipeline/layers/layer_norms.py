@@ -44,8 +44,11 @@ def layer_operator_norm(
         weight, stride, padding = layer.effective_weight(), layer.stride, layer.padding
         input_hw = layer.input_hw
     elif isinstance(layer, nn.Conv2d):
-        if layer.groups != 1 or layer.dilation != (1, 1) or layer.padding_mode != "zeros":
-            raise NotImplementedError("only plain zero-padded convolutions (groups=1, dilation=1) are supported")
+        plain = layer.groups == 1 and layer.dilation == (1, 1) and layer.padding_mode == "zeros"
+        if isinstance(layer.padding, str) or not plain:
+            raise NotImplementedError(
+                "only plain zero-padded convolutions (groups=1, dilation=1, numeric padding) are supported"
+            )
         weight, stride, padding = layer.weight.detach(), layer.stride[0], layer.padding[0]
     else:
         raise TypeError(f"no operator norm for {type(layer).__name__}")

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.grad import conv2d_weight
 
 from pipeline.attributes import temporarily_set
 from pipeline.layers.operator_norm import (
@@ -143,6 +144,7 @@ class _SpectralNorm(nn.Module):
     weight: Tensor
     u: Tensor
     v: Tensor
+    initialized: Tensor
     sigma: Tensor
     _step_bound_is_exact: bool = False  # whether _step_bound is the norm itself (linear layers); per class
 
@@ -212,13 +214,13 @@ class _SpectralNorm(nn.Module):
         return u / sigma.clamp_min(1e-12), v, sigma
 
     @torch.no_grad()
-    def power_iteration(self, n: int) -> Tensor | None:
+    def power_iteration(self, n: int) -> Tensor:
         """Run ``n`` power-iteration steps on the operator, updating ``u`` and ``v`` in place.
 
-        Returns the last step's estimate ``||A v||`` (``None`` for ``n = 0``).
+        Returns the last step's estimate ``||A v||`` (for ``n = 0`` the stored estimate ``sigma``).
         """
         if n == 0:
-            return None
+            return self.sigma
         with full_precision(self.weight.device.type):
             u, v, sigma = self._power_steps(self.u, n, self.weight.detach())
         self.u.copy_(u)
@@ -231,12 +233,15 @@ class _SpectralNorm(nn.Module):
         previous = self.sigma.clone() if self.power_tol > 0 else None
         sigma = self.power_iteration(self.n_power_iterations)
         steps = self.n_power_iterations
-        if self.power_tol > 0:
-            # one host sync per check; warm-started, most steps stop at the first
-            while steps < self.max_power_iterations and abs(float(sigma - previous)) > self.power_tol * float(sigma):
-                previous = sigma
-                sigma = self.power_iteration(1)
-                steps += 1
+        # power_tol > 0: one host sync per check; warm-started, most steps stop at the first
+        while (
+            previous is not None
+            and steps < self.max_power_iterations
+            and abs(float(sigma - previous)) > self.power_tol * float(sigma)
+        ):
+            previous = sigma
+            sigma = self.power_iteration(1)
+            steps += 1
         return steps
 
     def _initialized(self) -> bool:
@@ -322,6 +327,7 @@ class _SpectralNorm(nn.Module):
             yield
 
     def _normalize_for_eval(self, key: tuple, w: Tensor) -> EvalNormalization:
+        proof: CertifiedNorm | None
         if self.lipschitz == "strict":  # the map training applies: the step bound, with the latest estimate
             bound = float(self._step_bound(w))
             exact = self._step_bound_is_exact
@@ -379,6 +385,7 @@ class _SpectralNorm(nn.Module):
     def certified_norm(self) -> float:
         """Certified upper bound of the operator norm of :meth:`effective_weight` (``<= c (1 + slack)``)."""
         norm = self.certificate()
+        assert norm.proof is not None  # certificate() proves what it returns
         return min(1.0, self.coeff / float(norm.sigma)) * norm.proof.bound
 
     def training_norm_ratio(self) -> float:
@@ -389,6 +396,7 @@ class _SpectralNorm(nn.Module):
         """
         norm = self.eval_normalization()
         if self.lipschitz == "strict":
+            assert norm.proof is not None  # strict mode's normalisation carries its bound
             sigma = max(float(self.sigma), norm.proof.bound)
             return norm.proof.bound * min(1.0, self.coeff / sigma) / self.coeff
         return norm.reference * min(1.0, self.coeff / float(self.sigma)) / self.coeff
@@ -499,7 +507,7 @@ class SpectralNormConv2d(_SpectralNorm):
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
         self.weight = nn.Parameter(ref.weight.detach().clone())
-        self.bias = nn.Parameter(ref.bias.detach().clone()) if bias else None
+        self.bias = nn.Parameter(ref.bias.detach().clone()) if ref.bias is not None else None
         self.register_buffer("u", torch.empty(0))
         self.register_buffer("v", torch.empty(0))
 
@@ -507,6 +515,13 @@ class SpectralNormConv2d(_SpectralNorm):
     def input_hw(self) -> tuple[int, int] | None:
         """The spatial input size the operator norm refers to (``None`` before the first input)."""
         return tuple(self.v.shape[-2:]) if self.v.numel() else None  # type: ignore[return-value]
+
+    @property
+    def _seen_hw(self) -> tuple[int, int]:
+        hw = self.input_hw
+        if hw is None:
+            raise RuntimeError("SpectralNormConv2d has not seen an input yet; its operator norm needs the input size")
+        return hw
 
     def _output_padding(self) -> tuple[int, int]:
         h, w = self.v.shape[-2:]
@@ -531,7 +546,7 @@ class SpectralNormConv2d(_SpectralNorm):
         # u^T conv(v, W) = <W, G>, G the weight gradient of conv(v, .) at output gradient u: one correlation of v and
         # u, without a graph, instead of a convolution and its backward per layer and step; the gradient in W is G
         with torch.no_grad():
-            g = torch.nn.grad.conv2d_weight(self.v, weight.shape, self.u, stride=self.stride, padding=self.padding)
+            g = conv2d_weight(self.v, weight.shape, self.u, stride=self.stride, padding=self.padding)
         return torch.dot(weight.flatten(), g.flatten())
 
     def _stacked_operator(self, v: Tensor, weight: Tensor) -> Tensor:
@@ -550,18 +565,18 @@ class SpectralNormConv2d(_SpectralNorm):
         return out.reshape(g, 1, -1, *out.shape[-2:])
 
     def _step_bound(self, weight: Tensor) -> Tensor:
-        return conv_operator_norm_bound_tensor(weight, self.input_hw, self.padding)
+        return conv_operator_norm_bound_tensor(weight, self._seen_hw, self.padding)
 
     def _prove_norm(self, weight: Tensor, estimate: float | None) -> CertifiedNorm:
         return conv_operator_norm(
-            weight, self.input_hw, self.stride, self.padding, slack=CERTIFIED_SLACK, estimate=estimate
+            weight, self._seen_hw, self.stride, self.padding, slack=CERTIFIED_SLACK, estimate=estimate
         )
 
     def _estimate_norm(self, weight: Tensor) -> tuple[float, str, bool, CertifiedNorm | None]:
-        if conv_gram_dim(weight, self.input_hw, self.stride, self.padding) <= GRAM_MAX_DIM:
+        if conv_gram_dim(weight, self._seen_hw, self.stride, self.padding) <= GRAM_MAX_DIM:
             proof = self._prove_norm(weight, None)  # exact, and as cheap as an estimate
             return proof.bound, "exact", True, proof
-        value, converged = conv_operator_norm_estimate(weight, self.input_hw, self.stride, self.padding)
+        value, converged = conv_operator_norm_estimate(weight, self._seen_hw, self.stride, self.padding)
         if not converged:
             value, converged = self._power_estimate(weight)
             return value, "power", converged, None

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from contextlib import AbstractContextManager
+from typing import cast
 
 from torch import Tensor, nn
 
@@ -22,6 +24,12 @@ class FlowModel(nn.Module):
     """
 
     priors: nn.ModuleList
+    input_shape: tuple[int, ...]
+
+    @property
+    def prior_list(self) -> Sequence[DiagonalGaussian]:
+        """The base distributions, aligned with ``zs`` (the ``ModuleList`` that registers them, typed)."""
+        return cast("Sequence[DiagonalGaussian]", self.priors)
 
     def forward(self, x: Tensor) -> tuple[list[Tensor], Tensor]:
         raise NotImplementedError
@@ -39,7 +47,7 @@ class FlowModel(nn.Module):
 
     def prior_log_prob(self, zs: list[Tensor]) -> Tensor:
         """Sum of the base distributions' log-densities of the latents."""
-        return sum(prior.log_prob(z) for prior, z in zip(self.priors, zs, strict=True))
+        return cast(Tensor, sum(prior.log_prob(z) for prior, z in zip(self.prior_list, zs, strict=True)))
 
     def log_prob(self, x: Tensor) -> Tensor:
         zs, logdet = self(x)
@@ -54,7 +62,7 @@ class FlowModel(nn.Module):
         return using_estimator(self, estimator)
 
     def sample_latents(self, n: int, *, temperature: float = 1.0) -> list[Tensor]:
-        return [prior.sample(n, temperature=temperature) for prior in self.priors]
+        return [prior.sample(n, temperature=temperature) for prior in self.prior_list]
 
     def sample(self, n: int, *, temperature: float = 1.0, report: InverseReport | None = None) -> Tensor:
         """Draw ``n`` samples (temperature scales the prior's standard deviation)."""

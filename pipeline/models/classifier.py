@@ -10,7 +10,9 @@ invertible and :meth:`ResidualClassifier.reconstruct` recovers the input from th
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from typing import cast
 
 from torch import Tensor, nn
 
@@ -136,10 +138,14 @@ class ResidualClassifier(nn.Module):
             nn.Linear(c_out, arch.num_classes),
         )
 
+    @property
+    def _stage_list(self) -> Sequence[Transform]:
+        return cast("Sequence[Transform]", self.stages)
+
     def features(self, x: Tensor) -> Tensor:
         """The (invertible, for an i-ResNet) feature map before the head."""
         h = self.pad(in_model_dtype(self, x))
-        for stage in self.stages:
+        for stage in self._stage_list:
             h = stage.map(h)
         return h
 
@@ -149,7 +155,7 @@ class ResidualClassifier(nn.Module):
     def reconstruct(self, features: Tensor, *, report: InverseReport | None = None) -> Tensor:
         """Invert the feature map by fixed-point iteration and drop the padded channels."""
         h = features
-        for stage in reversed(self.stages):
+        for stage in reversed(self._stage_list):
             h = stage.inverse(h, report=report)
         return self.pad.inverse(h)
 

@@ -9,7 +9,9 @@ The last level may end with fully connected residual blocks on its flattened map
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -56,12 +58,13 @@ class FlowArchitecture:
         object.__setattr__(self, "n_blocks", tuple(self.n_blocks))
         object.__setattr__(self, "kernel_sizes", tuple(self.kernel_sizes))
         hidden = (self.hidden_channels,) if isinstance(self.hidden_channels, int) else tuple(self.hidden_channels)
-        object.__setattr__(self, "hidden_channels", hidden * len(self.n_blocks) if len(hidden) == 1 else hidden)
+        widths = hidden * len(self.n_blocks) if len(hidden) == 1 else hidden
+        object.__setattr__(self, "hidden_channels", widths)
         if len(self.input_shape) != 3 or min(self.input_shape) < 1:
             raise ValueError(f"input_shape must be (C, H, W), got {self.input_shape}")
         if not self.n_blocks or min(self.n_blocks) < 1:
             raise ValueError(f"n_blocks needs at least one level with >= 1 block each, got {self.n_blocks}")
-        if len(self.hidden_channels) != len(self.n_blocks) or min(self.hidden_channels) < 1:
+        if len(widths) != len(self.n_blocks) or min(widths) < 1:
             raise ValueError(f"hidden_channels needs one width >= 1 (or one per level), got {self.hidden_channels}")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"unknown activation {self.activation!r}; choose one of {sorted(ACTIVATIONS)}")
@@ -117,7 +120,7 @@ class IResNetFlow(FlowModel):
         priors = []
         shapes = arch.level_shapes()
         for level, (n_blocks, hidden, (c, h, w)) in enumerate(
-            zip(arch.n_blocks, arch.hidden_channels, shapes, strict=True)
+            zip(arch.n_blocks, cast("tuple[int, ...]", arch.hidden_channels), shapes, strict=True)  # one per level
         ):
             steps: list[Transform] = []
             if level == 0 and arch.logit_alpha:
@@ -189,10 +192,11 @@ class IResNetFlow(FlowModel):
             raise ValueError(f"expected {len(self.levels)} latents, got {len(zs)}")
         zs = [in_model_dtype(self, z) for z in zs]
         h = zs[-1]
-        for level in reversed(range(len(self.levels))):
-            if level < len(self.levels) - 1:
+        levels = cast("Sequence[Transform]", self.levels)
+        for level in reversed(range(len(levels))):
+            if level < len(levels) - 1:
                 h = torch.cat([zs[level], h], dim=1)
-            h = self.levels[level].inverse(h, report=report)
+            h = levels[level].inverse(h, report=report)
         return h
 
 

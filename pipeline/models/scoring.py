@@ -6,7 +6,7 @@ library's own use, so a served answer is the library's answer for the same input
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -14,6 +14,7 @@ from torch import nn
 
 from pipeline.data.preprocessing import standardize
 from pipeline.evaluation import bits_per_dim_per_image
+from pipeline.models.base import FlowModel
 from pipeline.transforms.logdet import ExactLogDet
 
 KINDS = ("density", "classify", "toy")
@@ -22,8 +23,15 @@ DENSITY_PASSES = 8  # draws averaged per image: the standard error is returned b
 
 def input_shape(model: nn.Module) -> tuple[int, ...]:
     """The shape of one input of ``model`` (flows know it; a classifier's architecture does)."""
-    shape = getattr(model, "input_shape", None)
-    return tuple(shape if shape is not None else model.arch.input_shape)
+    if isinstance(model, FlowModel):
+        return tuple(model.input_shape)
+    return tuple(cast(Any, model).arch.input_shape)
+
+
+def _flow(model: nn.Module, kind: str) -> FlowModel:
+    if not isinstance(model, FlowModel):
+        raise TypeError(f"a {kind} model is a flow; got a {type(model).__name__}")
+    return model
 
 
 def _images(model: nn.Module, inputs: np.ndarray, pad: int = 0) -> torch.Tensor:
@@ -47,10 +55,11 @@ def score(model: nn.Module, kind: str, inputs: np.ndarray, config: dict[str, Any
     * ``toy``: float32 points (N, 2) -> ``log_density`` (exact log-determinant).
     """
     if kind == "density":
+        flow = _flow(model, kind)
         pad = int(config.get("pad", 0))
-        images = _images(model, inputs, pad)
+        images = _images(flow, inputs, pad)
         bpd, se = bits_per_dim_per_image(
-            model, images, n_levels=int(config["n_levels"]), pad=pad, passes=int(config.get("passes", DENSITY_PASSES))
+            flow, images, n_levels=int(config["n_levels"]), pad=pad, passes=int(config.get("passes", DENSITY_PASSES))
         )
         return {"bits_per_dim": bpd.numpy(), "standard_error": se.numpy()}
     if kind == "classify":
@@ -60,12 +69,13 @@ def score(model: nn.Module, kind: str, inputs: np.ndarray, config: dict[str, Any
             logits = model(standardize(images.to(next(model.parameters()).device), mean, std))
         return {"probabilities": torch.softmax(logits.double(), dim=1).cpu().numpy()}
     if kind == "toy":
-        if inputs.ndim != 2 or inputs.shape[1] != model.input_shape[0] or not np.issubdtype(inputs.dtype, np.floating):
+        flow = _flow(model, kind)
+        if inputs.ndim != 2 or inputs.shape[1] != flow.input_shape[0] or not np.issubdtype(inputs.dtype, np.floating):
             raise ValueError(
-                f"expected float points of shape (N, {model.input_shape[0]}), got {inputs.dtype} {tuple(inputs.shape)}"
+                f"expected float points of shape (N, {flow.input_shape[0]}), got {inputs.dtype} {tuple(inputs.shape)}"
             )
-        x = torch.from_numpy(np.ascontiguousarray(inputs)).to(next(model.parameters()).device)
-        with model.estimator(ExactLogDet()):
-            log_density = model.log_prob(x).detach()
+        x = torch.from_numpy(np.ascontiguousarray(inputs)).to(next(flow.parameters()).device)
+        with flow.estimator(ExactLogDet()):
+            log_density = flow.log_prob(x).detach()
         return {"log_density": log_density.double().cpu().numpy()}
     raise ValueError(f"unknown model kind {kind!r}; choose one of {KINDS}")

@@ -9,9 +9,9 @@ weights. Nothing in either file is executed on loading, unlike a pickled module.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, fields
+from dataclasses import asdict, fields, is_dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -37,6 +37,8 @@ MODEL_CLASSES: dict[str, tuple[type[nn.Module], type, bool]] = {
 
 
 def _estimator_spec(estimator: LogDetEstimator) -> dict[str, Any]:
+    if not is_dataclass(estimator):
+        raise TypeError(f"cannot describe the estimator {type(estimator).__name__} as data (not a dataclass)")
     return {"name": estimator.name, **{f.name: getattr(estimator, f.name) for f in fields(estimator)}}
 
 
@@ -46,7 +48,7 @@ def model_spec(model: nn.Module) -> dict[str, Any]:
     if name not in MODEL_CLASSES or not isinstance(model, MODEL_CLASSES[name][0]):
         raise TypeError(f"cannot describe a {name} as data; supported: {sorted(MODEL_CLASSES)}")
     blocks = [m for m in model.modules() if isinstance(m, InvertibleResidualBlock)]
-    spec: dict[str, Any] = {"format": MODEL_FORMAT, "class": name, "architecture": asdict(model.arch)}
+    spec: dict[str, Any] = {"format": MODEL_FORMAT, "class": name, "architecture": asdict(cast(Any, model).arch)}
     if blocks:
         spec["inverse_config"] = asdict(blocks[0].inverse_config)
         if MODEL_CLASSES[name][2]:

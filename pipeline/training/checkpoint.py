@@ -38,12 +38,12 @@ log = logging.getLogger(__name__)
 
 def rng_state() -> dict[str, Any]:
     """Every generator's state, as tensors and plain data."""
-    key, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    key, keys, pos, has_gauss, cached_gaussian = np.random.get_state(legacy=True)  # the tuple form, not a dict
     state = {
         "torch": torch.get_rng_state(),
         "numpy": {
             "key": key,
-            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
             "pos": int(pos),
             "has_gauss": int(has_gauss),
             "cached_gaussian": float(cached_gaussian),

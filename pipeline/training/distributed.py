@@ -86,7 +86,7 @@ def init_distributed(device_name: str) -> tuple[DistributedContext, torch.device
         dist.init_process_group(
             backend="nccl" if device.type == "cuda" else "gloo",
             timeout=BARRIER_TIMEOUT,
-            **({"device_id": device} if device.type == "cuda" else {}),
+            device_id=device if device.type == "cuda" else None,
         )
     return ctx, device
 
@@ -144,7 +144,7 @@ def check_global_batch(batch_size: int, ctx: DistributedContext) -> None:
         )
 
 
-def shard_batches(batches: Callable[[int], Iterable[Any]], ctx: DistributedContext) -> Callable[[int], Iterator[Any]]:
+def shard_batches(batches: Callable[[int], Iterable[Any]], ctx: DistributedContext) -> Callable[[int], Iterable[Any]]:
     """Each rank's part of every global batch (tuples of tensors split along the batch dimension)."""
     if not ctx.enabled:
         return batches

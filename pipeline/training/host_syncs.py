@@ -23,6 +23,7 @@ import threading
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from types import FrameType
 
 import torch
 from torch import Tensor
@@ -69,7 +70,7 @@ def _tensors(values) -> Iterator[Tensor]:
 
 
 def _called_from_optimizer() -> bool:
-    frame = sys._getframe(2)
+    frame: FrameType | None = sys._getframe(2)
     for _ in range(8):
         if frame is None:
             return False
@@ -93,7 +94,7 @@ class _SyncCounter(TorchDispatchMode):
     def count(self, name: str) -> None:
         self.counts[name] = self.counts.get(name, 0) + 1
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         packet = func.overloadpacket
         tensors = list(_tensors([*args, *kwargs.values()]))
@@ -132,8 +133,8 @@ def counting_host_syncs(device: str | torch.device = "cpu") -> Iterator[dict[str
     mode = _SyncCounter(device_type)
     originals = {name: getattr(Tensor, name) for name in HOST_READ_METHODS}
 
-    def wrap(name: str, original):  # type: ignore[no-untyped-def]
-        def read(self: Tensor, *args, **kwargs):  # type: ignore[no-untyped-def]
+    def wrap(name: str, original):
+        def read(self: Tensor, *args, **kwargs):
             if device_type == "cpu" and self.device.type == "cpu" and not getattr(_declared, "active", False):
                 mode.count(name)  # on a GPU the same call is a device-to-host copy, counted by the mode
             return original(self, *args, **kwargs)

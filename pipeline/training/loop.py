@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,7 +103,7 @@ class LoopState:
     logged_epoch: int = 0
 
 
-StepFn = Callable[[Any], tuple[Tensor, dict[str, Tensor | float]]]  # metrics: detached 0-d tensors (no sync)
+StepFn = Callable[[Any], tuple[Tensor, Mapping[str, Tensor | float]]]  # metrics: detached 0-d tensors (no sync)
 EpochHook = Callable[[int, dict[str, float]], None]
 
 
@@ -176,7 +176,8 @@ def fit(
     while state.epoch < config.epochs:
         epoch = state.epoch + 1
         model.train()
-        started, seen, totals, count = time.perf_counter(), 0, {}, 0
+        started, seen, count = time.perf_counter(), 0, 0
+        totals: dict[str, Any] = {}
         if device.type == "cuda":  # the epoch's own peak (a host call, no sync)
             torch.cuda.reset_peak_memory_stats(device)
         bar = tqdm(
@@ -187,7 +188,7 @@ def fit(
         )
         for batch in bar:
             with autocast:
-                loss, metrics = step_fn(batch)
+                loss, step_metrics = step_fn(batch)
             # the step's one host sync: a non-finite loss must stop the run before the optimizer step
             if any_rank(~torch.isfinite(loss.detach()), ctx, device):
                 raise NonFiniteLossError(
@@ -197,6 +198,7 @@ def fit(
                 )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            metrics: dict[str, Tensor | float] = {"loss": loss.detach(), **step_metrics}
             if config.grad_clip > 0:
                 metrics["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
             optimizer.step()
@@ -205,7 +207,6 @@ def fit(
             state.step += 1
             seen += n_samples(batch)
             # metrics stay on the device (no host sync per step); they are read every log_every steps
-            metrics = {"loss": loss.detach(), **metrics}
             for k, v in metrics.items():
                 totals[k] = totals.get(k, 0.0) + (v.detach() if torch.is_tensor(v) else v)
             count += 1

@@ -23,6 +23,7 @@ class ActNorm(Transform):
         self.num_features, self.eps, self.min_std = num_features, eps, min_std
         self.bias = nn.Parameter(torch.zeros(num_features))
         self.log_scale = nn.Parameter(torch.zeros(num_features))
+        self.initialized: Tensor
         self.register_buffer("initialized", torch.tensor(False))
         self._ready = False  # mirrors the `initialized` buffer once seen True: reading it costs a host sync on GPUs
 

@@ -9,7 +9,9 @@ only: a residual block's log-det estimator is its own setting (chosen per model,
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -83,8 +85,13 @@ class TransformSequence(Transform):
     def __len__(self) -> int:
         return len(self.transforms)
 
-    def __iter__(self):
-        return iter(self.transforms)
+    def __iter__(self) -> Iterator[Transform]:
+        return iter(self.steps)
+
+    @property
+    def steps(self) -> Sequence[Transform]:
+        """The transforms in order (the ``ModuleList`` that registers them, typed as what it holds)."""
+        return cast("Sequence[Transform]", self.transforms)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         if self.training:  # every spectral layer's power iteration for this step, stacked by shape
@@ -98,12 +105,12 @@ class TransformSequence(Transform):
     def map(self, x: Tensor) -> Tensor:
         if self.training:
             batched_power_iteration(self)
-        for t in self.transforms:
+        for t in self.steps:
             x = t.map(x)
         return x
 
     def inverse(self, y: Tensor, *, report: InverseReport | None = None) -> Tensor:
-        for t in reversed(self.transforms):
+        for t in reversed(self.steps):
             y = t.inverse(y, report=report)
         return y
 

@@ -6,6 +6,8 @@ The vector ones are the Glow baseline the paper compares with on the 2-D toy den
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import Tensor, nn
 
@@ -14,6 +16,10 @@ from pipeline.transforms.base import InverseReport, Transform
 
 class InvertibleLinear(Transform):
     """``y = W x`` with ``W = P L (U + diag(s))`` (Kingma & Dhariwal 2018): exact, cheap log-det."""
+
+    permutation: Tensor
+    sign: Tensor
+    eye: Tensor
 
     def __init__(self, dim: int) -> None:
         super().__init__()
@@ -98,7 +104,7 @@ class SplitPriorCoupling(Transform):
         self.channels = channels
         self.net = nn.Conv2d(channels // 2, channels, kernel_size, padding=kernel_size // 2)
         nn.init.zeros_(self.net.weight)
-        nn.init.zeros_(self.net.bias)
+        nn.init.zeros_(cast(Tensor, self.net.bias))  # the convolution is built with a bias
 
     def _shift_log_scale(self, h: Tensor) -> tuple[Tensor, Tensor]:
         shift, log_scale = self.net(h).chunk(2, dim=1)

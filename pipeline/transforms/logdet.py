@@ -31,6 +31,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeGuard, cast
 
 import torch
 from torch import Tensor, nn
@@ -69,7 +70,7 @@ def _logabsdet_identity_plus(jac: Tensor) -> Tensor:
     return torch.linalg.slogdet(torch.eye(d, dtype=jac.dtype, device=jac.device) + jac).logabsdet
 
 
-def _closed_form_jacobian(g: Branch, x: Tensor, differentiable: bool) -> tuple[Tensor, Tensor]:
+def _closed_form_jacobian(g: nn.Sequential, x: Tensor, differentiable: bool) -> tuple[Tensor, Tensor]:
     """``g(x)`` and ``J_g(x)`` of an MLP branch (:func:`~pipeline.layers.branches.mlp_jacobian`), without a
     graph when nothing will be differentiated."""
     if differentiable:
@@ -194,7 +195,7 @@ class _SeriesLogDet(LogDetEstimator):
                 pairs.append((w, v))
         return value / self.n_probes, pairs
 
-    def uses_closed_form_jacobian(self, g: Branch, x: Tensor) -> bool:
+    def uses_closed_form_jacobian(self, g: Branch, x: Tensor) -> TypeGuard[nn.Sequential]:
         """Whether ``J`` itself is cheaper than the series' products: an MLP branch on few dimensions."""
         products = self.expected_vjps() * self.n_probes
         return x.dim() == 2 and x.shape[1] <= products and has_closed_form_jacobian(g)
@@ -219,7 +220,8 @@ class _SeriesLogDet(LogDetEstimator):
         value, pairs = self.series(lambda u: torch.bmm(u.unsqueeze(1), fixed).squeeze(1), x, neumann=neumann)
         if not neumann:
             return value
-        surrogate = sum(_flat_dot(torch.bmm(w.unsqueeze(1), jac).squeeze(1), v) for w, v in pairs) / len(pairs)
+        surrogate = cast(Tensor, sum(_flat_dot(torch.bmm(w.unsqueeze(1), jac).squeeze(1), v) for w, v in pairs))
+        surrogate = surrogate / len(pairs)
         return value + (surrogate - surrogate.detach())  # the estimate's value, the Neumann gradient
 
 

@@ -64,7 +64,8 @@ class InvertibleResidualBlock(Transform):
 
     def lipschitz_bound(self, *, method: str = "certified") -> float:
         """Upper bound on ``Lip(g)`` (``"certified"``, ``"dense"`` or the power-iteration ``"estimate"``)."""
-        input_hw = tuple(self.input_shape[-2:]) if self.input_shape and len(self.input_shape) == 3 else None
+        shape = self.input_shape
+        input_hw = (shape[1], shape[2]) if shape is not None and len(shape) == 3 else None
         return branch_lipschitz_bound(self.branch, method=method, input_hw=input_hw)
 
 
