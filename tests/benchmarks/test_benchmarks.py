@@ -3,6 +3,7 @@
 import math
 
 import pytest
+import torch
 
 from benchmarks import inverse, peers, presets, quality, step_time, workers
 
@@ -119,23 +120,65 @@ def test_each_peer_row_trains_and_is_checked_against_the_exact_logdet():
     assert "normflows" in table and queue[0]["clock"] in table
 
 
+QUALITY_ARGS = dict(
+    dataset="digits-mnist5k", data_dir=None, train_images=4000, validation_images=500, test_images=60, budget=1.0,
+    batch_size=16, grid="single", jobs=1, seeds=2, samples_dir=None,
+    # both with the logit transform first, so the brute-force check covers it in each library
+    ours={"n_blocks": (1, 1), "hidden_channels": 8, "n_power_iterations": 2, "split_prior": "conditional",
+          "logit_alpha": 1e-6},
+    peers={"blocks": 1, "hidden": 8, "logit_alpha": 1e-6},
+)  # fmt: skip
+
+
 @pytest.mark.parametrize("name", ["iresnet", "glow"])
-def test_quality_trains_for_its_cpu_budget_and_scores_honestly(name, tmp_path):
+def test_quality_trains_for_its_cpu_budget_and_scores_validation_then_test_once(name, tmp_path):
     from PIL import Image
 
-    args = dict(seed=0, batch_size=16, test_images=50, samples_dir=str(tmp_path))
-    # both with the logit transform first, so the brute-force check covers it in each library
-    ours = {"n_blocks": (1, 1), "hidden_channels": 8, "n_power_iterations": 2, "split_prior": "conditional"}
-    settings = {**(ours if name == "iresnet" else {"blocks": 1, "hidden": 8}), "logit_alpha": 1e-6}
-    row = quality._train_and_score(name, settings, args, budget=1.0)
-    assert row["train_cpu_s"] >= 1.0 and row["steps"] >= 1
-    assert row["logdet_check_error_nats"] < 1e-2  # the library's log-det against the full Jacobian
-    assert 0 < row["bpd"] < 12 and row["converged"]
+    args = {**QUALITY_ARGS, "samples_dir": str(tmp_path)}
+    tuned = quality._train_and_score(quality.Job("tune", name, 0, 1.0, 0), args)
+    assert tuned["train_cpu_s"] >= 1.0 and tuned["steps"] >= 1
+    assert tuned["logdet_check_error_nats"] < 1e-2  # the library's log-det against the full Jacobian
+    assert 0 < tuned["validation"]["bpd"] < 12 and tuned["validation"]["converged"]
+    assert "test" not in tuned and "samples" not in tuned  # tuning never looks at the test images
+    final = quality._train_and_score(quality.Job("final", name, 0, 1.0, 1), args)
+    assert 0 < final["test"]["bpd"] < 12 and final["seed"] == 1
     if name == "iresnet":
-        assert row["estimator"] in ("russian_roulette", "power_series") and row["se"] < 2e-3
-    table = quality.format_table([row], [1.0])
-    assert f"{row['bpd']:9.3f}" in table and "did not reach" not in table
-    assert Image.open(row["samples"]).size == (8 * 29 + 1, 8 * 29 + 1)  # 64 samples of 28x28, 1-pixel padding
+        assert final["test"]["estimator"] in ("russian_roulette", "power_series") and final["test"]["se"] < 2e-3
+    assert Image.open(final["samples"]).size == (8 * 29 + 1, 8 * 29 + 1)  # 64 samples of 28x28, 1-pixel padding
+
+
+def test_quality_splits_hold_validation_out_of_train_and_subset_a_larger_dataset():
+    train, validation, test = quality.splits(QUALITY_ARGS)
+    assert (len(train), len(validation), len(test)) == (3500, 500, 60)
+    seen = {tuple(x.flatten().tolist()) for x in train.images}
+    assert not any(tuple(x.flatten().tolist()) in seen for x in validation.images[:50])  # held out, not shared
+    again = quality.splits(QUALITY_ARGS)
+    assert torch.equal(again[1].images, validation.images)  # the same for every contender and seed
+    assert all(len(grid) == 6 for grid in quality.GRIDS.values())  # the same tuning effort for each
+
+
+def test_quality_chooses_on_validation_and_pairs_seeds_against_the_best_peer():
+    def row(phase, name, config, seed, val, test=None):
+        r = {"phase": phase, "contender": name, "config": config, "multiple": 1.0, "seed": seed, "key": "",
+             "validation": {"bpd": val}}  # fmt: skip
+        return r | ({"test": {"bpd": test}} if test is not None else {})
+
+    rows = [row("tune", "iresnet", 0, 0, 1.50), row("tune", "iresnet", 1, 0, 1.40), row("tune", "glow", 0, 0, 1.45),
+            row("tune", "glow", 1, 0, 1.46), row("tune", "realnvp", 0, 0, 1.6)]  # fmt: skip
+    chosen = quality.choose(rows, ["iresnet", "glow", "realnvp"], [1.0])
+    assert chosen == {("iresnet", 1.0): 1, ("glow", 1.0): 0, ("realnvp", 1.0): 0}
+    rows += [row("final", "iresnet", 1, s, 0, t) for s, t in enumerate([1.40, 1.41, 1.39])]
+    rows += [row("final", "glow", 0, s, 0, t) for s, t in enumerate([1.45, 1.47, 1.44])]
+    rows += [row("final", "realnvp", 0, s, 0, t) for s, t in enumerate([1.6, 1.6, 1.6])]
+    ours = next(s for s in quality.summarise(rows, chosen) if s["contender"] == "iresnet")
+    assert ours["best_peer"] == "glow" and ours["paired_difference"] == pytest.approx([-0.05, -0.06, -0.05])
+    assert ours["ahead_by_2sd"] and ours["mean"] == pytest.approx(1.40)
+    args = {**QUALITY_ARGS, "grid": "full"}
+    for row in rows:
+        row["steps"] = 10
+    markdown = quality.format_markdown(rows, quality.summarise(rows, chosen), args)
+    assert "| iresnet | 0.0167 | cosine | **1.400** | 10 |" in markdown  # grid point 1, chosen: it stands out
+    assert "+0.000" not in markdown and "-0.053 ± 0.006 vs glow (ahead by > 2 sd)" in markdown
 
 
 def test_a_worker_trains_the_quick_flow_under_the_thread_budget(monkeypatch):
