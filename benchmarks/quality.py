@@ -519,16 +519,22 @@ def _label(settings: dict) -> str:
     return " ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in settings.items()) or "preset"
 
 
+def _tuning_runs(rows: list[dict]) -> dict[tuple[str, int], dict[float, dict]]:
+    """The tuning rows by (contender, grid index), then by budget multiple."""
+    tuned: dict[tuple[str, int], dict[float, dict]] = {}
+    for r in rows:
+        if r["phase"] == "tune":
+            tuned.setdefault((r["contender"], r["config"]), {})[r["multiple"]] = r
+    return tuned
+
+
 def format_table(rows: list[dict], summary: list[dict], args: dict) -> str:
     multiples = sorted({r["multiple"] for r in rows})
     header = f"{'tuning (validation bits/dim)':52} " + " ".join(f"{f'val@{m:g}x':>9} {'steps':>6}" for m in multiples)
     out = [f"dataset {args['dataset']}: {args['train_images'] - args['validation_images']} train, "
            f"{args['validation_images']} validation, {args['test_images']} test images; "
            f"{args['budget']:g} training CPU-s at 1x, one thread", header, "-" * len(header)]  # fmt: skip
-    tuned: dict[tuple[str, int], dict[float, dict]] = {}
-    for r in rows:
-        if r["phase"] == "tune":
-            tuned.setdefault((r["contender"], r["config"]), {})[r["multiple"]] = r
+    tuned = _tuning_runs(rows)
     for (name, config), by_multiple in sorted(tuned.items()):
         cells = []
         for m in multiples:
@@ -563,10 +569,7 @@ def format_markdown(rows: list[dict], summary: list[dict], args: dict) -> str:
     multiples = sorted({r["multiple"] for r in rows})
     columns = " | ".join(f"validation @{m:g}x | steps" for m in multiples)
     out = [f"| contender | learning rate | schedule | {columns} |", "|---|---|---|" + "---|---|" * len(multiples)]
-    tuned: dict[tuple[str, int], dict[float, dict]] = {}
-    for r in rows:
-        if r["phase"] == "tune":
-            tuned.setdefault((r["contender"], r["config"]), {})[r["multiple"]] = r
+    tuned = _tuning_runs(rows)
     chosen = {(s["contender"], s["config"], s["multiple"]) for s in summary}
     for (name, config), by_multiple in sorted(tuned.items()):
         settings = grid_of(name, args)[config]
