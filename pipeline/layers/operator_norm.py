@@ -117,6 +117,33 @@ def conv_gram_dim(weight: Tensor, input_hw: tuple[int, int], stride: int, paddin
     return min(c_in * input_hw[0] * input_hw[1], c_out * h_out * w_out)
 
 
+def conv_gram_bandwidth(weight: Tensor, input_hw: tuple[int, int], stride: int, padding: int) -> int:
+    """The bandwidth of :func:`conv_gram_matrix` (pixel-major), from the kernel's shape alone.
+
+    Two pixels of the smaller side are coupled when one output reads both (input side) or both outputs read one input
+    (output side); the largest index distance of a coupled pair, in channels, is the band. Equal to the built matrix's
+    bandwidth when no kernel tap is exactly zero (an upper bound otherwise), at the cost of an index computation: the
+    Gram matrix of a paper classifier's 3x3 layer takes ~40 CPU-s to build, too long to build just to learn that the
+    banded proof would be too expensive.
+    """
+    c_out, c_in, k_h, k_w = weight.shape
+    h, wd = input_hw
+    h_out, w_out = _conv_output_hw(input_hw, k_h, stride, padding)
+    oi, oj, di, dj = np.meshgrid(*(np.arange(n) for n in (h_out, w_out, k_h, k_w)), indexing="ij")
+    i, j = stride * oi + di - padding, stride * oj + dj - padding
+    valid = (i >= 0) & (i < h) & (j >= 0) & (j < wd)
+    pixel_in, pixel_out = (i * wd + j)[valid], (oi * w_out + oj)[valid]
+    input_side = c_in * h * wd <= c_out * h_out * w_out  # the side conv_gram_matrix takes
+    group, member, channels = (pixel_out, pixel_in, c_in) if input_side else (pixel_in, pixel_out, c_out)
+    if member.size == 0:
+        return 0
+    highest, lowest = np.full(group.max() + 1, -1), np.full(group.max() + 1, np.iinfo(np.int64).max)
+    np.maximum.at(highest, group, member)
+    np.minimum.at(lowest, group, member)
+    seen = highest >= 0
+    return int((highest[seen] - lowest[seen]).max()) * channels + channels - 1
+
+
 def _is_pointwise(weight: Tensor, stride: int, padding: int) -> bool:
     return weight.shape[-2:] == (1, 1) and padding == 0 and stride == 1
 
@@ -206,6 +233,9 @@ def conv_operator_norm(
     if _is_pointwise(weight, stride, padding):
         norm = conv_operator_norm_bound(weight, input_hw, padding)
         return CertifiedNorm(norm, norm, "exact")
+    d = conv_gram_dim(weight, input_hw, stride, padding)
+    if d > max_dense_dim and d * (conv_gram_bandwidth(weight, input_hw, stride, padding) + 1) ** 2 > max_banded_flops:
+        return CertifiedNorm(conv_operator_norm_bound(weight, input_hw, padding), estimate, "fft")  # no Gram needed
     gram = conv_gram_matrix(weight, input_hw, stride, padding)
     d = gram.shape[0]
     if d <= max_dense_dim:

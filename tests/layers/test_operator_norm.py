@@ -55,3 +55,19 @@ def test_plain_conv_needs_its_input_size():
     with pytest.raises(ValueError, match="input_hw"):
         layer_operator_norm(nn.Conv2d(2, 2, 3, padding=1))
     assert layer_operator_norm(nn.Conv2d(2, 2, 3, padding=1), input_hw=(5, 5)) > 0
+
+
+@pytest.mark.parametrize(
+    "c_in, c_out, k, size, stride, padding",
+    [(3, 5, 3, 7, 1, 1), (5, 3, 3, 7, 1, 1), (2, 4, 3, 8, 2, 1), (4, 2, 3, 9, 2, 0), (3, 3, 5, 6, 1, 2),
+     (2, 6, 3, 3, 1, 1), (4, 4, 1, 5, 2, 0), (6, 2, 3, 2, 1, 1)],
+)  # fmt: skip
+def test_gram_bandwidth_from_the_shape_equals_the_built_matrix(c_in, c_out, k, size, stride, padding):
+    """The bandwidth that decides, before building it, whether the Gram matrix is worth building, against the one
+    measured on the built matrix (no kernel tap is zero), on both sides, strided and padded."""
+    from pipeline.layers.operator_norm import conv_gram_bandwidth, conv_gram_matrix
+
+    weight = torch.randn(c_out, c_in, k, k, generator=torch.Generator().manual_seed(0))
+    gram = conv_gram_matrix(weight, (size, size), stride, padding).tocoo()
+    measured = int(abs(gram.row - gram.col).max())
+    assert conv_gram_bandwidth(weight, (size, size), stride, padding) == measured
