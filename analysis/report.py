@@ -1,7 +1,7 @@
 """``mlflow run . -e report``: the paper's tables and figures from runs already tracked.
 
     python -m analysis.report                                   # all experiments, into outputs/report
-    python -m analysis.report --filter-string "params.config.dataset = 'cifar10'" --output-dir outputs/cifar
+    python -m analysis.report --filter-string "params.preset = 'paper-cifar10'" --output-dir outputs/cifar
 
 Writes CSV tables (each beside the paper's numbers, with run IDs), PNG and PDF figures, and
 ``report.md`` showing them all; everything is also logged to an MLflow run in experiment ``analysis``.
@@ -22,9 +22,10 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from analysis.tables import config, finished_runs, table2, table4, unfinished_runs
+from experiments.config import log_configuration
 from experiments.models import load_model, require_kind
 from experiments.runner import EntryPoint
-from experiments.tracking import log_config, tracked_run
+from experiments.tracking import tracked_run
 from experiments.tracking_store import PROJECT_ROOT, configure_tracking
 from pipeline.data import dequantize, load_dataset, pad_images
 from pipeline.diagnostics import logdet_estimator_study
@@ -265,7 +266,7 @@ def run(cfg: ReportConfig) -> str:
         report.figure(f"Sweep {r.get('tags.optuna_study', '')} (run {r['run_id']})", [f for f in files if f])
     path = report.write()
     with tracked_run(cfg.experiment_name, run_name=cfg.run_name) as active:
-        log_config(cfg)
+        log_configuration(cfg)
         mlflow.log_metrics(
             {
                 "n_density_runs": len(density_runs),

@@ -55,8 +55,33 @@ def _top_level_runs(experiment: str, status_clause: str, filter_string: str) -> 
 
 
 def finished_runs(experiment: str, filter_string: str = "") -> pd.DataFrame:
-    """FINISHED top-level runs of an experiment (empty frame if it does not exist)."""
-    return _top_level_runs(experiment, "attributes.status = 'FINISHED'", filter_string)
+    """FINISHED top-level runs of an experiment (empty frame if it does not exist), each with its resolved
+    configuration as ``params.config.<option>`` columns (:func:`with_configuration`)."""
+    return with_configuration(_top_level_runs(experiment, "attributes.status = 'FINISHED'", filter_string))
+
+
+def with_configuration(runs: pd.DataFrame) -> pd.DataFrame:
+    """Every run's resolved configuration in ``params.config.<option>`` columns.
+
+    Runs logged before the option groups have it as those params already. Later runs log only their preset and the
+    options set away from it, and the whole resolved configuration by group as the artifact ``config.json``: its
+    values are read into the same columns (as strings, as params are), so old and new runs read alike.
+    """
+    if runs.empty:
+        return runs
+    runs = runs.copy()
+    for i, row in runs.iterrows():
+        if isinstance(row.get("params.config.dataset"), str) or isinstance(row.get("params.config.datasets"), str):
+            continue  # a run from before the option groups
+        try:
+            grouped = mlflow.artifacts.load_dict(f"runs:/{row['run_id']}/config.json")
+        except Exception:  # no configuration artifact (a run stopped before it was logged)
+            continue
+        for group in grouped.values():
+            for name, value in (group.items() if isinstance(group, dict) else ()):
+                text = ",".join(map(str, value)) if isinstance(value, list) else str(value)
+                runs.loc[i, f"params.config.{name}"] = text
+    return runs
 
 
 def unfinished_runs(experiment: str, filter_string: str = "") -> list[tuple[str, str, str]]:
@@ -66,7 +91,7 @@ def unfinished_runs(experiment: str, filter_string: str = "") -> list[tuple[str,
 
 
 def config(row: pd.Series, name: str) -> object:
-    """A run's resolved configuration value (logged as ``config.<name>`` by every entry point)."""
+    """A run's resolved configuration value (``params.config.<name>``, see :func:`with_configuration`)."""
     return row.get(f"params.config.{name}")
 
 

@@ -51,7 +51,7 @@ import statistics
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 
@@ -131,12 +131,13 @@ def _schedule(
 
 # --- this project's flow --------------------------------------------------------------------------
 def _iresnet(settings: dict, train_x: Tensor, clock: dict) -> Contender:
+    from experiments.config import option_types
     from experiments.density import DensityConfig, config_from_preset
     from pipeline.evaluation import evaluate_bits_per_dim
     from pipeline.models import IResNetFlow
     from pipeline.transforms import ExactLogDet
 
-    known = {f.name for f in fields(DensityConfig)}
+    known = set(option_types(DensityConfig))
     unknown = sorted(set(settings) - known)
     if unknown:
         raise ValueError(f"unknown density settings {unknown}")

@@ -18,6 +18,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import mlflow
 import torch
@@ -25,16 +26,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from experiments.config import (
+    ArchitectureOptions,
+    DataOptions,
     InverseOptions,
-    architecture_of,
+    RunOptions,
+    TrainingOptions,
     check_at_least,
     check_common,
-    fill_from_architecture,
 )
 from experiments.models import log_pyfunc_model
 from experiments.runner import EntryPoint, Splits, run_training
 from experiments.tracking import log_json, log_metrics, write_csv
-from experiments.tracking_store import PROJECT_ROOT
 from pipeline.data import DATASETS, ImageSplit, iterate_batches
 from pipeline.data.augment import AUGMENTATIONS, Augmentation
 from pipeline.data.preprocessing import standardize
@@ -61,74 +63,40 @@ OPTIMIZERS = ("sgd", "adam", "adamax")
 
 
 @dataclass(frozen=True)
-class ClassifyConfig(InverseOptions):
-    """Everything a classification run needs; validated in one place (``__post_init__``).
+class ClassifyOptions:
+    """What only a classification run has: the model variant, augmentation, SGD's schedule, the invertibility study."""
 
-    The network is the model preset ``architecture`` (:data:`pipeline.models.CLASSIFIER_PRESETS`) as the
-    ``model`` variant (:func:`pipeline.models.classifier_variant`); each architecture field left ``None``
-    takes the preset's value. The inverse's options (``inverse_tol``, ``inverse_method``) are
-    :class:`~experiments.config.InverseOptions`.
-    """
-
-    preset: str = "quick"
-    # data
-    dataset: str = "digits-mnist5k"
-    data_dir: str | None = None
-    download: bool = False
+    GROUP: ClassVar[str] = "classify"
+    model: str = "iresnet"  # the preset's architecture as iresnet, resnet or resnet-bn (classifier_variant)
     augment: bool = True
-    validation_fraction: float = 0.0  # > 0: per-epoch error on a held-out part of train (sweeps), test at the end
-    # model: a CLASSIFIER_PRESETS entry as iresnet, resnet or resnet-bn, any field below overridden (None: preset's)
-    model: str = "iresnet"
-    architecture: str = "quick"
-    n_blocks: tuple[int, ...] | None = None
-    hidden_channels: tuple[int, ...] | None = None
-    strides: tuple[int, ...] | None = None
-    injective_padding: int | None = None
-    init_squeeze: bool | None = None
-    activation: str | None = None
-    coeff: float | None = None
-    n_power_iterations: int | None = None
-    power_tol: float | None = None  # > 0: each step's power iteration runs to this relative change of sigma
-    lipschitz: str | None = None  # "strict": every training forward applies norms <= c (certified per step)
-    # optimisation
     optimizer: str = "sgd"
-    lr: float = 0.1
     momentum: float = 0.9
     nesterov: bool = False
     weight_decay: float = 5e-4
     milestones: tuple[int, ...] = (6, 8)  # epochs at which the lr is multiplied by lr_decay
     lr_decay: float = 0.2
-    warmup_steps: int = 0
-    epochs: int = 10
-    batch_size: int = 128
-    grad_clip: float = 0.0
-    seed: int = 0
-    device: str = "auto"
-    threads: int = 0  # CPU threads of this process; 0: the cores divided among the local workers
-    deterministic: bool = False  # deterministic kernels (GPU): a resumed run then equals an uninterrupted one
-    amp: bool = False
-    # evaluation and invertibility analysis
     eval_batch_size: int = 500
     recon_images: int = 16
     recon_iterations: tuple[int, ...] = (1, 2, 3, 5, 7, 10, 15, 20, 30, 50, 75, 100)
-    # bookkeeping
-    experiment_name: str = "classify"
-    run_name: str | None = None
-    resume: str | None = None
-    checkpoint_dir: str = str(PROJECT_ROOT / "checkpoints")
-    log_every: int = 10
-    progress: bool = True
-    register_model: str | None = None  # a Model Registry name: the trained model becomes a new version of it
-    log_system_metrics: bool = False  # MLflow's CPU/GPU/memory monitor beside the run's own metrics
+
+
+@dataclass(frozen=True)
+class ClassifyConfig(ClassifyOptions, InverseOptions, ArchitectureOptions, TrainingOptions, DataOptions, RunOptions):
+    """Everything a classification run needs; validated in one place (``__post_init__``).
+
+    The network is the model preset ``architecture`` (:data:`pipeline.models.CLASSIFIER_PRESETS`) with any of its
+    :class:`~pipeline.models.ClassifierArchitecture` fields replaced, as the ``model`` variant
+    (:func:`pipeline.models.classifier_variant`); the other groups are :mod:`experiments.config`'s and
+    :class:`ClassifyOptions`.
+    """
+
+    ARCHITECTURES: ClassVar = CLASSIFIER_PRESETS
+    FROM_DATA: ClassVar = ("input_shape", "num_classes")
+    preset: str = "quick"
 
     def __post_init__(self) -> None:
-        if self.architecture not in CLASSIFIER_PRESETS:
-            raise ValueError(
-                f"unknown classifier architecture {self.architecture!r}; choose one of {sorted(CLASSIFIER_PRESETS)}"
-            )
-        fill_from_architecture(self, CLASSIFIER_PRESETS[self.architecture])
         check_common(self)
-        for name in ("n_blocks", "hidden_channels", "strides", "milestones", "recon_iterations"):
+        for name in ("milestones", "recon_iterations"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
         if self.dataset not in DATASETS:
             raise ValueError(f"unknown dataset {self.dataset!r}; choose one of {sorted(DATASETS)}")
@@ -149,8 +117,7 @@ class ClassifyConfig(InverseOptions):
         self.classifier_architecture((1, 32, 32), 10)  # the library validates the rest (c in (0, 1), stages, ...)
 
     def classifier_architecture(self, input_shape: tuple[int, int, int], num_classes: int) -> ClassifierArchitecture:
-        preset = CLASSIFIER_PRESETS[self.architecture]
-        arch = architecture_of(self, preset, input_shape=input_shape, num_classes=num_classes)
+        arch = self.resolved_architecture(input_shape=input_shape, num_classes=num_classes)
         return classifier_variant(arch, self.model)
 
 
@@ -166,7 +133,7 @@ _PAPER_SCHEDULE = dict(
 )
 # Presets are data: a model preset and training settings, on top of the defaults.
 PRESETS: dict[str, dict] = {
-    "quick": dict(architecture="quick"),
+    "quick": dict(architecture="quick", lr=0.1, batch_size=128),
     # App. C.2: 39 pre-activation bottleneck blocks (13 per stage), two squeezes, c = 0.9, 1 power iteration
     "paper-mnist": dict(dataset="mnist", architecture="paper-mnist", **_PAPER_SCHEDULE),
     "paper-cifar10": dict(dataset="cifar10", architecture="paper-cifar10", **_PAPER_SCHEDULE),
@@ -315,7 +282,7 @@ def _measure_invertibility(
         ax.semilogy([r["iterations"] for r in curve], [max(r["rel_error_mean"], 1e-16) for r in curve], marker="o")
         ax.set_xlabel("fixed-point iterations per block")
         ax.set_ylabel("relative reconstruction error")
-        ax.set_title(f"{cfg.model}" + (f", c = {cfg.coeff}" if cfg.model == "iresnet" else ""))
+        ax.set_title(f"{cfg.model}" + (f", c = {cfg.architecture_option('coeff')}" if cfg.model == "iresnet" else ""))
         ax.grid(alpha=0.3, which="both")
         save_figure(fig, out / "reconstruction_vs_iterations.png")
         # Figs. 3/7: originals over reconstructions at the default tolerance, and inversion throughput
@@ -346,7 +313,8 @@ def _log_layer_norms(model: ResidualClassifier, out: Path, cfg: ClassifyConfig) 
     ax.plot(range(len(norms)), [r["norm"] for r in norms], marker=".", linestyle="none")
     ax.axhline(1.0, color="k", linewidth=0.8)
     if cfg.model == "iresnet":
-        ax.axhline(cfg.coeff, color="r", linestyle="--", linewidth=0.8, label=f"c = {cfg.coeff}")
+        coeff = cfg.architecture_option("coeff")
+        ax.axhline(coeff, color="r", linestyle="--", linewidth=0.8, label=f"c = {coeff}")
         ax.legend()
     ax.set_xlabel("layer")
     ax.set_ylabel("largest singular value (certified)")

@@ -1,10 +1,15 @@
-"""Configuration of the entry points: option sets shared by several configs, presets, the command line.
+"""Configuration of the entry points: option groups declared once, presets as data, the command line from them.
 
-A config is a frozen dataclass validated in its ``__post_init__``. Every field becomes ``--field-name``
-(:func:`build_parser`, from the resolved type hints); an option left unset, or passed as an empty string
-as ``mlflow run`` does for an unset parameter, takes the preset's value. A preset is data: field values
-on top of the defaults. Architecture fields left ``None`` take the values of the model preset the config
-names (:func:`fill_from_architecture`), so a run's ``config.*`` parameters are always concrete.
+A config is a frozen dataclass composed of option groups (:class:`DataOptions`, :class:`TrainingOptions`,
+:class:`RunOptions`, :class:`EstimatorOptions`, :class:`InverseOptions`, :class:`ArchitectureOptions` and the entry
+point's own), validated in its ``__post_init__``. Every option is declared once, in its group; the command line
+(:func:`build_parser`, one ``--option-name`` per option, in ``--help`` sections by group), the MLproject
+(``analysis.mlproject``) and the resolved configuration a run logs (:func:`grouped_config`) are generated from the
+declarations. The model group is the library's own architecture dataclass: ``architecture`` names a preset of it
+and ``architecture_overrides`` replaces some of its fields; each field of it is an option (``--coeff``), with the
+type the library declares. A preset is data: a flat dict of option values on top of the defaults (option names are
+unique across groups, :func:`option_types` checks it). An option left unset, or passed as an empty string as
+``mlflow run`` does for an unset string parameter, takes the preset's value.
 """
 
 from __future__ import annotations
@@ -15,11 +20,13 @@ import os
 import sys
 import types
 import typing
-from dataclasses import dataclass, fields, replace
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import Any, ClassVar, TypeVar, cast
 
-from experiments.tracking import run_status
+from experiments.tracking import active_run_id, log_json, log_params_flat, run_status
+from experiments.tracking_store import PROJECT_ROOT
 from pipeline.training.checkpoint import load_checkpoint
 from pipeline.transforms.inverse import FixedPointConfig
 from pipeline.transforms.logdet import LogDetEstimator, make_estimator
@@ -40,6 +47,7 @@ class EstimatorOptions:
     ``n_probes`` Hutchinson probes of kind ``probe``.
     """
 
+    GROUP: ClassVar[str] = "estimator"
     estimator: str = "power_series"
     n_terms: int = 5
     n_exact_terms: int = 2
@@ -73,6 +81,7 @@ class EstimatorOptions:
 class InverseOptions:
     """How a run inverts its blocks (reconstructions, samples): fields of the density and classify configs."""
 
+    GROUP: ClassVar[str] = "inverse"
     inverse_tol: float = 1e-6  # atol = rtol on the per-sample residual
     inverse_method: str = "plain"  # or "anderson" (same tolerance, fewer evaluations of g)
 
@@ -85,17 +94,173 @@ class InverseOptions:
         )
 
 
-def fill_from_architecture(cfg: Any, arch: Any) -> None:
-    """Set every field of the frozen ``cfg`` that is ``None`` and that the architecture ``arch`` has to its value."""
-    for f in fields(cfg):
-        if getattr(cfg, f.name) is None and hasattr(arch, f.name):
-            object.__setattr__(cfg, f.name, getattr(arch, f.name))
+@dataclass(frozen=True)
+class DataOptions:
+    """The images a training run reads (density, classify)."""
+
+    GROUP: ClassVar[str] = "data"
+    dataset: str = "digits-mnist5k"
+    data_dir: str | None = None
+    download: bool = False
+    validation_fraction: float = 0.0  # > 0: evaluate on a held-out part of train (sweeps), test at the end
 
 
-def architecture_of(cfg: Any, preset: Any, **fixed: Any) -> Any:
-    """The model preset ``preset`` with every field the config also has set to the config's value."""
-    names = {f.name for f in fields(preset)} & {f.name for f in fields(cfg)}
-    return replace(preset, **{name: getattr(cfg, name) for name in names}, **fixed)
+@dataclass(frozen=True)
+class TrainingOptions:
+    """The epoch loop of a training run (density, classify): its length, batches, rate, checkpoints and resume."""
+
+    GROUP: ClassVar[str] = "training"
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 3e-3
+    warmup_steps: int = 0
+    grad_clip: float = 0.0
+    amp: bool = False
+    log_every: int = 10
+    resume: str | None = None
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """The process and the tracked run (every experiment)."""
+
+    GROUP: ClassVar[str] = "run"
+    seed: int = 0
+    device: str = "auto"
+    threads: int = 0  # CPU threads of this process; 0: the cores divided among the local workers
+    deterministic: bool = False  # deterministic kernels (GPU): a resumed run then equals an uninterrupted one
+    experiment_name: str | None = None  # None: the entry point's name
+    run_name: str | None = None
+    checkpoint_dir: str = str(PROJECT_ROOT / "checkpoints")
+    progress: bool = True
+    register_model: str | None = None  # a Model Registry name: the trained model becomes a new version of it
+    log_system_metrics: bool = False  # MLflow's CPU/GPU/memory monitor beside the run's own metrics
+
+
+@dataclass(frozen=True)
+class ArchitectureOptions:
+    """The model: a preset of the library's architecture dataclass (``architecture``) with some fields replaced.
+
+    An entry point sets :attr:`ARCHITECTURES` (name -> architecture instance) and :attr:`FROM_DATA` (the fields the
+    data decides, e.g. ``input_shape``); every other field of the architecture class is an option of the entry
+    point, declared only there.
+    """
+
+    GROUP: ClassVar[str] = "model"
+    ARCHITECTURES: ClassVar[Mapping[str, Any]] = {}
+    FROM_DATA: ClassVar[tuple[str, ...]] = ("input_shape",)
+    architecture: str = "quick"
+    architecture_overrides: Mapping[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def architecture_types(cls) -> dict[str, Any]:
+        """The architecture fields that are options, with their declared types."""
+        arch_cls = type(next(iter(cls.ARCHITECTURES.values())))
+        hints = typing.get_type_hints(arch_cls)
+        return {f.name: hints[f.name] for f in fields(arch_cls) if f.name not in cls.FROM_DATA}
+
+    def _check_architecture(self) -> None:
+        if self.architecture not in self.ARCHITECTURES:
+            raise ValueError(f"unknown architecture {self.architecture!r}; choose one of {sorted(self.ARCHITECTURES)}")
+        unknown = sorted(set(self.architecture_overrides) - set(self.architecture_types()))
+        if unknown:
+            raise ValueError(f"{', '.join(unknown)}: not a field of the {self.architecture!r} architecture")
+        object.__setattr__(self, "architecture_overrides", dict(self.architecture_overrides))
+
+    def architecture_option(self, name: str) -> Any:
+        """The value of an architecture field for this run: its override, or the preset's."""
+        if name in self.architecture_overrides:
+            return self.architecture_overrides[name]
+        return getattr(self.ARCHITECTURES[self.architecture], name)
+
+    def resolved_architecture(self, **from_data: Any) -> Any:
+        """The architecture preset with the overrides and the data's fields (validated by the library)."""
+        return replace(self.ARCHITECTURES[self.architecture], **{**from_data, **self.architecture_overrides})
+
+
+def option_types(config_cls: type) -> dict[str, Any]:
+    """Every option of a config class, flat, with its type: its fields and (a model group) the architecture's.
+
+    The names are unique: a field that shadows an architecture field is refused here, where it is declared.
+    """
+    hints = typing.get_type_hints(config_cls)
+    own = {f.name: hints[f.name] for f in fields(config_cls) if f.name != "architecture_overrides"}
+    arch = config_cls.architecture_types() if issubclass(config_cls, ArchitectureOptions) else {}
+    clash = sorted(set(own) & set(arch))
+    if clash:
+        raise TypeError(f"{config_cls.__name__} declares {clash}, which the architecture already declares")
+    return own | arch
+
+
+def option_groups(config_cls: type) -> dict[str, str]:
+    """Each option's group: the ``GROUP`` of the class that first declares it (the entry point's own: its name)."""
+    names = option_types(config_cls)
+    own_group = entry_point_module(config_cls).rsplit(".", 1)[-1]
+    groups: dict[str, str] = {}
+    for klass in reversed(config_cls.__mro__):
+        for name in klass.__dict__.get("__annotations__", {}):
+            if name in names and name not in groups:
+                groups[name] = klass.__dict__.get("GROUP", own_group)
+    arch = config_cls.architecture_types() if issubclass(config_cls, ArchitectureOptions) else {}
+    return groups | {name: ArchitectureOptions.GROUP for name in arch}
+
+
+GROUP_ORDER = ("data", "model", "training", "estimator", "inverse")  # then the entry point's own, then "run"
+
+
+def ordered_options(config_cls: type) -> list[str]:
+    """The options in the order of their groups (``--help``, the MLproject): data, model, training, estimator,
+    inverse, the entry point's own, run."""
+    groups = option_groups(config_cls)
+    rank = {g: i for i, g in enumerate(GROUP_ORDER)} | {"run": len(GROUP_ORDER) + 1}
+    return sorted(groups, key=lambda name: rank.get(groups[name], len(GROUP_ORDER)))  # stable within a group
+
+
+def build_config(config_cls: type[C], **options: Any) -> C:
+    """``config_cls`` from flat options: architecture fields become ``architecture_overrides``; an unknown name is
+    refused with the options there are."""
+    types_ = option_types(config_cls)
+    unknown = sorted(set(options) - set(types_) - {"architecture_overrides"})
+    if unknown:
+        raise ValueError(f"unknown option(s) {unknown} for {config_cls.__name__}")
+    own = {f.name for f in fields(cast(Any, config_cls))}
+    arch = {k: v for k, v in options.items() if k not in own}
+    if arch:
+        options = {k: v for k, v in options.items() if k in own}
+        options["architecture_overrides"] = {**options.get("architecture_overrides", {}), **arch}
+    return config_cls(**options)
+
+
+def flat_options(cfg: Any) -> dict[str, Any]:
+    """Every option's value in this config, flat (the architecture's fields resolved from preset and overrides)."""
+    values = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name != "architecture_overrides"}
+    if isinstance(cfg, ArchitectureOptions):
+        values |= {name: cfg.architecture_option(name) for name in cfg.architecture_types()}
+    return values
+
+
+def set_options(cfg: Any, presets: Mapping[str, Mapping[str, Any]] | None) -> dict[str, Any]:
+    """The options whose value differs from the preset's (all of them that differ from the defaults, without
+    presets): what a run logs as its parameters, beside ``preset``."""
+    preset = getattr(cfg, "preset", None)
+    reference = config_from_preset(type(cfg), presets, preset) if presets and preset else type(cfg)()
+    base = flat_options(reference)
+    skip = ("preset", "resume", "progress")
+    return {k: v for k, v in flat_options(cfg).items() if k not in skip and v != base.get(k)}
+
+
+def grouped_config(cfg: Any, architecture: Any = None) -> dict[str, dict[str, Any]]:
+    """The resolved configuration by group (the run's ``config.json``): the model group is the architecture the run
+    built (``architecture``, with the data's fields), or the preset with its overrides."""
+    groups = option_groups(type(cfg))
+    out: dict[str, dict[str, Any]] = {}
+    for name, value in flat_options(cfg).items():
+        out.setdefault(groups[name], {})[name] = value
+    if architecture is not None:
+        from dataclasses import asdict
+
+        out[ArchitectureOptions.GROUP] = {"architecture": cfg.architecture, **asdict(architecture)}
+    return out
 
 
 def check_at_least(cfg: Any, minimum: int, names: tuple[str, ...]) -> None:
@@ -106,10 +271,10 @@ def check_at_least(cfg: Any, minimum: int, names: tuple[str, ...]) -> None:
 
 def check_finite(cfg: Any) -> None:
     """Every float option of ``cfg`` is a finite number (``inf`` passes ``> 0`` checks, NaN every comparison)."""
-    for f in fields(cfg):
-        value = getattr(cfg, f.name)
+    values = {f.name: getattr(cfg, f.name) for f in fields(cfg)} | dict(getattr(cfg, "architecture_overrides", {}))
+    for name, value in values.items():
         if isinstance(value, float) and not math.isfinite(value):
-            raise ValueError(f"{f.name} must be a finite number, got {value}")
+            raise ValueError(f"{name} must be a finite number, got {value}")
 
 
 def check_directory_usable(path: str, name: str) -> None:
@@ -124,7 +289,12 @@ def check_directory_usable(path: str, name: str) -> None:
 
 
 def check_common(cfg: Any) -> None:
-    """The checks every run's config makes: finite floats, a non-negative seed, a usable checkpoint directory."""
+    """The checks every run's config makes: finite floats, a non-negative seed, a usable checkpoint directory; an
+    unset experiment name becomes the entry point's, a model group's architecture and overrides are checked."""
+    if getattr(cfg, "experiment_name", "") is None:
+        object.__setattr__(cfg, "experiment_name", entry_point_module(type(cfg)).rsplit(".", 1)[-1])
+    if isinstance(cfg, ArchitectureOptions):
+        cfg._check_architecture()
     check_finite(cfg)
     if getattr(cfg, "seed", 0) < 0:
         raise ValueError(f"seed must be >= 0 (it seeds torch, numpy and Python alike), got {cfg.seed}")
@@ -141,11 +311,47 @@ def entry_point_module(config_cls: type) -> str:
     return module
 
 
+def option_text(value: Any) -> str:
+    """An option's value as the command line and ``-P`` take it (``4,4``, ``true``)."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, tuple):
+        return ",".join(str(v) for v in value)
+    return str(value)
+
+
+def log_configuration(cfg: Any, architecture: Any = None) -> None:
+    """A new run's configuration: its ``preset`` and the options set away from it as parameters, and the resolved
+    configuration by group as the artifact ``config.json`` (:func:`grouped_config`).
+
+    Under ``mlflow run``, MLflow has already logged the entry point's parameters; those are not logged again.
+    """
+    import mlflow
+
+    from experiments.tracking_store import retry_tracking_write
+
+    presets = entry_point_presets(type(cfg))
+    params = {"preset": cfg.preset} if presets and getattr(cfg, "preset", None) else {}
+    params |= {k: option_text(v) for k, v in set_options(cfg, presets).items() if v is not None}
+    logged = retry_tracking_write(lambda: mlflow.tracking.MlflowClient().get_run(active_run_id()).data.params)
+    log_params_flat({k: v for k, v in params.items() if k not in logged})
+    log_json(grouped_config(cfg, architecture), "config.json")
+
+
+def entry_point_presets(config_cls: type) -> Mapping[str, Mapping[str, Any]] | None:
+    """The ``PRESETS`` of the module that declares ``config_cls`` (``None``: it has none)."""
+    import importlib
+
+    return getattr(importlib.import_module(entry_point_module(config_cls)), "PRESETS", None)
+
+
 # --- the command line ---------------------------------------------------------------------------
-def _option_type(hint: Any) -> type:
-    """``int`` for ``int | None``, ``tuple`` for ``tuple[int, ...]``: the type an option's text is parsed to."""
+def option_type(hint: Any) -> type:
+    """``int`` for ``int | None``, ``tuple`` for ``tuple[int, ...]`` (also in a union, ``int | tuple[int, ...]``):
+    the type an option's text is parsed to."""
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        hint = next(arg for arg in typing.get_args(hint) if arg is not type(None))
+        args = [arg for arg in typing.get_args(hint) if arg is not type(None)]
+        hint = next((arg for arg in args if (typing.get_origin(arg) or arg) is tuple), args[0])
     kind = typing.get_origin(hint) or hint
     return kind if kind in (int, float, bool, tuple) else str
 
@@ -168,23 +374,58 @@ def _parse_option(kind: type) -> Any:
     return parse
 
 
+class _ChosenOnce(argparse.Action):
+    """``--preset``, refused a second time: under ``mlflow run`` a ``-P preset=...`` arrives after the entry point's
+    own ``--preset`` and every other option already carries the entry point's preset's value."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        if getattr(namespace, "_preset_given", False):
+            parser.error(
+                f"the preset was chosen twice ({namespace.preset}, then {values}); with mlflow run, choose it by the "
+                f"entry point (-e {getattr(self, 'entry', '<entry>')}-{values}), not by -P preset"
+            )
+        namespace._preset_given = True
+        setattr(namespace, self.dest, values)
+
+
 def build_parser(config_cls: type, presets: dict[str, dict] | None, description: str | None) -> argparse.ArgumentParser:
-    """``--preset`` (where the entry point has presets) and one ``--field-name`` per config field."""
+    """``--preset`` (where the entry point has presets) and one ``--option-name`` per option, grouped as declared."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     if presets:
-        parser.add_argument("--preset", default="quick", choices=sorted(presets))
-    hints = typing.get_type_hints(config_cls)
-    for f in fields(config_cls):
-        if f.name != "preset":
-            kind = _parse_option(_option_type(hints[f.name]))
-            parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=kind, default=None)
+        chosen = parser.add_argument("--preset", default="quick", choices=sorted(presets), action=_ChosenOnce)
+        chosen.entry = entry_point_module(config_cls).rsplit(".", 1)[-1]  # type: ignore[attr-defined]
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    option_group, hints = option_groups(config_cls), option_types(config_cls)
+    for name in ordered_options(config_cls):
+        hint = hints[name]
+        if name == "preset":
+            continue
+        group = option_group[name]
+        if group not in groups:
+            title = "model (fields of the architecture preset)" if group == ArchitectureOptions.GROUP else group
+            groups[group] = parser.add_argument_group(title)
+        kind = _parse_option(option_type(hint))
+        groups[group].add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, default=None)
     return parser
 
 
-def config_from_preset(config_cls: type[C], presets: dict[str, dict], preset: str, **overrides: Any) -> C:
-    if preset not in presets:
+def config_from_preset(config_cls: type[C], presets: Mapping[str, Mapping[str, Any]] | None, preset: str | None,
+                       **overrides: Any) -> C:  # fmt: skip
+    """The preset's options with ``overrides`` on top (flat option names, architecture fields included)."""
+    if not presets:
+        return build_config(config_cls, **overrides)
+    if preset is None or preset not in presets:
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(presets)}")
-    return config_cls(**{**presets[preset], **overrides, "preset": preset})
+    return build_config(config_cls, **{**presets[preset], **overrides, "preset": preset})
+
+
+def saved_options(saved: Mapping[str, Any]) -> dict[str, Any]:
+    """A checkpoint's configuration as flat options: today's (``architecture_overrides`` a dict) or one written
+    before the option groups (every architecture field a field of its own)."""
+    options = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k != "architecture_overrides"}
+    for k, v in dict(saved.get("architecture_overrides") or {}).items():
+        options[k] = tuple(v) if isinstance(v, list) else v
+    return options
 
 
 def config_for_resume(config_cls: type[C], run_id: str, **overrides: Any) -> C:
@@ -195,7 +436,11 @@ def config_for_resume(config_cls: type[C], run_id: str, **overrides: Any) -> C:
     """
     unknown = set(overrides) - set(RESUME_OVERRIDABLE)
     if unknown:
-        raise ValueError(f"a resumed run keeps its configuration; cannot change {sorted(unknown)} on resume")
+        name = entry_point_module(config_cls).rsplit(".", 1)[-1]
+        raise ValueError(
+            f"a resumed run keeps its configuration; cannot change {sorted(unknown)} on resume (with mlflow run, "
+            f"resume with: mlflow run . -e {name}-resume -P resume={run_id})"
+        )
     checkpoint_dir = overrides.get("checkpoint_dir", config_cls.checkpoint_dir)  # type: ignore[attr-defined]
     path = Path(str(checkpoint_dir)) / run_id / "last.pt"
     if not path.exists():
@@ -203,21 +448,22 @@ def config_for_resume(config_cls: type[C], run_id: str, **overrides: Any) -> C:
     checkpoint = load_checkpoint(path)
     expected = entry_point_module(config_cls)
     started_by = checkpoint.get("entry_point")  # recorded since this check exists
-    foreign = sorted(set(checkpoint["config"]) - {f.name for f in fields(config_cls)})  # type: ignore[arg-type]
+    saved = saved_options(checkpoint["config"])
+    foreign = sorted(set(saved) - set(option_types(config_cls)))
     name = expected.rsplit(".", 1)[-1]
     if started_by and started_by != expected:
         raise ValueError(
             f"run {run_id} was not started by {name} but by {started_by.rsplit('.', 1)[-1]}; resume it with "
             f"python -m {started_by} --resume {run_id}"
         )
-    if not started_by and foreign:  # a checkpoint from before the entry point was recorded
+    if foreign:  # a checkpoint from before the entry point was recorded, or of an option since removed
         raise ValueError(
             f"run {run_id} was not started by {name} (its options {', '.join(foreign[:4])} are not {name}'s); resume "
             "it with the entry point that started it"
         )
-    saved = {k: tuple(v) if isinstance(v, list) else v for k, v in checkpoint["config"].items()}
-    # fields added since the run started: the values that reproduce it, not today's preset
-    saved = {**getattr(config_cls, "BEFORE_FIELD_EXISTED", {}), **saved}
+    if "architecture_overrides" not in checkpoint["config"]:  # written before the option groups, every option in it
+        # except those added since the run started: the values that reproduce it, not today's preset
+        saved = {**getattr(config_cls, "BEFORE_FIELD_EXISTED", {}), **saved}
     epochs = overrides.get("epochs", saved["epochs"])
     if epochs < saved["epochs"]:
         raise ValueError(f"cannot shorten a run on resume ({saved['epochs']} epochs were configured)")
@@ -226,7 +472,7 @@ def config_for_resume(config_cls: type[C], run_id: str, **overrides: Any) -> C:
             f"run {run_id} already FINISHED all {checkpoint['epoch']} epochs; resuming it would log its final "
             f"metrics and model again. Pass --epochs N with N > {checkpoint['epoch']} to train it further"
         )
-    return cast(C, replace(cast(Any, config_cls(**saved)), resume=run_id, **overrides))
+    return build_config(config_cls, **{**saved, "resume": run_id, **overrides})
 
 
 def parse_config(
@@ -234,11 +480,10 @@ def parse_config(
 ) -> C:
     """The config the command line asks for: a preset with overrides, a resumed run's, or (no presets) the fields."""
     args = vars(build_parser(config_cls, presets, description).parse_args(argv))
+    args.pop("_preset_given", None)
     preset = args.pop("preset", None)
     overrides = {k: v for k, v in args.items() if v is not None}
     resume = overrides.pop("resume", None)
     if resume:
         return config_for_resume(config_cls, resume, **overrides)
-    if presets:
-        return config_from_preset(config_cls, presets, preset, **overrides)
-    return config_cls(**overrides)
+    return config_from_preset(config_cls, presets, preset, **overrides)

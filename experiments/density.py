@@ -16,24 +16,25 @@ import tempfile
 import time
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import mlflow
 import torch
 from torch import Tensor, nn
 
 from experiments.config import (
+    ArchitectureOptions,
+    DataOptions,
     EstimatorOptions,
     InverseOptions,
-    architecture_of,
+    RunOptions,
+    TrainingOptions,
     check_at_least,
     check_common,
-    fill_from_architecture,
 )
 from experiments.models import log_pyfunc_model
 from experiments.runner import EntryPoint, Splits, run_training
 from experiments.tracking import log_json, log_metrics, write_csv
-from experiments.tracking_store import PROJECT_ROOT
 from pipeline.data import DATASETS, ImageSplit, dequantize, pad_images
 from pipeline.diagnostics import logdet_variance_report, total_logdet_std_bits_per_dim
 from pipeline.evaluation import EvalProtocol, diagonal_gaussian_baseline_bits_per_dim, evaluate_bits_per_dim
@@ -51,49 +52,13 @@ log = logging.getLogger("experiments.density")
 
 
 @dataclass(frozen=True)
-class DensityConfig(EstimatorOptions, InverseOptions):
-    """Everything a density run needs; validated in one place (``__post_init__``).
+class DensityOptions:
+    """What only a density run has: the data's padding, the learning-rate decay, the bits/dim evaluation."""
 
-    The flow is the model preset ``architecture`` (:data:`pipeline.models.FLOW_PRESETS`); each architecture
-    field left ``None`` takes that preset's value. The training log-det estimator's options (``estimator``,
-    ``n_terms``, ``gradient``, ...) are :class:`~experiments.config.EstimatorOptions`, the inverse's
-    (``inverse_tol``, ``inverse_method``) :class:`~experiments.config.InverseOptions`.
-    """
-
-    preset: str = "quick"
-    # data
-    dataset: str = "digits-mnist5k"
-    data_dir: str | None = None
-    download: bool = False
+    GROUP: ClassVar[str] = "density"
     pad: int = 0
-    validation_fraction: float = 0.0  # > 0: evaluate on a held-out part of train (sweeps), test at the end
-    # model: a FLOW_PRESETS entry, any of its fields below overridden (None: the preset's)
-    architecture: str = "quick"
-    n_blocks: tuple[int, ...] | None = None
-    hidden_channels: tuple[int, ...] | None = None  # one width for every level, or one per level
-    coeff: float | None = None
-    n_power_iterations: int | None = None
-    power_tol: float | None = None  # > 0: each step's power iteration runs to this relative change of sigma
-    lipschitz: str | None = None  # "strict": every training forward applies norms <= c (certified per step)
-    activation: str | None = None
-    logit_alpha: float | None = None  # > 0: a logit transform of the data first; 0: none
-    fc_blocks: int | None = None  # fully connected residual blocks at the end (Residual Flows)
-    fc_hidden: int | None = None
-    split_prior: str | None = None  # "conditional": Glow's learned prior for each factored-out half
-    # optimisation
-    epochs: int = 10
-    batch_size: int = 64
-    lr: float = 3e-3
     lr_schedule: str = "constant"  # or "cosine": decay to lr * lr_final_fraction at the last step
     lr_final_fraction: float = 0.0
-    warmup_steps: int = 100
-    grad_clip: float = 0.0
-    seed: int = 0
-    device: str = "auto"
-    threads: int = 0  # CPU threads of this process; 0: the cores divided among the local workers
-    deterministic: bool = False  # deterministic kernels (GPU): a resumed run then equals an uninterrupted one
-    amp: bool = False
-    # evaluation
     eval_every: int = 5  # epochs between evaluations; 0: only after the last epoch
     eval_batch_size: int = 250
     eval_max_images: int = 0  # 0: the whole split
@@ -104,15 +69,21 @@ class DensityConfig(EstimatorOptions, InverseOptions):
     n_samples: int = 64
     sample_temperature: float = 1.0
     variance_repeats: int = 16  # per-block log-det variance report at the end (0: off)
-    # bookkeeping
-    experiment_name: str = "density"
-    run_name: str | None = None
-    resume: str | None = None
-    checkpoint_dir: str = str(PROJECT_ROOT / "checkpoints")
-    log_every: int = 10
-    progress: bool = True
-    register_model: str | None = None  # a Model Registry name: the trained model becomes a new version of it
-    log_system_metrics: bool = False  # MLflow's CPU/GPU/memory monitor beside the run's own metrics
+
+
+@dataclass(frozen=True)
+class DensityConfig(
+    DensityOptions, EstimatorOptions, InverseOptions, ArchitectureOptions, TrainingOptions, DataOptions, RunOptions
+):
+    """Everything a density run needs; validated in one place (``__post_init__``).
+
+    The flow is the model preset ``architecture`` (:data:`pipeline.models.FLOW_PRESETS`) with any of its
+    :class:`~pipeline.models.FlowArchitecture` fields replaced (``--coeff``, ``--n-blocks``, ...); the other groups
+    are :mod:`experiments.config`'s (data, training, run, estimator, inverse) and :class:`DensityOptions`.
+    """
+
+    ARCHITECTURES: ClassVar = FLOW_PRESETS
+    preset: str = "quick"
 
     # what a run checkpointed before these fields existed used (config_for_resume): the architecture's defaults,
     # which are the paper's flow
@@ -123,17 +94,7 @@ class DensityConfig(EstimatorOptions, InverseOptions):
     }
 
     def __post_init__(self) -> None:
-        if self.architecture not in FLOW_PRESETS:
-            raise ValueError(f"unknown flow architecture {self.architecture!r}; choose one of {sorted(FLOW_PRESETS)}")
-        hidden_from_preset = self.hidden_channels is None
-        fill_from_architecture(self, FLOW_PRESETS[self.architecture])
         check_common(self)
-        object.__setattr__(self, "n_blocks", tuple(self.n_blocks or ()))  # filled from the preset: never None here
-        hidden = self.hidden_channels
-        hidden = (hidden,) if isinstance(hidden, int) else tuple(hidden or ())
-        if hidden_from_preset and len(set(hidden)) == 1:
-            hidden = hidden[:1]  # the preset's one width for every level, whatever the number of levels
-        object.__setattr__(self, "hidden_channels", hidden)
         if self.dataset not in DATASETS:
             raise ValueError(f"unknown dataset {self.dataset!r}; choose one of {sorted(DATASETS)}")
         check_at_least(self, 1, ("epochs", "batch_size", "eval_batch_size", "n_samples", "log_every", "max_passes"))
@@ -150,13 +111,20 @@ class DensityConfig(EstimatorOptions, InverseOptions):
         # the library validates its own pieces; building them here fails before any run starts
         self.training_estimator()
         self.inverse_config()
-        side = 2 ** len(self.n_blocks or ())
+        side = 2 ** len(self.architecture_option("n_blocks"))
         self.flow_architecture((1, side, side))
         self.protocol()
         check_device_name(self.device)
 
+    def architecture_option(self, name: str) -> Any:
+        value = super().architecture_option(name)
+        if name == "hidden_channels" and name not in self.architecture_overrides and len(set(value)) == 1:
+            return value[:1]  # the preset's one width for every level, whatever the number of levels (--n-blocks)
+        return value
+
     def flow_architecture(self, input_shape: tuple[int, int, int]) -> FlowArchitecture:
-        return architecture_of(self, FLOW_PRESETS[self.architecture], input_shape=input_shape)
+        hidden = self.architecture_option("hidden_channels")
+        return self.resolved_architecture(input_shape=input_shape, hidden_channels=hidden)
 
     def protocol(self) -> EvalProtocol:
         return EvalProtocol(bias_tol=self.bias_tol, se_tol=self.se_tol, max_passes=self.max_passes)
@@ -175,6 +143,7 @@ PRESETS: dict[str, dict] = {
         lr_schedule="cosine",
         estimator="russian_roulette",
         batch_size=32,
+        warmup_steps=100,
         epochs=6,  # ~4-4.5 minutes on two cores (the README's quick start measures it); 5 is the limit
         eval_every=3,
         eval_subset=100,  # epoch 3: indicative, two passes of 100 images

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from experiments import config as configuration
-from experiments.tracking import log_config, log_json, log_metrics, log_params_flat, tracked_run
+from experiments.tracking import log_metrics, log_params_flat, tracked_run
 from experiments.tracking_store import configure_tracking, retry_tracking_write
 from pipeline.data import DatasetNotFoundError, ImageDataset, ImageSplit, epoch_batches, load_dataset
 from pipeline.logging_setup import setup_logging
@@ -214,7 +214,8 @@ def start_or_resume(
 
     A new run's ``task.initialize()`` runs under ``no_grad`` on every rank, before the model is wrapped, so
     DDP then broadcasts rank 0's result; ``task.params()`` are logged beside the resolved configuration
-    (rank 0). Under torchrun each rank then reseeds, so ranks draw different noise. Returns the loop state
+    (rank 0), with the options set away from the preset and ``config.json``. Under torchrun each rank then
+    reseeds, so ranks draw different noise. Returns the loop state
     (``None`` for a new run) and the checkpoint path.
     """
     checkpoint_path = checkpoint_directory(cfg, run_id) / "last.pt"
@@ -233,9 +234,8 @@ def start_or_resume(
     if ctx.enabled:
         torch.manual_seed(cfg.seed * 100_003 + 1 + ctx.rank)
     if ctx.is_main:
-        log_config(cfg)
+        configuration.log_configuration(cfg, getattr(task, "arch", None))
         log_params_flat({**task.params(), **({"distributed_world_size": ctx.world_size} if ctx.enabled else {})})
-        log_json(asdict(cfg), "config.json")
     return None, checkpoint_path
 
 

@@ -29,18 +29,19 @@ import sys
 import tempfile
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import mlflow
 import optuna
+from mlflow.entities import Param
 from mlflow.tracking import MlflowClient
 from optuna.study import StudyDirection
 from optuna.trial import TrialState
 
 from experiments import classify, density
-from experiments.config import build_parser, check_common
+from experiments.config import build_parser, check_common, log_configuration, option_text, option_types
 from experiments.runner import EntryPoint
 from experiments.search_space import check_space, default_space, extreme_values, read_space_file, suggest
 from experiments.study import (
@@ -55,7 +56,6 @@ from experiments.study_storage import DeadTrialHandler, open_storage
 from experiments.tracking import (
     RunStopped,
     active_run_id,
-    log_config,
     log_json,
     log_params_flat,
     on_run_start,
@@ -161,7 +161,7 @@ class SweepConfig:
             space = read_space_file(Path(self.space_file))
         else:
             space = default_space(with_logdet=self.target == "density", tune_lr=self.tune_lr)
-        check_space(space, {f.name for f in fields(TARGETS[self.target].config_cls)}, self.target)
+        check_space(space, set(option_types(TARGETS[self.target].config_cls)), self.target)
         return space
 
     def base_overrides(self) -> dict[str, Any]:
@@ -180,6 +180,7 @@ class SweepConfig:
         except SystemExit:
             raise ValueError(f"bad target_overrides {text!r} for {self.target}") from None
         parsed.pop("preset")
+        parsed.pop("_preset_given", None)
         chosen = {} if self.lipschitz is None else {"lipschitz": self.lipschitz}
         return chosen | {k: v for k, v in parsed.items() if v is not None}
 
@@ -236,6 +237,8 @@ def make_objective(
         def link(run_id: str) -> None:  # at the child run's start: a worker dying mid-trial leaves both matched
             client.set_tag(run_id, "optuna_trial", trial.number)
             client.set_tag(run_id, "optuna_study", cfg.study_name)
+            # the searched values, also where one equals the preset's (a run logs only the options set away from it)
+            client.log_batch(run_id, params=[Param(k, option_text(v)) for k, v in params.items()])
             trial.set_user_attr("mlflow_run_id", run_id)
 
         with on_run_start(link):
@@ -334,7 +337,7 @@ def run(cfg: SweepConfig) -> str:
         )
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     with tracked_run(cfg.experiment_name, run_name=cfg.run_name or f"sweep-{cfg.study_name}") as parent:
-        log_config(cfg)
+        log_configuration(cfg)
         log_json(cfg.space(), "search_space.json")
         mlflow.set_tag("optuna_study", cfg.study_name)
         _optimize(study, cfg, storage)

@@ -15,9 +15,9 @@ import math
 import sys
 import tempfile
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
+from typing import ClassVar, cast
 
 import mlflow
 import numpy as np
@@ -25,15 +25,21 @@ import torch
 from mlflow.data.numpy_dataset import from_numpy
 from torch import Tensor, nn
 
-from experiments.config import EstimatorOptions, check_at_least, check_common, fill_from_architecture
+from experiments.config import (
+    ArchitectureOptions,
+    EstimatorOptions,
+    RunOptions,
+    check_at_least,
+    check_common,
+    log_configuration,
+)
 from experiments.models import log_pyfunc_model
 from experiments.runner import EntryPoint, log_spectral_estimates
-from experiments.tracking import log_config, log_json, log_metrics, tracked_run, write_csv
-from experiments.tracking_store import PROJECT_ROOT
+from experiments.tracking import log_metrics, tracked_run, write_csv
 from pipeline.data.toy import TOY_DATASETS, sample_toy
 from pipeline.layers.branches import mlp_branch
 from pipeline.layers.spectral import SpectralConfig
-from pipeline.models import VECTOR_FLOW_PRESETS, FlowModel, vector_flow
+from pipeline.models import VECTOR_FLOW_PRESETS, FlowModel, VectorFlow
 from pipeline.models.base import n_parameters
 from pipeline.models.glow import matched_glow
 from pipeline.plotting import new_figure, save_figure
@@ -47,19 +53,12 @@ EXACT = ExactLogDet()  # evaluation: the exact 2-D log-det, whatever estimator t
 
 
 @dataclass(frozen=True)
-class ToyConfig(EstimatorOptions):
-    """The toy run; the i-ResNet's training log-det options are :class:`~experiments.config.EstimatorOptions`.
+class ToyOptions:
+    """What the toy run trains and draws: datasets, models, steps, the density grid, the 1-D dynamics of Fig. 1."""
 
-    Test NLLs and plotted densities always use the exact 2-D log-det, whatever the training estimator.
-    """
-
-    estimator: str = "exact"  # brute force is cheap in 2-D (the paper); any estimator can train instead
-    preset: str = "quick"
+    GROUP: ClassVar[str] = "toy"
     datasets: str = "8gaussians"  # comma-separated names, or "all"
     models: str = "glow,iresnet"  # comma-separated names from TOY_MODELS
-    architecture: str = "quick"  # i-ResNet vector-flow preset; Glow is matched to it in depth and parameters
-    coeff: float | None = None  # None: the architecture preset's
-    lipschitz: str | None = None  # "strict": every training forward applies norms <= c (certified per step)
     steps: int = 2000
     steps_per_epoch: int = 250  # checkpoint and log epoch metrics this often
     batch_size: int = 256
@@ -71,16 +70,20 @@ class ToyConfig(EstimatorOptions):
     dynamics: bool = True  # also train the 1-D ResNet vs i-ResNet of Fig. 1
     dynamics_depth: int = 10
     dynamics_steps: int = 3000
-    seed: int = 0
-    device: str = "auto"
-    threads: int = 0  # CPU threads of this process; 0: the cores divided among the local workers
-    deterministic: bool = False  # deterministic kernels (GPU): a resumed run then equals an uninterrupted one
-    experiment_name: str = "toy"
-    run_name: str | None = None
-    checkpoint_dir: str = str(PROJECT_ROOT / "checkpoints")
-    progress: bool = True
-    register_model: str | None = None  # a Model Registry name: the trained model becomes a new version of it
-    log_system_metrics: bool = False  # MLflow's CPU/GPU/memory monitor beside the run's own metrics
+
+
+@dataclass(frozen=True)
+class ToyConfig(ToyOptions, EstimatorOptions, ArchitectureOptions, RunOptions):
+    """The toy run. The i-ResNet is the vector-flow preset ``architecture`` (Glow is matched to it in depth and
+    parameters) with any :class:`~pipeline.models.VectorFlowArchitecture` field replaced; its training log-det
+    options are :class:`~experiments.config.EstimatorOptions`.
+
+    Test NLLs and plotted densities always use the exact 2-D log-det, whatever the training estimator.
+    """
+
+    ARCHITECTURES: ClassVar = VECTOR_FLOW_PRESETS
+    FROM_DATA: ClassVar = ("dim",)
+    preset: str = "quick"
 
     def dataset_names(self) -> list[str]:
         names = sorted(TOY_DATASETS) if self.datasets == "all" else [n.strip() for n in self.datasets.split(",")]
@@ -97,9 +100,6 @@ class ToyConfig(EstimatorOptions):
         return names
 
     def __post_init__(self) -> None:
-        if self.architecture not in VECTOR_FLOW_PRESETS:
-            raise ValueError(f"unknown architecture {self.architecture!r}; choose one of {sorted(VECTOR_FLOW_PRESETS)}")
-        fill_from_architecture(self, VECTOR_FLOW_PRESETS[self.architecture])
         check_common(self)
         self.training_estimator()  # the library validates every estimator option
         self.dataset_names()
@@ -111,11 +111,11 @@ class ToyConfig(EstimatorOptions):
             raise ValueError("dynamics_depth must be even (the x^3 target sits at half depth)")
         if not self.lr > 0 or not self.grid_limit > 0:
             raise ValueError("lr and grid_limit must be > 0")
-        vector_flow(self.architecture, coeff=self.coeff, lipschitz=self.lipschitz, n_blocks=1)  # validates c
+        self.resolved_architecture(dim=2)  # the library validates c, widths, ...
 
 
 def _iresnet(cfg: ToyConfig) -> FlowModel:
-    return vector_flow(cfg.architecture, coeff=cfg.coeff, lipschitz=cfg.lipschitz, estimator=cfg.training_estimator())
+    return VectorFlow(cfg.resolved_architecture(dim=2), estimator=cfg.training_estimator())
 
 
 TOY_MODELS: dict[str, Callable[[ToyConfig], FlowModel]] = {
@@ -123,11 +123,13 @@ TOY_MODELS: dict[str, Callable[[ToyConfig], FlowModel]] = {
     "glow": lambda cfg: matched_glow(_iresnet(cfg)),
 }
 
+_EXACT = dict(estimator="exact")  # brute force is cheap in 2-D (the paper); any estimator can train instead
 PRESETS: dict[str, dict] = {
-    "quick": {},
-    "all": dict(datasets="all", steps=1500),
+    "quick": _EXACT,
+    "all": dict(_EXACT, datasets="all", steps=1500),
     "paper": dict(
-        datasets="all", architecture="paper", steps=10000, steps_per_epoch=1000, dynamics_depth=20, dynamics_steps=4000
+        _EXACT, datasets="all", architecture="paper", steps=10000, steps_per_epoch=1000, dynamics_depth=20,
+        dynamics_steps=4000,
     ),
 }
 
@@ -240,7 +242,7 @@ def _dynamics_figure(cfg: ToyConfig, device: torch.device, out: Path) -> dict[st
     fig, axes = new_figure(10, 4)
     axes.remove()
     metrics: dict[str, float] = {}
-    for i, (name, coeff) in enumerate((("ResNet", None), ("i-ResNet", cfg.coeff))):
+    for i, (name, coeff) in enumerate((("ResNet", None), ("i-ResNet", cfg.architecture_option("coeff")))):
         net, inputs = train_dynamics(coeff, cfg, device)
         with torch.no_grad():
             states = net(inputs)
@@ -322,11 +324,13 @@ def run(cfg: ToyConfig) -> str:
     datasets, model_names = cfg.dataset_names(), cfg.model_names()
     with (
         deterministic_algorithms(cfg.deterministic),
-        tracked_run(cfg.experiment_name, run_name=cfg.run_name, log_system_metrics=cfg.log_system_metrics) as active,
+        tracked_run(
+            cfg.experiment_name or "toy", run_name=cfg.run_name, log_system_metrics=cfg.log_system_metrics
+        ) as active,
         tempfile.TemporaryDirectory() as tmp,
     ):
         run_id, out = active.info.run_id, Path(tmp)
-        log_config(cfg)
+        log_configuration(cfg, cfg.resolved_architecture(dim=2))
         rows = []
         fig, axes = new_figure(3.2 * (1 + len(model_names)), 3.2 * len(datasets))
         axes.remove()
@@ -345,7 +349,6 @@ def run(cfg: ToyConfig) -> str:
         write_csv(rows, out / "test_nll.csv")
         if cfg.dynamics:
             log_metrics(_dynamics_figure(cfg, device, out))
-        log_json(asdict(cfg), "config.json")
         mlflow.log_artifacts(str(out))
         return run_id
 

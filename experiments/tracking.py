@@ -219,18 +219,3 @@ def log_params_flat(params: dict[str, Any], prefix: str = "") -> None:
     walk(params, prefix)
     if flat:
         retry_tracking_write(lambda: mlflow.log_params(flat))
-
-
-CONFIG_PREFIX = "config."
-
-
-def log_config(config: Any) -> None:
-    """Log the *resolved* configuration dataclass as ``config.<field>`` params.
-
-    Under ``mlflow run`` the CLI has already logged the raw entry-point parameters under their bare
-    names (an unset one as ``''``); the resolved values get their own prefix, so runs started either
-    way carry the same ``config.*`` params.
-    """
-    from dataclasses import asdict
-
-    log_params_flat({k: v for k, v in asdict(config).items() if k not in ("resume", "progress")}, CONFIG_PREFIX)

@@ -8,13 +8,20 @@ from pipeline.layers.operator_norm import (
     dense_operator_matrix,
     dense_operator_norm,
 )
-from pipeline.layers.spectral import SPECTRAL_LAYERS, SpectralConfig, SpectralNormConv2d, SpectralNormLinear
+from pipeline.layers.spectral import (
+    SPECTRAL_LAYERS,
+    LipschitzOptions,
+    SpectralConfig,
+    SpectralNormConv2d,
+    SpectralNormLinear,
+)
 
 __all__ = [
     "ACTIVATIONS",
     "SPECTRAL_LAYERS",
     "LipSwish",
     "MaxMin",
+    "LipschitzOptions",
     "SpectralConfig",
     "SpectralNormConv2d",
     "SpectralNormLinear",

@@ -62,6 +62,35 @@ CERTIFY_MAX_POWER_ITERATIONS = 500  # only for layers too large for a tight boun
 
 
 @dataclass(frozen=True)
+class LipschitzOptions:
+    """The spectral-normalisation fields every architecture has (flow, classifier, vector flow), declared once here.
+
+    ``coeff=None`` means unconstrained ("vanilla") branches, where an architecture allows them (the classifier);
+    :meth:`spectral_config` turns the fields into the :class:`SpectralConfig` of every branch layer.
+    """
+
+    coeff: float | None = 0.9
+    n_power_iterations: int = 5
+    power_tol: float = 0.0  # > 0: power iteration per step runs to this relative change of sigma
+    lipschitz: str = "soft"  # "strict": Lip(g) <= c at every training forward too (certified bound per step)
+
+    def spectral_config(self) -> SpectralConfig | None:
+        """The branch layers' normalisation (validated), or ``None`` for unconstrained branches."""
+        if self.coeff is None:
+            return None
+        return SpectralConfig(self.coeff, self.n_power_iterations, self.power_tol, self.lipschitz)
+
+    def constrained_spectral_config(self) -> SpectralConfig:
+        """:meth:`spectral_config` for an architecture whose branches are always constrained (a flow)."""
+        spectral = self.spectral_config()
+        if spectral is None:
+            raise ValueError(
+                f"{type(self).__name__} needs a Lipschitz coefficient 0 < c < 1 to be invertible, got coeff=None"
+            )
+        return spectral
+
+
+@dataclass(frozen=True)
 class SpectralConfig:
     """How a spectrally normalised layer keeps its operator norm ``<= coeff`` (validated on construction).
 

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from pipeline.layers.activations import ACTIVATIONS, make_activation
 from pipeline.layers.branches import conv_branch
-from pipeline.layers.spectral import SpectralConfig
+from pipeline.layers.spectral import LipschitzOptions, SpectralConfig
 from pipeline.models.base import in_model_dtype
 from pipeline.transforms.actnorm import ActNorm
 from pipeline.transforms.base import InverseReport, Transform, TransformSequence
@@ -30,8 +30,9 @@ NORMS = ("actnorm", "none")
 
 
 @dataclass(frozen=True)
-class ClassifierArchitecture:
-    """Architecture of :class:`ResidualClassifier`; validated on construction."""
+class ClassifierArchitecture(LipschitzOptions):
+    """Architecture of :class:`ResidualClassifier`; validated on construction. The spectral normalisation's fields
+    are :class:`~pipeline.layers.spectral.LipschitzOptions`' (``coeff=None``: unconstrained, vanilla branches)."""
 
     input_shape: tuple[int, int, int] = (3, 32, 32)
     num_classes: int = 10
@@ -42,10 +43,7 @@ class ClassifierArchitecture:
     init_squeeze: bool = False
     kernel_sizes: tuple[int, ...] = (3, 1, 3)
     activation: str = "elu"
-    coeff: float | None = 0.9  # None: unconstrained (vanilla) residual branches
-    n_power_iterations: int = 1
-    power_tol: float = 0.0  # > 0: power iteration per step runs to this relative change of sigma
-    lipschitz: str = "soft"  # "strict": Lip(g) <= c at every training forward too (certified bound per step)
+    n_power_iterations: int = 1  # the paper's classifier: one power iteration per step
     norm: str = "actnorm"  # before each block
     branch_batchnorm: bool = False  # BatchNorm inside the branch (vanilla "ResNet-BN" only)
 
@@ -72,9 +70,7 @@ class ClassifierArchitecture:
     @property
     def spectral(self) -> SpectralConfig | None:
         """The spectral normalisation of every branch layer (``None``: unconstrained, for ``coeff=None``)."""
-        if self.coeff is None:
-            return None
-        return SpectralConfig(self.coeff, self.n_power_iterations, self.power_tol, self.lipschitz)
+        return self.spectral_config()
 
     @property
     def invertible(self) -> bool:

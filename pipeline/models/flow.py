@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from pipeline.layers.activations import ACTIVATIONS
 from pipeline.layers.branches import conv_branch, mlp_branch
-from pipeline.layers.spectral import SpectralConfig
+from pipeline.layers.spectral import LipschitzOptions, SpectralConfig
 from pipeline.models.base import FlowModel, in_model_dtype, make_prior
 from pipeline.transforms.actnorm import ActNorm
 from pipeline.transforms.base import InverseReport, Transform, TransformSequence
@@ -33,18 +33,15 @@ SPLIT_PRIORS = ("unconditional", "conditional")
 
 
 @dataclass(frozen=True)
-class FlowArchitecture:
-    """Architecture of :class:`IResNetFlow`; validated on construction."""
+class FlowArchitecture(LipschitzOptions):
+    """Architecture of :class:`IResNetFlow`; validated on construction. The spectral normalisation's fields
+    (``coeff``, ``n_power_iterations``, ``power_tol``, ``lipschitz``) are :class:`LipschitzOptions`'."""
 
     input_shape: tuple[int, int, int] = (1, 28, 28)
     n_blocks: tuple[int, ...] = (32, 32, 32)  # per level (scale)
     hidden_channels: int | tuple[int, ...] = 32  # bottleneck width: one for all levels, or one per level
     kernel_sizes: tuple[int, ...] = (3, 1, 3)
     activation: str = "elu"
-    coeff: float = 0.9
-    n_power_iterations: int = 5
-    power_tol: float = 0.0  # > 0: power iteration per step runs to this relative change of sigma
-    lipschitz: str = "soft"  # "strict": Lip(g) <= c at every training forward too (certified bound per step)
     actnorm: bool = True
     learnable_prior: bool = True
     squeeze_first: bool = True  # squeeze before the first level too (as the reference code does)
@@ -79,8 +76,8 @@ class FlowArchitecture:
 
     @property
     def spectral(self) -> SpectralConfig:
-        """The spectral normalisation of every branch layer."""
-        return SpectralConfig(self.coeff, self.n_power_iterations, self.power_tol, self.lipschitz)
+        """The spectral normalisation of every branch layer (a flow's branches are always constrained)."""
+        return self.constrained_spectral_config()
 
     def level_shapes(self) -> list[tuple[int, int, int]]:
         """The (C, H, W) each level's blocks act on."""

@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from pipeline.layers.activations import ACTIVATIONS
 from pipeline.layers.branches import mlp_branch
-from pipeline.layers.spectral import SpectralConfig
+from pipeline.layers.spectral import LipschitzOptions, SpectralConfig
 from pipeline.models.base import FlowModel, in_model_dtype, make_prior
 from pipeline.transforms.actnorm import ActNorm
 from pipeline.transforms.base import InverseReport, Transform, TransformSequence
@@ -18,15 +18,13 @@ from pipeline.transforms.residual import InvertibleResidualBlock
 
 
 @dataclass(frozen=True)
-class VectorFlowArchitecture:
+class VectorFlowArchitecture(LipschitzOptions):
+    """Architecture of :class:`VectorFlow`; the spectral normalisation's fields are :class:`LipschitzOptions`'."""
+
     dim: int = 2
     n_blocks: int = 100
     hidden: tuple[int, ...] = (64, 64, 64)
     activation: str = "elu"
-    coeff: float = 0.9
-    n_power_iterations: int = 5
-    power_tol: float = 0.0  # > 0: power iteration per step runs to this relative change of sigma
-    lipschitz: str = "soft"  # "strict": Lip(g) <= c at every training forward too (certified bound per step)
     actnorm: bool = True  # after each block, as in the paper's toy model
     learnable_prior: bool = False
 
@@ -41,8 +39,8 @@ class VectorFlowArchitecture:
 
     @property
     def spectral(self) -> SpectralConfig:
-        """The spectral normalisation of every branch layer."""
-        return SpectralConfig(self.coeff, self.n_power_iterations, self.power_tol, self.lipschitz)
+        """The spectral normalisation of every branch layer (a flow's branches are always constrained)."""
+        return self.constrained_spectral_config()
 
 class VectorFlow(FlowModel):
     """``n_blocks`` x (residual block with an MLP branch, then ActNorm); exact log-det by default."""

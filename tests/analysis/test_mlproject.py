@@ -1,23 +1,42 @@
-from dataclasses import fields
-from pathlib import Path
+import shlex
 
+import pytest
 import yaml
 
 from analysis import mlproject
+from experiments import density
+from experiments.config import RESUME_OVERRIDABLE, config_from_preset, flat_options, option_types, parse_config
 from experiments.tracking_store import PROJECT_ROOT
 
 
 def test_the_committed_mlproject_is_the_generated_one():
-    committed = (Path(PROJECT_ROOT) / "MLproject").read_text()
+    committed = (PROJECT_ROOT / "MLproject").read_text()
     assert committed == mlproject.render(), "run: python -m analysis.mlproject > MLproject"
 
 
-def test_every_config_field_is_a_parameter_passed_to_its_option():
-    spec = yaml.safe_load(mlproject.render())
-    for name, (module, config_cls) in mlproject.ENTRY_POINTS.items():
-        entry = spec["entry_points"][name]
-        expected = {f.name for f in fields(config_cls)} - set(mlproject.SET_BY_MLFLOW_RUN)
-        assert set(entry["parameters"]) == expected, name
-        for field in expected:
-            assert f"--{field.replace('_', '-')} {{{field}}}" in entry["command"], (name, field)
-        assert entry["command"].startswith(f"python -m {module} ")
+def test_every_option_is_a_typed_parameter_with_its_presets_value_passed_to_its_option():
+    spec = yaml.safe_load(mlproject.render())["entry_points"]
+    for name, (module, config_cls, presets) in mlproject.ENTRY_POINTS.items():
+        for preset in presets or [None]:
+            entry = spec[name if preset in (None, "quick") else f"{name}-{preset}"]
+            expected = set(option_types(config_cls)) - {*mlproject.SET_BY_MLFLOW_RUN, "preset", "resume"}
+            assert set(entry["parameters"]) == expected, (name, preset)
+            for option in expected:
+                assert f"--{option.replace('_', '-')} {{{option}}}" in entry["command"], (name, option)
+            assert entry["command"].startswith(f"python -m {module} " + (f"--preset {preset} " if preset else ""))
+        if "resume" in option_types(config_cls):
+            assert set(spec[f"{name}-resume"]["parameters"]) == {"resume", *RESUME_OVERRIDABLE}
+    coeff = spec["density-paper-cifar10"]["parameters"]["coeff"]
+    assert coeff == {"type": "float", "default": 0.9}  # the paper's c, typed
+    assert spec["density"]["parameters"]["n_blocks"] == {"type": "string", "default": "4,4"}
+
+
+@pytest.mark.parametrize("entry, preset", [("density", "quick"), ("density-paper-cifar10", "paper-cifar10")])
+def test_the_command_mlflow_run_builds_from_the_defaults_is_the_preset_itself(entry, preset):
+    """The command with every default substituted (as ``mlflow run`` quotes it) parses to exactly the preset's
+    configuration: no option is changed by being passed."""
+    spec = yaml.safe_load(mlproject.render())["entry_points"][entry]
+    values = {k: shlex.quote(str(v["default"])) for k, v in spec["parameters"].items()}
+    argv = shlex.split(spec["command"].format(**values))[3:]  # after "python -m experiments.density"
+    cfg = parse_config(density.DensityConfig, density.PRESETS, argv, None)
+    assert flat_options(cfg) == flat_options(config_from_preset(density.DensityConfig, density.PRESETS, preset))

@@ -109,7 +109,7 @@ def test_power_tolerance_and_anderson_reconstructions(store):
     )
     run = MlflowClient().get_run(classify.run(cfg))
     m = run.data.metrics
-    assert run.info.status == "FINISHED" and run.data.params["config.inverse_method"] == "anderson"
+    assert run.info.status == "FINISHED" and run.data.params["inverse_method"] == "anderson"
     assert m["recon_inverse_not_converged"] == 0 and m["recon_rel_error_max"] < 1e-4
     assert m["power_iterations_mean"] >= 1 and any(k.startswith("sigma/b") for k in m)
 

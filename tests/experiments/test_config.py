@@ -1,9 +1,21 @@
-"""Configuration: one preset table per model, options from type hints, and a setting's path to the layers."""
+"""Configuration: option groups declared once, the model group as the library's architecture, presets as data,
+options from type hints, and a setting's path to the layers."""
+
+from dataclasses import dataclass
 
 import pytest
 
 from experiments import classify, density, toy
-from experiments.config import build_parser, parse_config
+from experiments.config import (
+    ArchitectureOptions,
+    build_parser,
+    flat_options,
+    grouped_config,
+    option_groups,
+    option_types,
+    parse_config,
+    set_options,
+)
 from pipeline.layers.spectral import SpectralNormConv2d
 from pipeline.models import CLASSIFIER_PRESETS, FLOW_PRESETS, VECTOR_FLOW_PRESETS, IResNetFlow
 
@@ -11,17 +23,19 @@ from pipeline.models import CLASSIFIER_PRESETS, FLOW_PRESETS, VECTOR_FLOW_PRESET
 def test_an_entry_point_preset_names_a_model_preset_and_logs_concrete_values():
     cfg = density.config_from_preset("quick")
     arch = FLOW_PRESETS["quick"]
-    assert cfg.architecture == "quick"
-    assert (cfg.coeff, cfg.n_power_iterations, cfg.n_blocks) == (arch.coeff, arch.n_power_iterations, arch.n_blocks)
+    assert cfg.architecture == "quick" and cfg.architecture_overrides == {}
+    options = flat_options(cfg)
+    assert (options["coeff"], options["n_power_iterations"], options["n_blocks"]) == (
+        arch.coeff, arch.n_power_iterations, arch.n_blocks)  # fmt: skip
     assert cfg.flow_architecture(arch.input_shape) == arch
     paper = density.config_from_preset("paper-cifar10")
-    assert paper.hidden_channels == (512,) and paper.n_terms == 5  # one width for every level, as the preset has
+    assert flat_options(paper)["hidden_channels"] == (512,) and paper.n_terms == 5  # one width for every level
     # classify: the model preset, as the chosen variant of the paper's three models
     quick = classify.config_from_preset("quick")
-    assert quick.n_blocks == CLASSIFIER_PRESETS["quick"].n_blocks
+    assert quick.architecture_option("n_blocks") == CLASSIFIER_PRESETS["quick"].n_blocks
     vanilla = classify.config_from_preset("quick", model="resnet-bn").classifier_architecture((1, 28, 28), 10)
     assert vanilla.coeff is None and vanilla.norm == "none" and vanilla.branch_batchnorm
-    assert toy.config_from_preset("quick").coeff == VECTOR_FLOW_PRESETS["quick"].coeff
+    assert toy.config_from_preset("quick").architecture_option("coeff") == VECTOR_FLOW_PRESETS["quick"].coeff
 
 
 def test_an_architecture_field_overrides_the_model_preset_and_the_rest_stays():
@@ -29,14 +43,16 @@ def test_an_architecture_field_overrides_the_model_preset_and_the_rest_stays():
     arch = cfg.flow_architecture((1, 8, 8))
     assert arch.n_blocks == (2, 2) and arch.hidden_channels == (32, 32)  # the preset's one width, at every level
     assert arch.kernel_sizes == FLOW_PRESETS["mnist"].kernel_sizes and arch.input_shape == (1, 8, 8)
-    with pytest.raises(ValueError, match="unknown flow architecture 'imagenet'"):
+    with pytest.raises(ValueError, match="unknown architecture 'imagenet'"):
         density.config_from_preset("quick", architecture="imagenet")
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['strides'\]"):  # a classifier's field, not a flow's
+        density.config_from_preset("quick", strides=(1, 2))
 
 
 def test_coeff_from_the_command_line_reaches_every_layers_power_iteration():
-    """``-P coeff=0.7``: option -> DensityConfig.coeff -> FlowArchitecture.coeff -> SpectralConfig -> layer."""
+    """``-P coeff=0.7``: option -> architecture_overrides -> FlowArchitecture.coeff -> SpectralConfig -> layer."""
     cfg = parse_config(density.DensityConfig, density.PRESETS, ["--coeff", "0.7", "--n-blocks", "1,1"], None)
-    assert cfg.coeff == 0.7 and cfg.n_blocks == (1, 1)
+    assert cfg.architecture_overrides == {"coeff": 0.7, "n_blocks": (1, 1)}
     model = IResNetFlow(cfg.flow_architecture((1, 28, 28)), estimator=cfg.training_estimator())
     layers = [m for m in model.modules() if isinstance(m, SpectralNormConv2d)]
     assert layers and all(m.spectral.coeff == 0.7 and m.coeff == 0.7 for m in layers)
@@ -62,16 +78,68 @@ def test_an_entry_point_without_presets_has_no_preset_option():
 
 
 def test_a_run_checkpointed_before_the_flow_options_existed_resumes_with_the_flow_it_trained(tmp_path):
-    from dataclasses import asdict
-
     from experiments.config import config_for_resume
     from pipeline.training.checkpoint import save_checkpoint
 
-    saved = asdict(density.config_from_preset("quick", epochs=3))
+    # as a version before the option groups wrote it: every option a field of its own, without the four
+    saved = flat_options(density.config_from_preset("quick", epochs=3))
     for name in density.DensityConfig.BEFORE_FIELD_EXISTED:
-        del saved[name]  # as an older version wrote it
+        del saved[name]
     save_checkpoint(tmp_path / "old-run" / "last.pt", {"config": saved, "epoch": 1})
     cfg = config_for_resume(density.DensityConfig, "old-run", checkpoint_dir=str(tmp_path))
     arch = cfg.flow_architecture((1, 28, 28))
     assert (arch.logit_alpha, arch.split_prior, arch.fc_blocks) == (0.0, "unconditional", 0)  # not today's preset
     assert cfg.resume == "old-run" and cfg.epochs == 3 and cfg.estimator == saved["estimator"]
+
+
+def test_a_run_resumes_with_the_options_it_was_checkpointed_with(tmp_path):
+    from dataclasses import asdict
+
+    from experiments.config import config_for_resume
+    from pipeline.training.checkpoint import save_checkpoint
+
+    started = density.config_from_preset("quick", epochs=3, coeff=0.7, n_blocks=(2, 2), lr=0.01)
+    checkpoint = {"config": asdict(started), "epoch": 1, "entry_point": "experiments.density"}
+    save_checkpoint(tmp_path / "run" / "last.pt", checkpoint)
+    cfg = config_for_resume(density.DensityConfig, "run", checkpoint_dir=str(tmp_path), epochs=5)
+    assert cfg.architecture_overrides == {"coeff": 0.7, "n_blocks": (2, 2)} and (cfg.lr, cfg.epochs) == (0.01, 5)
+    with pytest.raises(ValueError, match="cannot change \\['coeff'\\] on resume.*-e density-resume"):
+        config_for_resume(density.DensityConfig, "run", checkpoint_dir=str(tmp_path), coeff=0.5)
+
+
+@pytest.mark.parametrize("config_cls", [density.DensityConfig, classify.ClassifyConfig, toy.ToyConfig])
+def test_every_option_is_declared_once_in_one_group(config_cls):
+    """The shared groups are declared once (in ``experiments.config``), the model group is the library's
+    architecture dataclass: no entry point declares a field of it again, which ``option_types`` would refuse."""
+    groups = option_groups(config_cls)
+    assert set(groups) == set(option_types(config_cls))
+    assert {"coeff", "n_power_iterations", "lipschitz"} <= {n for n, g in groups.items() if g == "model"}
+    other = "inverse_tol" if config_cls is classify.ClassifyConfig else "estimator"
+    assert groups["seed"] == "run" and groups[other] in ("inverse", "estimator")
+    if config_cls is not toy.ToyConfig:
+        assert (groups["dataset"], groups["epochs"]) == ("data", "training")
+
+    @dataclass(frozen=True)
+    class Redeclared(ArchitectureOptions):
+        ARCHITECTURES = density.FLOW_PRESETS
+        coeff: float = 0.5
+
+    with pytest.raises(TypeError, match="declares \\['coeff'\\], which the architecture already declares"):
+        option_types(Redeclared)
+
+
+def test_a_run_logs_the_options_set_away_from_its_preset_and_the_whole_configuration_by_group():
+    cfg = density.config_from_preset("quick", coeff=0.7, epochs=6, lr=0.01)  # epochs=6 is the preset's value
+    assert set_options(cfg, density.PRESETS) == {"coeff": 0.7, "lr": 0.01}
+    grouped = grouped_config(cfg, cfg.flow_architecture((1, 28, 28)))
+    assert grouped["model"]["coeff"] == 0.7 and grouped["model"]["input_shape"] == (1, 28, 28)
+    assert grouped["training"]["lr"] == 0.01 and grouped["data"]["dataset"] == "digits-mnist5k"
+    assert grouped["estimator"]["estimator"] == "russian_roulette" and grouped["density"]["se_tol"] == 5e-3
+
+
+def test_the_help_lists_options_by_group_and_a_second_preset_is_refused(capsys):
+    text = build_parser(density.DensityConfig, density.PRESETS, None).format_help()
+    assert text.index("data:") < text.index("model (fields of the architecture preset):") < text.index("run:")
+    with pytest.raises(SystemExit):  # mlflow run appends -P preset=... after the entry point's own --preset
+        parse_config(density.DensityConfig, density.PRESETS, ["--preset", "quick", "--preset", "paper-mnist"], None)
+    assert "choose it by the entry point (-e density-paper-mnist)" in capsys.readouterr().err

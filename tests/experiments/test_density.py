@@ -55,9 +55,18 @@ def test_mlflow_project_entry_point_end_to_end(store):
     assert submitted.get_status() == "FINISHED"
     run = MlflowClient().get_run(submitted.run_id)
     assert run.info.status == "FINISHED"
-    # the resolved configuration, not the raw (possibly empty) entry-point parameters
-    quick_lr = str(density.PRESETS["quick"]["lr"])  # unset parameters take the preset's value
-    assert run.data.params["config.dataset"] == "digits8x8" and run.data.params["config.lr"] == quick_lr
+    # the typed entry point's parameters (MLflow logs them), the preset, and the resolved configuration by group
+    quick_lr = density.PRESETS["quick"]["lr"]  # unset parameters take the preset's value
+    params = run.data.params
+    assert (params["dataset"], params["preset"], float(params["lr"]), params["coeff"]) == (
+        "digits8x8", "quick", quick_lr, "0.97")  # fmt: skip
+    resolved = mlflow.artifacts.load_dict(f"runs:/{submitted.run_id}/config.json")
+    assert resolved["data"]["dataset"] == "digits8x8" and resolved["training"]["lr"] == quick_lr
+    assert resolved["model"]["n_blocks"] == [1, 1] and resolved["model"]["input_shape"] == [1, 8, 8]
+    from analysis.tables import config, finished_runs
+
+    row = finished_runs("density").set_index("run_id").loc[submitted.run_id]
+    assert config(row, "dataset") == "digits8x8" and config(row, "n_blocks") == "1,1"  # the report reads it
     for key in (
         "test_bpd",
         "test_standard_error",
@@ -182,8 +191,9 @@ def test_unbiased_estimator_memory_saving_gradient_and_anderson_inverse_in_one_r
     run = MlflowClient().get_run(run_id)
     assert run.info.status == "FINISHED"
     p, m = run.data.params, run.data.metrics
-    assert p["config.estimator"] == "russian_roulette" and p["config.gradient"] == "neumann"
-    assert p["config.inverse_method"] == "anderson"
+    resolved = mlflow.artifacts.load_dict(f"runs:/{run_id}/config.json")
+    assert resolved["estimator"]["estimator"] == "russian_roulette" and resolved["estimator"]["gradient"] == "neumann"
+    assert p["inverse_method"] == "anderson" and "estimator" not in p  # only what differs from the preset
     model = load_model(run_id)
     assert m["recon_inverse_not_converged"] == 0 and m["recon_max_abs_error"] < 1e-4 and "recon_inverse_fallbacks" in m
     assert m["train_logdet_std_bpd"] > 0 and m["train_logdet_std_bpd_max_block"] <= m["train_logdet_std_bpd"]
