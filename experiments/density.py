@@ -22,17 +22,16 @@ import mlflow
 import torch
 from torch import Tensor, nn
 
-from experiments.config import (
+from experiments.config import check_at_least, check_common
+from experiments.models import log_pyfunc_model
+from experiments.options import (
     ArchitectureOptions,
     DataOptions,
     EstimatorOptions,
     InverseOptions,
     RunOptions,
     TrainingOptions,
-    check_at_least,
-    check_common,
 )
-from experiments.models import log_pyfunc_model
 from experiments.runner import EntryPoint, Splits, run_training
 from experiments.tracking import log_json, log_metrics, write_csv
 from pipeline.data import DATASETS, ImageSplit, dequantize, pad_images

@@ -25,15 +25,9 @@ import torch
 from mlflow.data.numpy_dataset import from_numpy
 from torch import Tensor, nn
 
-from experiments.config import (
-    ArchitectureOptions,
-    EstimatorOptions,
-    RunOptions,
-    check_at_least,
-    check_common,
-    log_configuration,
-)
+from experiments.config import check_at_least, check_common, log_configuration
 from experiments.models import log_pyfunc_model
+from experiments.options import ArchitectureOptions, EstimatorOptions, RunOptions
 from experiments.runner import EntryPoint, log_spectral_estimates
 from experiments.tracking import log_metrics, tracked_run, write_csv
 from pipeline.data.toy import TOY_DATASETS, sample_toy

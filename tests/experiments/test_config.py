@@ -7,7 +7,6 @@ import pytest
 
 from experiments import classify, density, toy
 from experiments.config import (
-    ArchitectureOptions,
     build_parser,
     flat_options,
     grouped_config,
@@ -16,6 +15,7 @@ from experiments.config import (
     parse_config,
     set_options,
 )
+from experiments.options import ArchitectureOptions
 from pipeline.layers.spectral import SpectralNormConv2d
 from pipeline.models import CLASSIFIER_PRESETS, FLOW_PRESETS, VECTOR_FLOW_PRESETS, IResNetFlow
 
