@@ -56,31 +56,58 @@ OPTIMIZERS = ("sgd", "adam", "adamax")
 
 
 @dataclass(frozen=True)
-class ClassifyOptions:
-    """What only a classification run has: the model variant, augmentation, SGD's schedule, the invertibility study."""
-
-    GROUP: ClassVar[str] = "classify"
-    model: str = "iresnet"  # the preset's architecture as iresnet, resnet or resnet-bn (classifier_variant)
+class ClassifyData:
+    GROUP: ClassVar[str] = "data"
     augment: bool = True
+
+
+@dataclass(frozen=True)
+class ClassifyModel:
+    GROUP: ClassVar[str] = "model"
+    model: str = "iresnet"  # the preset's architecture as iresnet, resnet or resnet-bn (classifier_variant)
+
+
+@dataclass(frozen=True)
+class ClassifyTraining:
+    """The optimiser and its step schedule (after the shared warm-up)."""
+
+    GROUP: ClassVar[str] = "training"
     optimizer: str = "sgd"
     momentum: float = 0.9
     nesterov: bool = False
     weight_decay: float = 5e-4
     milestones: tuple[int, ...] = (6, 8)  # epochs at which the lr is multiplied by lr_decay
     lr_decay: float = 0.2
+
+
+@dataclass(frozen=True)
+class ClassifyEvaluation:
+    """The test error's batches and the invertibility study (reconstruction error against iterations)."""
+
+    GROUP: ClassVar[str] = "evaluation"
     eval_batch_size: int = 500
     recon_images: int = 16
     recon_iterations: tuple[int, ...] = (1, 2, 3, 5, 7, 10, 15, 20, 30, 50, 75, 100)
 
 
 @dataclass(frozen=True)
-class ClassifyConfig(ClassifyOptions, InverseOptions, ArchitectureOptions, TrainingOptions, DataOptions, RunOptions):
+class ClassifyConfig(
+    ClassifyEvaluation,
+    InverseOptions,
+    ClassifyTraining,
+    TrainingOptions,
+    ClassifyModel,
+    ArchitectureOptions,
+    ClassifyData,
+    DataOptions,
+    RunOptions,
+):
     """Everything a classification run needs; validated in one place (``__post_init__``).
 
     The network is the model preset ``architecture`` (:data:`pipeline.models.CLASSIFIER_PRESETS`) with any of its
     :class:`~pipeline.models.ClassifierArchitecture` fields replaced, as the ``model`` variant
-    (:func:`pipeline.models.classifier_variant`); the other groups are :mod:`experiments.config`'s and
-    :class:`ClassifyOptions`.
+    (:func:`pipeline.models.classifier_variant`); the other groups are :mod:`experiments.options`' with the
+    classification run's own additions to data, training and evaluation.
     """
 
     ARCHITECTURES: ClassVar = CLASSIFIER_PRESETS

@@ -60,12 +60,12 @@ def option_groups(config_cls: type) -> dict[str, str]:
     return groups | {name: ArchitectureOptions.GROUP for name in arch}
 
 
-GROUP_ORDER = ("data", "model", "training", "estimator", "inverse")  # then the entry point's own, then "run"
+GROUP_ORDER = ("data", "model", "training", "estimator", "inverse", "evaluation")  # then an entry point's own, "run"
 
 
 def ordered_options(config_cls: type) -> list[str]:
     """The options in the order of their groups (``--help``, the MLproject): data, model, training, estimator,
-    inverse, the entry point's own, run."""
+    inverse, evaluation, an entry point's own, run."""
     groups = option_groups(config_cls)
     rank = {g: i for i, g in enumerate(GROUP_ORDER)} | {"run": len(GROUP_ORDER) + 1}
     return sorted(groups, key=lambda name: rank.get(groups[name], len(GROUP_ORDER)))  # stable within a group

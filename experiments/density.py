@@ -51,13 +51,27 @@ log = logging.getLogger("experiments.density")
 
 
 @dataclass(frozen=True)
-class DensityOptions:
-    """What only a density run has: the data's padding, the learning-rate decay, the bits/dim evaluation."""
+class DensityData:
+    """The density run's data option beside the shared ones."""
 
-    GROUP: ClassVar[str] = "density"
-    pad: int = 0
+    GROUP: ClassVar[str] = "data"
+    pad: int = 0  # zero pixels around each image (the reference code pads MNIST to 32x32)
+
+
+@dataclass(frozen=True)
+class DensityTraining:
+    """The density run's learning-rate decay (Adamax, after the shared warm-up)."""
+
+    GROUP: ClassVar[str] = "training"
     lr_schedule: str = "constant"  # or "cosine": decay to lr * lr_final_fraction at the last step
     lr_final_fraction: float = 0.0
+
+
+@dataclass(frozen=True)
+class DensityEvaluation:
+    """The bits/dim evaluation's protocol and the end of run's samples and log-det variance report."""
+
+    GROUP: ClassVar[str] = "evaluation"
     eval_every: int = 5  # epochs between evaluations; 0: only after the last epoch
     eval_batch_size: int = 250
     eval_max_images: int = 0  # 0: the whole split
@@ -72,13 +86,22 @@ class DensityOptions:
 
 @dataclass(frozen=True)
 class DensityConfig(
-    DensityOptions, EstimatorOptions, InverseOptions, ArchitectureOptions, TrainingOptions, DataOptions, RunOptions
+    DensityEvaluation,
+    EstimatorOptions,
+    InverseOptions,
+    DensityTraining,
+    TrainingOptions,
+    ArchitectureOptions,
+    DensityData,
+    DataOptions,
+    RunOptions,
 ):
     """Everything a density run needs; validated in one place (``__post_init__``).
 
     The flow is the model preset ``architecture`` (:data:`pipeline.models.FLOW_PRESETS`) with any of its
     :class:`~pipeline.models.FlowArchitecture` fields replaced (``--coeff``, ``--n-blocks``, ...); the other groups
-    are :mod:`experiments.config`'s (data, training, run, estimator, inverse) and :class:`DensityOptions`.
+    are :mod:`experiments.options`' (data, training, run, estimator, inverse) with the density run's own additions
+to data, training and evaluation.
     """
 
     ARCHITECTURES: ClassVar = FLOW_PRESETS

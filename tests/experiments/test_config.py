@@ -116,8 +116,9 @@ def test_every_option_is_declared_once_in_one_group(config_cls):
     assert {"coeff", "n_power_iterations", "lipschitz"} <= {n for n, g in groups.items() if g == "model"}
     other = "inverse_tol" if config_cls is classify.ClassifyConfig else "estimator"
     assert groups["seed"] == "run" and groups[other] in ("inverse", "estimator")
-    if config_cls is not toy.ToyConfig:
-        assert (groups["dataset"], groups["epochs"]) == ("data", "training")
+    if config_cls is not toy.ToyConfig:  # the shared groups, and what an entry point adds to them
+        assert (groups["dataset"], groups["epochs"], groups["eval_batch_size"]) == ("data", "training", "evaluation")
+        assert groups["pad" if config_cls is density.DensityConfig else "augment"] == "data"
 
     @dataclass(frozen=True)
     class Redeclared(ArchitectureOptions):
@@ -134,7 +135,7 @@ def test_a_run_logs_the_options_set_away_from_its_preset_and_the_whole_configura
     grouped = grouped_config(cfg, cfg.flow_architecture((1, 28, 28)))
     assert grouped["model"]["coeff"] == 0.7 and grouped["model"]["input_shape"] == (1, 28, 28)
     assert grouped["training"]["lr"] == 0.01 and grouped["data"]["dataset"] == "digits-mnist5k"
-    assert grouped["estimator"]["estimator"] == "russian_roulette" and grouped["density"]["se_tol"] == 5e-3
+    assert grouped["estimator"]["estimator"] == "russian_roulette" and grouped["evaluation"]["se_tol"] == 5e-3
 
 
 def test_the_help_lists_options_by_group_and_a_second_preset_is_refused(capsys):
