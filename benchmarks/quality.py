@@ -630,6 +630,11 @@ def _run_in_pool(ctx, todo: list[Job], args: dict, done: dict[str, dict], save) 
             save()
 
 
+def _diverged(row: dict) -> bool:
+    """A training stopped by a non-finite loss (its learning rate is too high): an outcome, not a crash."""
+    return str(row.get("error", "")).startswith("FloatingPointError")
+
+
 def _job_entry(payload: tuple[Job, dict]) -> dict:
     return _run_job(*payload)
 
@@ -678,7 +683,8 @@ def main(argv: list[str] | None = None) -> None:
         changed = [k for k in keep if previous["config"].get(k) != json.loads(json.dumps(args[k]))]
         if changed:
             parser.error(f"--resume: {args['json']} was made with other {', '.join(changed)}")
-        done = {r["key"]: r for r in previous["results"] if "error" not in r}
+        # a diverged training is a result of its configuration (kept); any other failure is run again
+        done = {r["key"]: r for r in previous["results"] if _diverged(r) or "error" not in r}
         log.info("resuming: %d finished jobs kept from %s", len(done), args["json"])
 
     def payload() -> dict:

@@ -165,7 +165,10 @@ def test_quality_chooses_on_validation_and_pairs_seeds_against_the_best_peer():
 
     rows = [row("tune", "iresnet", 0, 0, 1.50), row("tune", "iresnet", 1, 0, 1.40), row("tune", "glow", 0, 0, 1.45),
             row("tune", "glow", 1, 0, 1.46), row("tune", "realnvp", 0, 0, 1.6)]  # fmt: skip
-    chosen = quality.choose(rows, ["iresnet", "glow", "realnvp"], [1.0])
+    diverged = {"phase": "tune", "contender": "realnvp", "config": 1, "multiple": 1.0, "seed": 0, "key": "d",
+                "error": "FloatingPointError: non-finite training loss at step 4"}  # fmt: skip
+    assert quality._diverged(diverged) and not quality._diverged({"error": "RuntimeError: killed"})
+    chosen = quality.choose([*rows, diverged], ["iresnet", "glow", "realnvp"], [1.0])  # never chosen, kept on resume
     assert chosen == {("iresnet", 1.0): 1, ("glow", 1.0): 0, ("realnvp", 1.0): 0}
     rows += [row("final", "iresnet", 1, s, 0, t) for s, t in enumerate([1.40, 1.41, 1.39])]
     rows += [row("final", "glow", 0, s, 0, t) for s, t in enumerate([1.45, 1.47, 1.44])]

@@ -65,6 +65,12 @@ class PostgresServer:
 
     def stop(self) -> None:
         if self._pgserver is not None:
-            self._pgserver.cleanup()
+            server = self._pgserver
+            server.cleanup()
+            if (Path(server.pgdata) / "postmaster.pid").exists():  # restarted by pg_ctl: pgserver lost track of it
+                from pgserver import _commands
+
+                _commands.pg_ctl(["-w", "-m", "fast", "stop"], pgdata=server.pgdata, user=server.system_user,
+                                 timeout=60)  # fmt: skip
         else:
             subprocess.run(["pg_ctl", "-D", str(self._data), "-m", "fast", "stop"], capture_output=True)
