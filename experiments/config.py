@@ -105,8 +105,9 @@ def set_options(cfg: Any, presets: Mapping[str, Mapping[str, Any]] | None) -> di
 
 
 def grouped_config(cfg: Any, architecture: Any = None) -> dict[str, dict[str, Any]]:
-    """The resolved configuration by group (the run's ``config.json``): the model group is the architecture the run
-    built (``architecture``, with the data's fields), or the preset with its overrides."""
+    """The resolved configuration by group (the run's ``config.json``): the model group holds the architecture the
+    run built (``architecture``, with the data's fields) beside the group's other options, or the preset with its
+    overrides when nothing was built."""
     groups = option_groups(type(cfg))
     out: dict[str, dict[str, Any]] = {}
     for name, value in flat_options(cfg).items():
@@ -114,7 +115,9 @@ def grouped_config(cfg: Any, architecture: Any = None) -> dict[str, dict[str, An
     if architecture is not None:
         from dataclasses import asdict
 
-        out[ArchitectureOptions.GROUP] = {"architecture": cfg.architecture, **asdict(architecture)}
+        # The group's own options (the classifier's variant) stay; the built architecture's fields join them.
+        own = {k: v for k, v in out.get(ArchitectureOptions.GROUP, {}).items() if k != "architecture_overrides"}
+        out[ArchitectureOptions.GROUP] = {**own, "architecture": cfg.architecture, **asdict(architecture)}
     return out
 
 

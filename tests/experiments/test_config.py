@@ -136,6 +136,10 @@ def test_a_run_logs_the_options_set_away_from_its_preset_and_the_whole_configura
     assert grouped["model"]["coeff"] == 0.7 and grouped["model"]["input_shape"] == (1, 28, 28)
     assert grouped["training"]["lr"] == 0.01 and grouped["data"]["dataset"] == "digits-mnist5k"
     assert grouped["estimator"]["estimator"] == "russian_roulette" and grouped["evaluation"]["se_tol"] == 5e-3
+    # the model group keeps its own options beside the built architecture (the report reads the classifier's variant)
+    vanilla = classify.config_from_preset("quick", model="resnet")
+    model_group = grouped_config(vanilla, vanilla.classifier_architecture((1, 28, 28), 10))["model"]
+    assert model_group["model"] == "resnet" and model_group["input_shape"] == (1, 28, 28)
 
 
 def test_the_help_lists_options_by_group_and_a_second_preset_is_refused(capsys):
