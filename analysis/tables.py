@@ -78,7 +78,7 @@ def with_configuration(runs: pd.DataFrame) -> pd.DataFrame:
         except Exception:  # no configuration artifact (a run stopped before it was logged)
             continue
         for group in grouped.values():
-            for name, value in (group.items() if isinstance(group, dict) else ()):
+            for name, value in group.items() if isinstance(group, dict) else ():
                 text = ",".join(map(str, value)) if isinstance(value, list) else str(value)
                 runs.loc[i, f"params.config.{name}"] = text
     return runs
@@ -148,7 +148,14 @@ def table2(classify_runs: pd.DataFrame) -> pd.DataFrame:
 def table4(density_runs: pd.DataFrame) -> pd.DataFrame:
     """Test bits/dim per dataset (with standard error and bias bound), beside the paper's i-ResNet value."""
     columns = [
-        "dataset", "model", "test_bpd", "test_standard_error", "test_bias_bound", "paper_bpd", "run_id", "model_uri"
+        "dataset",
+        "model",
+        "test_bpd",
+        "test_standard_error",
+        "test_bias_bound",
+        "paper_bpd",
+        "run_id",
+        "model_uri",
     ]
     if density_runs.empty:
         return pd.DataFrame(columns=columns)

@@ -651,8 +651,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--budget", type=float, default=174.0, help="training CPU seconds (one thread) at 1x")
     parser.add_argument("--multiples", type=float, nargs="+", default=[1.0, 2.0])
     parser.add_argument("--seeds", type=int, default=3, help="trainings of each chosen configuration, one per seed")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="an i-ResNet setting under every grid point (a DensityConfig field, e.g. n_blocks=4,4)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an i-ResNet setting under every grid point (a DensityConfig field, e.g. n_blocks=4,4)",
+    )
     parser.add_argument("--peer-set", action="append", default=[], metavar="KEY=VALUE",
                         help="a peer setting under every grid point: levels, blocks, hidden, logit_alpha "
                              f"(default 2, 4, 32, {PEER_LOGIT_ALPHA:g})")  # fmt: skip

@@ -101,7 +101,7 @@ class DensityConfig(
     The flow is the model preset ``architecture`` (:data:`pipeline.models.FLOW_PRESETS`) with any of its
     :class:`~pipeline.models.FlowArchitecture` fields replaced (``--coeff``, ``--n-blocks``, ...); the other groups
     are :mod:`experiments.options`' (data, training, run, estimator, inverse) with the density run's own additions
-to data, training and evaluation.
+    to data, training and evaluation.
     """
 
     ARCHITECTURES: ClassVar = FLOW_PRESETS

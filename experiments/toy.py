@@ -122,7 +122,12 @@ PRESETS: dict[str, dict] = {
     "quick": _EXACT,
     "all": dict(_EXACT, datasets="all", steps=1500),
     "paper": dict(
-        _EXACT, datasets="all", architecture="paper", steps=10000, steps_per_epoch=1000, dynamics_depth=20,
+        _EXACT,
+        datasets="all",
+        architecture="paper",
+        steps=10000,
+        steps_per_epoch=1000,
+        dynamics_depth=20,
         dynamics_steps=4000,
     ),
 }

@@ -41,9 +41,7 @@ def _blocks(model: nn.Module | FeatureInverse) -> list[InvertibleResidualBlock]:
 
 
 @torch.no_grad()
-def reconstruction_error_curve(
-    model: FeatureInverse, x: Tensor, iterations: Sequence[int]
-) -> list[dict[str, float]]:
+def reconstruction_error_curve(model: FeatureInverse, x: Tensor, iterations: Sequence[int]) -> list[dict[str, float]]:
     """Relative reconstruction error ``||x_rec - x|| / ||x||`` after exactly ``k`` iterations per block.
 
     ``model`` must have ``features(x)`` and ``reconstruct(features)`` (a classifier). Each block keeps

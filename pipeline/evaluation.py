@@ -237,9 +237,7 @@ def bits_per_dim_per_image(
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    estimator, _ = protocol.choose_estimator(
-        model.lipschitz_bounds(method="certified"), model.block_dims(), model.dim
-    )
+    estimator, _ = protocol.choose_estimator(model.lipschitz_bounds(method="certified"), model.block_dims(), model.dim)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         x = dequantize(pad_images(images.to(device), pad), n_levels)

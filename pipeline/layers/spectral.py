@@ -379,7 +379,11 @@ class _SpectralNorm(nn.Module):
                 log.warning(
                     "%s: the converged %s estimate %.6g of ||W|| is below the certified bound %.6g / (1 + %g); "
                     "dividing by the bound instead",
-                    type(self).__name__, norm.reference_method, norm.reference, norm.proof.bound, CERTIFIED_SLACK,
+                    type(self).__name__,
+                    norm.reference_method,
+                    norm.reference,
+                    norm.proof.bound,
+                    CERTIFIED_SLACK,
                 )
             norm.sigma = self._divisor(floor, self.weight)
 
@@ -581,15 +585,20 @@ class SpectralNormConv2d(_SpectralNorm):
     def _stacked_operator(self, v: Tensor, weight: Tensor) -> Tensor:
         # G layers as one grouped convolution: v (G, 1, C_in, H, W), weight (G, C_out, C_in, k, k)
         g = weight.shape[0]
-        out = F.conv2d(v.reshape(1, -1, *v.shape[-2:]), weight.flatten(0, 1), stride=self.stride,
-                       padding=self.padding, groups=g)
+        out = F.conv2d(
+            v.reshape(1, -1, *v.shape[-2:]), weight.flatten(0, 1), stride=self.stride, padding=self.padding, groups=g
+        )
         return out.reshape(g, 1, -1, *out.shape[-2:])
 
     def _stacked_adjoint(self, u: Tensor, weight: Tensor) -> Tensor:
         g = weight.shape[0]
         out = F.conv_transpose2d(
-            u.reshape(1, -1, *u.shape[-2:]), weight.flatten(0, 1), stride=self.stride, padding=self.padding,
-            output_padding=self._output_padding(), groups=g,
+            u.reshape(1, -1, *u.shape[-2:]),
+            weight.flatten(0, 1),
+            stride=self.stride,
+            padding=self.padding,
+            output_padding=self._output_padding(),
+            groups=g,
         )
         return out.reshape(g, 1, -1, *out.shape[-2:])
 

@@ -87,9 +87,11 @@ def load_model_folder(folder: str | Path, *, map_location: str | torch.device = 
     """Rebuild the model saved by :func:`save_model` (in evaluation mode)."""
     folder = Path(folder)
     if not (folder / SPEC_FILE).exists():
-        hint = " (a pickled model of an older version: refused, loading it could run code)" if (
-            folder / "MLmodel"
-        ).exists() else ""
+        hint = (
+            " (a pickled model of an older version: refused, loading it could run code)"
+            if (folder / "MLmodel").exists()
+            else ""
+        )
         raise ValueError(f"no {SPEC_FILE} in {folder}{hint}")
     model = build_model(json.loads((folder / SPEC_FILE).read_text()))
     state = torch.load(folder / WEIGHTS_FILE, map_location=map_location, weights_only=True)

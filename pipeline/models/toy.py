@@ -36,11 +36,11 @@ class VectorFlowArchitecture(LipschitzOptions):
             raise ValueError(f"unknown activation {self.activation!r}; choose one of {sorted(ACTIVATIONS)}")
         _ = self.spectral  # validates the spectral settings
 
-
     @property
     def spectral(self) -> SpectralConfig:
         """The spectral normalisation of every branch layer (a flow's branches are always constrained)."""
         return self.constrained_spectral_config()
+
 
 class VectorFlow(FlowModel):
     """``n_blocks`` x (residual block with an MLP branch, then ActNorm); exact log-det by default."""

@@ -200,7 +200,11 @@ def solve_fixed_point(
         x = best_x
     converged = _within(residual, tol)
     return FixedPointResult(
-        x=x, iterations=iterations, residual=residual, converged=converged, fell_back=fell_back,
+        x=x,
+        iterations=iterations,
+        residual=residual,
+        converged=converged,
+        fell_back=fell_back,
         stalled=stalled & ~converged,
     )
 
