@@ -506,6 +506,8 @@ def summarise(rows: list[dict], chosen: dict[tuple[str, float], int]) -> list[di
         best_peer = min(peers, key=lambda n: statistics.mean(peers[n].values())) if peers else None
         for name, by_seed in per.items():
             values = [by_seed[seed] for seed in sorted(by_seed)]
+            if not values:  # not tested (yet, or --seeds 0)
+                continue
             row = {"multiple": m, "contender": name, "config": chosen[(name, m)], "seeds": sorted(by_seed),
                    "test_bpd": values, "mean": statistics.mean(values) if values else math.nan,
                    "sd": statistics.stdev(values) if len(values) > 1 else math.nan}  # fmt: skip
@@ -538,7 +540,8 @@ def format_table(rows: list[dict], summary: list[dict], args: dict) -> str:
     header = f"{'tuning (validation bits/dim)':52} " + " ".join(f"{f'val@{m:g}x':>9} {'steps':>6}" for m in multiples)
     out = [f"dataset {args['dataset']}: {args['train_images'] - args['validation_images']} train, "
            f"{args['validation_images']} validation, {args['test_images']} test images; "
-           f"{args['budget']:g} training CPU-s at 1x, one thread", header, "-" * len(header)]  # fmt: skip
+           f"{args['budget']:g} training CPU-s at 1x, one thread"
+           + "".join(f"; i-ResNet {k}={v}" for k, v in args.get("ours", {}).items()), header, "-" * len(header)]  # fmt: skip
     tuned = _tuning_runs(rows)
     for (name, config), by_multiple in sorted(tuned.items()):
         cells = []
@@ -650,7 +653,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--grid", choices=["full", "single"], default="full", help="single: each contender's base only")
     parser.add_argument("--budget", type=float, default=174.0, help="training CPU seconds (one thread) at 1x")
     parser.add_argument("--multiples", type=float, nargs="+", default=[1.0, 2.0])
-    parser.add_argument("--seeds", type=int, default=3, help="trainings of each chosen configuration, one per seed")
+    parser.add_argument("--seeds", type=int, default=3,
+                        help="trainings of each chosen configuration, one per seed; 0: tune only (validation scores, "
+                             "the test split untouched: a pilot of settings)")  # fmt: skip
     parser.add_argument(
         "--set",
         action="append",
@@ -668,8 +673,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--samples-dir", help="also save 64 samples (temperature 1) of each tested model, as PNG")
     parser.add_argument("--markdown", action="store_true", help="print the tables as Markdown (docs/benchmarks.md)")
     args = vars(parser.parse_args(argv))
-    if args["budget"] <= 0 or min(args["multiples"]) <= 0 or args["seeds"] < 1 or args["jobs"] < 1:
-        parser.error("--budget and --multiples must be > 0, --seeds and --jobs >= 1")
+    if args["budget"] <= 0 or min(args["multiples"]) <= 0 or args["seeds"] < 0 or args["jobs"] < 1:
+        parser.error("--budget and --multiples must be > 0, --seeds >= 0 and --jobs >= 1")
     if not 0 < args["validation_images"] < args["train_images"]:
         parser.error("--validation-images must be between 0 and --train-images")
     if args["resume"] and not args["json"]:

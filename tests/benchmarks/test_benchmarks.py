@@ -182,6 +182,11 @@ def test_quality_chooses_on_validation_and_pairs_seeds_against_the_best_peer():
     markdown = quality.format_markdown(rows, quality.summarise(rows, chosen), args)
     assert "| iresnet | 0.0167 | cosine | **1.400** | 10 |" in markdown  # grid point 1, chosen: it stands out
     assert "+0.000" not in markdown and "-0.053 ± 0.006 vs glow (ahead by > 2 sd)" in markdown
+    # --seeds 0, a pilot: validation only, no test row (nothing to pair) and the pilot's settings named
+    tuned_only = [r for r in rows if r["phase"] == "tune"]
+    assert quality.summarise(tuned_only, chosen) == []
+    table = quality.format_table(tuned_only, [], {**args, "ours": {"hidden_channels": (16,)}})
+    assert "i-ResNet hidden_channels=(16,)" in table and "1.400" in table
 
 
 def test_a_worker_trains_the_quick_flow_under_the_thread_budget(monkeypatch):
