@@ -538,10 +538,14 @@ def _tuning_runs(rows: list[dict]) -> dict[tuple[str, int], dict[float, dict]]:
 def format_table(rows: list[dict], summary: list[dict], args: dict) -> str:
     multiples = sorted({r["multiple"] for r in rows})
     header = f"{'tuning (validation bits/dim)':52} " + " ".join(f"{f'val@{m:g}x':>9} {'steps':>6}" for m in multiples)
-    out = [f"dataset {args['dataset']}: {args['train_images'] - args['validation_images']} train, "
-           f"{args['validation_images']} validation, {args['test_images']} test images; "
-           f"{args['budget']:g} training CPU-s at 1x, one thread"
-           + "".join(f"; i-ResNet {k}={v}" for k, v in args.get("ours", {}).items()), header, "-" * len(header)]  # fmt: skip
+    settings = "".join(f"; i-ResNet {k}={v}" for k, v in args.get("ours", {}).items())
+    out = [
+        f"dataset {args['dataset']}: {args['train_images'] - args['validation_images']} train, "
+        f"{args['validation_images']} validation, {args['test_images']} test images; "
+        f"{args['budget']:g} training CPU-s at 1x, one thread{settings}",
+        header,
+        "-" * len(header),
+    ]
     tuned = _tuning_runs(rows)
     for (name, config), by_multiple in sorted(tuned.items()):
         cells = []
