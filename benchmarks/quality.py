@@ -85,6 +85,36 @@ GRIDS: dict[str, list[dict]] = {
     "residual": _grid((1e-3, 3e-3, 1e-2, 3e-2)),
 }
 
+# Stage 2, ``--grid architecture``: width and depth at the learning rate and schedule that stage 1 chose
+# (``--rates-from``). Glow and this flow get 9 configurations each (the base, then narrower/wider, then deeper,
+# deeper and narrower), the two flows that trail both get 5. The first entry is stage 1's configuration itself.
+ARCHITECTURES: dict[str, list[dict]] = {
+    "iresnet": [
+        {},
+        {"hidden_channels": 16},
+        {"hidden_channels": 8},
+        {"hidden_channels": 24},
+        {"hidden_channels": 16, "n_blocks": (6, 6)},
+        {"hidden_channels": 16, "n_blocks": (8, 8)},
+        {"hidden_channels": 8, "n_blocks": (8, 8)},
+        {"hidden_channels": 16, "n_blocks": (10, 10)},
+        {"hidden_channels": 16, "n_blocks": (6, 6), "fc_blocks": 0},
+    ],
+    "glow": [
+        {},
+        {"hidden": 16},
+        {"hidden": 64},
+        {"blocks": 2},
+        {"blocks": 8},
+        {"hidden": 16, "blocks": 8},
+        {"hidden": 64, "blocks": 8},
+        {"blocks": 12},
+        {"hidden": 16, "blocks": 12},
+    ],
+    "realnvp": [{}, {"hidden": 16}, {"hidden": 64}, {"blocks": 8}, {"hidden": 16, "blocks": 8}],
+    "residual": [{}, {"hidden": 16}, {"hidden": 64}, {"blocks": 8}, {"hidden": 16, "blocks": 8}],
+}
+
 
 @dataclass
 class Contender:
@@ -378,12 +408,26 @@ def splits(args: dict) -> tuple[ImageSplit, ImageSplit, ImageSplit]:
 
 
 def settings_of(job: Job, args: dict) -> dict:
+    """An earlier stage's choices (``--rates-from``, ``--architecture-from``), then ``--set`` or ``--peer-set``, then
+    the grid point."""
     base = args["ours"] if job.contender == "iresnet" else args["peers"]
-    return {**base, **grid_of(job.contender, args)[job.config]}
+    earlier = args.get("earlier", {}).get(job.contender, {})
+    return {**earlier, **base, **grid_of(job.contender, args)[job.config]}
 
 
 def grid_of(contender: str, args: dict) -> list[dict]:
-    return GRIDS[contender] if args["grid"] == "full" else [{}]
+    if args["grid"] == "full":
+        return GRIDS[contender]
+    return ARCHITECTURES[contender] if args["grid"] == "architecture" else [{}]
+
+
+def chosen_points(path: str, grid: str) -> dict[str, dict]:
+    """Per contender, the grid point (of ``grid``) that an earlier run (its JSON) chose at 1x on validation."""
+    previous = json.loads(Path(path).read_text())
+    if previous["config"]["grid"] != grid:
+        raise ValueError(f"{path} is a --grid {previous['config']['grid']} run; a --grid {grid} run was expected")
+    grids = GRIDS if grid == "full" else ARCHITECTURES
+    return {name: dict(grids[name][config]) for name, multiple, config in previous["chosen"] if multiple == 1.0}
 
 
 def _run_job(job: Job, args: dict) -> dict:
@@ -580,11 +624,13 @@ def format_markdown(rows: list[dict], summary: list[dict], args: dict) -> str:
     """The same results as :func:`format_table`, as the Markdown tables of docs/benchmarks.md."""
     multiples = sorted({r["multiple"] for r in rows})
     columns = " | ".join(f"validation @{m:g}x | steps" for m in multiples)
-    out = [f"| contender | learning rate | schedule | {columns} |", "|---|---|---|" + "---|---|" * len(multiples)]
+    staged = args["grid"] != "full"  # the grid point is not the rate: name it in a column of its own
+    out = [f"| contender | learning rate | schedule | {'grid point | ' if staged else ''}{columns} |",
+           "|---|---|---|" + "---|" * staged + "---|---|" * len(multiples)]  # fmt: skip
     tuned = _tuning_runs(rows)
     chosen = {(s["contender"], s["config"], s["multiple"]) for s in summary}
     for (name, config), by_multiple in sorted(tuned.items()):
-        settings = grid_of(name, args)[config]
+        settings = {**next(iter(by_multiple.values())).get("settings", {}), **grid_of(name, args)[config]}
         cells = []
         for m in multiples:
             r = by_multiple.get(m)
@@ -594,7 +640,10 @@ def format_markdown(rows: list[dict], summary: list[dict], args: dict) -> str:
             value = f"{r['validation']['bpd']:.3f}"
             cells.append(f"{f'**{value}**' if (name, config, m) in chosen else value} | {r['steps']}")
         lr, schedule = settings.get("lr"), settings.get("lr_schedule", "preset")
-        out.append(f"| {name} | {'preset' if lr is None else f'{lr:.3g}'} | {schedule} | " + " | ".join(cells) + " |")
+        point = f"{_label(grid_of(name, args)[config])} | " if staged else ""
+        out.append(
+            f"| {name} | {'preset' if lr is None else f'{lr:.3g}'} | {schedule} | {point}" + " | ".join(cells) + " |"
+        )
     out += ["", "| contender (chosen on validation) | budget | test bits/dim, mean ± sd | per seed | paired difference "
             "to the best peer |", "|---|---|---|---|---|"]  # fmt: skip
     for s in summary:
@@ -654,7 +703,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--validation-images", type=int, default=500, help="held out of the training images")
     parser.add_argument("--test-images", type=int, default=1000)
     parser.add_argument("--contenders", nargs="+", default=list(CONTENDERS), choices=CONTENDERS)
-    parser.add_argument("--grid", choices=["full", "single"], default="full", help="single: each contender's base only")
+    parser.add_argument("--grid", choices=["full", "architecture", "single"], default="full",
+                        help="full: learning rate x schedule (stage 1); architecture: width and depth (stage 2, with "
+                             "--rates-from); single: each contender's base only")  # fmt: skip
+    parser.add_argument(
+        "--rates-from", metavar="JSON", help="a --grid full run: each contender at the rate and schedule it chose at 1x"
+    )
+    parser.add_argument(
+        "--architecture-from", metavar="JSON", help="a --grid architecture run: each contender's chosen architecture"
+    )
     parser.add_argument("--budget", type=float, default=174.0, help="training CPU seconds (one thread) at 1x")
     parser.add_argument("--multiples", type=float, nargs="+", default=[1.0, 2.0])
     parser.add_argument("--seeds", type=int, default=3,
@@ -685,6 +742,14 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--resume reads the --json file")
     setup_logging()
     args["ours"], args["peers"] = _parse_settings(args.pop("set")), _parse_settings(args.pop("peer_set"))
+    args["earlier"] = {}
+    try:
+        for option, grid in (("rates_from", "full"), ("architecture_from", "architecture")):
+            if args[option]:
+                for name, point in chosen_points(args[option], grid).items():
+                    args["earlier"].setdefault(name, {}).update(point)
+    except (OSError, ValueError, KeyError) as exc:
+        parser.error(f"--rates-from/--architecture-from: {exc}")
     try:
         splits(args)  # a missing dataset or a bad size is refused before any training
     except (DatasetNotFoundError, ValueError) as exc:
@@ -693,8 +758,10 @@ def main(argv: list[str] | None = None) -> None:
     done: dict[str, dict] = {}
     if args["resume"] and Path(args["json"]).exists():
         previous = json.loads(Path(args["json"]).read_text())
-        keep = ("dataset", "train_images", "validation_images", "test_images", "budget", "grid", "ours", "peers")
-        changed = [k for k in keep if previous["config"].get(k) != json.loads(json.dumps(args[k]))]
+        keep = ("dataset", "train_images", "validation_images", "test_images", "budget", "grid", "ours", "peers",
+                "earlier")  # fmt: skip
+        before = {"earlier": {}, **previous["config"]}  # runs before --rates-from had no earlier stage
+        changed = [k for k in keep if before.get(k) != json.loads(json.dumps(args[k]))]
         if changed:
             parser.error(f"--resume: {args['json']} was made with other {', '.join(changed)}")
         # a diverged training is a result of its configuration (kept); any other failure is run again

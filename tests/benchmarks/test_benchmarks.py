@@ -1,5 +1,6 @@
 """The benchmark scripts run, measure what they say, and check the issue's ratios (tiny sizes; no timing asserted)."""
 
+import json
 import math
 
 import pytest
@@ -187,6 +188,27 @@ def test_quality_chooses_on_validation_and_pairs_seeds_against_the_best_peer():
     assert quality.summarise(tuned_only, chosen) == []
     table = quality.format_table(tuned_only, [], {**args, "ours": {"hidden_channels": (16,)}})
     assert "i-ResNet hidden_channels=(16,)" in table and "1.400" in table
+
+
+def test_quality_stage_two_tunes_the_architecture_at_the_rate_stage_one_chose(tmp_path):
+    stage_one = {"config": {"grid": "full"}, "chosen": [["glow", 1.0, 5], ["iresnet", 1.0, 2], ["glow", 2.0, 0]]}
+    path = tmp_path / "stage1.json"
+    path.write_text(json.dumps(stage_one))
+    rates = quality.chosen_points(str(path), "full")
+    assert rates == {"glow": quality.GRIDS["glow"][5], "iresnet": quality.GRIDS["iresnet"][2]}  # at 1x only
+    with pytest.raises(ValueError, match="--grid full run; a --grid architecture run was expected"):
+        quality.chosen_points(str(path), "architecture")
+    args = {**QUALITY_ARGS, "grid": "architecture", "earlier": {"glow": rates["glow"]}, "peers": {"lr": 0.5}}
+    # the earlier stage, then --peer-set, then the grid point
+    settings = quality.settings_of(quality.Job("tune", "glow", 4, 1.0, 0), args)
+    assert settings == {"lr": 0.5, "lr_schedule": rates["glow"]["lr_schedule"], "blocks": 8}
+    assert all(grid[0] == {} for grid in quality.ARCHITECTURES.values())  # stage one's configuration comes first
+    rows = [{"phase": "tune", "contender": "glow", "config": c, "multiple": 1.0, "seed": 0, "key": "", "steps": 9,
+             "settings": {"lr": 0.01, "lr_schedule": "cosine"}, "validation": {"bpd": v}}
+            for c, v in ((0, 1.4), (4, 1.3))]  # fmt: skip
+    markdown = quality.format_markdown(rows, [], args)
+    assert "| glow | 0.01 | cosine | blocks=8 | 1.300 | 9 |" in markdown
+    assert "| glow | 0.01 | cosine | preset | 1.400 | 9 |" in markdown
 
 
 def test_a_worker_trains_the_quick_flow_under_the_thread_budget(monkeypatch):
