@@ -523,8 +523,13 @@ def _parse_settings(pairs: list[str]) -> dict:
 
 
 # --- selection and summary ----------------------------------------------------------------------------
-def choose(rows: list[dict], contenders: list[str], multiples: list[float]) -> dict[tuple[str, float], int]:
-    """Per contender and budget, the grid index with the lowest validation bits/dim among its finished tuning runs."""
+def choose(
+    rows: list[dict], contenders: list[str], multiples: list[float], args: dict | None = None
+) -> dict[tuple[str, float], int]:
+    """Per contender and budget, the grid index with the lowest validation bits/dim among its finished tuning runs
+    (the only configuration when there is nothing to choose: see :func:`tuning_jobs`)."""
+    if args is not None and not tuning_jobs(contenders, multiples, args):
+        return {(n, m): 0 for n in contenders for m in multiples}
     chosen = {}
     for name in contenders:
         for m in multiples:
@@ -657,6 +662,17 @@ def format_markdown(rows: list[dict], summary: list[dict], args: dict) -> str:
     return "\n".join(out)
 
 
+def tuning_jobs(contenders: list[str], multiples: list[float], args: dict) -> list[Job]:
+    """Every grid point of every contender, interleaved so that drift in the machine's load hits all alike. None
+    for a single configuration that will be tested (``--grid single``, seeds > 0): its finals score validation too,
+    and a tuning run would repeat the seed-0 final."""
+    if args["grid"] == "single" and args["seeds"]:
+        return []
+    longest = max(len(grid_of(n, args)) for n in contenders)
+    return [Job("tune", n, i, m, 0) for m in multiples for i in range(longest) for n in contenders
+            if i < len(grid_of(n, args))]  # fmt: skip
+
+
 def run_jobs(jobs: list[Job], args: dict, done: dict[str, dict], save) -> None:
     """Run the jobs not in ``done`` (``args['jobs']`` at a time, each in a fresh single-threaded process)."""
     todo = [j for j in jobs if j.key not in done]
@@ -770,7 +786,7 @@ def main(argv: list[str] | None = None) -> None:
 
     def payload() -> dict:
         rows = list(done.values())
-        chosen = choose(rows, contenders, multiples)
+        chosen = choose(rows, contenders, multiples, args)
         return {"config": args, "results": rows, "chosen": [[n, m, c] for (n, m), c in chosen.items()],
                 "summary": summarise(rows, chosen)}  # fmt: skip
 
@@ -778,12 +794,8 @@ def main(argv: list[str] | None = None) -> None:
         if args["json"]:
             Path(args["json"]).write_text(json.dumps(payload(), indent=2))
 
-    # tuning: every grid point of every contender, interleaved so that drift in the machine's load hits all alike
-    longest = max(len(grid_of(n, args)) for n in contenders)
-    tuning = [Job("tune", n, i, m, 0) for m in multiples for i in range(longest) for n in contenders
-              if i < len(grid_of(n, args))]  # fmt: skip
-    run_jobs(tuning, args, done, save)
-    chosen = choose(list(done.values()), contenders, multiples)
+    run_jobs(tuning_jobs(contenders, multiples, args), args, done, save)
+    chosen = choose(list(done.values()), contenders, multiples, args)
     final = [Job("final", n, chosen[(n, m)], m, seed)
              for m in multiples for seed in range(args["seeds"]) for n in contenders if (n, m) in chosen]  # fmt: skip
     run_jobs(final, args, done, save)

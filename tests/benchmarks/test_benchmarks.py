@@ -203,6 +203,18 @@ def test_quality_stage_two_tunes_the_architecture_at_the_rate_stage_one_chose(tm
     settings = quality.settings_of(quality.Job("tune", "glow", 4, 1.0, 0), args)
     assert settings == {"lr": 0.5, "lr_schedule": rates["glow"]["lr_schedule"], "blocks": 8}
     assert all(grid[0] == {} for grid in quality.ARCHITECTURES.values())  # stage one's configuration comes first
+    tuning = quality.tuning_jobs(["iresnet", "realnvp"], [1.0], args)
+    assert [(j.contender, j.config) for j in tuning[:4]] == [
+        ("iresnet", 0),
+        ("realnvp", 0),
+        ("iresnet", 1),
+        ("realnvp", 1),
+    ]
+    assert len(tuning) == len(quality.ARCHITECTURES["iresnet"]) + len(quality.ARCHITECTURES["realnvp"])
+    # a single configuration to test (e.g. --architecture-from another dataset): no tuning run repeats a final
+    assert quality.tuning_jobs(["glow"], [1.0], {**args, "grid": "single", "seeds": 3}) == []
+    assert quality.choose([], ["glow"], [1.0], {**args, "grid": "single", "seeds": 3}) == {("glow", 1.0): 0}
+    assert len(quality.tuning_jobs(["glow"], [1.0], {**args, "grid": "single", "seeds": 0})) == 1  # a pilot
     rows = [{"phase": "tune", "contender": "glow", "config": c, "multiple": 1.0, "seed": 0, "key": "", "steps": 9,
              "settings": {"lr": 0.01, "lr_schedule": "cosine"}, "validation": {"bpd": v}}
             for c, v in ((0, 1.4), (4, 1.3))]  # fmt: skip
