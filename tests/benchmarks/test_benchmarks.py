@@ -220,7 +220,7 @@ def test_quality_stage_two_tunes_the_architecture_at_the_rate_stage_one_chose(tm
             for c, v in ((0, 1.4), (4, 1.3))]  # fmt: skip
     markdown = quality.format_markdown(rows, [], args)
     assert "| glow | 0.01 | cosine | blocks=8 | 1.300 | 9 |" in markdown
-    assert "| glow | 0.01 | cosine | preset | 1.400 | 9 |" in markdown
+    assert "| glow | 0.01 | cosine | as in stage 1 | 1.400 | 9 |" in markdown
 
 
 def test_a_worker_trains_the_quick_flow_under_the_thread_budget(monkeypatch):

@@ -152,7 +152,7 @@ def test_hidden_widths_per_level():
 
 def test_presets_build():
     flow = iresnet_flow("quick")
-    assert flow.arch.n_blocks == (4, 4)
+    assert flow.arch.n_blocks == (6, 6)
     assert iresnet_flow("mnist", n_blocks=(1, 1, 1)).input_shape == (1, 32, 32)
 
 
