@@ -583,6 +583,11 @@ def _label(settings: dict) -> str:
     return " ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in settings.items()) or "preset"
 
 
+def _config_label(name: str, config: int, args: dict) -> str:
+    """A grid point with the earlier stage's choices it stands on (``--rates-from``, ``--architecture-from``)."""
+    return _label({**args.get("earlier", {}).get(name, {}), **grid_of(name, args)[config]})
+
+
 def _tuning_runs(rows: list[dict]) -> dict[tuple[str, int], dict[float, dict]]:
     """The tuning rows by (contender, grid index), then by budget multiple."""
     tuned: dict[tuple[str, int], dict[float, dict]] = {}
@@ -615,14 +620,14 @@ def format_table(rows: list[dict], summary: list[dict], args: dict) -> str:
             else:
                 mark = "" if r["validation"].get("converged", True) else "*"
                 cells.append(f"{r['validation']['bpd']:9.3f}{mark} {r['steps']:6d}")
-        label = f"{name} {_label(grid_of(name, args)[config])}"
+        label = f"{name} {_config_label(name, config, args)}"
         out.append(f"{label[:52]:52} " + " ".join(cells))
     errors = [r for r in rows if "error" in r]
     out += [f"  {r['key']} failed: {r['error']}" for r in errors]
     out += ["", f"{'test bits/dim of the chosen configurations':52} {'budget':>6} {'mean':>7} {'sd':>6} "
             f"{'seeds':>5}  paired difference to the best peer"]  # fmt: skip
     for s in summary:
-        label = f"{s['contender']} {_label(grid_of(s['contender'], args)[s['config']])}"
+        label = f"{s['contender']} {_config_label(s['contender'], s['config'], args)}"
         diff = ""
         if "difference_mean" in s:
             verdict = "ahead by > 2 sd" if s["ahead_by_2sd"] else "not ahead by > 2 sd"
@@ -657,6 +662,7 @@ def format_markdown(rows: list[dict], summary: list[dict], args: dict) -> str:
         out.append(
             f"| {name} | {'preset' if lr is None else f'{lr:.3g}'} | {schedule} | {point}" + " | ".join(cells) + " |"
         )
+    out = out if tuned else []  # nothing tuned (one configuration, tested): no tuning table
     out += ["", "| contender (chosen on validation) | budget | test bits/dim, mean ± sd | per seed | paired difference "
             "to the best peer |", "|---|---|---|---|---|"]  # fmt: skip
     for s in summary:
@@ -665,7 +671,7 @@ def format_markdown(rows: list[dict], summary: list[dict], args: dict) -> str:
             verdict = "ahead by > 2 sd" if s["ahead_by_2sd"] else "not ahead by > 2 sd"
             diff = f"{s['difference_mean']:+.3f} ± {s['difference_sd']:.3f} vs {s['best_peer']} ({verdict})"
         seeds = ", ".join(f"{v:.3f}" for v in s["test_bpd"])
-        label = f"{s['contender']} {_label(grid_of(s['contender'], args)[s['config']])}"
+        label = f"{s['contender']} {_config_label(s['contender'], s['config'], args)}"
         out.append(f"| {label} | {s['multiple']:g}x | {s['mean']:.3f} ± {s['sd']:.3f} | {seeds} | {diff} |")
     return "\n".join(out)
 
