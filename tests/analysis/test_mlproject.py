@@ -7,6 +7,7 @@ from analysis import mlproject
 from experiments import density
 from experiments.config import RESUME_OVERRIDABLE, config_from_preset, flat_options, option_types, parse_config
 from experiments.tracking_store import PROJECT_ROOT
+from pipeline.models import FLOW_PRESETS
 
 
 def test_the_committed_mlproject_is_the_generated_one():
@@ -28,7 +29,8 @@ def test_every_option_is_a_typed_parameter_with_its_presets_value_passed_to_its_
             assert set(spec[f"{name}-resume"]["parameters"]) == {"resume", *RESUME_OVERRIDABLE}
     coeff = spec["density-paper-cifar10"]["parameters"]["coeff"]
     assert coeff == {"type": "float", "default": 0.9}  # the paper's c, typed
-    assert spec["density"]["parameters"]["n_blocks"] == {"type": "string", "default": "4,4"}
+    blocks = ",".join(str(n) for n in FLOW_PRESETS["quick"].n_blocks)  # a tuple, written as MLflow takes it
+    assert spec["density"]["parameters"]["n_blocks"] == {"type": "string", "default": blocks} and "," in blocks
 
 
 @pytest.mark.parametrize("entry, preset", [("density", "quick"), ("density-paper-cifar10", "paper-cifar10")])
