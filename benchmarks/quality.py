@@ -21,6 +21,9 @@ The protocol a reviewer of a flows paper asks for:
    seeds (0, 1, 2: initialisation, batch order and dequantisation noise). The table gives mean +- sd over seeds, and
    the paired difference (per seed) of this flow to the best peer with its sd; "ahead" means by more than 2 sd.
 
+``--ema DECAY`` scores every contender alike with an exponential moving average of its parameters
+(:class:`ParameterAverage`), kept during training and counted in its CPU budget.
+
 Every configuration tried, its validation score and steps, and every test score go into the JSON. With ``--resume``
 the JSON's finished jobs are kept and only the missing ones run (a run spanning several sessions). ``--jobs N`` runs
 N single-threaded trainings at once, contenders interleaved so that load drift hits all alike.
@@ -464,7 +467,7 @@ def _train_and_score(job: Job, args: dict) -> dict:
     build = _iresnet if job.contender == "iresnet" else partial(_normflows, job.contender)
     contender = build(settings, train_x, clock)
     row = {**asdict(job), "key": job.key, "settings": settings, "budget_s": budget}
-    row |= _train(contender, train, budget, args["batch_size"], gen, clock)
+    row |= _train(contender, train, budget, args["batch_size"], gen, clock, args.get("ema", 0.0))
     row["logdet_check_error_nats"] = _brute_force_logdet_error(contender, dequantize(validation.images[:2], N_LEVELS))
     start = time.process_time()
     row["validation"] = contender.score(validation)
@@ -485,10 +488,15 @@ def _train_and_score(job: Job, args: dict) -> dict:
     return row
 
 
-def _train(contender: Contender, train: ImageSplit, budget: float, default_batch: int, gen, clock: dict) -> dict:
+def _train(
+    contender: Contender, train: ImageSplit, budget: float, default_batch: int, gen, clock: dict, ema: float = 0.0
+) -> dict:
+    """Train for ``budget`` CPU seconds; with ``ema`` > 0 the model ends with an exponential moving average of its
+    parameters (:class:`ParameterAverage`, its cost counted in the budget)."""
     cpu, steps = 0.0, 0
     batch = contender.batch_size or default_batch  # the i-ResNet preset (or --set) chooses its own
     loss = torch.tensor(math.nan)
+    average = ParameterAverage(contender.model, ema) if ema else None
     while cpu < budget:
         order = torch.randperm(len(train), generator=gen)
         for i in range(0, len(order) - batch + 1, batch):
@@ -503,6 +511,8 @@ def _train(contender: Contender, train: ImageSplit, budget: float, default_batch
             if contender.scheduler is not None:
                 contender.scheduler.step()
             contender.after_step()
+            if average is not None:
+                average.update()
             cpu += time.process_time() - start
             clock["progress"] = cpu / budget
             steps += 1
@@ -510,7 +520,36 @@ def _train(contender: Contender, train: ImageSplit, budget: float, default_batch
                 raise FloatingPointError(f"non-finite training loss at step {steps}")
             if cpu >= budget:
                 break
+    if average is not None:
+        average.apply()
+        contender.after_step()  # a flow that keeps state derived from its weights (the Residual flow's norms)
     return {"train_cpu_s": cpu, "steps": steps, "epochs": steps * batch / len(train), "train_bpd": loss.item()}
+
+
+class ParameterAverage:
+    """An exponential moving average of a model's parameters (Polyak averaging, as Residual Flows evaluate), with the
+    usual warm-up of its decay, ``min(decay, (1 + t) / (10 + t))`` at step ``t``, so that a short training is not
+    averaged with its initialisation. :meth:`apply` writes the average into the model; buffers stay the model's own.
+    An i-ResNet's spectral normalisation recomputes its evaluation norm from the weights it then holds (the
+    weight's version changes), so the Lipschitz guarantee holds for the averaged weights too."""
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"the average's decay must be in (0, 1), got {decay!r}")
+        self.decay, self.steps = decay, 0
+        self.parameters = [p for p in model.parameters() if p.requires_grad]
+        self.average = [p.detach().clone() for p in self.parameters]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        self.steps += 1
+        decay = min(self.decay, (1 + self.steps) / (10 + self.steps))
+        torch._foreach_lerp_(self.average, [p.detach() for p in self.parameters], 1.0 - decay)
+
+    @torch.no_grad()
+    def apply(self) -> None:
+        for parameter, average in zip(self.parameters, self.average, strict=True):
+            parameter.copy_(average)
 
 
 def _parse_settings(pairs: list[str]) -> dict:
@@ -601,6 +640,9 @@ def format_table(rows: list[dict], summary: list[dict], args: dict) -> str:
     multiples = sorted({r["multiple"] for r in rows})
     header = f"{'tuning (validation bits/dim)':52} " + " ".join(f"{f'val@{m:g}x':>9} {'steps':>6}" for m in multiples)
     settings = "".join(f"; i-ResNet {k}={v}" for k, v in args.get("ours", {}).items())
+    settings += f"; every contender scored with its parameters' moving average (decay {args['ema']:g})" * bool(
+        args.get("ema")
+    )
     out = [
         f"dataset {args['dataset']}: {args['train_images'] - args['validation_images']} train, "
         f"{args['validation_images']} validation, {args['test_images']} test images; "
@@ -758,6 +800,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="a peer setting under every grid point: levels, blocks, hidden, logit_alpha "
                              f"(default 2, 4, 32, {PEER_LOGIT_ALPHA:g})")  # fmt: skip
     parser.add_argument("--batch-size", type=int, default=64, help="the peers' batch (the i-ResNet preset has its own)")
+    parser.add_argument("--ema", type=float, default=0.0, metavar="DECAY",
+                        help="every contender scored with an exponential moving average of its parameters (e.g. "
+                             "0.99; 0: the last weights)")  # fmt: skip
     parser.add_argument("--jobs", type=int, default=1, help="trainings at once, one thread each")
     parser.add_argument("--json", help="write every result here (after each job)")
     parser.add_argument("--resume", action="store_true", help="keep the --json file's finished jobs, run the rest")
@@ -766,6 +811,8 @@ def main(argv: list[str] | None = None) -> None:
     args = vars(parser.parse_args(argv))
     if args["budget"] <= 0 or min(args["multiples"]) <= 0 or args["seeds"] < 0 or args["jobs"] < 1:
         parser.error("--budget and --multiples must be > 0, --seeds >= 0 and --jobs >= 1")
+    if not 0.0 <= args["ema"] < 1.0:
+        parser.error(f"--ema must be in [0, 1) (0: no average), got {args['ema']}")
     if not 0 < args["validation_images"] < args["train_images"]:
         parser.error("--validation-images must be between 0 and --train-images")
     if args["resume"] and not args["json"]:
@@ -789,8 +836,8 @@ def main(argv: list[str] | None = None) -> None:
     if args["resume"] and Path(args["json"]).exists():
         previous = json.loads(Path(args["json"]).read_text())
         keep = ("dataset", "train_images", "validation_images", "test_images", "budget", "grid", "ours", "peers",
-                "earlier")  # fmt: skip
-        before = {"earlier": {}, **previous["config"]}  # runs before --rates-from had no earlier stage
+                "earlier", "ema")  # fmt: skip
+        before = {"earlier": {}, "ema": 0.0, **previous["config"]}  # runs older than --rates-from and --ema
         changed = [k for k in keep if before.get(k) != json.loads(json.dumps(args[k]))]
         if changed:
             parser.error(f"--resume: {args['json']} was made with other {', '.join(changed)}")

@@ -141,11 +141,40 @@ def test_quality_trains_for_its_cpu_budget_and_scores_validation_then_test_once(
     assert tuned["logdet_check_error_nats"] < 1e-2  # the library's log-det against the full Jacobian
     assert 0 < tuned["validation"]["bpd"] < 12 and tuned["validation"]["converged"]
     assert "test" not in tuned and "samples" not in tuned  # tuning never looks at the test images
-    final = quality._train_and_score(quality.Job("final", name, 0, 1.0, 1), args)
+    final = quality._train_and_score(quality.Job("final", name, 0, 1.0, 1), {**args, "ema": 0.9})  # averaged
     assert 0 < final["test"]["bpd"] < 12 and final["seed"] == 1
     if name == "iresnet":
         assert final["test"]["estimator"] in ("russian_roulette", "power_series") and final["test"]["se"] < 2e-3
     assert Image.open(final["samples"]).size == (8 * 29 + 1, 8 * 29 + 1)  # 64 samples of 28x28, 1-pixel padding
+
+
+def test_the_parameter_average_is_the_warmed_up_moving_average_and_keeps_the_lipschitz_guarantee():
+    from pipeline.layers.spectral import SpectralConfig, SpectralNormLinear
+
+    torch.manual_seed(0)
+    layer = SpectralNormLinear(6, 5, SpectralConfig(coeff=0.9))
+    average = quality.ParameterAverage(layer, 0.95)
+    expected = layer.weight.detach().clone()
+    optimizer = torch.optim.Adam(layer.parameters(), lr=0.3)
+    for t in range(1, 31):
+        optimizer.zero_grad()
+        (-(layer(torch.randn(8, 6)) ** 2).sum()).backward()  # push the norm up
+        optimizer.step()
+        average.update()
+        decay = min(0.95, (1 + t) / (10 + t))
+        expected = decay * expected + (1 - decay) * layer.weight.detach()
+    layer.eval()
+    with torch.no_grad():
+        layer(torch.randn(1, 6))  # the evaluation norm of the last weights, cached
+        assert not torch.allclose(layer.weight, expected)
+        average.apply()
+        assert torch.allclose(layer.weight, expected, atol=1e-6)
+        applied = (layer(torch.eye(6)) - layer.bias).T  # the weight the layer applies, by brute force
+    sigma = torch.linalg.matrix_norm(expected, 2)
+    assert sigma > 0.9  # the average needs normalising, so the check below is not vacuous
+    assert torch.allclose(applied, expected * 0.9 / sigma, atol=1e-5)  # normalised anew, to c
+    with pytest.raises(ValueError, match="decay"):
+        quality.ParameterAverage(layer, 1.0)
 
 
 def test_quality_splits_hold_validation_out_of_train_and_subset_a_larger_dataset():
