@@ -13,10 +13,13 @@ The protocol a reviewer of a flows paper asks for:
 2. **Equal tuning, in two stages.** Stage 1 (``--grid full``): every contender has a grid of the same size
    (:data:`GRIDS`: learning rate x schedule, 8 each, around its own known-good rate). Stage 2 (``--grid
    architecture --rates-from STAGE1.json``): width and depth (:data:`ARCHITECTURES`) at the rate stage 1 chose.
+   Stage 3 (``--grid optimisation`` with both): the step's settings (:data:`OPTIMISATION`: warm-up, peak rate,
+   batch, this flow's Lipschitz coefficient), 6 each for this flow and Glow, the two that lead after stage 2.
    Each configuration is trained for the same *training* CPU seconds (``time.process_time``, one thread,
    evaluation excluded) on the other 3,500 images with seed 0 and scored on the validation images. The
    configuration with the lowest validation bits/dim is chosen, per contender and budget. ``--architecture-from``
-   carries stage 2's choices to another dataset (with ``--grid single``: tested, nothing chosen).
+   and ``--optimisation-from`` carry stage 2's and 3's choices to another dataset (with ``--grid single``: tested,
+   nothing chosen).
 3. **Test once.** Only the chosen configurations are scored on the test images, each trained anew with ``--seeds``
    seeds (0, 1, 2: initialisation, batch order and dequantisation noise). The table gives mean +- sd over seeds, and
    the paired difference (per seed) of this flow to the best peer with its sd; "ahead" means by more than 2 sd.
@@ -76,6 +79,7 @@ log = logging.getLogger("benchmarks.quality")
 N_LEVELS = 256
 CONTENDERS = ("iresnet", "glow", "realnvp", "residual")
 PEER_LOGIT_ALPHA = 1e-6  # every peer with the logit transform first, as this flow's preset has it
+PEER_SETTINGS = {"levels", "blocks", "hidden", "lr", "lr_schedule", "logit_alpha", "warmup_steps", "batch_size"}
 
 
 def _grid(rates: tuple[float, ...]) -> list[dict]:
@@ -125,6 +129,30 @@ ARCHITECTURES: dict[str, list[dict]] = {
     "realnvp": [{}, {"hidden": 16}, {"hidden": 64}, {"blocks": 8}, {"hidden": 16, "blocks": 8}],
     "residual": [{}, {"hidden": 16}, {"hidden": 64}, {"blocks": 8}, {"hidden": 16, "blocks": 8}],
 }
+
+# Stage 3, ``--grid optimisation``: the step's settings at the architecture stage 2 chose (``--architecture-from``,
+# with ``--rates-from``), 6 configurations for this flow and Glow each, the first stage 2's own: a longer warm-up
+# with a higher peak rate, a smaller batch, and this flow's Lipschitz coefficient (Glow's has no counterpart; it gets
+# a second rate instead). Chosen from validation pilots of both flows (docs/benchmarks.md).
+OPTIMISATION: dict[str, list[dict]] = {
+    "iresnet": [
+        {},
+        {"warmup_steps": 300},
+        {"warmup_steps": 300, "lr": 0.25},
+        {"coeff": 0.99},
+        {"coeff": 0.99, "warmup_steps": 300, "lr": 0.25},
+        {"coeff": 0.99, "warmup_steps": 300, "lr": 0.25, "batch_size": 16},
+    ],
+    "glow": [
+        {},
+        {"warmup_steps": 300},
+        {"warmup_steps": 300, "lr": 2e-2},
+        {"batch_size": 32},
+        {"warmup_steps": 300, "lr": 2e-2, "batch_size": 32},
+        {"warmup_steps": 300, "lr": 3e-2, "batch_size": 32},
+    ],
+}
+STAGES: dict[str, dict[str, list[dict]]] = {"architecture": ARCHITECTURES, "optimisation": OPTIMISATION}
 
 
 @dataclass
@@ -296,6 +324,9 @@ def _step(*flows: nn.Module) -> nn.Module:
 
 
 def _normflows(kind: str, settings: dict, train_x: Tensor, clock: dict) -> Contender:
+    unknown = sorted(set(settings) - PEER_SETTINGS)
+    if unknown:
+        raise ValueError(f"unknown peer settings {unknown}; choose from {sorted(PEER_SETTINGS)}")
     levels, blocks = int(settings.get("levels", 2)), int(settings.get("blocks", 4))
     hidden = int(settings.get("hidden", 32))
     lr = float(settings.get("lr", 1e-3))
@@ -303,7 +334,8 @@ def _normflows(kind: str, settings: dict, train_x: Tensor, clock: dict) -> Conte
     with torch.no_grad():
         model.log_prob(train_x[:512], None)  # ActNorm's data-dependent initialisation
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    scheduler = _schedule(optimizer, str(settings.get("lr_schedule", "constant")), 0, clock)
+    warmup = int(settings.get("warmup_steps", 0))
+    scheduler = _schedule(optimizer, str(settings.get("lr_schedule", "constant")), warmup, clock)
     dim = 28 * 28
 
     def loss(x: Tensor) -> Tensor:
@@ -355,9 +387,11 @@ def _normflows(kind: str, settings: dict, train_x: Tensor, clock: dict) -> Conte
         return _in_eval_mode(model, lambda: model.sample(n)[0])  # normflows returns (x, log q)
 
     after = (lambda: nf_update_lipschitz(model)) if kind == "residual" else (lambda: None)
+    batch = int(settings["batch_size"]) if "batch_size" in settings else None  # None: --batch-size
     return Contender(
-        model, optimizer, loss, score, forward_logdet, sample=sample, after_step=after, scheduler=scheduler
-    )
+        model, optimizer, loss, score, forward_logdet, sample=sample, after_step=after, scheduler=scheduler,
+        batch_size=batch,
+    )  # fmt: skip
 
 
 def nf_update_lipschitz(model: nn.Module) -> None:
@@ -429,7 +463,7 @@ def settings_of(job: Job, args: dict) -> dict:
 def grid_of(contender: str, args: dict) -> list[dict]:
     if args["grid"] == "full":
         return GRIDS[contender]
-    return ARCHITECTURES[contender] if args["grid"] == "architecture" else [{}]
+    return STAGES[args["grid"]].get(contender, [{}]) if args["grid"] in STAGES else [{}]
 
 
 def chosen_points(path: str, grid: str) -> dict[str, dict]:
@@ -437,7 +471,7 @@ def chosen_points(path: str, grid: str) -> dict[str, dict]:
     previous = json.loads(Path(path).read_text())
     if previous["config"]["grid"] != grid:
         raise ValueError(f"{path} is a --grid {previous['config']['grid']} run; a --grid {grid} run was expected")
-    grids = GRIDS if grid == "full" else ARCHITECTURES
+    grids = GRIDS if grid == "full" else STAGES[grid]
     return {name: dict(grids[name][config]) for name, multiple, config in previous["chosen"] if multiple == 1.0}
 
 
@@ -640,9 +674,8 @@ def format_table(rows: list[dict], summary: list[dict], args: dict) -> str:
     multiples = sorted({r["multiple"] for r in rows})
     header = f"{'tuning (validation bits/dim)':52} " + " ".join(f"{f'val@{m:g}x':>9} {'steps':>6}" for m in multiples)
     settings = "".join(f"; i-ResNet {k}={v}" for k, v in args.get("ours", {}).items())
-    settings += f"; every contender scored with its parameters' moving average (decay {args['ema']:g})" * bool(
-        args.get("ema")
-    )
+    if args.get("ema"):
+        settings += f"; every contender scored with its parameters' moving average (decay {args['ema']:g})"
     out = [
         f"dataset {args['dataset']}: {args['train_images'] - args['validation_images']} train, "
         f"{args['validation_images']} validation, {args['test_images']} test images; "
@@ -700,7 +733,8 @@ def format_markdown(rows: list[dict], summary: list[dict], args: dict) -> str:
             value = f"{r['validation']['bpd']:.3f}"
             cells.append(f"{f'**{value}**' if (name, config, m) in chosen else value} | {r['steps']}")
         lr, schedule = settings.get("lr"), settings.get("lr_schedule", "preset")
-        point = f"{_label(grid_of(name, args)[config]) if config else 'as in stage 1'} | " if staged else ""
+        before = {"architecture": "as in stage 1", "optimisation": "as in stage 2"}.get(args["grid"], "as chosen")
+        point = f"{_label(grid_of(name, args)[config]) if config else before} | " if staged else ""
         out.append(
             f"| {name} | {'preset' if lr is None else f'{lr:.3g}'} | {schedule} | {point}" + " | ".join(cells) + " |"
         )
@@ -775,14 +809,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--validation-images", type=int, default=500, help="held out of the training images")
     parser.add_argument("--test-images", type=int, default=1000)
     parser.add_argument("--contenders", nargs="+", default=list(CONTENDERS), choices=CONTENDERS)
-    parser.add_argument("--grid", choices=["full", "architecture", "single"], default="full",
+    parser.add_argument("--grid", choices=["full", "architecture", "optimisation", "single"], default="full",
                         help="full: learning rate x schedule (stage 1); architecture: width and depth (stage 2, with "
-                             "--rates-from); single: each contender's base only")  # fmt: skip
+                             "--rates-from); optimisation: warm-up, rate, batch (stage 3, this flow and Glow, with "
+                             "--architecture-from); single: each contender's base only")  # fmt: skip
     parser.add_argument(
         "--rates-from", metavar="JSON", help="a --grid full run: each contender at the rate and schedule it chose at 1x"
     )
     parser.add_argument(
         "--architecture-from", metavar="JSON", help="a --grid architecture run: each contender's chosen architecture"
+    )
+    parser.add_argument(
+        "--optimisation-from", metavar="JSON", help="a --grid optimisation run: each contender's chosen step settings"
     )
     parser.add_argument("--budget", type=float, default=174.0, help="training CPU seconds (one thread) at 1x")
     parser.add_argument("--multiples", type=float, nargs="+", default=[1.0, 2.0])
@@ -797,8 +835,8 @@ def main(argv: list[str] | None = None) -> None:
         help="an i-ResNet setting under every grid point (a DensityConfig field, e.g. n_blocks=4,4)",
     )
     parser.add_argument("--peer-set", action="append", default=[], metavar="KEY=VALUE",
-                        help="a peer setting under every grid point: levels, blocks, hidden, logit_alpha "
-                             f"(default 2, 4, 32, {PEER_LOGIT_ALPHA:g})")  # fmt: skip
+                        help="a peer setting under every grid point: levels, blocks, hidden, logit_alpha, "
+                             f"warmup_steps (default 2, 4, 32, {PEER_LOGIT_ALPHA:g}, 0), lr, lr_schedule")  # fmt: skip
     parser.add_argument("--batch-size", type=int, default=64, help="the peers' batch (the i-ResNet preset has its own)")
     parser.add_argument("--ema", type=float, default=0.0, metavar="DECAY",
                         help="every contender scored with an exponential moving average of its parameters (e.g. "
@@ -821,7 +859,8 @@ def main(argv: list[str] | None = None) -> None:
     args["ours"], args["peers"] = _parse_settings(args.pop("set")), _parse_settings(args.pop("peer_set"))
     args["earlier"] = {}
     try:
-        for option, grid in (("rates_from", "full"), ("architecture_from", "architecture")):
+        for option, grid in (("rates_from", "full"), ("architecture_from", "architecture"),
+                             ("optimisation_from", "optimisation")):  # fmt: skip
             if args[option]:
                 for name, point in chosen_points(args[option], grid).items():
                     args["earlier"].setdefault(name, {}).update(point)

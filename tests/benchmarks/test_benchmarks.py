@@ -252,6 +252,30 @@ def test_quality_stage_two_tunes_the_architecture_at_the_rate_stage_one_chose(tm
     assert "| glow | 0.01 | cosine | as in stage 1 | 1.400 | 9 |" in markdown
 
 
+def test_quality_stage_three_tunes_the_step_alike_on_top_of_both_earlier_stages(tmp_path):
+    grids = quality.OPTIMISATION
+    assert len(grids["iresnet"]) == len(grids["glow"]) == 6 and grids["iresnet"][0] == grids["glow"][0] == {}
+    stage_two = {"config": {"grid": "architecture"}, "chosen": [["glow", 1.0, 4], ["iresnet", 1.0, 4]]}
+    path = tmp_path / "stage2.json"
+    path.write_text(json.dumps(stage_two))
+    architecture = quality.chosen_points(str(path), "architecture")["glow"]
+    earlier = {"glow": {"lr": 0.01, "lr_schedule": "cosine", **architecture}}
+    args = {**QUALITY_ARGS, "grid": "optimisation", "earlier": earlier, "peers": {}}
+    settings = quality.settings_of(quality.Job("tune", "glow", 4, 1.0, 0), args)
+    assert settings == {"lr": 2e-2, "lr_schedule": "cosine", "blocks": 8, "warmup_steps": 300, "batch_size": 32}
+    assert len(quality.tuning_jobs(["iresnet", "glow", "realnvp"], [1.0], args)) == 6 + 6 + 1  # others: their base
+    stage_three = {"config": {"grid": "optimisation"}, "chosen": [["iresnet", 1.0, 4]]}
+    path.write_text(json.dumps(stage_three))
+    assert quality.chosen_points(str(path), "optimisation") == {"iresnet": grids["iresnet"][4]}
+    # a peer's settings are checked by name, and its own batch size replaces --batch-size
+    train_x = torch.rand(64, 1, 28, 28) - 0.5
+    peer = quality._normflows("glow", {"blocks": 1, "hidden": 8, "batch_size": 8, "warmup_steps": 10}, train_x, {})
+    assert peer.batch_size == 8 and peer.scheduler is not None
+    assert peer.scheduler.get_last_lr()[0] == pytest.approx(1e-4)  # step 0 of a 10-step warm-up to 1e-3
+    with pytest.raises(ValueError, match=r"unknown peer settings \['hiden'\]"):
+        quality._normflows("glow", {"hiden": 8}, train_x, {})
+
+
 def test_a_worker_trains_the_quick_flow_under_the_thread_budget(monkeypatch):
     """One worker's work, in-process (a process per worker is what the benchmark adds around it)."""
     import torch
