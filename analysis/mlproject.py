@@ -5,7 +5,7 @@ analyses: hence here, in the package that may import both).
 
 One MLproject entry point per preset of an experiment (``density`` is the ``quick`` preset, ``density-paper-cifar10``
 the ``paper-cifar10`` one), so that every parameter has a real type and the preset's value as its default
-(``coeff: {type: float, default: 0.97}``): the MLflow UI shows what the run used, and ``-P coeff=0.7`` overrides it.
+(``coeff: {type: float, default: 0.99}``): the MLflow UI shows what the run used, and ``-P coeff=0.7`` overrides it.
 A ``-P preset=...`` is refused by the entry point (the other parameters already carry its own preset's values); a
 run is resumed by ``<experiment>-resume`` (``-P resume=RUN_ID``, and only the options a resume may change).
 Booleans and tuples are strings (``true``, ``4,4``); an option whose value is ``None`` or a path inside the project
