@@ -286,9 +286,12 @@ def test_a_worker_trains_the_quick_flow_under_the_thread_budget(monkeypatch):
         result = workers.worker(steps=2, threads=0)
     finally:
         torch.set_num_threads(threads)
-    assert result["threads"] == 1 and result["images"] == 2 * 32 and result["cpu_seconds"] > 0
-    row = {"workers": 1, "threads": "budget", "threads_per_worker": 1, "images_per_second": 64 / result["seconds"],
-           "cpu_seconds_per_image": result["cpu_seconds"] / 64, "fraction_of_linear": 1.0}  # fmt: skip
+    from experiments.density import PRESETS
+
+    images = 2 * PRESETS["quick"]["batch_size"]  # two steps of the main job's batch
+    assert result["threads"] == 1 and result["images"] == images and result["cpu_seconds"] > 0
+    row = {"workers": 1, "threads": "budget", "threads_per_worker": 1, "images_per_second": images / result["seconds"],
+           "cpu_seconds_per_image": result["cpu_seconds"] / images, "fraction_of_linear": 1.0}  # fmt: skip
     assert "1.00" in workers.format_table([row], cores=2)
 
 

@@ -10,6 +10,7 @@ from mlflow.tracking import MlflowClient
 from experiments import density
 from experiments.models import load_model
 from experiments.tracking_store import PROJECT_ROOT
+from pipeline.models import FLOW_PRESETS
 from tests.experiments.conftest import SimulatedCrash, assert_same_final_parameters, runs_of
 
 TINY = dict(
@@ -57,9 +58,10 @@ def test_mlflow_project_entry_point_end_to_end(store):
     assert run.info.status == "FINISHED"
     # the typed entry point's parameters (MLflow logs them), the preset, and the resolved configuration by group
     quick_lr = density.PRESETS["quick"]["lr"]  # unset parameters take the preset's value
+    quick_coeff = FLOW_PRESETS["quick"].coeff  # the model preset's, through the architecture group
     params = run.data.params
-    assert (params["dataset"], params["preset"], float(params["lr"]), params["coeff"]) == (
-        "digits8x8", "quick", quick_lr, "0.97")  # fmt: skip
+    assert (params["dataset"], params["preset"], float(params["lr"]), float(params["coeff"])) == (
+        "digits8x8", "quick", quick_lr, quick_coeff)  # fmt: skip
     resolved = mlflow.artifacts.load_dict(f"runs:/{submitted.run_id}/config.json")
     assert resolved["data"]["dataset"] == "digits8x8" and resolved["training"]["lr"] == quick_lr
     assert resolved["model"]["n_blocks"] == [1, 1] and resolved["model"]["input_shape"] == [1, 8, 8]
