@@ -155,7 +155,8 @@ OPTIMISATION: dict[str, list[dict]] = {
         {"warmup_steps": 300, "lr": 3e-2, "batch_size": 32},
     ],
 }
-STAGES: dict[str, dict[str, list[dict]]] = {"architecture": ARCHITECTURES, "optimisation": OPTIMISATION}
+# every tuning stage's grids by its ``--grid`` name; a contender a stage does not name tries only its base there
+STAGES: dict[str, dict[str, list[dict]]] = {"full": GRIDS, "architecture": ARCHITECTURES, "optimisation": OPTIMISATION}
 
 
 @dataclass
@@ -464,9 +465,7 @@ def settings_of(job: Job, args: dict) -> dict:
 
 
 def grid_of(contender: str, args: dict) -> list[dict]:
-    if args["grid"] == "full":
-        return GRIDS[contender]
-    return STAGES[args["grid"]].get(contender, [{}]) if args["grid"] in STAGES else [{}]
+    return STAGES.get(args["grid"], {}).get(contender, [{}])  # ``single``: the base only
 
 
 def chosen_points(path: str, grid: str) -> dict[str, dict]:
@@ -474,8 +473,7 @@ def chosen_points(path: str, grid: str) -> dict[str, dict]:
     previous = json.loads(Path(path).read_text())
     if previous["config"]["grid"] != grid:
         raise ValueError(f"{path} is a --grid {previous['config']['grid']} run; a --grid {grid} run was expected")
-    grids = GRIDS if grid == "full" else STAGES[grid]
-    return {name: dict(grids[name][config]) for name, multiple, config in previous["chosen"] if multiple == 1.0}
+    return {name: dict(STAGES[grid][name][config]) for name, multiple, config in previous["chosen"] if multiple == 1.0}
 
 
 def _run_job(job: Job, args: dict) -> dict:
@@ -725,6 +723,7 @@ def format_markdown(rows: list[dict], summary: list[dict], args: dict) -> str:
            "|---|---|---|" + "---|" * staged + "---|---|" * len(multiples)]  # fmt: skip
     tuned = _tuning_runs(rows)
     chosen = {(s["contender"], s["config"], s["multiple"]) for s in summary}
+    before = {"architecture": "as in stage 1", "optimisation": "as in stage 2"}.get(args["grid"], "as chosen")
     for (name, config), by_multiple in sorted(tuned.items()):
         settings = {**next(iter(by_multiple.values())).get("settings", {}), **grid_of(name, args)[config]}
         cells = []
@@ -736,7 +735,6 @@ def format_markdown(rows: list[dict], summary: list[dict], args: dict) -> str:
             value = f"{r['validation']['bpd']:.3f}"
             cells.append(f"{f'**{value}**' if (name, config, m) in chosen else value} | {r['steps']}")
         lr, schedule = settings.get("lr"), settings.get("lr_schedule", "preset")
-        before = {"architecture": "as in stage 1", "optimisation": "as in stage 2"}.get(args["grid"], "as chosen")
         point = f"{_label(grid_of(name, args)[config]) if config else before} | " if staged else ""
         out.append(
             f"| {name} | {'preset' if lr is None else f'{lr:.3g}'} | {schedule} | {point}" + " | ".join(cells) + " |"
@@ -812,7 +810,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--validation-images", type=int, default=500, help="held out of the training images")
     parser.add_argument("--test-images", type=int, default=1000)
     parser.add_argument("--contenders", nargs="+", default=list(CONTENDERS), choices=CONTENDERS)
-    parser.add_argument("--grid", choices=["full", "architecture", "optimisation", "single"], default="full",
+    parser.add_argument("--grid", choices=[*STAGES, "single"], default="full",
                         help="full: learning rate x schedule (stage 1); architecture: width and depth (stage 2, with "
                              "--rates-from); optimisation: warm-up, rate, batch (stage 3, this flow and Glow, with "
                              "--architecture-from); single: each contender's base only")  # fmt: skip
@@ -839,7 +837,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--peer-set", action="append", default=[], metavar="KEY=VALUE",
                         help="a peer setting under every grid point: levels, blocks, hidden, logit_alpha, "
-                             f"warmup_steps (default 2, 4, 32, {PEER_LOGIT_ALPHA:g}, 0), lr, lr_schedule")  # fmt: skip
+                             f"warmup_steps, batch_size (default 2, 4, 32, {PEER_LOGIT_ALPHA:g}, 0, --batch-size), "
+                             "lr, lr_schedule")  # fmt: skip
     parser.add_argument("--batch-size", type=int, default=64, help="the peers' batch (the i-ResNet preset has its own)")
     parser.add_argument("--ema", type=float, default=0.0, metavar="DECAY",
                         help="every contender scored with an exponential moving average of its parameters (e.g. "
