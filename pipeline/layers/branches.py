@@ -150,6 +150,60 @@ ACTIVATION_VALUE_AND_DERIVATIVE: dict[type[nn.Module], Callable[[Any, Tensor], t
 }
 
 
+def has_structured_vjp(branch: object) -> TypeGuard[nn.Sequential]:
+    """Whether :func:`forward_with_vjp` handles ``branch``: linear maps (dense, or convolutions with zero padding)
+    and activations of known derivative, in sequence."""
+    return isinstance(branch, nn.Sequential) and all(
+        isinstance(m, (nn.Linear, SpectralNormLinear, SpectralNormConv2d))
+        or (isinstance(m, nn.Conv2d) and m.padding_mode == "zeros" and isinstance(m.padding, tuple))
+        or type(m) in ACTIVATION_VALUE_AND_DERIVATIVE
+        for m in branch
+    )
+
+
+def forward_with_vjp(branch: nn.Sequential, x: Tensor) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
+    """``g(x)`` and the map ``u -> u^T J_g(x)``, the vector-Jacobian product in closed form.
+
+    The forward applies each layer's weight (spectral normalisation included, one power iteration per layer as in
+    its own forward) and keeps, for the product, that weight and each activation's derivative at its input; it
+    records autograd's graph when grad mode is on, as ``branch(x)`` would. The product is then the layers' adjoints
+    in reverse, one transposed convolution or matrix product per linear map and one multiplication per activation,
+    with no graph and no pass of the autograd engine: the log-det series takes several such products per step
+    (check the branch with :func:`has_structured_vjp`). Not differentiable: the Neumann gradient and evaluation
+    need none; backprop through the series takes autograd's own products.
+    """
+    adjoints: list[Callable[[Tensor], Tensor] | Tensor] = []  # in forward order; a Tensor is a derivative
+    h = x
+    for m in branch:
+        if isinstance(m, (SpectralNormConv2d, SpectralNormLinear)):
+            h_in = h
+            h, weight = m.forward_with_weight(h)
+            adjoints.append(_adjoint_of(m, h_in.shape, weight.detach()))
+        elif isinstance(m, (nn.Conv2d, nn.Linear)):
+            adjoints.append(_adjoint_of(m, h.shape, m.weight.detach()))
+            h = m(h)
+        else:
+            h, derivative = ACTIVATION_VALUE_AND_DERIVATIVE[type(m)](m, h)
+            adjoints.append(derivative.detach())
+
+    def vjp(u: Tensor) -> Tensor:
+        for adjoint in reversed(adjoints):
+            u = u * adjoint if isinstance(adjoint, Tensor) else adjoint(u)
+        return u
+
+    return h, vjp
+
+
+def _adjoint_of(m: nn.Module, input_shape: torch.Size, weight: Tensor) -> Callable[[Tensor], Tensor]:
+    """``u -> u^T A``: the adjoint of the linear part of ``m`` (its bias has no Jacobian) at ``weight``."""
+    if isinstance(m, (nn.Linear, SpectralNormLinear)):
+        return lambda u: u @ weight
+    stride, padding = m.stride, m.padding
+    dilation, groups = (m.dilation, m.groups) if isinstance(m, nn.Conv2d) else (1, 1)
+    # the gradient of a convolution with respect to its input: the kernel autograd runs for the same product
+    return lambda u: torch.nn.grad.conv2d_input(input_shape, weight, u, stride, padding, dilation, groups)
+
+
 def has_closed_form_jacobian(branch: object) -> TypeGuard[nn.Sequential]:
     """Whether :func:`mlp_jacobian` handles ``branch``: a sequence of linear maps and known activations."""
     return isinstance(branch, nn.Sequential) and all(

@@ -506,8 +506,13 @@ class SpectralNormLinear(_SpectralNorm):
         self.u = self.u.to(dtype=self.weight.dtype, device=self.weight.device)
         self.v = self.v.to(dtype=self.weight.dtype, device=self.weight.device)
 
+    def forward_with_weight(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """The output and the weight applied to get it (a closed-form vector-Jacobian product needs it)."""
+        weight = self.normalized_weight(x)
+        return F.linear(x, weight, self.bias), weight
+
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.normalized_weight(x), self.bias)
+        return self.forward_with_weight(x)[0]
 
     def extra_repr(self) -> str:
         return (
@@ -626,13 +631,18 @@ class SpectralNormConv2d(_SpectralNorm):
         self.v = v
         self.u = _normalize(self._operator(v, self.weight.detach()))
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward_with_weight(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """The output and the weight applied to get it (a closed-form vector-Jacobian product needs it)."""
         if self.v.numel() and tuple(x.shape[-2:]) != self.input_hw:
             raise ValueError(
                 f"SpectralNormConv2d was normalised for inputs of size {self.input_hw}, got {tuple(x.shape[-2:])}; "
                 "the operator norm depends on the input size"
             )
-        return F.conv2d(x, self.normalized_weight(x), self.bias, stride=self.stride, padding=self.padding)
+        weight = self.normalized_weight(x)
+        return F.conv2d(x, weight, self.bias, stride=self.stride, padding=self.padding), weight
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_with_weight(x)[0]
 
     def extra_repr(self) -> str:
         return (

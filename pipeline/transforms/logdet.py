@@ -36,7 +36,7 @@ from typing import TypeGuard, cast
 import torch
 from torch import Tensor, nn
 
-from pipeline.layers.branches import has_closed_form_jacobian, mlp_jacobian
+from pipeline.layers.branches import forward_with_vjp, has_closed_form_jacobian, has_structured_vjp, mlp_jacobian
 from pipeline.training.host_syncs import host_value
 
 Branch = Callable[[Tensor], Tensor]
@@ -209,8 +209,13 @@ class _SeriesLogDet(LogDetEstimator):
                 raise TypeError("the Neumann gradient needs the branch as an nn.Module (its parameters get gradients)")
             params = [p for p in g.parameters() if p.requires_grad]
             return _NeumannLogDet.apply(self, g, x, *params)
-        gx = g(x)
-        value, _ = self.series(_vjp_of(gx, x, create_graph=differentiable), x, neumann=False)
+        if not differentiable and has_structured_vjp(g):  # evaluation: the products in closed form, no graph at all
+            with torch.no_grad():
+                gx, vjp = forward_with_vjp(g, x)
+        else:
+            gx = g(x)
+            vjp = _vjp_of(gx, x, create_graph=differentiable)
+        value, _ = self.series(vjp, x, neumann=False)
         return gx, value
 
     def _series_of_jacobian(self, jac: Tensor, x: Tensor, differentiable: bool) -> Tensor:
@@ -324,8 +329,12 @@ class _NeumannLogDet(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         with torch.enable_grad():
             x_ = x.detach().requires_grad_(True)
-            gx = branch(x_)
-            value, pairs = estimator.series(_vjp_of(gx, x_, create_graph=False), x_, neumann=True)
+            if has_structured_vjp(branch):  # the series' products in closed form (g(x) keeps its graph)
+                gx, vjp = forward_with_vjp(branch, x_)
+            else:
+                gx = branch(x_)
+                vjp = _vjp_of(gx, x_, create_graph=False)
+            value, pairs = estimator.series(vjp, x_, neumann=True)
         # g(x) is saved with its graph (an intermediate keeps its grad_fn): the engine releases it after a
         # plain backward and keeps it under retain_graph=True, as for any built-in op
         ctx.n_params, ctx.n_probes = len(params), len(pairs)

@@ -11,6 +11,7 @@ from pipeline.layers.branches import (
     branch_lipschitz_bound,
     conv_branch,
     has_closed_form_jacobian,
+    has_structured_vjp,
     mlp_branch,
     mlp_jacobian,
 )
@@ -409,6 +410,36 @@ def test_the_closed_form_path_equals_the_product_path_in_value_and_gradient(floa
         xg = x.clone().requires_grad_(True)
         gx, logdet = estimator(g, xg)
         loss = (torch.linspace(0.5, 2.0, 16) * logdet).sum() + (gx**2).sum()
+        results.append((logdet.detach(), torch.autograd.grad(loss, [xg, *params])))
+    (value_a, grads_a), (value_b, grads_b) = results
+    assert torch.allclose(value_a, value_b, atol=1e-12)
+    for ga, gb in zip(grads_a, grads_b, strict=True):
+        assert torch.allclose(ga, gb, atol=1e-10)
+
+
+@pytest.mark.parametrize("differentiable", [True, False], ids=["training", "evaluation"])
+def test_the_closed_form_products_equal_autograds_in_value_and_gradient(float64, differentiable):
+    """A conv branch's series with its products in closed form (``forward_with_vjp``) and the same branch hidden
+    from that path (autograd's products): the same probes and terms give the same value and Neumann gradient."""
+    branch = conv_branch(2, 8, activation="lipswish", spectral=SpectralConfig(coeff=0.9))
+    x = torch.randn(4, 2, 5, 5)
+    branch(x)
+    branch.eval()
+    opaque = nn.Sequential(branch)
+    assert has_structured_vjp(branch) and not has_structured_vjp(opaque)
+    estimator = RussianRouletteLogDet(n_exact_terms=3, p=0.3)  # gradient="neumann"
+    params = [p for p in branch.parameters() if p.requires_grad]
+    results = []
+    for g in (branch, opaque):
+        torch.manual_seed(5)
+        xg = x.clone().requires_grad_(True)
+        with torch.set_grad_enabled(differentiable):
+            gx, logdet = estimator(g, xg)
+        assert logdet.requires_grad == differentiable
+        if not differentiable:
+            results.append((logdet, ()))
+            continue
+        loss = (torch.linspace(0.5, 2.0, 4) * logdet).sum() + (gx**2).sum()
         results.append((logdet.detach(), torch.autograd.grad(loss, [xg, *params])))
     (value_a, grads_a), (value_b, grads_b) = results
     assert torch.allclose(value_a, value_b, atol=1e-12)

@@ -1,0 +1,71 @@
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from pipeline.layers import LipSwish
+from pipeline.layers.branches import conv_branch, forward_with_vjp, has_structured_vjp, mlp_branch
+from pipeline.layers.spectral import SpectralConfig
+from tests.transforms.helpers import dense_jacobians
+
+
+def _branches() -> dict[str, nn.Sequential]:
+    spectral = SpectralConfig(coeff=0.9, n_power_iterations=3)
+    return {
+        **{f"conv-{a}": conv_branch(2, 6, activation=a, spectral=spectral) for a in ("lipswish", "elu", "softplus")},
+        "conv-unconstrained": conv_branch(2, 6, activation="lipswish", spectral=None, preactivation=True),
+        "conv-strided": nn.Sequential(  # stride, dilation, groups and an asymmetric size: the adjoint's shape
+            nn.Conv2d(2, 4, 3, stride=2, padding=1),
+            nn.ELU(),
+            nn.Conv2d(4, 4, 3, padding=2, dilation=2, groups=2),
+            LipSwish(),
+            nn.Conv2d(4, 2, 1),
+        ),
+        "mlp": mlp_branch(5, (7, 7), activation="lipswish", spectral=spectral, preactivation=True),
+    }
+
+
+@pytest.mark.parametrize("name", list(_branches()))
+def test_forward_with_vjp_is_the_branch_and_its_exact_vector_jacobian_product(float64, name):
+    """Against the branch's own forward and the dense Jacobian (brute force, one sample at a time)."""
+    torch.manual_seed(0)
+    branch = _branches()[name]
+    x = torch.randn(3, 5) if name == "mlp" else torch.randn(3, 2, 5, 5)
+    branch(x)  # the spectral vectors
+    branch.eval()  # the applied weights are fixed: the brute force sees the same map
+    assert has_structured_vjp(branch)
+    gx, vjp = forward_with_vjp(branch, x)
+    assert torch.allclose(gx, branch(x), atol=1e-12)
+    u = torch.randn_like(gx)
+    jac = dense_jacobians(branch, x)  # (B, d_out, d_in)
+    expected = torch.einsum("bo,boi->bi", u.flatten(1), jac).reshape(x.shape)
+    assert torch.allclose(vjp(u), expected, atol=1e-10)
+
+
+def test_forward_with_vjp_trains_as_the_branch_does(float64):
+    """In training mode: one power iteration per layer as in the module's forward, and the same graph to the
+    parameters (the loss on g(x) backpropagates identically)."""
+    torch.manual_seed(1)
+    branch = conv_branch(2, 6, activation="lipswish", spectral=SpectralConfig(coeff=0.9, n_power_iterations=2))
+    x = torch.randn(4, 2, 5, 5)
+    branch(x)
+    twin = copy.deepcopy(branch)
+    gx, _ = forward_with_vjp(branch, x)
+    reference = twin(x)
+    assert torch.equal(gx, reference)
+    for a, b in zip(branch.buffers(), twin.buffers(), strict=True):
+        assert torch.equal(a, b)
+    grads = torch.autograd.grad((gx**2).sum(), list(branch.parameters()))
+    expected = torch.autograd.grad((reference**2).sum(), list(twin.parameters()))
+    for g, e in zip(grads, expected, strict=True):
+        assert torch.allclose(g, e, atol=1e-12)
+
+
+def test_branches_without_a_closed_form_product_are_refused():
+    assert not has_structured_vjp(mlp_branch(4, (6,), activation="sort"))  # not elementwise
+    assert not has_structured_vjp(conv_branch(2, 4, spectral=None, batchnorm=True))
+    assert not has_structured_vjp(nn.Sequential(nn.Conv2d(2, 2, 3, padding=1, padding_mode="circular")))
+    assert not has_structured_vjp(nn.Sequential(nn.Conv2d(2, 2, 3, padding="same")))  # a string padding
+    assert not has_structured_vjp(nn.Sequential(conv_branch(2, 4)))  # a layer that is not a map or activation
+    assert not has_structured_vjp(lambda x: x)
