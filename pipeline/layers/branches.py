@@ -9,6 +9,7 @@ eval mode (each layer applies its certified weight), and :func:`branch_lipschitz
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeGuard
 
 import torch
@@ -150,9 +151,9 @@ ACTIVATION_VALUE_AND_DERIVATIVE: dict[type[nn.Module], Callable[[Any, Tensor], t
 }
 
 
-def has_structured_vjp(branch: object) -> TypeGuard[nn.Sequential]:
-    """Whether :func:`forward_with_vjp` handles ``branch``: linear maps (dense, or convolutions with zero padding)
-    and activations of known derivative, in sequence."""
+def has_structured_jacobian(branch: object) -> TypeGuard[nn.Sequential]:
+    """Whether :func:`forward_with_jacobian` handles ``branch``: linear maps (dense, or convolutions with zero
+    padding) and activations of known derivative, in sequence."""
     return isinstance(branch, nn.Sequential) and all(
         isinstance(m, (nn.Linear, SpectralNormLinear, SpectralNormConv2d))
         or (isinstance(m, nn.Conv2d) and m.padding_mode == "zeros" and isinstance(m.padding, tuple))
@@ -161,47 +162,76 @@ def has_structured_vjp(branch: object) -> TypeGuard[nn.Sequential]:
     )
 
 
-def forward_with_vjp(branch: nn.Sequential, x: Tensor) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
-    """``g(x)`` and the map ``u -> u^T J_g(x)``, the vector-Jacobian product in closed form.
+@dataclass(frozen=True)
+class _LinearMap:
+    """One linear layer of a branch at the weight its forward applied (kept with that weight's graph)."""
 
-    The forward applies each layer's weight (spectral normalisation included, one power iteration per layer as in
-    its own forward) and keeps, for the product, that weight and each activation's derivative at its input; it
-    records autograd's graph when grad mode is on, as ``branch(x)`` would. The product is then the layers' adjoints
-    in reverse, one transposed convolution or matrix product per linear map and one multiplication per activation,
-    with no graph and no pass of the autograd engine: the log-det series takes several such products per step
-    (check the branch with :func:`has_structured_vjp`). Not differentiable: the Neumann gradient and evaluation
-    need none; backprop through the series takes autograd's own products.
+    module: nn.Module
+    weight: Tensor
+    input_shape: torch.Size
+
+    def apply(self, t: Tensor) -> Tensor:  # A t, no bias: the Jacobian of an affine map is its linear part
+        m = self.module
+        if isinstance(m, (nn.Linear, SpectralNormLinear)):
+            return F.linear(t, self.weight)
+        dilation, groups = (m.dilation, m.groups) if isinstance(m, nn.Conv2d) else (1, 1)
+        return F.conv2d(t, self.weight, None, m.stride, m.padding, dilation, groups)
+
+    def adjoint(self, u: Tensor) -> Tensor:  # u^T A, at the weight's value
+        m, weight = self.module, self.weight.detach()
+        if isinstance(m, (nn.Linear, SpectralNormLinear)):
+            return u @ weight
+        dilation, groups = (m.dilation, m.groups) if isinstance(m, nn.Conv2d) else (1, 1)
+        # the gradient of a convolution with respect to its input: the kernel autograd runs for the same product
+        return torch.nn.grad.conv2d_input(self.input_shape, weight, u, m.stride, m.padding, dilation, groups)
+
+
+@dataclass(frozen=True)
+class BranchJacobian:
+    """``J_g(x)`` of a branch at the inputs of one forward, as its factors ``W_k D_{k-1} ... D_1 W_1`` (the applied
+    weights ``W_i`` and the activations' derivatives ``D_i``), never formed."""
+
+    factors: tuple[_LinearMap | Tensor, ...]  # in forward order; a Tensor is an activation's derivative
+
+    def vjp(self, u: Tensor) -> Tensor:
+        """``u^T J``: the adjoints in reverse, one transposed convolution or matrix product per linear map and one
+        multiplication per activation, with no graph (not differentiable)."""
+        for factor in reversed(self.factors):
+            u = u * factor.detach() if isinstance(factor, Tensor) else factor.adjoint(u)
+        return u
+
+    def jvp(self, t: Tensor) -> Tensor:
+        """``J t``, differentiable in the weights and, through the activations' derivatives, in ``x`` (when the
+        forward recorded a graph): ``d/d(x, θ) <w, J v>``, the Neumann gradient, is then one first-order backward
+        instead of the double backward of a vector-Jacobian product."""
+        for factor in self.factors:
+            t = t * factor if isinstance(factor, Tensor) else factor.apply(t)
+        return t
+
+
+def forward_with_jacobian(branch: nn.Sequential, x: Tensor) -> tuple[Tensor, BranchJacobian]:
+    """``g(x)`` and its Jacobian at ``x`` as a :class:`BranchJacobian` (check the branch with
+    :func:`has_structured_jacobian`).
+
+    Each layer applies its weight as its own forward does (spectral normalisation included, its power iteration
+    once); autograd's graph is recorded when grad mode is on, as ``branch(x)`` would, and reaches the activations'
+    derivatives too. The log-det series takes several vector-Jacobian products per step: here each costs the
+    layers' adjoints and no pass of the autograd engine.
     """
-    adjoints: list[Callable[[Tensor], Tensor] | Tensor] = []  # in forward order; a Tensor is a derivative
+    factors: list[_LinearMap | Tensor] = []
     h = x
     for m in branch:
         if isinstance(m, (SpectralNormConv2d, SpectralNormLinear)):
             h_in = h
             h, weight = m.forward_with_weight(h)
-            adjoints.append(_adjoint_of(m, h_in.shape, weight.detach()))
+            factors.append(_LinearMap(m, weight, h_in.shape))
         elif isinstance(m, (nn.Conv2d, nn.Linear)):
-            adjoints.append(_adjoint_of(m, h.shape, m.weight.detach()))
+            factors.append(_LinearMap(m, m.weight, h.shape))
             h = m(h)
         else:
             h, derivative = ACTIVATION_VALUE_AND_DERIVATIVE[type(m)](m, h)
-            adjoints.append(derivative.detach())
-
-    def vjp(u: Tensor) -> Tensor:
-        for adjoint in reversed(adjoints):
-            u = u * adjoint if isinstance(adjoint, Tensor) else adjoint(u)
-        return u
-
-    return h, vjp
-
-
-def _adjoint_of(m: nn.Module, input_shape: torch.Size, weight: Tensor) -> Callable[[Tensor], Tensor]:
-    """``u -> u^T A``: the adjoint of the linear part of ``m`` (its bias has no Jacobian) at ``weight``."""
-    if isinstance(m, (nn.Linear, SpectralNormLinear)):
-        return lambda u: u @ weight
-    stride, padding = m.stride, m.padding
-    dilation, groups = (m.dilation, m.groups) if isinstance(m, nn.Conv2d) else (1, 1)
-    # the gradient of a convolution with respect to its input: the kernel autograd runs for the same product
-    return lambda u: torch.nn.grad.conv2d_input(input_shape, weight, u, stride, padding, dilation, groups)
+            factors.append(derivative)
+    return h, BranchJacobian(tuple(factors))
 
 
 def has_closed_form_jacobian(branch: object) -> TypeGuard[nn.Sequential]:

@@ -5,7 +5,12 @@ import torch
 from torch import nn
 
 from pipeline.layers import LipSwish
-from pipeline.layers.branches import conv_branch, forward_with_vjp, has_structured_vjp, mlp_branch
+from pipeline.layers.branches import (
+    conv_branch,
+    forward_with_jacobian,
+    has_structured_jacobian,
+    mlp_branch,
+)
 from pipeline.layers.spectral import SpectralConfig
 from tests.transforms.helpers import dense_jacobians
 
@@ -27,23 +32,48 @@ def _branches() -> dict[str, nn.Sequential]:
 
 
 @pytest.mark.parametrize("name", list(_branches()))
-def test_forward_with_vjp_is_the_branch_and_its_exact_vector_jacobian_product(float64, name):
+def test_forward_with_jacobian_is_the_branch_and_its_exact_jacobian_products(float64, name):
     """Against the branch's own forward and the dense Jacobian (brute force, one sample at a time)."""
     torch.manual_seed(0)
     branch = _branches()[name]
     x = torch.randn(3, 5) if name == "mlp" else torch.randn(3, 2, 5, 5)
     branch(x)  # the spectral vectors
     branch.eval()  # the applied weights are fixed: the brute force sees the same map
-    assert has_structured_vjp(branch)
-    gx, vjp = forward_with_vjp(branch, x)
+    assert has_structured_jacobian(branch)
+    gx, jacobian = forward_with_jacobian(branch, x)
     assert torch.allclose(gx, branch(x), atol=1e-12)
-    u = torch.randn_like(gx)
-    jac = dense_jacobians(branch, x)  # (B, d_out, d_in)
-    expected = torch.einsum("bo,boi->bi", u.flatten(1), jac).reshape(x.shape)
-    assert torch.allclose(vjp(u), expected, atol=1e-10)
+    dense = dense_jacobians(branch, x)  # (B, d_out, d_in)
+    u, t = torch.randn_like(gx), torch.randn_like(x)
+    assert torch.allclose(jacobian.vjp(u), torch.einsum("bo,boi->bi", u.flatten(1), dense).reshape(x.shape), atol=1e-10)
+    assert torch.allclose(
+        jacobian.jvp(t), torch.einsum("boi,bi->bo", dense, t.flatten(1)).reshape(gx.shape), atol=1e-10
+    )
 
 
-def test_forward_with_vjp_trains_as_the_branch_does(float64):
+@pytest.mark.parametrize("name", list(_branches()))
+def test_the_tangent_products_gradient_is_autograds_double_backward(float64, name):
+    """``d/d(x, θ) <w, J v>`` through :meth:`BranchJacobian.jvp` (first order) against the same derivative of
+    ``<w^T J, v>`` by autograd's double backward: the Neumann gradient both ways."""
+    torch.manual_seed(2)
+    branch = _branches()[name]
+    x = torch.randn(3, 5) if name == "mlp" else torch.randn(3, 2, 5, 5)
+    branch(x)
+    branch.eval()
+    x = x.requires_grad_(True)
+    params = list(branch.parameters())
+    gx, jacobian = forward_with_jacobian(branch, x)
+    w, v = torch.randn_like(gx), torch.randn_like(x)
+    tangent = torch.autograd.grad((w * jacobian.jvp(v)).sum(), [x, *params], allow_unused=True)
+    (wj,) = torch.autograd.grad(branch(x), x, w, create_graph=True)
+    double = torch.autograd.grad((wj * v).sum(), [x, *params], allow_unused=True)
+    for a, b in zip(tangent, double, strict=True):
+        if b is None:  # a bias: no part in J
+            assert a is None or torch.count_nonzero(a) == 0
+        else:
+            assert torch.allclose(a, b, atol=1e-10)
+
+
+def test_forward_with_jacobian_trains_as_the_branch_does(float64):
     """In training mode: one power iteration per layer as in the module's forward, and the same graph to the
     parameters (the loss on g(x) backpropagates identically)."""
     torch.manual_seed(1)
@@ -51,7 +81,7 @@ def test_forward_with_vjp_trains_as_the_branch_does(float64):
     x = torch.randn(4, 2, 5, 5)
     branch(x)
     twin = copy.deepcopy(branch)
-    gx, _ = forward_with_vjp(branch, x)
+    gx, _ = forward_with_jacobian(branch, x)
     reference = twin(x)
     assert torch.equal(gx, reference)
     for a, b in zip(branch.buffers(), twin.buffers(), strict=True):
@@ -63,9 +93,9 @@ def test_forward_with_vjp_trains_as_the_branch_does(float64):
 
 
 def test_branches_without_a_closed_form_product_are_refused():
-    assert not has_structured_vjp(mlp_branch(4, (6,), activation="sort"))  # not elementwise
-    assert not has_structured_vjp(conv_branch(2, 4, spectral=None, batchnorm=True))
-    assert not has_structured_vjp(nn.Sequential(nn.Conv2d(2, 2, 3, padding=1, padding_mode="circular")))
-    assert not has_structured_vjp(nn.Sequential(nn.Conv2d(2, 2, 3, padding="same")))  # a string padding
-    assert not has_structured_vjp(nn.Sequential(conv_branch(2, 4)))  # a layer that is not a map or activation
-    assert not has_structured_vjp(lambda x: x)
+    assert not has_structured_jacobian(mlp_branch(4, (6,), activation="sort"))  # not elementwise
+    assert not has_structured_jacobian(conv_branch(2, 4, spectral=None, batchnorm=True))
+    assert not has_structured_jacobian(nn.Sequential(nn.Conv2d(2, 2, 3, padding=1, padding_mode="circular")))
+    assert not has_structured_jacobian(nn.Sequential(nn.Conv2d(2, 2, 3, padding="same")))  # a string padding
+    assert not has_structured_jacobian(nn.Sequential(conv_branch(2, 4)))  # a layer that is not a map or activation
+    assert not has_structured_jacobian(lambda x: x)

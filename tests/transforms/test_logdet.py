@@ -11,7 +11,7 @@ from pipeline.layers.branches import (
     branch_lipschitz_bound,
     conv_branch,
     has_closed_form_jacobian,
-    has_structured_vjp,
+    has_structured_jacobian,
     mlp_branch,
     mlp_jacobian,
 )
@@ -419,14 +419,14 @@ def test_the_closed_form_path_equals_the_product_path_in_value_and_gradient(floa
 
 @pytest.mark.parametrize("differentiable", [True, False], ids=["training", "evaluation"])
 def test_the_closed_form_products_equal_autograds_in_value_and_gradient(float64, differentiable):
-    """A conv branch's series with its products in closed form (``forward_with_vjp``) and the same branch hidden
+    """A conv branch's series with its products in closed form (``forward_with_jacobian``) and the same branch hidden
     from that path (autograd's products): the same probes and terms give the same value and Neumann gradient."""
     branch = conv_branch(2, 8, activation="lipswish", spectral=SpectralConfig(coeff=0.9))
     x = torch.randn(4, 2, 5, 5)
     branch(x)
     branch.eval()
     opaque = nn.Sequential(branch)
-    assert has_structured_vjp(branch) and not has_structured_vjp(opaque)
+    assert has_structured_jacobian(branch) and not has_structured_jacobian(opaque)
     estimator = RussianRouletteLogDet(n_exact_terms=3, p=0.3)  # gradient="neumann"
     params = [p for p in branch.parameters() if p.requires_grad]
     results = []
