@@ -166,24 +166,26 @@ def has_structured_jacobian(branch: object) -> TypeGuard[nn.Sequential]:
 class _LinearMap:
     """One linear layer of a branch at the weight its forward applied (kept with that weight's graph)."""
 
-    module: nn.Module
+    module: nn.Linear | SpectralNormLinear | nn.Conv2d | SpectralNormConv2d
     weight: Tensor
     input_shape: torch.Size
 
-    def apply(self, t: Tensor) -> Tensor:  # A t, no bias: the Jacobian of an affine map is its linear part
-        m = self.module
-        if isinstance(m, (nn.Linear, SpectralNormLinear)):
-            return F.linear(t, self.weight)
+    def _conv_arguments(self) -> tuple[Any, Any, Any, int]:
+        m = self.module  # a convolution: has_structured_jacobian admits tuple paddings only (no "same")
         dilation, groups = (m.dilation, m.groups) if isinstance(m, nn.Conv2d) else (1, 1)
-        return F.conv2d(t, self.weight, None, m.stride, m.padding, dilation, groups)
+        return m.stride, m.padding, dilation, groups
+
+    def apply(self, t: Tensor) -> Tensor:  # A t, no bias: the Jacobian of an affine map is its linear part
+        if isinstance(self.module, (nn.Linear, SpectralNormLinear)):
+            return F.linear(t, self.weight)
+        return F.conv2d(t, self.weight, None, *self._conv_arguments())
 
     def adjoint(self, u: Tensor) -> Tensor:  # u^T A, at the weight's value
-        m, weight = self.module, self.weight.detach()
-        if isinstance(m, (nn.Linear, SpectralNormLinear)):
+        weight = self.weight.detach()
+        if isinstance(self.module, (nn.Linear, SpectralNormLinear)):
             return u @ weight
-        dilation, groups = (m.dilation, m.groups) if isinstance(m, nn.Conv2d) else (1, 1)
         # the gradient of a convolution with respect to its input: the kernel autograd runs for the same product
-        return torch.nn.grad.conv2d_input(self.input_shape, weight, u, m.stride, m.padding, dilation, groups)
+        return torch.nn.grad.conv2d_input(self.input_shape, weight, u, *self._conv_arguments())
 
 
 @dataclass(frozen=True)

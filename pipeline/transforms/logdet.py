@@ -39,6 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from pipeline.layers.branches import (
+    BranchJacobian,
     forward_with_jacobian,
     has_closed_form_jacobian,
     has_structured_jacobian,
@@ -216,6 +217,7 @@ class _SeriesLogDet(LogDetEstimator):
                 raise TypeError("the Neumann gradient needs the branch as an nn.Module (its parameters get gradients)")
             params = [p for p in g.parameters() if p.requires_grad]
             return _NeumannLogDet.apply(self, g, x, *params)
+        vjp: Callable[[Tensor], Tensor]
         if not differentiable and has_structured_jacobian(g):  # evaluation: the products in closed form, no graph
             with torch.no_grad():
                 gx, jacobian = forward_with_jacobian(g, x)
@@ -339,7 +341,8 @@ class _NeumannLogDet(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         with torch.enable_grad():
             x_ = x.detach().requires_grad_(True)
-            jacobian = None
+            jacobian: BranchJacobian | None = None
+            vjp: Callable[[Tensor], Tensor]
             if has_structured_jacobian(branch):  # the series' products in closed form (g(x) keeps its graph)
                 gx, jacobian = forward_with_jacobian(branch, x_)
                 vjp = jacobian.vjp
