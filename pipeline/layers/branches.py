@@ -189,17 +189,31 @@ class _LinearMap:
 
 
 @dataclass(frozen=True)
+class _Activation:
+    """One activation of a branch: its input (with the forward's graph) and its derivative there (without)."""
+
+    module: nn.Module
+    input: Tensor
+    derivative: Tensor
+
+    def differentiable_derivative(self) -> Tensor:
+        # recomputed from the input rather than kept with its graph from the forward: a step's memory stays that of
+        # g(x)'s graph, for a few elementwise operations in the backward
+        return ACTIVATION_VALUE_AND_DERIVATIVE[type(self.module)](self.module, self.input)[1]
+
+
+@dataclass(frozen=True)
 class BranchJacobian:
     """``J_g(x)`` of a branch at the inputs of one forward, as its factors ``W_k D_{k-1} ... D_1 W_1`` (the applied
     weights ``W_i`` and the activations' derivatives ``D_i``), never formed."""
 
-    factors: tuple[_LinearMap | Tensor, ...]  # in forward order; a Tensor is an activation's derivative
+    factors: tuple[_LinearMap | _Activation, ...]  # in forward order
 
     def vjp(self, u: Tensor) -> Tensor:
         """``u^T J``: the adjoints in reverse, one transposed convolution or matrix product per linear map and one
         multiplication per activation, with no graph (not differentiable)."""
         for factor in reversed(self.factors):
-            u = u * factor.detach() if isinstance(factor, Tensor) else factor.adjoint(u)
+            u = u * factor.derivative if isinstance(factor, _Activation) else factor.adjoint(u)
         return u
 
     def jvp(self, t: Tensor) -> Tensor:
@@ -207,7 +221,7 @@ class BranchJacobian:
         forward recorded a graph): ``d/d(x, θ) <w, J v>``, the Neumann gradient, is then one first-order backward
         instead of the double backward of a vector-Jacobian product."""
         for factor in self.factors:
-            t = t * factor if isinstance(factor, Tensor) else factor.apply(t)
+            t = t * factor.differentiable_derivative() if isinstance(factor, _Activation) else factor.apply(t)
         return t
 
 
@@ -220,7 +234,7 @@ def forward_with_jacobian(branch: nn.Sequential, x: Tensor) -> tuple[Tensor, Bra
     derivatives too. The log-det series takes several vector-Jacobian products per step: here each costs the
     layers' adjoints and no pass of the autograd engine.
     """
-    factors: list[_LinearMap | Tensor] = []
+    factors: list[_LinearMap | _Activation] = []
     h = x
     for m in branch:
         if isinstance(m, (SpectralNormConv2d, SpectralNormLinear)):
@@ -231,8 +245,9 @@ def forward_with_jacobian(branch: nn.Sequential, x: Tensor) -> tuple[Tensor, Bra
             factors.append(_LinearMap(m, m.weight, h.shape))
             h = m(h)
         else:
+            h_in = h
             h, derivative = ACTIVATION_VALUE_AND_DERIVATIVE[type(m)](m, h)
-            factors.append(derivative)
+            factors.append(_Activation(m, h_in, derivative.detach()))
     return h, BranchJacobian(tuple(factors))
 
 
