@@ -217,14 +217,8 @@ class _SeriesLogDet(LogDetEstimator):
                 raise TypeError("the Neumann gradient needs the branch as an nn.Module (its parameters get gradients)")
             params = [p for p in g.parameters() if p.requires_grad]
             return _NeumannLogDet.apply(self, g, x, *params)
-        vjp: Callable[[Tensor], Tensor]
-        if not differentiable and has_structured_jacobian(g):  # evaluation: the products in closed form, no graph
-            with torch.no_grad():
-                gx, jacobian = forward_with_jacobian(g, x)
-            vjp = jacobian.vjp
-        else:
-            gx = g(x)
-            vjp = _vjp_of(gx, x, create_graph=differentiable)
+        # backprop through the series: autograd's products with their graph; evaluation: no graph at all
+        gx, vjp, _ = _forward_with_products(g, x, create_graph=differentiable, output_graph=differentiable)
         value, _ = self.series(vjp, x, neumann=False)
         return gx, value
 
@@ -316,6 +310,23 @@ class RussianRouletteLogDet(_SeriesLogDet):
         return self.n_exact_terms + (1.0 / self.p if self.distribution == "geometric" else self.rate)
 
 
+def _forward_with_products(
+    g: Branch, x: Tensor, *, create_graph: bool, output_graph: bool
+) -> tuple[Tensor, Callable[[Tensor], Tensor], BranchJacobian | None]:
+    """``g(x)``, the series' product ``u -> u^T J_g(x)`` and, where the branch is structured, its Jacobian's factors.
+
+    Products without a graph (``create_graph=False``) are taken in closed form from the factors
+    (:func:`~pipeline.layers.branches.forward_with_jacobian`), and ``g(x)`` keeps its graph only with
+    ``output_graph``; otherwise by backward passes through ``g(x)``, which then always has its graph.
+    """
+    if not create_graph and has_structured_jacobian(g):
+        with torch.set_grad_enabled(output_graph):
+            gx, jacobian = forward_with_jacobian(g, x)
+        return gx, jacobian.vjp, jacobian
+    gx = g(x)
+    return gx, _vjp_of(gx, x, create_graph=create_graph), None
+
+
 def _vjp_of(gx: Tensor, x: Tensor, *, create_graph: bool) -> Callable[[Tensor], Tensor]:
     """``u -> u^T J_g(x)`` by one backward pass through ``gx = g(x)``."""
 
@@ -341,14 +352,7 @@ class _NeumannLogDet(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         with torch.enable_grad():
             x_ = x.detach().requires_grad_(True)
-            jacobian: BranchJacobian | None = None
-            vjp: Callable[[Tensor], Tensor]
-            if has_structured_jacobian(branch):  # the series' products in closed form (g(x) keeps its graph)
-                gx, jacobian = forward_with_jacobian(branch, x_)
-                vjp = jacobian.vjp
-            else:
-                gx = branch(x_)
-                vjp = _vjp_of(gx, x_, create_graph=False)
+            gx, vjp, jacobian = _forward_with_products(branch, x_, create_graph=False, output_graph=True)
             value, pairs = estimator.series(vjp, x_, neumann=True)
         ctx.jacobian = jacobian  # with its graph to the weights and the activations' inputs, as g(x) below
         # g(x) is saved with its graph (an intermediate keeps its grad_fn): the engine releases it after a
