@@ -15,6 +15,13 @@ from pipeline.layers.spectral import SpectralConfig
 from tests.transforms.helpers import dense_jacobians
 
 
+def _input(name: str) -> torch.Tensor:
+    if name == "mlp":
+        return torch.randn(3, 5)
+    # the strided branch on an even height: its adjoint must restore the row the stride rounded away
+    return torch.randn(3, 2, 6, 5) if name == "conv-strided" else torch.randn(3, 2, 5, 5)
+
+
 def _branches() -> dict[str, nn.Sequential]:
     spectral = SpectralConfig(coeff=0.9, n_power_iterations=3)
     return {
@@ -36,7 +43,7 @@ def test_forward_with_jacobian_is_the_branch_and_its_exact_jacobian_products(flo
     """Against the branch's own forward and the dense Jacobian (brute force, one sample at a time)."""
     torch.manual_seed(0)
     branch = _branches()[name]
-    x = torch.randn(3, 5) if name == "mlp" else torch.randn(3, 2, 5, 5)
+    x = _input(name)
     branch(x)  # the spectral vectors
     branch.eval()  # the applied weights are fixed: the brute force sees the same map
     assert has_structured_jacobian(branch)
@@ -56,7 +63,7 @@ def test_the_tangent_products_gradient_is_autograds_double_backward(float64, nam
     ``<w^T J, v>`` by autograd's double backward: the Neumann gradient both ways."""
     torch.manual_seed(2)
     branch = _branches()[name]
-    x = torch.randn(3, 5) if name == "mlp" else torch.randn(3, 2, 5, 5)
+    x = _input(name)
     branch(x)
     branch.eval()
     x = x.requires_grad_(True)
