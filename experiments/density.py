@@ -112,7 +112,7 @@ class DensityConfig(
     BEFORE_FIELD_EXISTED: ClassVar[dict] = {
         f.name: f.default
         for f in fields(FlowArchitecture)
-        if f.name in ("logit_alpha", "split_prior", "fc_blocks", "fc_hidden")
+        if f.name in ("logit_alpha", "split_prior", "fc_blocks", "fc_hidden", "invertible_1x1")
     }
 
     def __post_init__(self) -> None:

@@ -1,7 +1,8 @@
 """Multi-scale i-ResNet flow for images (paper App. C.3, after Real-NVP / Glow).
 
 An optional logit transform maps the dequantised data onto the real line first. Each level squeezes
-(space-to-depth), applies ``n_blocks`` steps of ActNorm + invertible residual block, and, except the last,
+(space-to-depth), applies ``n_blocks`` steps of ActNorm (+ an invertible 1x1 convolution, optionally) + invertible
+residual block, and, except the last,
 factors out half of its channels as a latent with its own learned diagonal-Gaussian prior; with
 ``split_prior="conditional"`` that prior's mean and scale also depend on the other half (Glow's learned prior).
 The last level may end with fully connected residual blocks on its flattened map (Residual Flows).
@@ -22,7 +23,7 @@ from pipeline.layers.spectral import LipschitzOptions, SpectralConfig
 from pipeline.models.base import FlowModel, in_model_dtype, make_prior
 from pipeline.transforms.actnorm import ActNorm
 from pipeline.transforms.base import InverseReport, Transform, TransformSequence
-from pipeline.transforms.coupling import SplitPriorCoupling
+from pipeline.transforms.coupling import InvertibleLinear, SplitPriorCoupling
 from pipeline.transforms.inverse import FixedPointConfig
 from pipeline.transforms.logdet import LogDetEstimator, PowerSeriesLogDet
 from pipeline.transforms.logit import LogitTransform
@@ -49,6 +50,9 @@ class FlowArchitecture(LipschitzOptions):
     fc_blocks: int = 0  # fully connected residual blocks after the last level's (Residual Flows' "fc end")
     fc_hidden: int = 128  # their hidden width
     split_prior: str = "unconditional"  # or "conditional": each factored-out half's prior depends on the rest (Glow)
+    # Glow's invertible 1x1 convolution before each residual block (after its ActNorm): a learned mixing of the
+    # channels, exact log-det, that a block with Lip(g) < 1 can only approximate over many blocks
+    invertible_1x1: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "input_shape", tuple(self.input_shape))
@@ -127,6 +131,8 @@ class IResNetFlow(FlowModel):
             for _ in range(n_blocks):
                 if arch.actnorm:
                     steps.append(ActNorm(c))
+                if arch.invertible_1x1:
+                    steps.append(InvertibleLinear(c))
                 branch = conv_branch(
                     c,
                     hidden,

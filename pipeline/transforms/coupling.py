@@ -6,16 +6,22 @@ The vector ones are the Glow baseline the paper compares with on the 2-D toy den
 
 from __future__ import annotations
 
+import math
 from typing import cast
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pipeline.transforms.base import InverseReport, Transform
 
 
 class InvertibleLinear(Transform):
-    """``y = W x`` with ``W = P L (U + diag(s))`` (Kingma & Dhariwal 2018): exact, cheap log-det."""
+    """``y = W x`` over dim 1 with ``W = P L (U + diag(s))`` (Kingma & Dhariwal 2018): exact, cheap log-det.
+
+    For ``(B, C)`` vectors, or ``(B, C, H, W)`` maps where it is Glow's invertible 1x1 convolution (the same ``W`` at
+    every pixel, log-det ``H * W * sum(log|s|)``). ``P`` is fixed; ``W`` starts as a random rotation.
+    """
 
     permutation: Tensor
     sign: Tensor
@@ -23,6 +29,7 @@ class InvertibleLinear(Transform):
 
     def __init__(self, dim: int) -> None:
         super().__init__()
+        self.dim = dim
         q, _ = torch.linalg.qr(torch.randn(dim, dim))
         p, lower, upper = torch.linalg.lu(q)
         self.register_buffer("permutation", p)
@@ -38,11 +45,31 @@ class InvertibleLinear(Transform):
         upper = self.upper.triu(1) + torch.diag(self.sign * self.log_abs_diag.exp())
         return self.permutation @ lower @ upper
 
+    def _check(self, x: Tensor) -> None:
+        if x.dim() not in (2, 4) or x.shape[1] != self.dim:
+            raise ValueError(
+                f"InvertibleLinear({self.dim}) expects (B, {self.dim}) or (B, {self.dim}, H, W), got {tuple(x.shape)}"
+            )
+
+    @staticmethod
+    def _mix(matrix: Tensor, x: Tensor) -> Tensor:
+        if x.dim() == 2:
+            return x @ matrix.t()
+        return F.conv2d(x, matrix[:, :, None, None])  # the same map at every pixel
+
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        return x @ self.weight().t(), self.log_abs_diag.sum().expand(x.shape[0])
+        self._check(x)
+        spatial = math.prod(x.shape[2:])
+        return self._mix(self.weight(), x), (spatial * self.log_abs_diag.sum()).expand(x.shape[0])
 
     def inverse(self, y: Tensor, *, report: InverseReport | None = None) -> Tensor:
-        return torch.linalg.solve(self.weight(), y.t()).t()
+        self._check(y)
+        if y.dim() == 2:
+            return torch.linalg.solve(self.weight(), y.t()).t()
+        return self._mix(torch.linalg.inv(self.weight()), y)
+
+    def extra_repr(self) -> str:
+        return str(self.dim)
 
 
 class AffineCoupling(Transform):

@@ -5,6 +5,7 @@ from pipeline.bounds import flow_bias_bound_bits_per_dim
 from pipeline.metrics import bits_per_dim
 from pipeline.models import FlowArchitecture, IResNetFlow, iresnet_flow
 from pipeline.transforms import ExactLogDet, FixedPointConfig, InverseReport, PowerSeriesLogDet, SplitPriorCoupling
+from pipeline.transforms.coupling import InvertibleLinear
 from tests.transforms.helpers import dense_jacobians
 
 
@@ -22,6 +23,8 @@ def _tiny_flow(shape, n_blocks=(2, 2), **options):
             prior.log_std.normal_(0, 0.3)
         for split in (m for m in flow.modules() if isinstance(m, SplitPriorCoupling)):  # and off the identity
             split.net.weight.normal_(0, 0.3)
+        for mixing in (m for m in flow.modules() if isinstance(m, InvertibleLinear)):  # and |det W| != 1
+            mixing.log_abs_diag.normal_(0, 0.3)
     return flow.eval(), x[:3]
 
 
@@ -32,6 +35,7 @@ SHAPES_AND_OPTIONS = [
     ((3, 4, 4), {}),
     ((1, 4, 4), {"logit_alpha": 1e-6, "split_prior": "conditional"}),
     ((3, 4, 4), {"logit_alpha": 0.05, "fc_blocks": 2, "fc_hidden": 8}),
+    ((1, 4, 4), {"invertible_1x1": True, "split_prior": "conditional"}),
 ]
 
 

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from pipeline.models import vector_flow
@@ -32,6 +33,21 @@ def test_coupling_and_linear_pieces(float64):
         jac = dense_jacobians(lambda v, layer=layer: layer(v)[0], x)
         assert torch.allclose(logdet, torch.linalg.slogdet(jac).logabsdet, atol=1e-10)
         assert torch.allclose(layer.inverse(y), x, atol=1e-10)
+
+
+def test_invertible_linear_on_feature_maps_is_a_1x1_convolution(float64):
+    layer = InvertibleLinear(3)
+    _perturb(layer)
+    x = torch.randn(4, 3, 2, 5)
+    y, logdet = layer(x)
+    jac = dense_jacobians(lambda v: layer(v)[0].flatten(1), x)
+    assert torch.allclose(logdet, torch.linalg.slogdet(jac).logabsdet, atol=1e-10)  # H * W * log|det W|
+    assert torch.allclose(layer.inverse(y), x, atol=1e-10)
+    # each pixel's channel vector is mapped by the same matrix as the vector form
+    pixels = x.permute(0, 2, 3, 1).reshape(-1, 3)
+    assert torch.allclose(y.permute(0, 2, 3, 1).reshape(-1, 3), layer(pixels)[0], atol=1e-12)
+    with pytest.raises(ValueError, match=r"expects \(B, 3\) or \(B, 3, H, W\)"):
+        layer(torch.randn(2, 4, 2, 2))
 
 
 def test_matched_glow_has_the_same_depth_and_about_the_same_parameters():
