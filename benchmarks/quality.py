@@ -27,7 +27,9 @@ The protocol a reviewer of a flows paper asks for:
 ``--ema DECAY`` scores every contender alike with an exponential moving average of its parameters
 (:class:`ParameterAverage`), kept during training and counted in its CPU budget.
 
-Every configuration tried, its validation score and steps, and every test score go into the JSON. With ``--resume``
+Every configuration tried, its validation score and steps, and every test score go into the JSON, with the
+arithmetic of a training image (``train_mflop_per_image``: PyTorch's FLOP count of the loss and its backward, after
+scoring) and the rate the budget ran it at (``train_gflop_per_s``); the table ends with both per contender. With ``--resume``
 the JSON's finished jobs are kept and only the missing ones run (a run spanning several sessions). ``--jobs N`` runs
 N single-threaded trainings at once, contenders interleaved so that load drift hits all alike.
 
@@ -518,6 +520,11 @@ def _train_and_score(job: Job, args: dict) -> dict:
             path.parent.mkdir(parents=True, exist_ok=True)
             save_image_grid(contender.sample(64) + 0.5, path)
             row["samples"] = str(path)
+    # arithmetic per training image, and the rate the budget achieved it at: what the step costs apart from how
+    # efficiently it runs (counted last, on gradients that are then dropped: the scores are not affected)
+    row["train_mflop_per_image"] = _training_flops_per_image(contender, train, args["batch_size"], gen) / 1e6
+    images = row["steps"] * (contender.batch_size or args["batch_size"])
+    row["train_gflop_per_s"] = row["train_mflop_per_image"] * images / row["train_cpu_s"] / 1e3
     scores = {k: round(row[k]["bpd"], 4) for k in ("validation", "test") if k in row}
     log.info("%s %s: %s", job.key, settings, scores)
     return row
@@ -559,6 +566,23 @@ def _train(
         average.apply()
         contender.after_step()  # a flow that keeps state derived from its weights (the Residual flow's norms)
     return {"train_cpu_s": cpu, "steps": steps, "epochs": steps * batch / len(train), "train_bpd": loss.item()}
+
+
+def _training_flops_per_image(
+    contender: Contender, train: ImageSplit, default_batch: int, gen, batches: int = 4
+) -> float:
+    """Floating-point operations of a training step's loss and backward per image (PyTorch's count of the matrix
+    products and convolutions, the step's arithmetic), averaged over ``batches`` (the roulette's draws vary); the
+    gradients are dropped, the parameters untouched."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    batch = contender.batch_size or default_batch
+    with FlopCounterMode(display=False) as counter:
+        for _ in range(batches):
+            idx = torch.randint(len(train), (batch,), generator=gen)
+            contender.loss(dequantize(train.images[idx], N_LEVELS, generator=gen)).backward()
+    contender.optimizer.zero_grad(set_to_none=True)
+    return counter.get_total_flops() / (batches * batch)
 
 
 class ParameterAverage:
@@ -709,9 +733,25 @@ def format_table(rows: list[dict], summary: list[dict], args: dict) -> str:
             verdict = "ahead by > 2 sd" if s["ahead_by_2sd"] else "not ahead by > 2 sd"
             diff = f"{s['difference_mean']:+.3f} +- {s['difference_sd']:.3f} vs {s['best_peer']} ({verdict})"
         out.append(f"{label[:52]:52} {s['multiple']:5g}x {s['mean']:7.3f} {s['sd']:6.3f} {len(s['seeds']):5d}  {diff}")
+    out += _cost_lines(rows)
     if any(not r.get(k, {}).get("converged", True) for r in rows for k in ("validation", "test")):
         out.append("* the i-ResNet evaluation did not reach its tolerances")
     return "\n".join(out)
+
+
+def _cost_lines(rows: list[dict]) -> list[str]:
+    """Per contender, over its runs: the arithmetic of a training image, images per training CPU-second, and the
+    rate the arithmetic ran at (runs of JSONs older than the count have none)."""
+    counted = [r for r in rows if "train_mflop_per_image" in r]
+    if not counted:
+        return []
+    out = ["", f"{'cost of a training image (mean over runs)':52} {'MFLOP':>7} {'img/CPU-s':>9} {'GFLOP/s':>8}"]
+    for name in sorted({r["contender"] for r in counted}):
+        mine = [r for r in counted if r["contender"] == name]
+        mflop = statistics.fmean(r["train_mflop_per_image"] for r in mine)
+        rate = statistics.fmean(r["train_gflop_per_s"] for r in mine)
+        out.append(f"{name:52} {mflop:7.1f} {rate * 1e3 / mflop:9.1f} {rate:8.2f}")
+    return out
 
 
 def format_markdown(rows: list[dict], summary: list[dict], args: dict) -> str:

@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -141,6 +142,20 @@ def test_quality_trains_for_its_cpu_budget_and_scores_validation_then_test_once(
     assert tuned["logdet_check_error_nats"] < 1e-2  # the library's log-det against the full Jacobian
     assert 0 < tuned["validation"]["bpd"] < 12 and tuned["validation"]["converged"]
     assert "test" not in tuned and "samples" not in tuned  # tuning never looks at the test images
+    # the step's arithmetic per image, and the rate the budget ran it at
+    assert tuned["train_mflop_per_image"] > 0
+    images = tuned["steps"] * (16 if name == "glow" else quality.IRESNET_START["batch_size"])
+    assert tuned["train_gflop_per_s"] == pytest.approx(
+        tuned["train_mflop_per_image"] * images / tuned["train_cpu_s"] / 1e3
+    )
+    if name == "glow":  # exact log-det, no random terms: the count per image does not depend on the batch
+        train = quality.splits(QUALITY_ARGS)[0]
+        train_x = quality.dequantize(train.images[:64], 256)
+        contender = quality._normflows("glow", args["peers"], train_x, {"progress": 0.0})
+        gen = torch.Generator().manual_seed(0)
+        per_image = [quality._training_flops_per_image(contender, train, b, gen, batches=1) for b in (4, 8)]
+        assert per_image[0] == pytest.approx(per_image[1], rel=1e-2)
+        assert all(p.grad is None for p in contender.model.parameters())  # the count leaves no gradients behind
     final = quality._train_and_score(quality.Job("final", name, 0, 1.0, 1), {**args, "ema": 0.9})  # averaged
     assert 0 < final["test"]["bpd"] < 12 and final["seed"] == 1
     if name == "iresnet":
@@ -217,6 +232,10 @@ def test_quality_chooses_on_validation_and_pairs_seeds_against_the_best_peer():
     assert quality.summarise(tuned_only, chosen) == []
     table = quality.format_table(tuned_only, [], {**args, "ours": {"hidden_channels": (16,)}})
     assert "i-ResNet hidden_channels=(16,)" in table and "1.400" in table
+    assert "MFLOP" not in table  # rows from before the count have no cost lines
+    tuned_only[0] |= {"train_mflop_per_image": 50.0, "train_gflop_per_s": 5.0}
+    table = quality.format_table(tuned_only, [], args)
+    assert re.search(r"\n" + tuned_only[0]["contender"] + r" +50\.0 +100\.0 +5\.00", table)  # 5 GFLOP/s / 50 MFLOP
 
 
 def test_quality_stage_two_tunes_the_architecture_at_the_rate_stage_one_chose(tmp_path):
