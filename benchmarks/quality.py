@@ -29,9 +29,9 @@ The protocol a reviewer of a flows paper asks for:
 
 Every configuration tried, its validation score and steps, and every test score go into the JSON, with the
 arithmetic of a training image (``train_mflop_per_image``: PyTorch's FLOP count of the loss and its backward, after
-scoring) and the rate the budget ran it at (``train_gflop_per_s``); the table ends with both per contender. With ``--resume``
-the JSON's finished jobs are kept and only the missing ones run (a run spanning several sessions). ``--jobs N`` runs
-N single-threaded trainings at once, contenders interleaved so that load drift hits all alike.
+scoring) and the rate the budget ran it at (``train_gflop_per_s``); the table ends with both per contender. With
+``--resume`` the JSON's finished jobs are kept and only the missing ones run (a run spanning several sessions).
+``--jobs N`` runs N single-threaded trainings at once, contenders interleaved so that load drift hits all alike.
 
 * ``iresnet``: this project's :class:`~pipeline.models.IResNetFlow` with the main job's ``quick`` preset
   (``experiments.density``; the budget replaces its ``epochs``) from the tuning's starting point
