@@ -1,10 +1,10 @@
 """Multi-scale i-ResNet flow for images (paper App. C.3, after Real-NVP / Glow).
 
 An optional logit transform maps the dequantised data onto the real line first. Each level squeezes
-(space-to-depth), applies ``n_blocks`` steps of ActNorm (+ an invertible 1x1 convolution, optionally) + invertible
-residual block, and, except the last,
-factors out half of its channels as a latent with its own learned diagonal-Gaussian prior; with
-``split_prior="conditional"`` that prior's mean and scale also depend on the other half (Glow's learned prior).
+(space-to-depth), applies ``n_blocks`` steps of ActNorm (+ optionally Glow's invertible 1x1 convolution) + invertible
+residual block, and, except the last, factors out half of its channels as a latent with its own learned
+diagonal-Gaussian prior; with ``split_prior="conditional"`` that prior's mean and scale also depend on the other half
+(Glow's learned prior).
 The last level may end with fully connected residual blocks on its flattened map (Residual Flows).
 """
 
