@@ -15,10 +15,10 @@ from typing import Any, TypeGuard
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.modules.utils import _pair
 
 from pipeline.layers.activations import LipSwish, make_activation
 from pipeline.layers.layer_norms import layer_operator_norm
+from pipeline.layers.operator_norm import conv_output_padding
 from pipeline.layers.spectral import SpectralConfig, SpectralNormConv2d, SpectralNormLinear
 
 
@@ -188,13 +188,9 @@ class _LinearMap:
         # a transposed convolution: 20-40% less CPU than the input-gradient kernel autograd runs for the same product
         # at the flows' small shapes (one thread); output_padding restores the input size a stride rounded away
         stride, padding, dilation, groups = self._conv_arguments()
-        output_padding = tuple(
-            size - ((out - 1) * s - 2 * p + d * (k - 1) + 1)
-            for size, out, s, p, d, k in zip(
-                self.input_shape[-2:], u.shape[-2:], _pair(stride), _pair(padding), _pair(dilation),
-                weight.shape[-2:], strict=True,
-            )
-        )  # fmt: skip
+        output_padding = conv_output_padding(
+            self.input_shape[-2:], u.shape[-2:], weight.shape[-2:], stride, padding, dilation
+        )
         return F.conv_transpose2d(u, weight, None, stride, padding, output_padding, groups, dilation)
 
 

@@ -17,7 +17,7 @@ The FFT bound is a few per cent loose on small grids (2.5-3% for a 3x3 kernel on
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,6 +27,7 @@ import scipy.sparse.linalg
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.modules.utils import _pair
 
 # exact conv norms from the Gram matrix of the smaller side, d x d: its eigendecomposition costs O(d^3)
 # (d = 784: ~0.05 s on one CPU core)
@@ -104,8 +105,22 @@ def _conv_output_hw(input_hw: tuple[int, int], k: int, stride: int, padding: int
     return tuple((n + 2 * padding - k) // stride + 1 for n in input_hw)  # type: ignore[return-value]
 
 
-def _conv_output_padding(input_hw: tuple[int, int], output_hw: tuple[int, int], k: int, s: int, p: int) -> list[int]:
-    return [n_in - ((n_out - 1) * s - 2 * p + k) for n_in, n_out in zip(input_hw, output_hw, strict=True)]
+def conv_output_padding(
+    input_hw: Sequence[int],
+    output_hw: Sequence[int],
+    kernel: int | Sequence[int],
+    stride: int | Sequence[int] = 1,
+    padding: int | Sequence[int] = 0,
+    dilation: int | Sequence[int] = 1,
+) -> tuple[int, int]:
+    """The ``output_padding`` that makes ``conv_transpose2d`` (the adjoint of a convolution) return ``input_hw``, the
+    rows and columns a stride rounded away; each size an int or one per axis."""
+    return tuple(
+        n_in - ((n_out - 1) * s - 2 * p + d * (k - 1) + 1)
+        for n_in, n_out, k, s, p, d in zip(
+            input_hw, output_hw, _pair(kernel), _pair(stride), _pair(padding), _pair(dilation), strict=True
+        )
+    )
 
 
 def conv_gram_dim(weight: Tensor, input_hw: tuple[int, int], stride: int, padding: int) -> int:
@@ -191,7 +206,7 @@ def conv_operator_norm_estimate(
     w = weight.detach().double()
     c_in = w.shape[1]
     out_hw = _conv_output_hw(input_hw, w.shape[-1], stride, padding)
-    output_padding = _conv_output_padding(input_hw, out_hw, w.shape[-1], stride, padding)
+    output_padding = conv_output_padding(input_hw, out_hw, w.shape[-1], stride, padding)
     d = c_in * input_hw[0] * input_hw[1]
 
     def gram_times(x: np.ndarray) -> np.ndarray:

@@ -48,6 +48,7 @@ from pipeline.layers.operator_norm import (
     conv_operator_norm,
     conv_operator_norm_bound_tensor,
     conv_operator_norm_estimate,
+    conv_output_padding,
 )
 from pipeline.precision import full_precision
 
@@ -562,10 +563,7 @@ class SpectralNormConv2d(_SpectralNorm):
         return hw
 
     def _output_padding(self) -> tuple[int, int]:
-        h, w = self.v.shape[-2:]
-        ho, wo = self.u.shape[-2:]
-        k, s, p = self.kernel_size, self.stride, self.padding
-        return h - ((ho - 1) * s - 2 * p + k), w - ((wo - 1) * s - 2 * p + k)
+        return conv_output_padding(self.v.shape[-2:], self.u.shape[-2:], self.kernel_size, self.stride, self.padding)
 
     def _operator(self, v: Tensor, weight: Tensor) -> Tensor:
         return F.conv2d(v, weight, stride=self.stride, padding=self.padding)
