@@ -15,8 +15,11 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any, ClassVar
 
 from experiments.tracking_store import PROJECT_ROOT
+from pipeline.fields import documented, when
 from pipeline.transforms.inverse import FixedPointConfig
 from pipeline.transforms.logdet import LogDetEstimator, make_estimator
+
+SERIES = ("power_series", "russian_roulette")  # the estimators with Hutchinson probes and a series gradient
 
 
 @dataclass(frozen=True)
@@ -31,15 +34,36 @@ class EstimatorOptions:
     """
 
     GROUP: ClassVar[str] = "estimator"
-    estimator: str = "power_series"
-    n_terms: int = 5
-    n_exact_terms: int = 2
-    roulette: str = "geometric"
-    roulette_p: float = 0.5
-    roulette_rate: float = 2.0
-    gradient: str = "neumann"  # same expected gradient as backprop, faster and without a graph per term
-    n_probes: int = 1
-    probe: str = "gaussian"
+    estimator: str = documented(
+        "power_series", "training log-det: power_series (the paper), russian_roulette (unbiased) or exact"
+    )
+    n_terms: int = documented(5, "terms of the power series (>= 1)", applies=when("estimator", "power_series"))
+    n_exact_terms: int = documented(
+        2,
+        "terms always computed before the roulette's random ones (>= 0)",
+        applies=when("estimator", "russian_roulette"),
+    )
+    roulette: str = documented(
+        "geometric", "distribution of the roulette's extra terms: geometric or poisson",
+        applies=when("estimator", "russian_roulette"),
+    )  # fmt: skip
+    roulette_p: float = documented(
+        0.5, "stopping probability per term of the geometric roulette, in (0, 1)",
+        applies=lambda o: o["estimator"] == "russian_roulette" and o["roulette"] == "geometric",
+    )  # fmt: skip
+    roulette_rate: float = documented(
+        2.0, "mean number of extra terms of the Poisson roulette (> 0)",
+        applies=lambda o: o["estimator"] == "russian_roulette" and o["roulette"] == "poisson",
+    )  # fmt: skip
+    # the same expected gradient as backprop, faster and without a graph per term
+    gradient: str = documented(
+        "neumann", "gradient of the series: neumann (memory-saving) or backprop (through every term)",
+        applies=when("estimator", *SERIES),
+    )  # fmt: skip
+    n_probes: int = documented(1, "Hutchinson probes per image and step (>= 1)", applies=when("estimator", *SERIES))
+    probe: str = documented(
+        "gaussian", "the probes' distribution: gaussian or rademacher", applies=when("estimator", *SERIES)
+    )
 
     def training_estimator(self) -> LogDetEstimator:
         """The estimator these options name (the library validates every option, with a clear message)."""
@@ -65,8 +89,11 @@ class InverseOptions:
     """How a run inverts its blocks (reconstructions, samples): fields of the density and classify configs."""
 
     GROUP: ClassVar[str] = "inverse"
-    inverse_tol: float = 1e-6  # atol = rtol on the per-sample residual
-    inverse_method: str = "plain"  # or "anderson" (same tolerance, fewer evaluations of g)
+    inverse_tol: float = documented(
+        1e-6, "tolerance of the fixed-point inverse on each sample's residual (atol = rtol)"
+    )
+    # anderson: the same tolerance, fewer evaluations of g
+    inverse_method: str = documented("plain", "fixed-point iteration of the inverse: plain or anderson")
 
     def inverse_config(self) -> FixedPointConfig:
         """The inverse's settings (validated by :class:`FixedPointConfig`)."""
@@ -82,10 +109,18 @@ class DataOptions:
     """The images a training run reads (density, classify)."""
 
     GROUP: ClassVar[str] = "data"
-    dataset: str = "digits-mnist5k"
-    data_dir: str | None = None
-    download: bool = False
-    validation_fraction: float = 0.0  # > 0: evaluate on a held-out part of train (sweeps), test at the end
+    dataset: str = documented(
+        "digits-mnist5k", "the images (pipeline.data.DATASETS: digits-mnist5k, mnist, cifar10, ...)"
+    )
+    data_dir: str | None = documented(
+        None, "folder holding (or receiving, with download) a file-based dataset: mnist, cifar10, svhn, ..."
+    )
+    download: bool = documented(
+        False, "download a missing dataset into data_dir (torchvision)", applies=lambda o: o["data_dir"] is not None
+    )
+    validation_fraction: float = documented(
+        0.0, "share of the training images held out for validation, in [0, 1); the test split is scored at the end"
+    )
 
 
 @dataclass(frozen=True)
@@ -93,14 +128,14 @@ class TrainingOptions:
     """The epoch loop of a training run (density, classify): its length, batches, rate, checkpoints and resume."""
 
     GROUP: ClassVar[str] = "training"
-    epochs: int = 10
-    batch_size: int = 64
-    lr: float = 3e-3
-    warmup_steps: int = 0
-    grad_clip: float = 0.0
-    amp: bool = False
-    log_every: int = 10
-    resume: str | None = None
+    epochs: int = documented(10, "passes over the training images (>= 1)")
+    batch_size: int = documented(64, "images per optimizer step, over all processes (>= 1)")
+    lr: float = documented(3e-3, "peak learning rate (> 0)")
+    warmup_steps: int = documented(0, "optimizer steps of linear warm-up to lr (>= 0)")
+    grad_clip: float = documented(0.0, "largest global gradient norm (> 0), or 0: no clipping")
+    amp: bool = documented(False, "bfloat16 autocast of the branches on a GPU (guarantees stay in float32)")
+    log_every: int = documented(10, "optimizer steps between logged training metrics (>= 1)")
+    resume: str | None = documented(None, "run id to continue from its last checkpoint (its configuration is kept)")
 
 
 @dataclass(frozen=True)
@@ -108,16 +143,21 @@ class RunOptions:
     """The process and the tracked run (every experiment)."""
 
     GROUP: ClassVar[str] = "run"
-    seed: int = 0
-    device: str = "auto"
-    threads: int = 0  # CPU threads of this process; 0: the cores divided among the local workers
-    deterministic: bool = False  # deterministic kernels (GPU): a resumed run then equals an uninterrupted one
-    experiment_name: str | None = None  # None: the entry point's name
-    run_name: str | None = None
-    checkpoint_dir: str = str(PROJECT_ROOT / "checkpoints")
-    progress: bool = True
-    register_model: str | None = None  # a Model Registry name: the trained model becomes a new version of it
-    log_system_metrics: bool = False  # MLflow's CPU/GPU/memory monitor beside the run's own metrics
+    seed: int = documented(0, "seed of torch, numpy and Python (>= 0)")
+    device: str = documented("auto", "auto (a GPU if there is one), cpu, cuda or cuda:N")
+    threads: int = documented(0, "CPU threads of this process (1 to the machine's cores); 0: the cores shared out")
+    # a resumed run then equals an uninterrupted one on a GPU too
+    deterministic: bool = documented(False, "deterministic GPU kernels (cuDNN, cuBLAS)")
+    experiment_name: str | None = documented(None, "MLflow experiment of the run; unset: the entry point's name")
+    run_name: str | None = documented(None, "MLflow run name; unset: the entry point, preset and changed options")
+    checkpoint_dir: str = documented(
+        str(PROJECT_ROOT / "checkpoints"), "folder of the runs' checkpoints (RUN_ID/last.pt)"
+    )
+    progress: bool = documented(True, "progress bars on the console")
+    register_model: str | None = documented(
+        None, "Model Registry name: the trained model becomes a new version of it; unset: not registered"
+    )
+    log_system_metrics: bool = documented(False, "MLflow's CPU, GPU and memory monitor (system/* metrics)")
 
 
 @dataclass(frozen=True)
@@ -132,7 +172,7 @@ class ArchitectureOptions:
     GROUP: ClassVar[str] = "model"
     ARCHITECTURES: ClassVar[Mapping[str, Any]] = {}
     FROM_DATA: ClassVar[tuple[str, ...]] = ("input_shape",)
-    architecture: str = "quick"
+    architecture: str = documented("quick", "the model preset whose fields the model options replace")
     architecture_overrides: Mapping[str, Any] = field(default_factory=dict)
 
     @classmethod

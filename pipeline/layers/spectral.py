@@ -41,6 +41,7 @@ from torch import Tensor, nn
 from torch.nn.grad import conv2d_weight
 
 from pipeline.attributes import temporarily_set
+from pipeline.fields import documented
 from pipeline.layers.operator_norm import (
     GRAM_MAX_DIM,
     CertifiedNorm,
@@ -70,10 +71,14 @@ class LipschitzOptions:
     :meth:`spectral_config` turns the fields into the :class:`SpectralConfig` of every branch layer.
     """
 
-    coeff: float | None = 0.9
-    n_power_iterations: int = 5
-    power_tol: float = 0.0  # > 0: power iteration per step runs to this relative change of sigma
-    lipschitz: str = "soft"  # "strict": Lip(g) <= c at every training forward too (certified bound per step)
+    coeff: float | None = documented(0.9, "Lipschitz coefficient c of every residual branch, in (0, 1)")
+    n_power_iterations: int = documented(5, "power-iteration steps per training forward (>= 1, warm-started)")
+    power_tol: float = documented(
+        0.0, "> 0: power iteration runs until sigma changes by at most this (relative) in a step; 0: fixed count"
+    )
+    lipschitz: str = documented(
+        "soft", "soft (the paper: estimated sigma) or strict (a certified bound: Lip(g) <= c at every forward)"
+    )
 
     def spectral_config(self) -> SpectralConfig | None:
         """The branch layers' normalisation (validated), or ``None`` for unconstrained branches."""

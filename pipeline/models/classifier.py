@@ -16,6 +16,7 @@ from typing import cast
 
 from torch import Tensor, nn
 
+from pipeline.fields import documented
 from pipeline.layers.activations import ACTIVATIONS, make_activation
 from pipeline.layers.branches import conv_branch
 from pipeline.layers.spectral import LipschitzOptions, SpectralConfig
@@ -34,18 +35,19 @@ class ClassifierArchitecture(LipschitzOptions):
     """Architecture of :class:`ResidualClassifier`; validated on construction. The spectral normalisation's fields
     are :class:`~pipeline.layers.spectral.LipschitzOptions`' (``coeff=None``: unconstrained, vanilla branches)."""
 
-    input_shape: tuple[int, int, int] = (3, 32, 32)
-    num_classes: int = 10
-    n_blocks: tuple[int, ...] = (7, 7, 7)
-    hidden_channels: tuple[int, ...] = (32, 64, 128)
-    strides: tuple[int, ...] = (1, 2, 2)  # 2 = squeeze before the stage
-    injective_padding: int = 13
-    init_squeeze: bool = False
-    kernel_sizes: tuple[int, ...] = (3, 1, 3)
-    activation: str = "elu"
-    n_power_iterations: int = 1  # the paper's classifier: one power iteration per step
-    norm: str = "actnorm"  # before each block
-    branch_batchnorm: bool = False  # BatchNorm inside the branch (vanilla "ResNet-BN" only)
+    input_shape: tuple[int, int, int] = documented((3, 32, 32), "(C, H, W) of the input images")
+    num_classes: int = documented(10, "classes of the linear head (>= 2)")
+    n_blocks: tuple[int, ...] = documented((7, 7, 7), "residual blocks per stage, e.g. 13,13,13")
+    hidden_channels: tuple[int, ...] = documented((32, 64, 128), "bottleneck width of each stage's branches")
+    strides: tuple[int, ...] = documented((1, 2, 2), "per stage: 1, or 2 for an invertible downsampling (squeeze)")
+    injective_padding: int = documented(13, "zero channels appended to the input (injective padding), >= 0")
+    init_squeeze: bool = documented(False, "squeeze (space to depth) the input before the first stage")
+    kernel_sizes: tuple[int, ...] = documented((3, 1, 3), "kernel size of each convolution in a branch, e.g. 3,1,3")
+    activation: str = documented("elu", "the branches' activation (elu, lipswish, softplus, ...)")
+    # the paper's classifier: one power iteration per step
+    n_power_iterations: int = documented(1, "power-iteration steps per training forward (>= 1, warm-started)")
+    norm: str = documented("actnorm", "normalisation before each block: actnorm or none")
+    branch_batchnorm: bool = documented(False, "BatchNorm inside each branch (the vanilla ResNet-BN only)")
 
     def __post_init__(self) -> None:
         for name in ("input_shape", "n_blocks", "hidden_channels", "strides", "kernel_sizes"):

@@ -17,6 +17,7 @@ from typing import cast
 import torch
 from torch import Tensor, nn
 
+from pipeline.fields import documented
 from pipeline.layers.activations import ACTIVATIONS
 from pipeline.layers.branches import conv_branch, mlp_branch
 from pipeline.layers.spectral import LipschitzOptions, SpectralConfig
@@ -38,21 +39,26 @@ class FlowArchitecture(LipschitzOptions):
     """Architecture of :class:`IResNetFlow`; validated on construction. The spectral normalisation's fields
     (``coeff``, ``n_power_iterations``, ``power_tol``, ``lipschitz``) are :class:`LipschitzOptions`'."""
 
-    input_shape: tuple[int, int, int] = (1, 28, 28)
-    n_blocks: tuple[int, ...] = (32, 32, 32)  # per level (scale)
-    hidden_channels: int | tuple[int, ...] = 32  # bottleneck width: one for all levels, or one per level
-    kernel_sizes: tuple[int, ...] = (3, 1, 3)
-    activation: str = "elu"
-    actnorm: bool = True
-    learnable_prior: bool = True
-    squeeze_first: bool = True  # squeeze before the first level too (as the reference code does)
-    logit_alpha: float = 0.0  # > 0: a logit transform of the data first (Residual Flows: 1e-6 on MNIST); 0: none
-    fc_blocks: int = 0  # fully connected residual blocks after the last level's (Residual Flows' "fc end")
-    fc_hidden: int = 128  # their hidden width
-    split_prior: str = "unconditional"  # or "conditional": each factored-out half's prior depends on the rest (Glow)
-    # Glow's invertible 1x1 convolution before each residual block (after its ActNorm): a learned mixing of the
-    # channels, exact log-det, that a block with Lip(g) < 1 can only approximate over many blocks
-    invertible_1x1: bool = False
+    input_shape: tuple[int, int, int] = documented((1, 28, 28), "(C, H, W) of the flow's input")
+    n_blocks: tuple[int, ...] = documented((32, 32, 32), "residual blocks per level (scale), e.g. 32,32,32")
+    hidden_channels: int | tuple[int, ...] = documented(
+        32, "bottleneck width of each branch: one for every level, or one per level"
+    )
+    kernel_sizes: tuple[int, ...] = documented((3, 1, 3), "kernel size of each convolution in a branch, e.g. 3,1,3")
+    activation: str = documented("elu", "the branches' 1-Lipschitz activation (elu, lipswish, softplus, ...)")
+    actnorm: bool = documented(True, "ActNorm before every residual block")
+    learnable_prior: bool = documented(True, "learned diagonal-Gaussian prior per latent (else standard normal)")
+    squeeze_first: bool = documented(True, "squeeze (space to depth) before the first level too, as the paper's code")
+    logit_alpha: float = documented(
+        0.0, "> 0: logit transform of the data first, with this alpha in (0, 1/2) (1e-6 on MNIST); 0: none"
+    )
+    fc_blocks: int = documented(0, "fully connected residual blocks after the last level (Residual Flows); >= 0")
+    fc_hidden: int = documented(128, "hidden width of the fully connected blocks", applies=lambda o: o["fc_blocks"] > 0)
+    split_prior: str = documented(
+        "unconditional", "prior of each factored-out half: unconditional, or conditional on the other half (Glow)"
+    )
+    # a learned mixing of the channels, exact log-det, that a block with Lip(g) < 1 can only approximate
+    invertible_1x1: bool = documented(False, "Glow's invertible 1x1 convolution before every residual block")
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "input_shape", tuple(self.input_shape))

@@ -6,6 +6,7 @@ from dataclasses import dataclass, replace
 
 from torch import Tensor, nn
 
+from pipeline.fields import documented
 from pipeline.layers.activations import ACTIVATIONS
 from pipeline.layers.branches import mlp_branch
 from pipeline.layers.spectral import LipschitzOptions, SpectralConfig
@@ -21,12 +22,12 @@ from pipeline.transforms.residual import InvertibleResidualBlock
 class VectorFlowArchitecture(LipschitzOptions):
     """Architecture of :class:`VectorFlow`; the spectral normalisation's fields are :class:`LipschitzOptions`'."""
 
-    dim: int = 2
-    n_blocks: int = 100
-    hidden: tuple[int, ...] = (64, 64, 64)
-    activation: str = "elu"
-    actnorm: bool = True  # after each block, as in the paper's toy model
-    learnable_prior: bool = False
+    dim: int = documented(2, "dimension of the points")
+    n_blocks: int = documented(100, "residual blocks of the vector flow (>= 1)")
+    hidden: tuple[int, ...] = documented((64, 64, 64), "hidden widths of each block's MLP branch, e.g. 64,64,64")
+    activation: str = documented("elu", "the branches' 1-Lipschitz activation (elu, lipswish, softplus, ...)")
+    actnorm: bool = documented(True, "ActNorm after each block, as in the paper's toy model")
+    learnable_prior: bool = documented(False, "learned diagonal-Gaussian prior (else standard normal)")
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "hidden", tuple(self.hidden))
