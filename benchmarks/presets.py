@@ -9,7 +9,7 @@ Each case builds the entry point's own training task from its preset (``experime
 ``experiments.classify.ClassifyTask``: the model, estimator, optimizer and schedule a run would use) and trains it
 through the library's epoch loop (:func:`pipeline.training.loop.fit`) for two epochs of ``--steps`` batches each,
 in a fresh process. The first epoch warms up (cuDNN's algorithm search, the allocator); the table reports the
-second: images per second and seconds per step as the loop measures them (``train_images_per_second``), and the
+second: images per second and seconds per step as the loop measures them (``train/images_per_second``), and the
 epoch's peak GPU allocation (``gpu_peak_memory_mib``, the metric a tracked run logs; none on a CPU). Evaluation,
 checkpoints and artifacts are not timed.
 
@@ -135,7 +135,7 @@ def measure_case(case: str, args: dict) -> dict:
             on_epoch_end=lambda epoch, metrics: epochs.__setitem__(epoch, metrics),
         )  # fmt: skip
     timed = epochs[2]
-    images_per_s = timed["train_images_per_second"]
+    images_per_s = timed["train/images_per_second"]
     epoch_s = full_train / images_per_s
     return {
         "case": case,
@@ -148,8 +148,8 @@ def measure_case(case: str, args: dict) -> dict:
         "steps_timed": args["steps"],
         "images_per_second": images_per_s,
         "seconds_per_step": cfg.batch_size / images_per_s,
-        "gpu_peak_memory_mib": timed.get("gpu_peak_memory_mib", float("nan")),
-        "train_loss": timed["epoch_train_loss"],
+        "gpu_peak_memory_mib": timed.get("train/gpu_peak_memory_mib", float("nan")),
+        "train_loss": timed["train/loss_epoch_mean"],
         "full_epoch_minutes": epoch_s / 60,
         "schedule_epochs": cfg.epochs,
         "schedule_hours": epoch_s * cfg.epochs / 3600,

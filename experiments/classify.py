@@ -16,6 +16,7 @@ import math
 import sys
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -34,6 +35,7 @@ from pipeline.data import DATASETS, ImageSplit, iterate_batches
 from pipeline.data.augment import AUGMENTATIONS, Augmentation
 from pipeline.data.preprocessing import standardize
 from pipeline.diagnostics import certified_lipschitz, layer_operator_norms, reconstruction_error_curve
+from pipeline.fields import documented, when
 from pipeline.models import (
     CLASSIFIER_MODELS,
     CLASSIFIER_PRESETS,
@@ -52,19 +54,22 @@ from pipeline.transforms import InverseReport
 log = logging.getLogger("experiments.classify")
 
 MODELS = CLASSIFIER_MODELS
+RECONSTRUCTION_CURVE = "reconstruction_vs_iterations.csv"  # Fig. 8: iterations, rel_error_mean, ...
 OPTIMIZERS = ("sgd", "adam", "adamax")
 
 
 @dataclass(frozen=True)
 class ClassifyData:
     GROUP: ClassVar[str] = "data"
-    augment: bool = True
+    augment: bool = documented(True, "the paper's augmentation of the training images (shifts, crops, flips)")
 
 
 @dataclass(frozen=True)
 class ClassifyModel:
     GROUP: ClassVar[str] = "model"
-    model: str = "iresnet"  # the preset's architecture as iresnet, resnet or resnet-bn (classifier_variant)
+    model: str = documented(
+        "iresnet", "iresnet (spectrally normalised), resnet (the same unconstrained) or resnet-bn (with BatchNorm)"
+    )
 
 
 @dataclass(frozen=True)
@@ -72,12 +77,16 @@ class ClassifyTraining:
     """The optimiser and its step schedule (after the shared warm-up)."""
 
     GROUP: ClassVar[str] = "training"
-    optimizer: str = "sgd"
-    momentum: float = 0.9
-    nesterov: bool = False
-    weight_decay: float = 5e-4
-    milestones: tuple[int, ...] = (6, 8)  # epochs at which the lr is multiplied by lr_decay
-    lr_decay: float = 0.2
+    optimizer: str = documented("sgd", "sgd, adam or adamax")
+    momentum: float = documented(0.9, "SGD momentum (>= 0)", applies=when("optimizer", "sgd"))
+    nesterov: bool = documented(False, "Nesterov momentum (SGD)", applies=when("optimizer", "sgd"))
+    weight_decay: float = documented(5e-4, "L2 weight decay (>= 0)")
+    milestones: tuple[int, ...] = documented(
+        (6, 8), "epochs after which the rate is multiplied by lr_decay, e.g. 60,120"
+    )
+    lr_decay: float = documented(
+        0.2, "factor of the rate at each milestone, in (0, 1]", applies=lambda o: bool(o["milestones"])
+    )
 
 
 @dataclass(frozen=True)
@@ -85,9 +94,11 @@ class ClassifyEvaluation:
     """The test error's batches and the invertibility study (reconstruction error against iterations)."""
 
     GROUP: ClassVar[str] = "evaluation"
-    eval_batch_size: int = 500
-    recon_images: int = 16
-    recon_iterations: tuple[int, ...] = (1, 2, 3, 5, 7, 10, 15, 20, 30, 50, 75, 100)
+    eval_batch_size: int = documented(500, "images per evaluation forward (>= 1)")
+    recon_images: int = documented(16, "test images reconstructed from their features at the end (>= 1)")
+    recon_iterations: tuple[int, ...] = documented(
+        (1, 2, 3, 5, 7, 10, 15, 20, 30, 50, 75, 100), "fixed-point iterations per block of the Fig. 8 curve"
+    )
 
 
 @dataclass(frozen=True)
@@ -112,7 +123,7 @@ class ClassifyConfig(
 
     ARCHITECTURES: ClassVar = CLASSIFIER_PRESETS
     FROM_DATA: ClassVar = ("input_shape", "num_classes")
-    preset: str = "quick"
+    preset: str = documented("quick", "the entry point's preset: model and training settings (PRESETS)")
 
     def __post_init__(self) -> None:
         check_common(self)
@@ -179,6 +190,7 @@ class ClassifyTask:
     """Cross-entropy training of a residual classifier; test error per epoch, invertibility measured at the end."""
 
     eval_every = 1
+    loss_name = "cross_entropy_nats"
 
     def __init__(
         self, cfg: ClassifyConfig, splits: Splits, device: torch.device, ctx: DistributedContext = SINGLE_PROCESS
@@ -229,8 +241,8 @@ class ClassifyTask:
         logits = forward(self.prepare(images, train=True))
         labels = labels.to(self.device, non_blocking=True)
         loss = F.cross_entropy(logits, labels)
-        accuracy = (logits.argmax(dim=1) == labels).float().mean()
-        return loss, {"accuracy": accuracy.detach()}  # read at log_every, not per step
+        error = 100.0 * (logits.argmax(dim=1) != labels).float().mean()
+        return loss, {"error_percent": error.detach()}  # read at log_every, not per step
 
     @torch.no_grad()
     def _error_and_loss(self, split: ImageSplit) -> tuple[float, float]:
@@ -253,13 +265,16 @@ class ClassifyTask:
         metrics = {}
         validation = self.splits.validation
         if validation is not None:
-            metrics["val_error"], metrics["val_loss"] = self._error_and_loss(validation)
+            metrics["val/error_percent"], metrics["val/cross_entropy_nats"] = self._error_and_loss(validation)
         if validation is None or epoch == self.cfg.epochs:
-            metrics["test_error"], metrics["test_loss"] = self._error_and_loss(self.splits.data.test)
+            test = self._error_and_loss(self.splits.data.test)
+            metrics["test/error_percent"], metrics["test/cross_entropy_nats"] = test
         return metrics
 
-    def finalise(self, run_id: str) -> None:
-        _measure_invertibility(self.model, self.splits.data.test, self.prepare, self.mean, self.std, self.cfg)
+    def finalise(self, run_id: str, step: int, results: Mapping[str, float]) -> str:
+        bound, certified = _measure_invertibility(
+            self.model, self.splits.data.test, self.prepare, self.mean, self.std, self.cfg, step
+        )
         log_pyfunc_model(
             self.model,
             "classify",
@@ -271,7 +286,25 @@ class ClassifyTask:
             },
             self.splits.data.test.images[:2].numpy(),
             register_as=self.cfg.register_model,
+            step=step,
+            results=results,
         )
+        return headline(results, bound, certified, self.cfg, self.splits.data.name, step)
+
+
+def headline(
+    results: Mapping[str, float], bound: float, certified: bool, cfg: ClassifyConfig, dataset: str, step: int
+) -> str:
+    """The run's result in a sentence (its description): test error, invertibility, the training."""
+    error = results.get("test/error_percent")
+    score = f"**test error {error:.2f} %** on {dataset}" if error is not None else f"trained on {dataset}"
+    if certified:
+        invertible = f"certified invertible (every block's Lipschitz bound <= {bound:.4f} < 1)"
+    else:
+        invertible = f"not invertible: a block's Lipschitz bound is {bound:.4g}" if cfg.model == "iresnet" else (
+            f"{cfg.model}: not invertible by construction"
+        )  # fmt: skip
+    return f"{score} ({cfg.model}); {invertible}; {cfg.epochs} epochs, {step:,} steps"
 
 
 def run(cfg: ClassifyConfig, *, on_epoch_end: EpochHook | None = None) -> str:
@@ -285,19 +318,18 @@ def run(cfg: ClassifyConfig, *, on_epoch_end: EpochHook | None = None) -> str:
 
 @torch.no_grad()
 def _measure_invertibility(
-    model: ResidualClassifier, test: ImageSplit, prepare, mean, std, cfg: ClassifyConfig
-) -> None:
-    """Reconstruction error vs iterations (Fig. 8), grids (Figs. 3/7), layer norms (Fig. 6), throughput."""
+    model: ResidualClassifier, test: ImageSplit, prepare, mean, std, cfg: ClassifyConfig, step: int
+) -> tuple[float, bool]:
+    """Reconstruction error vs iterations (Fig. 8: a CSV and a figure, its x-axis not the run's step axis), grids
+    (Figs. 3/7), layer norms (Fig. 6), throughput; metrics at ``step``. Returns the largest certified block bound and
+    whether every block is certified invertible."""
     model.eval()
     x = prepare(test.images[: cfg.recon_images], train=False)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         # Fig. 8: error after exactly k iterations per block
         curve = reconstruction_error_curve(model, x, cfg.recon_iterations)
-        write_csv(curve, out / "reconstruction_vs_iterations.csv")
-        for row in curve:
-            value = row["rel_error_mean"]
-            log_metrics({"recon_rel_error_mean": value if math.isfinite(value) else 1e30}, int(row["iterations"]))
+        write_csv(curve, out / RECONSTRUCTION_CURVE)
         fig, ax = new_figure()
         ax.semilogy([r["iterations"] for r in curve], [max(r["rel_error_mean"], 1e-16) for r in curve], marker="o")
         ax.set_xlabel("fixed-point iterations per block")
@@ -316,16 +348,18 @@ def _measure_invertibility(
         final_error = float(((x_rec - x).flatten(1).norm(dim=1) / x.flatten(1).norm(dim=1)).max())
         log_metrics(
             {
-                "recon_rel_error_max": final_error if math.isfinite(final_error) else 1e30,
-                "inverse_images_per_second": len(x) / seconds,
-                **{f"recon_{k}": v for k, v in report.summary().items()},
-            }
+                "inverse/recon_rel_error_max": final_error if math.isfinite(final_error) else 1e30,
+                "inverse/images_per_second": len(x) / seconds,
+                **{f"inverse/recon_{k}": v for k, v in report.summary().items()},
+            },
+            step,
         )
-        _log_layer_norms(model, out, cfg)
+        bounds = _log_layer_norms(model, out, cfg, step)
         mlflow.log_artifacts(str(out))
+    return bounds
 
 
-def _log_layer_norms(model: ResidualClassifier, out: Path, cfg: ClassifyConfig) -> None:
+def _log_layer_norms(model: ResidualClassifier, out: Path, cfg: ClassifyConfig, step: int) -> tuple[float, bool]:
     """Fig. 6: the certified largest singular value of every operator, and the certified block bounds."""
     norms = layer_operator_norms(model)
     write_csv(norms, out / "layer_spectral_norms.csv")
@@ -343,12 +377,14 @@ def _log_layer_norms(model: ResidualClassifier, out: Path, cfg: ClassifyConfig) 
     log_json({"block_lipschitz_certified": bounds, "certified_invertible": certified}, "lipschitz.json")
     log_metrics(
         {
-            "max_layer_norm": max(r["norm"] for r in norms),
-            "max_block_lipschitz": max(bounds),
-            "certified_invertible": float(certified),
-        }
+            "lipschitz/max_layer_norm": max(r["norm"] for r in norms),
+            "lipschitz/max_block_certified": max(bounds),
+            "lipschitz/certified_invertible": float(certified),
+        },
+        step,
     )
     mlflow.set_tag("certified_invertible", str(certified).lower())
+    return max(bounds), certified
 
 
 # --- command line -------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from typing import Any, TypeVar, cast
 
 from experiments.options import ArchitectureOptions
 from experiments.tracking import active_run_id, log_json, log_params_flat, run_status
+from pipeline.fields import applies, conditional, field_help
 from pipeline.training.checkpoint import load_checkpoint
 
 C = TypeVar("C")
@@ -45,6 +46,33 @@ def option_types(config_cls: type) -> dict[str, Any]:
     if clash:
         raise TypeError(f"{config_cls.__name__} declares {clash}, which the architecture already declares")
     return own | arch
+
+
+def option_help(config_cls: type) -> dict[str, str]:
+    """Each option's one-line help text, from where it is declared (its field, or the architecture's field)."""
+    arch_help = field_help(architecture_class(config_cls)) if issubclass(config_cls, ArchitectureOptions) else {}
+    own = field_help(config_cls)
+    return {name: own.get(name) or arch_help.get(name, "") for name in option_types(config_cls)}
+
+
+def architecture_class(config_cls: type) -> type:
+    """The library's architecture dataclass behind a model group's options."""
+    return type(next(iter(config_cls.ARCHITECTURES.values())))  # type: ignore[attr-defined]
+
+
+def option_is_conditional(config_cls: type, name: str) -> bool:
+    """Whether option ``name`` matters only in some configurations (``n_terms``: with the power series)."""
+    own = {f.name for f in fields(cast(Any, config_cls))}
+    declaring = config_cls if name in own else architecture_class(config_cls)
+    return conditional(declaring, name)
+
+
+def option_applies(cfg: Any, name: str, values: Mapping[str, Any] | None = None) -> bool:
+    """Whether option ``name`` matters for ``cfg`` (its field's ``applies``: ``n_terms`` only for the power series)."""
+    values = flat_options(cfg) if values is None else values
+    own = {f.name for f in fields(cfg)}
+    declaring = type(cfg) if name in own else architecture_class(type(cfg))
+    return applies(declaring, name, values)
 
 
 def option_groups(config_cls: type) -> dict[str, str]:
@@ -96,12 +124,60 @@ def flat_options(cfg: Any) -> dict[str, Any]:
 
 def set_options(cfg: Any, presets: Mapping[str, Mapping[str, Any]] | None) -> dict[str, Any]:
     """The options whose value differs from the preset's (all of them that differ from the defaults, without
-    presets): what a run logs as its parameters, beside ``preset``."""
+    presets)."""
     preset = getattr(cfg, "preset", None)
     reference = config_from_preset(type(cfg), presets, preset) if presets and preset else type(cfg)()
     base = flat_options(reference)
     skip = ("preset", "resume", "progress")
     return {k: v for k, v in flat_options(cfg).items() if k not in skip and v != base.get(k)}
+
+
+NOT_PARAMETERS = ("preset", "resume", "progress", "experiment_name", "run_name")  # bookkeeping, or logged as tags
+
+
+def run_parameters(cfg: Any) -> dict[str, str]:
+    """What a run logs as its parameters: ``preset`` and every option that has a value and applies to this run, as
+    ``-P`` takes it (an estimator's options only with that estimator; an unset path not at all), so that trials and
+    runs compare column by column and a parameter always changed something."""
+    values = flat_options(cfg)
+    params = {"preset": cfg.preset} if getattr(cfg, "preset", None) else {}
+    for name, value in values.items():
+        if name not in NOT_PARAMETERS and value is not None and option_applies(cfg, name, values):
+            params[name] = option_text(value)
+    return params
+
+
+# left out of a run's name: where and how it runs, not what it trains
+NOT_IN_RUN_NAME = (
+    *NOT_PARAMETERS, "device", "threads", "deterministic", "checkpoint_dir", "data_dir", "download",
+    "register_model", "log_system_metrics", "log_every",
+)  # fmt: skip
+RUN_NAME_OPTIONS = 4  # changed options named in a run's name; more are counted
+
+
+def entry_point_name(config_cls: type) -> str:
+    """``density``, ``classify``, ...: the entry point a config class belongs to."""
+    return entry_point_module(config_cls).rsplit(".", 1)[-1]
+
+
+def default_run_name(cfg: Any) -> str:
+    """``density-quick``, ``density-quick coeff=0.9 epochs=2``: the entry point, its preset and the options set
+    away from the preset (the first few, then how many more)."""
+    presets = entry_point_presets(type(cfg))
+    name = entry_point_name(type(cfg)) + (f"-{cfg.preset}" if getattr(cfg, "preset", None) else "")
+    changed = [f"{k}={option_text(v)}" for k, v in set_options(cfg, presets).items() if k not in NOT_IN_RUN_NAME]
+    shown = changed[:RUN_NAME_OPTIONS] + (
+        [f"+{len(changed) - RUN_NAME_OPTIONS} more"] * (len(changed) > RUN_NAME_OPTIONS)
+    )
+    return " ".join([name, *shown])[:250]
+
+
+def run_tags(cfg: Any) -> dict[str, str]:
+    """What a run is, as its tags (the report selects runs by them): the entry point, and its preset."""
+    from experiments.tracking import ENTRY_POINT_TAG, PRESET_TAG
+
+    tags = {ENTRY_POINT_TAG: entry_point_name(type(cfg))}
+    return tags | ({PRESET_TAG: cfg.preset} if getattr(cfg, "preset", None) else {})
 
 
 def grouped_config(cfg: Any, architecture: Any = None) -> dict[str, dict[str, Any]]:
@@ -148,9 +224,13 @@ def check_directory_usable(path: str, name: str) -> None:
 
 def check_common(cfg: Any) -> None:
     """The checks every run's config makes: finite floats, a non-negative seed, a usable checkpoint directory; an
-    unset experiment name becomes the entry point's, a model group's architecture and overrides are checked."""
+    unset experiment name becomes the entry point's, the paths absolute (as they are recorded), a model group's
+    architecture and overrides are checked."""
     if getattr(cfg, "experiment_name", "") is None:
-        object.__setattr__(cfg, "experiment_name", entry_point_module(type(cfg)).rsplit(".", 1)[-1])
+        object.__setattr__(cfg, "experiment_name", entry_point_name(type(cfg)))
+    for name in ("checkpoint_dir", "data_dir"):
+        if getattr(cfg, name, None):
+            object.__setattr__(cfg, name, str(Path(getattr(cfg, name)).expanduser().absolute()))
     if isinstance(cfg, ArchitectureOptions):
         cfg._check_architecture()
     check_finite(cfg)
@@ -179,21 +259,31 @@ def option_text(value: Any) -> str:
 
 
 def log_configuration(cfg: Any, architecture: Any = None) -> None:
-    """A new run's configuration: its ``preset`` and the options set away from it as parameters, and the resolved
-    configuration by group as the artifact ``config.json`` (:func:`grouped_config`).
+    """A new run's configuration: :func:`run_parameters` as its parameters, and the whole resolved configuration
+    by group as the artifact ``config.json`` (:func:`grouped_config`).
 
-    Under ``mlflow run``, MLflow has already logged the entry point's parameters; those are not logged again.
+    Under ``mlflow run``, MLflow has already logged the parameters its entry point declares (those that apply to every
+    run, ``analysis.mlproject``) and those given with ``-P``; those are not logged again.
     """
     import mlflow
 
     from experiments.tracking_store import retry_tracking_write
 
-    presets = entry_point_presets(type(cfg))
-    params = {"preset": cfg.preset} if presets and getattr(cfg, "preset", None) else {}
-    params |= {k: option_text(v) for k, v in set_options(cfg, presets).items() if v is not None}
     logged = retry_tracking_write(lambda: mlflow.tracking.MlflowClient().get_run(active_run_id()).data.params)
-    log_params_flat({k: v for k, v in params.items() if k not in logged})
+    log_params_flat({k: v for k, v in run_parameters(cfg).items() if k not in logged})
     log_json(grouped_config(cfg, architecture), "config.json")
+
+
+def warn_inapplicable(cfg: Any, given: Mapping[str, Any]) -> None:
+    """A warning for each option given on the command line that has no effect in this configuration."""
+    import logging
+
+    values = flat_options(cfg)
+    for name in given:
+        if name in values and not option_applies(cfg, name, values):
+            logging.getLogger(entry_point_module(type(cfg))).warning(
+                "--%s has no effect in this configuration (see --help); it is not logged", name.replace("_", "-")
+            )
 
 
 def entry_point_presets(config_cls: type) -> Mapping[str, Mapping[str, Any]] | None:
@@ -246,14 +336,32 @@ class _ChosenOnce(argparse.Action):
         setattr(namespace, self.dest, values)
 
 
+DEFAULT_PRESET = "quick"
+
+
 def build_parser(config_cls: type, presets: dict[str, dict] | None, description: str | None) -> argparse.ArgumentParser:
-    """``--preset`` (where the entry point has presets) and one ``--option-name`` per option, grouped as declared."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    """``--preset`` (where the entry point has presets) and one ``--option-name`` per option, grouped as declared,
+    each with its help text and the value it takes unset (the default preset's, or the field's default)."""
+    module = entry_point_module(config_cls)
+    parser = argparse.ArgumentParser(
+        prog=f"python -m {module}",
+        usage=f"python -m {module}{' [--preset PRESET]' if presets else ''} [--OPTION VALUE ...]",
+        description=description,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     if presets:
-        chosen = parser.add_argument("--preset", default="quick", choices=sorted(presets), action=_ChosenOnce)
+        chosen = parser.add_argument(
+            "--preset",
+            default=DEFAULT_PRESET,
+            choices=sorted(presets),
+            action=_ChosenOnce,
+            help=f"the preset every unset option takes its value from (default: {DEFAULT_PRESET})",
+        )
         chosen.entry = entry_point_module(config_cls).rsplit(".", 1)[-1]  # type: ignore[attr-defined]
     groups: dict[str, argparse._ArgumentGroup] = {}
-    option_group, hints = option_groups(config_cls), option_types(config_cls)
+    option_group, hints, helps = option_groups(config_cls), option_types(config_cls), option_help(config_cls)
+    defaults = flat_options(config_from_preset(config_cls, presets, DEFAULT_PRESET if presets else None))
+    label = f"{DEFAULT_PRESET} preset" if presets else "default"
     for name in ordered_options(config_cls):
         hint = hints[name]
         if name == "preset":
@@ -263,8 +371,22 @@ def build_parser(config_cls: type, presets: dict[str, dict] | None, description:
             title = "model (fields of the architecture preset)" if group == ArchitectureOptions.GROUP else group
             groups[group] = parser.add_argument_group(title)
         kind = _parse_option(option_type(hint))
-        groups[group].add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, default=None)
+        unset = "unset" if defaults[name] is None else option_text(defaults[name])
+        text = f"{helps[name]} [{label}: {unset}]".replace("%", "%%")  # argparse formats help with %
+        groups[group].add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, default=None, help=text)
     return parser
+
+
+def dashed_options(argv: list[str]) -> list[str]:
+    """``--n_terms 3`` as ``--n-terms 3``: ``mlflow run`` passes a ``-P`` that its entry point does not declare as
+    ``--NAME VALUE``, with the parameter's own name."""
+    out = []
+    for arg in argv:
+        if arg.startswith("--") and "_" in arg.split("=", 1)[0]:
+            name, sep, value = arg.partition("=")
+            arg = name.replace("_", "-") + sep + value
+        out.append(arg)
+    return out
 
 
 def config_from_preset(config_cls: type[C], presets: Mapping[str, Mapping[str, Any]] | None, preset: str | None,
@@ -337,6 +459,7 @@ def parse_config(
     config_cls: type[C], presets: dict[str, dict] | None, argv: list[str] | None, description: str | None
 ) -> C:
     """The config the command line asks for: a preset with overrides, a resumed run's, or (no presets) the fields."""
+    argv = dashed_options(sys.argv[1:] if argv is None else list(argv))
     args = vars(build_parser(config_cls, presets, description).parse_args(argv))
     args.pop("_preset_given", None)
     preset = args.pop("preset", None)
@@ -344,4 +467,6 @@ def parse_config(
     resume = overrides.pop("resume", None)
     if resume:
         return config_for_resume(config_cls, resume, **overrides)
-    return config_from_preset(config_cls, presets, preset, **overrides)
+    cfg = config_from_preset(config_cls, presets, preset, **overrides)
+    warn_inapplicable(cfg, overrides)
+    return cfg

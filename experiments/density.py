@@ -14,6 +14,7 @@ import logging
 import sys
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, ClassVar
@@ -37,6 +38,7 @@ from experiments.tracking import log_json, log_metrics, write_csv
 from pipeline.data import DATASETS, ImageSplit, dequantize, pad_images
 from pipeline.diagnostics import logdet_variance_report, total_logdet_std_bits_per_dim
 from pipeline.evaluation import EvalProtocol, diagonal_gaussian_baseline_bits_per_dim, evaluate_bits_per_dim
+from pipeline.fields import documented, when
 from pipeline.metrics import bits_per_dim
 from pipeline.models import FLOW_PRESETS, FlowArchitecture, IResNetFlow
 from pipeline.models.base import n_parameters
@@ -55,7 +57,8 @@ class DensityData:
     """The density run's data option beside the shared ones."""
 
     GROUP: ClassVar[str] = "data"
-    pad: int = 0  # zero pixels around each image (the reference code pads MNIST to 32x32)
+    # the reference code pads MNIST to 32x32
+    pad: int = documented(0, "zero pixels added on each side of every image (>= 0)")
 
 
 @dataclass(frozen=True)
@@ -63,8 +66,10 @@ class DensityTraining:
     """The density run's learning-rate decay (Adamax, after the shared warm-up)."""
 
     GROUP: ClassVar[str] = "training"
-    lr_schedule: str = "constant"  # or "cosine": decay to lr * lr_final_fraction at the last step
-    lr_final_fraction: float = 0.0
+    lr_schedule: str = documented("constant", "after the warm-up: constant, or cosine (decay to the last step)")
+    lr_final_fraction: float = documented(
+        0.0, "the cosine schedule's last rate as a fraction of lr, in [0, 1]", applies=when("lr_schedule", "cosine")
+    )
 
 
 @dataclass(frozen=True)
@@ -72,16 +77,21 @@ class DensityEvaluation:
     """The bits/dim evaluation's protocol and the end of run's samples and log-det variance report."""
 
     GROUP: ClassVar[str] = "evaluation"
-    eval_every: int = 5  # epochs between evaluations; 0: only after the last epoch
-    eval_batch_size: int = 250
-    eval_max_images: int = 0  # 0: the whole split
-    eval_subset: int = 200  # images of the evaluations before the last epoch (cheap; 0: as the last)
-    bias_tol: float = 1e-4
-    se_tol: float = 1e-3
-    max_passes: int = 20
-    n_samples: int = 64
-    sample_temperature: float = 1.0
-    variance_repeats: int = 16  # per-block log-det variance report at the end (0: off)
+    eval_every: int = documented(5, "epochs between evaluations (>= 0); 0: only after the last epoch")
+    eval_batch_size: int = documented(250, "images per evaluation forward (>= 1)")
+    eval_max_images: int = documented(0, "evaluate on the split's first N images (>= 0); 0: the whole split")
+    eval_subset: int = documented(
+        200, "images of the cheap evaluations before the last epoch (>= 0); 0: as many as the last",
+        applies=lambda o: o["eval_every"] > 0,
+    )  # fmt: skip
+    bias_tol: float = documented(1e-4, "largest truncation bias of the evaluation's power series (bits/dim, > 0)")
+    se_tol: float = documented(1e-3, "standard error (bits/dim, > 0) at which the evaluation's passes stop")
+    max_passes: int = documented(20, "most passes over the evaluated images (>= 1)")
+    n_samples: int = documented(64, "samples and reconstructions drawn at the end (>= 1)")
+    sample_temperature: float = documented(1.0, "temperature of the end-of-run samples (>= 0; 1: the model)")
+    variance_repeats: int = documented(
+        16, "draws of the per-block log-det variance report at the end (0: off, else >= 2)"
+    )
 
 
 @dataclass(frozen=True)
@@ -105,7 +115,7 @@ class DensityConfig(
     """
 
     ARCHITECTURES: ClassVar = FLOW_PRESETS
-    preset: str = "quick"
+    preset: str = documented("quick", "the entry point's preset: model and training settings (PRESETS)")
 
     # what a run checkpointed before these fields existed used (config_for_resume): the architecture's defaults,
     # which are the paper's flow
@@ -230,6 +240,7 @@ class DensityTask:
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
         self.eval_every = cfg.eval_every
+        self.loss_name = "bpd"
         self.eval_cpu_seconds = 0.0
 
     def prepare(self, images: Tensor) -> Tensor:
@@ -256,15 +267,15 @@ class DensityTask:
             baseline = diagonal_gaussian_baseline_bits_per_dim(
                 self.splits.train, self.splits.data.test, n_levels=self.n_levels, pad=self.cfg.pad
             )
-            log_metrics({"baseline_diagonal_gaussian_test_bpd": baseline})
+            log_metrics({"test/bpd_baseline_diagonal_gaussian": baseline}, 0)
 
     def step(self, forward: nn.Module, batch) -> tuple[Tensor, dict[str, Tensor]]:
         images, _ = batch
         zs, logdet = forward(self.prepare(images))
         bpd = bits_per_dim(self.model.prior_log_prob(zs) + logdet, self.model.dim, self.n_levels).mean()
-        return bpd, {"bpd": bpd.detach(), "logdet": logdet.detach().mean()}  # read at log_every, not per step
+        return bpd, {"logdet_nats": logdet.detach().mean()}  # read at log_every, not per step
 
-    def _bits_per_dim(self, split: ImageSplit, prefix: str, protocol: EvalProtocol) -> dict[str, float]:
+    def _bits_per_dim(self, split: ImageSplit, name: str, protocol: EvalProtocol) -> dict[str, float]:
         cfg = self.cfg
         return evaluate_bits_per_dim(
             self.model,
@@ -275,7 +286,7 @@ class DensityTask:
             protocol=protocol,
             progress=cfg.progress and self.ctx.is_main,
             ctx=self.ctx,
-        ).metrics(prefix)
+        ).metrics(name)
 
     def evaluate(self, epoch: int) -> dict[str, float]:
         started = time.process_time()
@@ -292,14 +303,33 @@ class DensityTask:
         if held_out and final:
             metrics |= self._bits_per_dim(self.splits.data.test, "test", protocol)
         self.eval_cpu_seconds += time.process_time() - started
-        return metrics | {"eval_cpu_seconds": self.eval_cpu_seconds}  # cumulative, this process
+        return metrics | {"eval/cpu_seconds": self.eval_cpu_seconds}  # cumulative, this process
 
-    def finalise(self, run_id: str) -> None:
+    def finalise(self, run_id: str, step: int, results: Mapping[str, float]) -> str:
         data = self.splits.data
-        _log_final_artifacts(self.model, data.test, data.n_levels, self.prepare, self.cfg, run_id, self.steps_per_epoch)
+        lipschitz = _log_final_artifacts(
+            self.model, data.test, data.n_levels, self.prepare, self.cfg, run_id, step, results
+        )
         # what evaluation cost next to everything this process did (training, artifacts, evaluation)
         total = time.process_time()
-        log_metrics({"process_cpu_seconds": total, "eval_cpu_fraction": self.eval_cpu_seconds / total})
+        log_metrics({"eval/process_cpu_seconds": total, "eval/cpu_fraction": self.eval_cpu_seconds / total}, step)
+        return headline(results, lipschitz, self.cfg, data.name, step)
+
+
+def headline(results: Mapping[str, float], lipschitz: float, cfg: DensityConfig, dataset: str, step: int) -> str:
+    """The run's result in a sentence (its description): test bits/dim with its standard error and how it was
+    estimated, the certified Lipschitz bound, the training."""
+    if "test/bpd" not in results:  # a run whose last epoch was evaluated by an earlier release
+        return f"{cfg.epochs} epochs ({step:,} steps) on {dataset}; every block certified Lipschitz <= {lipschitz:.4f}"
+    how = "unbiased Russian-roulette log-det" if results["test/unbiased"] else "Theorem-3 power series"
+    bias = "" if results["test/unbiased"] else f", bias <= {results['test/bias_bound_bpd']:.1e}"
+    converged = "converged" if results["test/converged"] else "**not converged** (max_passes reached)"
+    return (
+        f"**test {results['test/bpd']:.4f} ± {results['test/standard_error_bpd']:.4f} bits/dim** on "
+        f"{int(results['test/images']):,} {dataset} images ({how}{bias}, {converged}); every block certified "
+        f"Lipschitz <= {lipschitz:.4f} (c = {cfg.architecture_option('coeff'):.4g}); "
+        f"{cfg.epochs} epochs, {step:,} steps"
+    )
 
 
 def run(cfg: DensityConfig, *, on_epoch_end: EpochHook | None = None) -> str:
@@ -310,17 +340,19 @@ def run(cfg: DensityConfig, *, on_epoch_end: EpochHook | None = None) -> str:
     return run_training(cfg, DensityTask, on_epoch_end)
 
 
-def _log_history_figure(run_id: str, out: Path, steps_per_epoch: int) -> None:
+def _log_history_figure(run_id: str, out: Path, step: int, results: Mapping[str, float]) -> None:
+    """The bits/dim curves against the optimizer step; ``results`` (the model's, not logged yet) end the test curve."""
     client = mlflow.tracking.MlflowClient()
     fig, ax = new_figure()
-    for key, label in (("train_loss", "train (per step)"), ("test_bpd", "test"), ("val_bpd", "validation")):
-        history = sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)
-        scale = 1 if key == "train_loss" else steps_per_epoch  # evaluations are logged per epoch
-        if history:
+    for key, label in (("train/bpd", "train (per step)"), ("test/bpd", "test"), ("val/bpd", "validation")):
+        history = sorted(((m.step, m.value) for m in client.get_metric_history(run_id, key)), key=lambda m: m[0])
+        if key in results:
+            history.append((step, results[key]))
+        if history:  # every series is logged against the optimizer step
             ax.plot(
-                [m.step * scale for m in history],
-                [m.value for m in history],
-                marker="o" if key != "train_loss" else None,
+                [m[0] for m in history],
+                [m[1] for m in history],
+                marker="o" if key != "train/bpd" else None,
                 label=label,
             )
     ax.set_xlabel("optimizer step")
@@ -338,8 +370,11 @@ def _log_final_artifacts(
     prepare,
     cfg: DensityConfig,
     run_id: str,
-    steps_per_epoch: int,
-) -> None:
+    step: int,
+    results: Mapping[str, float],
+) -> float:
+    """Samples, reconstructions, figures and diagnostics at ``step``, then the model with its ``results``; returns
+    the largest certified Lipschitz bound of a block."""
     model.eval()
     crop = (slice(None), slice(None), slice(cfg.pad, -cfg.pad or None), slice(cfg.pad, -cfg.pad or None))
     with torch.random.fork_rng(devices=[]), tempfile.TemporaryDirectory() as tmp:
@@ -349,7 +384,7 @@ def _log_final_artifacts(
         report = InverseReport()
         samples = model.sample(cfg.n_samples, temperature=cfg.sample_temperature, report=report)
         save_image_grid(samples[crop] + 0.5, out / f"samples_T{cfg.sample_temperature:g}.png")
-        log_metrics({f"sample_{k}": v for k, v in report.summary().items()})
+        log_metrics({f"inverse/sample_{k}": v for k, v in report.summary().items()}, step)
         # reconstruction of encoded test images
         x = prepare(test.images[: cfg.n_samples])
         zs, _ = model(x)
@@ -358,28 +393,30 @@ def _log_final_artifacts(
         error = (x_rec - x).abs().flatten(1).max(dim=1).values
         log_metrics(
             {
-                "recon_max_abs_error": float(error.max()),
-                "recon_mean_abs_error": float(error.mean()),
-                **{f"recon_{k}": v for k, v in report.summary().items()},
-            }
+                "inverse/recon_max_abs_error": float(error.max()),
+                "inverse/recon_mean_abs_error": float(error.mean()),
+                **{f"inverse/recon_{k}": v for k, v in report.summary().items()},
+            },
+            step,
         )
         pairs = torch.stack([x[:32], x_rec[:32]], dim=1).flatten(0, 1)
         save_image_grid(pairs[crop] + 0.5, out / "reconstructions.png")
-        _log_history_figure(run_id, out / "history.png", max(1, steps_per_epoch))
+        _log_history_figure(run_id, out / "history.png", step, results)
         lips = model.lipschitz_bounds(method="certified")
         log_json(
             {"certified_lipschitz": lips, "estimated_lipschitz": model.lipschitz_bounds(method="estimate")},
             "lipschitz.json",
         )
-        log_metrics({"max_block_lipschitz_certified": max(lips)})
+        log_metrics({"lipschitz/max_block_certified": max(lips)}, step)
         if cfg.variance_repeats:  # how noisy the training log-det is, block by block
             rows = logdet_variance_report(model, x[:16], cfg.training_estimator(), n_repeats=cfg.variance_repeats)
             write_csv(rows, out / "logdet_variance.csv")
             log_metrics(
                 {
-                    "train_logdet_std_bpd": total_logdet_std_bits_per_dim(rows),
-                    "train_logdet_std_bpd_max_block": max(r["std_bits_per_dim"] for r in rows),
-                }
+                    "train/logdet_std_bpd": total_logdet_std_bits_per_dim(rows),
+                    "train/logdet_std_bpd_max_block": max(r["std_bits_per_dim"] for r in rows),
+                },
+                step,
             )
         mlflow.log_artifacts(str(out))
     log_pyfunc_model(
@@ -388,7 +425,10 @@ def _log_final_artifacts(
         {"n_levels": n_levels, "pad": cfg.pad, "dataset": cfg.dataset},
         test.images[:2].numpy(),
         register_as=cfg.register_model,
+        step=step,
+        results=results,
     )
+    return max(lips)
 
 
 # --- command line -------------------------------------------------------------------------------

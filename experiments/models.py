@@ -13,9 +13,11 @@ plain artifacts) load as before.
 
 from __future__ import annotations
 
+import logging
 import re
 import shutil
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +28,7 @@ from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, Schema, TensorSpec
 from torch import nn
 
-from experiments.tracking import active_run_id
+from experiments.tracking import active_run_id, log_metrics
 from experiments.tracking_store import PROJECT_ROOT, configure_tracking, retry_tracking_write
 from pipeline.models.scoring import input_shape
 
@@ -71,6 +73,9 @@ def log_pyfunc_model(
     *,
     name: str = MODEL_NAME,
     register_as: str | None = None,
+    step: int = 0,
+    results: Mapping[str, float] | None = None,
+    results_step: int | None = None,
 ) -> str:
     """Log ``model`` to the active run as an MLflow pyfunc model of ``kind``; returns its ``runs:/`` URI.
 
@@ -78,30 +83,52 @@ def log_pyfunc_model(
     normalisation of a classifier) and travels as the model's ``model_config``. With ``register_as`` the model
     becomes a new version of that registered model. MLflow checks the input example against the model before the
     model is logged (a served request of that form works).
+
+    ``results`` (its test bits/dim or error, at optimizer step ``step``, the state the model is of; or at
+    ``results_step``) are logged as the model's metrics first, so that the models list and the registry lead with
+    them; MLflow then links the run's other metrics at ``step`` to the model too. A model whose logging fails is
+    marked FAILED, not left PENDING.
     """
+    from mlflow.entities import LoggedModelStatus
+
     from pipeline.models.serialization import save_model
 
     run_id = active_run_id()
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp) / "network"
-        save_model(model, folder)
-        library = shutil.copytree(LIBRARY, Path(tmp) / LIBRARY.name, ignore=shutil.ignore_patterns("__pycache__"))
-        retry_tracking_write(
-            lambda: mlflow.pyfunc.log_model(
-                name=name,
-                python_model=str(PYFUNC_CODE),
-                artifacts={"model": str(folder)},
-                code_paths=[str(library)],
-                model_config={"kind": kind, **config},
-                signature=signature(kind, model, config),
-                input_example=input_example,
-                pip_requirements=_requirements(),
-                registered_model_name=register_as,
+    client = mlflow.MlflowClient()
+    params = client.get_run(run_id).data.params
+    logged = retry_tracking_write(lambda: mlflow.initialize_logged_model(name=name, model_type=kind, params=params))
+    try:
+        if results:
+            log_metrics(results, step if results_step is None else results_step, model_id=logged.model_id)
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(tmp) / "network"
+            save_model(model, folder)
+            library = shutil.copytree(LIBRARY, Path(tmp) / LIBRARY.name, ignore=shutil.ignore_patterns("__pycache__"))
+            retry_tracking_write(
+                lambda: mlflow.pyfunc.log_model(
+                    name=name,
+                    python_model=str(PYFUNC_CODE),
+                    artifacts={"model": str(folder)},
+                    code_paths=[str(library)],
+                    model_config={"kind": kind, **config},
+                    signature=signature(kind, model, config),
+                    input_example=input_example,
+                    pip_requirements=_requirements(),
+                    registered_model_name=register_as,
+                    step=step,
+                    model_id=logged.model_id,
+                )
             )
-        )
+    except BaseException:
+        try:
+            if client.get_logged_model(logged.model_id).status != LoggedModelStatus.READY:
+                client.finalize_logged_model(logged.model_id, LoggedModelStatus.FAILED)
+        except Exception:  # the store itself failed: the model stays PENDING, the run's failure says why
+            logging.getLogger(__name__).warning("could not mark logged model %s FAILED", logged.model_id)
+        raise
     uri = f"runs:/{run_id}/{name}"
     if name == MODEL_NAME:
-        mlflow.set_tag(MODEL_URI_TAG, uri)
+        retry_tracking_write(lambda: mlflow.set_tag(MODEL_URI_TAG, uri))
     return uri
 
 

@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
@@ -26,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from experiments import config as configuration
-from experiments.tracking import log_metrics, log_params_flat, tracked_run
+from experiments.tracking import log_metrics, log_params_flat, run_page, set_description, tracked_run
 from experiments.tracking_store import configure_tracking, retry_tracking_write
 from pipeline.data import DatasetNotFoundError, ImageDataset, ImageSplit, epoch_batches, load_dataset
 from pipeline.logging_setup import setup_logging
@@ -48,6 +49,7 @@ from pipeline.training.numerics import flush_denormals
 C = TypeVar("C")
 
 OVERSHOOT_LAYERS_PER_EPOCH = 8  # layers whose training-forward norm is measured each epoch (rotating)
+MODEL_RESULTS = "test/"  # the last epoch's metrics with this prefix are the trained model's: logged with the model
 
 
 # --- the training run ---------------------------------------------------------------------------
@@ -78,6 +80,11 @@ class TrainingTask(Protocol):
         """Epochs between evaluations (0: the last only)."""
         ...
 
+    @property
+    def loss_name(self) -> str:
+        """The training loss's metric name, with its unit (``bpd``, ``cross_entropy_nats``): ``train/<loss_name>``."""
+        ...
+
     def initialize(self) -> None:
         """A new run's data-dependent initialisation (ActNorm), under ``no_grad``, on every rank."""
 
@@ -93,8 +100,10 @@ class TrainingTask(Protocol):
     def evaluate(self, epoch: int) -> dict[str, float]:
         """Metrics after ``epoch``, on every rank (each scores its share of the images; every rank returns all)."""
 
-    def finalise(self, run_id: str) -> None:
-        """After the last epoch (rank 0): figures, artifacts, the model."""
+    def finalise(self, run_id: str, step: int, results: Mapping[str, float]) -> str:
+        """After the last epoch (rank 0): figures, artifacts, and the model with its ``results`` (the last epoch's
+        test metrics, :data:`MODEL_RESULTS`), metrics at ``step``, the last one; returns the run's headline (markdown,
+        its description)."""
 
 
 def run_training(
@@ -107,6 +116,7 @@ def run_training(
     ``cfg`` has the fields every training config has (data, batch, epochs, device, bookkeeping).
     Under ``torchrun`` the ranks train data-parallel (see :mod:`pipeline.training.distributed`).
     """
+    started = time.perf_counter()
     with deterministic_algorithms(cfg.deterministic), distributed_session(cfg.device) as (ctx, device):
         check_global_batch(cfg.batch_size, ctx)
         data = load_dataset(cfg.dataset, cfg.data_dir, download=cfg.download)  # fails before a run exists
@@ -123,11 +133,12 @@ def run_training(
         splits = Splits(data, train, validation)
         task = make_task(cfg, splits, device, ctx)
         with main_rank_run(cfg, ctx) as run_id:
-            state, checkpoint_path = start_or_resume(cfg, run_id, task, device, ctx)
+            resumed, checkpoint_path = start_or_resume(cfg, run_id, task, device, ctx)
+            state = resumed or LoopState()  # fit updates it in place: the epoch hooks read its step
             if ctx.is_main:
-                if state is None:
+                if resumed is None:
                     log_datasets(splits)
-                task.on_start(state is None)
+                task.on_start(resumed is None)
             forward = wrap_model(task.model, ctx, device)  # DDP under torchrun (after the initialisation)
             loop = LoopConfig(
                 log_metrics=log_metrics,
@@ -136,6 +147,8 @@ def run_training(
                 grad_clip=cfg.grad_clip,
                 log_every=cfg.log_every,
                 eval_every=task.eval_every,
+                loss_name=task.loss_name,
+                model_results=lambda key: key.startswith(MODEL_RESULTS),
                 amp=cfg.amp,
                 progress=cfg.progress,
                 distributed=ctx,
@@ -151,13 +164,23 @@ def run_training(
                 evaluate=task.evaluate,
                 checkpoint_extra={"config": asdict(cfg), "entry_point": configuration.entry_point_module(type(cfg))},
                 on_epoch_end=chain_epoch_hooks(
-                    lambda epoch, _: log_spectral_estimates(task.model, epoch), on_epoch_end
+                    lambda epoch, _: log_spectral_estimates(task.model, epoch, state.step), on_epoch_end
                 ),
             )
-            log_replica_consistency(task.model, ctx)
+            log_replica_consistency(task.model, ctx, state.step)
             if ctx.is_main:
-                task.finalise(run_id)
+                headline = task.finalise(run_id, state.step, state.model_results)
+                set_description(run_id, f"{headline}; {duration(time.perf_counter() - started)} in this process.")
     return run_id
+
+
+def duration(seconds: float) -> str:
+    """``4 min 7 s``, ``12 s``, ``2 h 3 min``."""
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    if hours:
+        return f"{hours} h {minutes} min"
+    return f"{minutes} min {secs} s" if minutes else f"{secs} s"
 
 
 def checkpoint_directory(cfg: Any, run_id: str) -> Path:
@@ -187,17 +210,20 @@ def main_rank_run(cfg: Any, ctx: DistributedContext = SINGLE_PROCESS) -> Iterato
         active = stack.enter_context(
             tracked_run(
                 cfg.experiment_name,
-                run_name=cfg.run_name,
+                run_name=cfg.run_name or configuration.default_run_name(cfg),
                 resume_run_id=cfg.resume,
                 log_system_metrics=cfg.log_system_metrics,
+                tags=configuration.run_tags(cfg),
             )
         )
         run_id = active.info.run_id
+        log = entry_point_logger(type(cfg))
         if not cfg.resume:
             stack.enter_context(checkpoint_lease(checkpoint_directory(cfg, run_id)))
-            entry_point_logger(type(cfg)).info(
-                "run %s started (continue it after an interruption with --resume %s)", run_id, run_id
-            )
+            log.info("run %s started (continue it after an interruption with --resume %s)", run_id, run_id)
+            set_description(run_id, f"Training ({configuration.default_run_name(cfg)}) ... continue it after an "
+                            f"interruption with `--resume {run_id}`.")  # fmt: skip
+        log.info("follow it in the MLflow UI: %s", run_page(mlflow.get_run(run_id)))
         try:
             yield broadcast_object(run_id, ctx)
         except KeyboardInterrupt as exc:
@@ -261,10 +287,14 @@ def log_datasets(splits: Splits) -> None:
 
 
 def _last_logged(run_id: str) -> tuple[int, int]:
-    """The last step of ``train_loss`` and the last epoch of ``epoch_seconds`` a run logged."""
+    """The last optimizer step a run logged training metrics at (``train/lr``) and the last epoch it logged the end
+    of (``train/epoch``); a run of an earlier release: the last step of ``train_loss``, the last epoch of
+    ``epoch_seconds`` (then logged against the epoch)."""
     client = mlflow.tracking.MlflowClient()
-    steps = [m.step for m in client.get_metric_history(run_id, "train_loss")]
-    epochs = [m.step for m in client.get_metric_history(run_id, "epoch_seconds")]
+    steps = [m.step for m in client.get_metric_history(run_id, "train/lr")]
+    epochs = [int(m.value) for m in client.get_metric_history(run_id, "train/epoch")]
+    steps += [m.step for m in client.get_metric_history(run_id, "train_loss")]
+    epochs += [m.step for m in client.get_metric_history(run_id, "epoch_seconds")]
     return max(steps, default=0), max(epochs, default=0)
 
 
@@ -279,9 +309,11 @@ def chain_epoch_hooks(*hooks: EpochHook | None) -> EpochHook:
     return call
 
 
-def log_spectral_estimates(model: nn.Module, epoch: int, prefix: str = "") -> None:
-    """Log every spectrally normalised layer's power-iteration estimate (and the steps it took) at ``epoch``,
-    and the largest training-forward norm / c on a rotating sample of layers (the soft mode's overshoot)."""
+def log_spectral_estimates(model: nn.Module, epoch: int, step: int, prefix: str = "") -> None:
+    """Log, at optimizer step ``step`` (the end of ``epoch``), every spectrally normalised layer's power-iteration
+    estimate (``weights/sigma_bNNN_lK``: a section of its own in the MLflow UI), the largest, the steps the power
+    iteration took, and the largest training-forward norm / c on a rotating sample of layers (the soft mode's
+    overshoot)."""
     from pipeline.diagnostics import spectral_estimates, training_norm_ratios
 
     rows = spectral_estimates(model)
@@ -290,24 +322,24 @@ def log_spectral_estimates(model: nn.Module, epoch: int, prefix: str = "") -> No
     sample = training_norm_ratios(
         model, max_layers=OVERSHOOT_LAYERS_PER_EPOCH, offset=epoch * OVERSHOOT_LAYERS_PER_EPOCH
     )
-    metrics = {f"sigma/b{r['block']:03d}_l{r['layer']}": r["sigma"] for r in rows}
-    steps = [r["power_iterations"] for r in rows]
+    metrics = {f"weights/sigma_b{r['block']:03d}_l{r['layer']}": r["sigma"] for r in rows}
+    iterations = [r["power_iterations"] for r in rows]
     metrics |= {
-        "sigma_max": max(r["sigma"] for r in rows),
-        "power_iterations_mean": sum(steps) / len(steps),
-        "power_iterations_max": max(steps),
-        "lipschitz_training_ratio_max": max(r["ratio"] for r in sample),
+        "lipschitz/sigma_max": max(r["sigma"] for r in rows),
+        "lipschitz/power_iterations_mean": sum(iterations) / len(iterations),
+        "lipschitz/power_iterations_max": max(iterations),
+        "lipschitz/training_ratio_max": max(r["ratio"] for r in sample),
     }
-    log_metrics({prefix + k: v for k, v in metrics.items()}, epoch)
+    log_metrics({prefix + k: v for k, v in metrics.items()}, step)
 
 
-def log_replica_consistency(model: nn.Module, ctx: DistributedContext, tolerance: float = 1e-4) -> None:
+def log_replica_consistency(model: nn.Module, ctx: DistributedContext, step: int, tolerance: float = 1e-4) -> None:
     """Under torchrun: check that every rank holds the same parameters and buffers (spectral state included)."""
     if not ctx.enabled:
         return
     deviation = replica_deviation(model, ctx)
     if ctx.is_main:
-        log_metrics({"ddp_replica_max_deviation": deviation, "ddp_world_size": ctx.world_size})
+        log_metrics({"ddp/replica_max_deviation": deviation, "ddp/world_size": ctx.world_size}, step)
         if deviation > tolerance:
             logging.getLogger(type(model).__module__).warning(
                 "replicas differ by up to %.3e across %d ranks", deviation, ctx.world_size

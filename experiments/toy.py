@@ -25,12 +25,13 @@ import torch
 from mlflow.data.numpy_dataset import from_numpy
 from torch import Tensor, nn
 
-from experiments.config import check_at_least, check_common, log_configuration
+from experiments.config import check_at_least, check_common, default_run_name, log_configuration, run_tags
 from experiments.models import log_pyfunc_model
 from experiments.options import ArchitectureOptions, EstimatorOptions, RunOptions
 from experiments.runner import EntryPoint, log_spectral_estimates
-from experiments.tracking import log_metrics, tracked_run, write_csv
+from experiments.tracking import log_metrics, run_page, set_description, tracked_run, write_csv
 from pipeline.data.toy import TOY_DATASETS, sample_toy
+from pipeline.fields import documented, when
 from pipeline.layers.branches import mlp_branch
 from pipeline.layers.spectral import SpectralConfig
 from pipeline.models import VECTOR_FLOW_PRESETS, FlowModel, VectorFlow
@@ -38,7 +39,7 @@ from pipeline.models.base import n_parameters
 from pipeline.models.glow import matched_glow
 from pipeline.plotting import new_figure, save_figure
 from pipeline.training.device import check_device_name, deterministic_algorithms, resolve_device
-from pipeline.training.loop import LoopConfig, fit
+from pipeline.training.loop import LoopConfig, LoopState, fit
 from pipeline.transforms import ExactLogDet, InvertibleResidualBlock
 
 log = logging.getLogger("experiments.toy")
@@ -51,19 +52,21 @@ class ToyOptions:
     """What the toy run trains and draws: datasets, models, steps, the density grid, the 1-D dynamics of Fig. 1."""
 
     GROUP: ClassVar[str] = "toy"
-    datasets: str = "8gaussians"  # comma-separated names, or "all"
-    models: str = "glow,iresnet"  # comma-separated names from TOY_MODELS
-    steps: int = 2000
-    steps_per_epoch: int = 250  # checkpoint and log epoch metrics this often
-    batch_size: int = 256
-    lr: float = 1e-3
-    n_test: int = 5000
-    grid_size: int = 150
-    grid_limit: float = 4.5
-    n_samples: int = 2000
-    dynamics: bool = True  # also train the 1-D ResNet vs i-ResNet of Fig. 1
-    dynamics_depth: int = 10
-    dynamics_steps: int = 3000
+    datasets: str = documented("8gaussians", "comma-separated toy datasets (pipeline.data.toy), or all")
+    models: str = documented("glow,iresnet", "comma-separated models of TOY_MODELS: glow, iresnet")
+    steps: int = documented(2000, "optimizer steps per model and dataset (>= 1)")
+    steps_per_epoch: int = documented(250, "steps between checkpoints and epoch metrics (>= 1)")
+    batch_size: int = documented(256, "points per optimizer step (>= 1)")
+    lr: float = documented(1e-3, "Adam's learning rate (> 0)")
+    n_test: int = documented(5000, "test points per dataset, scored with the exact log-det (>= 1)")
+    grid_size: int = documented(150, "points per side of the density grid of Fig. 2 (>= 2)")
+    grid_limit: float = documented(4.5, "the density grid spans [-limit, limit] on both axes (> 0)")
+    n_samples: int = documented(2000, "samples drawn from each trained model (>= 1)")
+    dynamics: bool = documented(True, "also train the 1-D ResNet and i-ResNet of Fig. 1")
+    dynamics_depth: int = documented(
+        10, "blocks of the 1-D networks of Fig. 1 (even, >= 2)", applies=when("dynamics", True)
+    )
+    dynamics_steps: int = documented(3000, "training steps of each 1-D network (>= 1)", applies=when("dynamics", True))
 
 
 @dataclass(frozen=True)
@@ -77,7 +80,7 @@ class ToyConfig(ToyOptions, EstimatorOptions, ArchitectureOptions, RunOptions):
 
     ARCHITECTURES: ClassVar = VECTOR_FLOW_PRESETS
     FROM_DATA: ClassVar = ("dim",)
-    preset: str = "quick"
+    preset: str = documented("quick", "the entry point's preset (PRESETS)")
 
     def dataset_names(self) -> list[str]:
         names = sorted(TOY_DATASETS) if self.datasets == "all" else [n.strip() for n in self.datasets.split(",")]
@@ -153,7 +156,9 @@ def grid_mass(coords: np.ndarray, density: np.ndarray) -> float:
 
 def train_toy_model(
     model: FlowModel, dataset: str, cfg: ToyConfig, device: torch.device, prefix: str, checkpoint: Path
-) -> FlowModel:
+) -> tuple[FlowModel, int]:
+    """Train ``model`` on ``dataset``, its metrics under ``prefix`` (``8gaussians/glow/train/nll_nats``); returns the
+    model (in evaluation mode) and the optimizer steps it took."""
     model.to(device)
     with torch.no_grad():  # ActNorm's data-dependent initialisation
         model(sample_toy(dataset, 1024, seed=cfg.seed + 7).to(device))
@@ -176,7 +181,9 @@ def train_toy_model(
         log_every=50,
         progress=cfg.progress,
         metric_prefix=prefix,
+        loss_name="nll_nats",
     )
+    state = LoopState()
     fit(
         model,
         optimizer,
@@ -184,9 +191,10 @@ def train_toy_model(
         batches,
         step_fn,
         loop,
-        on_epoch_end=lambda epoch, _: log_spectral_estimates(model, epoch, prefix=prefix),
+        state=state,
+        on_epoch_end=lambda epoch, _: log_spectral_estimates(model, epoch, state.step, prefix=prefix),
     )
-    return model.eval()
+    return model.eval(), state.step
 
 
 # --- Fig. 1: 1-D dynamics -----------------------------------------------------------------------
@@ -246,7 +254,7 @@ def _dynamics_figure(cfg: ToyConfig, device: torch.device, out: Path) -> dict[st
         with torch.no_grad():
             states = net(inputs)
         crossings = count_crossings(states)
-        metrics[f"dynamics_crossings_{name.lower().replace('-', '')}"] = crossings
+        metrics[f"dynamics/crossings_{name.lower().replace('-', '')}"] = crossings
         ax = fig.add_subplot(1, 2, i + 1)
         paths = torch.cat(states, dim=1).cpu().numpy()
         for path in paths:
@@ -265,14 +273,15 @@ def _train_and_score(
     """Train model ``name`` on ``dataset``; its exact test NLL, density grid (saved) and samples' figure."""
     torch.manual_seed(cfg.seed)
     prefix = f"{dataset}/{name}/"
-    model = train_toy_model(TOY_MODELS[name](cfg), dataset, cfg, device, prefix, checkpoint)
+    model, steps = train_toy_model(TOY_MODELS[name](cfg), dataset, cfg, device, prefix, checkpoint)
     with torch.no_grad(), model.estimator(EXACT):
         nll = float(-model.log_prob(test).mean())
         samples = model.sample(cfg.n_samples).cpu().numpy()
     coords, density = density_grid(model, cfg.grid_limit, cfg.grid_size, device)
     mass = grid_mass(coords, density)
-    log_metrics({f"{prefix}test_nll": nll, f"{prefix}grid_mass": mass})
-    # the model as an MLflow Model of the run (the i-ResNet and the Glow baseline alike)
+    # the model as an MLflow Model of the run (the i-ResNet and the Glow baseline alike), with its test scores. A run
+    # holds several models on one step axis: each is linked to its own scores, none by step (MLflow would link the
+    # other models' metrics at the same step to it), hence its output at step 0
     log_pyfunc_model(
         model.cpu(),
         "toy",
@@ -280,6 +289,8 @@ def _train_and_score(
         test[:2].cpu().numpy().astype(np.float32),
         name=f"{dataset}-{name}",
         register_as=f"{cfg.register_model}-{dataset}-{name}" if cfg.register_model else None,
+        results={f"{prefix}test/nll_nats": nll, f"{prefix}test/grid_mass": mass},
+        results_step=steps,
     )
     model.to(device)
     np.save(out / f"density_{dataset}_{name}.npy", density)
@@ -324,11 +335,16 @@ def run(cfg: ToyConfig) -> str:
     with (
         deterministic_algorithms(cfg.deterministic),
         tracked_run(
-            cfg.experiment_name or "toy", run_name=cfg.run_name, log_system_metrics=cfg.log_system_metrics
+            cfg.experiment_name or "toy",
+            run_name=cfg.run_name or default_run_name(cfg),
+            log_system_metrics=cfg.log_system_metrics,
+            tags=run_tags(cfg),
         ) as active,
         tempfile.TemporaryDirectory() as tmp,
     ):
         run_id, out = active.info.run_id, Path(tmp)
+        log.info("follow it in the MLflow UI: %s", run_page(mlflow.get_run(run_id)))
+        set_description(run_id, f"Training {', '.join(model_names)} on {', '.join(datasets)} ...")
         log_configuration(cfg, cfg.resolved_architecture(dim=2))
         rows = []
         fig, axes = new_figure(3.2 * (1 + len(model_names)), 3.2 * len(datasets))
@@ -347,8 +363,10 @@ def run(cfg: ToyConfig) -> str:
         save_figure(fig, out / "fig2_densities.png")
         write_csv(rows, out / "test_nll.csv")
         if cfg.dynamics:
-            log_metrics(_dynamics_figure(cfg, device, out))
+            log_metrics(_dynamics_figure(cfg, device, out), 0)
         mlflow.log_artifacts(str(out))
+        scores = "; ".join(f"{row['dataset']} {row['model']} {row['test_nll_nats']:.3f}" for row in rows)
+        set_description(run_id, f"**test NLL (nats)**: {scores} (test_nll.csv, fig2_densities.png)")
         return run_id
 
 

@@ -10,29 +10,77 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Callable, Iterator
+import re
+import time
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import mlflow
+from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
-from experiments.tracking_store import PROJECT_ROOT, configure_tracking, default_tracking_uri, retry_tracking_write
+from experiments.tracking_store import configure_tracking, retry_tracking_write
 
 log = logging.getLogger(__name__)
 
 
+# What a run is, as run tags every training run writes: the report selects runs by them, wherever they are
+ENTRY_POINT_TAG = "entry_point"  # density, classify, toy, sweep
+PRESET_TAG = "preset"
+# The experiment's kind: MLflow 3's UI shows a "custom_model_development" experiment in its training views
+EXPERIMENT_KIND_TAG, TRAINING_KIND = "mlflow.experimentKind", "custom_model_development"
+DESCRIPTION_TAG = "mlflow.note.content"  # the run's description, shown (as markdown) on its overview page
+RUN_NAME_TAG = "mlflow.runName"
+
+
 def experiment_id(name: str) -> str:
-    """The id of experiment ``name``, created (artifacts in ``<project>/mlartifacts``) if new."""
+    """The id of experiment ``name``, created if new: its artifacts beside the SQLite store (``<project>/mlartifacts``
+    for the default store), else in the store's default location; tagged as a training experiment."""
     client = MlflowClient()
     existing = client.get_experiment_by_name(name)
     if existing is not None:
         return existing.experiment_id
     location = None
-    if mlflow.get_tracking_uri() == default_tracking_uri():
-        location = (PROJECT_ROOT / "mlartifacts").as_uri()
-    return client.create_experiment(name, artifact_location=location)
+    uri = mlflow.get_tracking_uri()
+    if uri.startswith("sqlite:///"):
+        location = (Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlartifacts").as_uri()
+    return client.create_experiment(name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: TRAINING_KIND})
+
+
+def mark_training_experiment(experiment: str) -> None:
+    """Tag experiment ``experiment`` (an id) as a training experiment, unless it already has a kind."""
+    client = MlflowClient()
+    if EXPERIMENT_KIND_TAG not in client.get_experiment(experiment).tags:
+        retry_tracking_write(lambda: client.set_experiment_tag(experiment, EXPERIMENT_KIND_TAG, TRAINING_KIND))
+
+
+def run_page(run: mlflow.entities.Run) -> str:
+    """Where to look at ``run`` in the MLflow UI (in its training view): the server's address for a tracking server,
+    else the ``mlflow ui`` command and the page it serves."""
+    path = f"#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}?workflowType=machine_learning"
+    uri = mlflow.get_tracking_uri()
+    if uri.startswith(("http://", "https://")):
+        return f"{uri.rstrip('/')}/{path}"
+    return f"mlflow ui --backend-store-uri {uri}, then http://127.0.0.1:5000/{path}"
+
+
+def is_generated_run_name(name: str) -> bool:
+    """Whether ``name`` is one MLflow made up (``welcoming-wolf-820``: its own words and a number), not a user's."""
+    from mlflow.utils import name_utils
+
+    match = re.fullmatch(r"([a-z]+)-([a-z]+)-(\d+)", name or "")
+    if match is None:
+        return False
+    return match[1] in name_utils._GENERATOR_PREDICATES and match[2] in name_utils._GENERATOR_NOUNS
+
+
+def set_description(run_id: str, text: str) -> None:
+    """The run's description (MLflow's ``mlflow.note.content``, markdown), replacing what it said before."""
+    client = MlflowClient()
+    retry_tracking_write(lambda: client.set_tag(run_id, DESCRIPTION_TAG, text[:5000]))
 
 
 def run_status(run_id: str) -> str:
@@ -69,11 +117,15 @@ def tracked_run(
     run_name: str | None = None,
     resume_run_id: str | None = None,
     log_system_metrics: bool = False,
+    tags: Mapping[str, str] | None = None,
 ) -> Iterator[mlflow.ActiveRun]:
     """Start (or resume) a run; mark it FAILED if the body raises (KILLED on Ctrl-C or :class:`RunStopped`).
 
     With a run already active (a sweep's parent run), the new run is nested under it. ``log_system_metrics``
-    starts MLflow's monitor of CPU, memory and GPU use (``system/*`` metrics, every 10 s by default).
+    starts MLflow's monitor of CPU, memory and GPU use (``system/*`` metrics, every 10 s by default). ``tags`` (what
+    the run is: :data:`ENTRY_POINT_TAG`, :data:`PRESET_TAG`) are set on a new run. A run launched by ``mlflow run``
+    takes ``run_name`` where MLflow made its name up; a name given with ``mlflow run --run-name`` stays. The run's
+    experiment is tagged as a training experiment (MLflow's UI then shows it in its training view).
     """
     system: bool | None = True if log_system_metrics else None  # None: MLflow's own default (its environment)
     configure_tracking()
@@ -107,6 +159,7 @@ def tracked_run(
         )
     try:
         if not resume_run_id:
+            _identify(run, run_name, tags or {})
             for hook in list(_RUN_START_HOOKS):
                 hook(run.info.run_id)
         yield run
@@ -122,6 +175,16 @@ def tracked_run(
         mlflow.end_run(status="FINISHED")
 
 
+def _identify(run: mlflow.ActiveRun, run_name: str | None, tags: Mapping[str, str]) -> None:
+    """A new run's tags and name, and its experiment's kind."""
+    client = MlflowClient()
+    run_id = run.info.run_id
+    named = {RUN_NAME_TAG: run_name} if run_name and is_generated_run_name(run.info.run_name) else {}
+    for key, value in {**tags, **named}.items():
+        retry_tracking_write(partial(client.set_tag, run_id, key, value))
+    mark_training_experiment(run.info.experiment_id)
+
+
 def active_run_id() -> str:
     """The id of MLflow's active run (a clear error where there is none)."""
     run = mlflow.active_run()
@@ -130,14 +193,54 @@ def active_run_id() -> str:
     return run.info.run_id
 
 
-def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
-    """``mlflow.log_metrics`` to the active run, retried with backoff while the store is locked or unreachable.
+MAX_METRICS_PER_BATCH = 1000  # MLflow's limit of one log_batch request
 
-    MLflow's SQLite store waits 20 s for a lock; a store held longer (a backup, a long query from another
-    process) would otherwise crash a training over a metric. After the retries the error propagates and
-    the run ends FAILED.
+
+def log_metrics(metrics: Mapping[str, float], step: int, *, model_id: str | None = None) -> None:
+    """``metrics`` at optimizer step ``step`` of the active run, retried with backoff while the store is locked or
+    unreachable; with ``model_id``, also as that logged model's metrics.
+
+    Written through the client, so a metric is linked to a logged model only where ``model_id`` says so (MLflow's
+    fluent API would link every later metric at the model's step to it). MLflow's SQLite store waits 20 s for a
+    lock; a store held longer (a backup, a long query from another process) would otherwise crash a training over a
+    metric. After the retries the error propagates and the run ends FAILED.
     """
-    retry_tracking_write(lambda: mlflow.log_metrics(metrics, step=step))
+    run_id, client, now = active_run_id(), MlflowClient(), int(time.time() * 1000)
+    batch = [Metric(key, float(value), now, step, model_id=model_id) for key, value in metrics.items()]
+    for start in range(0, len(batch), MAX_METRICS_PER_BATCH):
+        part = batch[start : start + MAX_METRICS_PER_BATCH]
+        retry_tracking_write(partial(client.log_batch, run_id, metrics=part))
+
+
+# the metrics of runs logged before the names were grouped by prefix: a reader of old runs reads these too
+LEGACY_METRIC_NAMES: dict[str, tuple[str, ...]] = {
+    "test/bpd": ("test_bpd",),
+    "test/standard_error_bpd": ("test_standard_error",),
+    "test/bias_bound_bpd": ("test_bias_bound",),
+    "test/images": ("test_n_images",),
+    "test/series_terms": ("test_n_terms",),
+    "test/passes": ("test_n_passes",),
+    "test/max_block_lipschitz": ("test_max_block_lipschitz",),
+    "test/converged": ("test_converged",),
+    "test/unbiased": ("test_unbiased",),
+    "val/bpd": ("val_bpd",),
+    "test/error_percent": ("test_error",),
+    "val/error_percent": ("val_error",),
+    "lipschitz/certified_invertible": ("certified_invertible",),
+    "lipschitz/max_block_certified": ("max_block_lipschitz", "max_block_lipschitz_certified"),
+    "eval/cpu_fraction": ("eval_cpu_fraction",),
+    "train/epoch_seconds": ("epoch_seconds",),
+}
+
+
+def metric_value(metrics: Mapping[str, Any], name: str, prefix: str = "") -> Any:
+    """Metric ``name`` of a run (``run.data.metrics``, or a row of ``mlflow.search_runs`` with ``prefix="metrics."``),
+    under its name or, for a run of an earlier release, its old one; ``None`` where it has neither."""
+    for key in (name, *LEGACY_METRIC_NAMES.get(name, ())):
+        value = metrics.get(prefix + key)
+        if value is not None and value == value:  # not NaN (a column of search_runs that this run lacks)
+            return value
+    return None
 
 
 def _end_active_run(status: str, tag: str, reason: str) -> None:
@@ -158,12 +261,17 @@ def _end_active_run(status: str, tag: str, reason: str) -> None:
             log.exception("could not record run %s as %s", run_id, status)
     try:
         retry_tracking_write(lambda: client.set_tag(run_id, tag, reason[:5000]), attempts=2)
+        # the description (the run page's first line) says so too, before what it said of the run
+        before = client.get_run(run_id).data.tags.get(DESCRIPTION_TAG, "")
+        set_description(run_id, f"**{status}**: {reason[:1000]}" + (f"\n\n{before}" if before else ""))
     except Exception:
         log.exception("could not tag run %s with its %s reason", run_id, tag)
 
 
 @contextmanager
-def orchestrator_run(experiment_name: str, *, run_name: str | None = None) -> Iterator[str]:
+def orchestrator_run(
+    experiment_name: str, *, run_name: str | None = None, tags: Mapping[str, str] | None = None
+) -> Iterator[str]:
     """A run for a job that starts other runs (``reproduce``): its id, never the active (fluent) run.
 
     Under ``mlflow run`` it is the launched run, claimed here first, so that no training started
@@ -177,6 +285,9 @@ def orchestrator_run(experiment_name: str, *, run_name: str | None = None) -> It
     run_id = launched or client.create_run(experiment_id(experiment_name), run_name=run_name).info.run_id
     if launched and run_name:
         client.set_tag(run_id, "mlflow.runName", run_name)
+    for key, value in (tags or {}).items():
+        retry_tracking_write(partial(client.set_tag, run_id, key, value))
+    mark_training_experiment(client.get_run(run_id).info.experiment_id)
     try:
         yield run_id
     except KeyboardInterrupt:

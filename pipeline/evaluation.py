@@ -101,6 +101,20 @@ class EvalProtocol:
 EVAL_ESTIMATORS = ("auto", "power_series", "russian_roulette")
 
 
+# BitsPerDimEstimate's fields as metric names, with their units
+METRIC_NAMES = {
+    "bpd": "bpd",
+    "standard_error": "standard_error_bpd",
+    "bias_bound": "bias_bound_bpd",
+    "n_terms": "series_terms",
+    "n_passes": "passes",
+    "n_images": "images",
+    "max_block_lipschitz": "max_block_lipschitz",
+    "converged": "converged",
+    "unbiased": "unbiased",
+}
+
+
 @dataclass(frozen=True)
 class BitsPerDimEstimate:
     bpd: float
@@ -113,8 +127,11 @@ class BitsPerDimEstimate:
     converged: bool  # both tolerances met
     unbiased: bool  # the Russian-roulette estimator (bias 0); else the Theorem-3 power series
 
-    def metrics(self, prefix: str) -> dict[str, float]:
-        return {f"{prefix}_{k}": float(v) for k, v in asdict(self).items()}
+    def metrics(self, split: str) -> dict[str, float]:
+        """The estimate as metrics of ``split`` (``test``, ``val``), named with their units: ``test/bpd``,
+        ``test/standard_error_bpd``, ``test/bias_bound_bpd``, ``test/series_terms``, ``test/passes``, ``test/images``,
+        ``test/max_block_lipschitz``, ``test/converged`` and ``test/unbiased`` (1 or 0)."""
+        return {f"{split}/{METRIC_NAMES[k]}": float(v) for k, v in asdict(self).items()}
 
     @property
     def estimator(self) -> str:

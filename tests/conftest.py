@@ -50,7 +50,12 @@ def _empty_sqlite_store(tmp_path_factory) -> Path:
     """An empty tracking store with MLflow's tables, made once per test process: creating the tables (the schema's
     migrations) costs about 1.5 CPU-s, copying the file a few ms."""
     path = tmp_path_factory.mktemp("template") / "mlflow.db"
-    mlflow.MlflowClient(f"sqlite:///{path}").search_experiments()
+    cwd = Path.cwd()
+    os.chdir(path.parent)  # the Default experiment's artifacts go to ./mlruns as the store is made: not the checkout's
+    try:
+        mlflow.MlflowClient(f"sqlite:///{path}").search_experiments()
+    finally:
+        os.chdir(cwd)
     return path
 
 

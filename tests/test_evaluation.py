@@ -64,7 +64,7 @@ def test_both_protocols_agree_with_the_exact_log_det(trained, estimator):
     # within four standard errors plus the (bounded) truncation bias
     assert abs(est.bpd - exact) < 4 * est.standard_error + est.bias_bound + 1e-4, (est, exact)
     assert math.isfinite(est.standard_error) and est.standard_error < 2e-3
-    assert est.metrics("test")["test_unbiased"] == float(est.unbiased)
+    assert est.metrics("test")["test/unbiased"] == float(est.unbiased)
 
 
 def test_an_unknown_evaluation_estimator_is_refused():

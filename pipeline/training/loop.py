@@ -19,7 +19,7 @@ import math
 import time
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +89,10 @@ class LoopConfig:
     amp: bool = False  # bfloat16 autocast (CUDA only)
     progress: bool = True
     metric_prefix: str = ""  # e.g. "8gaussians/glow/" when several models train inside one run
+    loss_name: str = "loss"  # the loss's metric, with its unit: train/bpd, train/cross_entropy_nats
+    # the last epoch's metrics that are the trained model's results (its test scores): not logged here but kept in
+    # LoopState.model_results (and the checkpoint), for the caller to log with the model it logs
+    model_results: Callable[[str], bool] | None = None
     log_metrics: MetricSink | None = None  # where metrics go, e.g. experiments.tracking.log_metrics (None: nowhere)
     distributed: DistributedContext = SINGLE_PROCESS
 
@@ -101,6 +105,7 @@ class LoopState:
     # reproduce those values exactly, so they are not logged twice
     logged_step: int = 0
     logged_epoch: int = 0
+    model_results: dict[str, float] = field(default_factory=dict)  # see LoopConfig.model_results
 
 
 StepFn = Callable[[Any], tuple[Tensor, Mapping[str, Tensor | float]]]  # metrics: detached 0-d tensors (no sync)
@@ -116,6 +121,7 @@ def _checkpoint_state(
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "epoch": state.epoch,
         "step": state.step,
+        "model_results": state.model_results,
         "rng": rngs[0],
         "rng_per_rank": rngs,
         **extra,
@@ -143,7 +149,8 @@ def restore(
             f"(this run has {ctx.world_size}) so every rank continues its own random stream"
         )
     set_rng_state(per_rank[ctx.rank])
-    return LoopState(epoch=ckpt["epoch"], step=ckpt["step"]), ckpt
+    results = {k: float(v) for k, v in (ckpt.get("model_results") or {}).items()}  # absent before this release
+    return LoopState(epoch=ckpt["epoch"], step=ckpt["step"], model_results=results), ckpt
 
 
 def fit(
@@ -164,7 +171,12 @@ def fit(
 
     ``batches(epoch)`` yields the epoch's batches; ``step_fn(batch) -> (loss, metrics)`` computes
     the loss in train mode; ``evaluate(epoch) -> metrics`` runs every ``eval_every`` epochs and
-    after the last. ``scheduler`` steps once per optimizer step.
+    after the last. ``scheduler`` steps once per optimizer step. ``state`` is updated in place.
+
+    Every metric is logged against the optimizer step, so that evaluations overlay the training curve: per step
+    (every ``log_every``) ``train/<loss_name>``, ``train/<metric>``, ``train/lr``; at each epoch's end the epoch's
+    means (``train/<metric>_epoch_mean``), ``train/epoch``, ``train/epoch_seconds``, ``train/images_per_second``
+    and ``evaluate``'s metrics, all at the epoch's last step.
     """
     state = state or LoopState()
     device = next(model.parameters()).device
@@ -198,7 +210,7 @@ def fit(
                 )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            metrics: dict[str, Tensor | float] = {"loss": loss.detach(), **step_metrics}
+            metrics: dict[str, Tensor | float] = {config.loss_name: loss.detach(), **step_metrics}
             if config.grad_clip > 0:
                 metrics["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
             optimizer.step()
@@ -214,19 +226,23 @@ def fit(
                 logged = mean_over_ranks(metrics, ctx, device)
                 if ctx.is_main and config.log_metrics is not None:
                     config.log_metrics(
-                        {f"{config.metric_prefix}train_{k}": v for k, v in logged.items()}
-                        | {f"{config.metric_prefix}lr": optimizer.param_groups[0]["lr"]},
+                        {f"{config.metric_prefix}train/{k}": v for k, v in logged.items()}
+                        | {f"{config.metric_prefix}train/lr": optimizer.param_groups[0]["lr"]},
                         state.step,
                     )
-                bar.set_postfix(loss=f"{logged['loss']:.4g}")
+                bar.set_postfix({config.loss_name: f"{logged[config.loss_name]:.4g}"})
         bar.close()
         seconds = time.perf_counter() - started
-        epoch_metrics: dict[str, Any] = {f"epoch_train_{k}": v / max(count, 1) for k, v in totals.items()}
-        epoch_metrics |= {"epoch_seconds": seconds, "train_images_per_second": seen / seconds if seconds else math.nan}
+        epoch_metrics: dict[str, Any] = {f"train/{k}_epoch_mean": v / max(count, 1) for k, v in totals.items()}
+        epoch_metrics |= {
+            "train/epoch_seconds": seconds,
+            "train/images_per_second": seen / seconds if seconds else math.nan,
+        }
         epoch_metrics = mean_over_ranks(epoch_metrics, ctx, device)  # one host sync per epoch
-        epoch_metrics["train_images_per_second"] *= ctx.world_size  # every rank's images, in the same time
+        epoch_metrics["train/images_per_second"] *= ctx.world_size  # every rank's images, in the same time
+        epoch_metrics["train/epoch"] = epoch  # the step axis is the optimizer step: which epoch ends here
         if device.type == "cuda":  # this process's (rank 0's under torchrun) peak allocation during the epoch
-            epoch_metrics["gpu_peak_memory_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+            epoch_metrics["train/gpu_peak_memory_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
         # a finite loss can still come with an update that overflowed: never checkpoint (or evaluate) such a state
         bad = non_finite_state(model, optimizer) if ctx.is_main else []
         if any_rank(bool(bad), ctx, device):
@@ -242,9 +258,13 @@ def fit(
         if evaluate is not None and eval_epoch:  # on every rank: an evaluation shards its images over the ranks
             epoch_metrics |= evaluate(epoch)
         rngs = all_gather_object(rng_state(), ctx)
+        named = {f"{config.metric_prefix}{k}": v for k, v in epoch_metrics.items()}
+        if epoch == config.epochs and config.model_results is not None:
+            state.model_results = {k: float(v) for k, v in named.items() if config.model_results(k)}
+            named = {k: v for k, v in named.items() if k not in state.model_results}
         if ctx.is_main:
             if config.log_metrics is not None and epoch > state.logged_epoch:
-                config.log_metrics({f"{config.metric_prefix}{k}": v for k, v in epoch_metrics.items()}, epoch)
+                config.log_metrics(named, state.step)
             log.info("epoch %d: %s", epoch, ", ".join(f"{k}={v:.4g}" for k, v in epoch_metrics.items()))
             try:
                 save_checkpoint(

@@ -1,18 +1,24 @@
 """Configuration: option groups declared once, the model group as the library's architecture, presets as data,
 options from type hints, and a setting's path to the layers."""
 
+import sys
 from dataclasses import dataclass
 
 import pytest
 
-from experiments import classify, density, toy
+from analysis import report, reproduce
+from experiments import classify, density, sweep, toy
 from experiments.config import (
     build_parser,
+    default_run_name,
     flat_options,
     grouped_config,
     option_groups,
+    option_help,
     option_types,
     parse_config,
+    run_parameters,
+    run_tags,
     set_options,
 )
 from experiments.options import ArchitectureOptions
@@ -148,3 +154,37 @@ def test_the_help_lists_options_by_group_and_a_second_preset_is_refused(capsys):
     with pytest.raises(SystemExit):  # mlflow run appends -P preset=... after the entry point's own --preset
         parse_config(density.DensityConfig, density.PRESETS, ["--preset", "quick", "--preset", "paper-mnist"], None)
     assert "choose it by the entry point (-e density-paper-mnist)" in capsys.readouterr().err
+
+
+ENTRY_CONFIGS = [
+    density.DensityConfig, classify.ClassifyConfig, toy.ToyConfig, sweep.SweepConfig, report.ReportConfig,
+    reproduce.ReproduceConfig,
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("config_cls", ENTRY_CONFIGS, ids=lambda c: c.__name__)
+def test_every_option_of_every_entry_point_has_one_line_of_help_in_its_help(config_cls):
+    helps = option_help(config_cls)
+    assert helps and all(text and "\n" not in text for text in helps.values()), [n for n, t in helps.items() if not t]
+    module = sys.modules[config_cls.__module__]
+    text = " ".join(build_parser(config_cls, getattr(module, "PRESETS", None), None).format_help().split())
+    for name, help_text in helps.items():
+        if name == "preset":  # its own line: the choices and the default
+            assert "--preset {" in text and "the preset every unset option takes its value from" in text
+            continue
+        assert f"--{name.replace('_', '-')}" in text and " ".join(help_text.split())[:40] in text, name
+
+
+def test_a_run_logs_as_parameters_only_the_options_that_apply_to_it():
+    roulette = run_parameters(density.config_from_preset("quick"))
+    assert roulette["estimator"] == "russian_roulette" and "n_exact_terms" in roulette and "n_terms" not in roulette
+    assert "data_dir" not in roulette and "download" not in roulette  # unset: the embedded digits
+    series = run_parameters(density.config_from_preset("quick", estimator="power_series", n_terms=3))
+    assert series["n_terms"] == "3" and "n_exact_terms" not in series and "roulette_p" not in series
+    assert "momentum" not in run_parameters(classify.config_from_preset("quick", optimizer="adam"))
+
+
+def test_a_run_is_named_by_its_entry_point_preset_and_changed_options():
+    cfg = density.config_from_preset("quick", coeff=0.7, epochs=2, device="cpu")
+    assert default_run_name(cfg) == "density-quick epochs=2 coeff=0.7"  # where it runs is not what it trains
+    assert run_tags(cfg) == {"entry_point": "density", "preset": "quick"}

@@ -70,15 +70,20 @@ def test_mlflow_project_entry_point_end_to_end(store):
     row = finished_runs("density").set_index("run_id").loc[submitted.run_id]
     assert config(row, "dataset") == "digits8x8" and config(row, "n_blocks") == "1,1"  # the report reads it
     for key in (
-        "test_bpd",
-        "test_standard_error",
-        "test_bias_bound",
-        "test_n_terms",
-        "train_loss",
-        "baseline_diagonal_gaussian_test_bpd",
-        "recon_max_abs_error",
+        "test/bpd",
+        "test/standard_error_bpd",
+        "test/bias_bound_bpd",
+        "test/series_terms",
+        "train/bpd",
+        "test/bpd_baseline_diagonal_gaussian",
+        "inverse/recon_max_abs_error",
     ):
         assert key in run.data.metrics, key
+    # grouped by prefix, one series per quantity (the loss is not logged again under a second name)
+    assert {key.split("/")[0] for key in run.data.metrics} <= {
+        "train", "test", "eval", "lipschitz", "weights", "inverse", "samples"
+    }  # fmt: skip
+    assert not {"train_loss", "train/loss", "train/loss_epoch_mean"} & set(run.data.metrics)
     artifacts = {a.path for a in MlflowClient().list_artifacts(submitted.run_id)}
     assert {"samples_T1.png", "reconstructions.png", "history.png", "config.json"} <= artifacts
     model = load_model(submitted.run_id)
@@ -90,12 +95,24 @@ def test_direct_run_logs_metrics_and_a_reloadable_model(store):
     run_id = density.run(cfg)
     run = MlflowClient().get_run(run_id)
     assert run.info.status == "FINISHED"
-    history = MlflowClient().get_metric_history(run_id, "test_bpd")
-    assert [m.step for m in history] == [1, 2]  # every epoch
+    client = MlflowClient()
+    # every epoch, on the training curve's axis: the optimizer step at the epoch's end
+    epoch_ends = sorted(m.step for m in client.get_metric_history(run_id, "train/epoch"))
+    assert sorted(m.step for m in client.get_metric_history(run_id, "test/bpd")) == epoch_ends and len(epoch_ends) == 2
+    assert max(m.step for m in client.get_metric_history(run_id, "train/bpd")) <= epoch_ends[-1]
     # the protocol reports the estimate with its standard error and Theorem 3 bias bound
     m = run.data.metrics
-    assert m["test_n_terms"] >= 1 and m["test_bias_bound"] < 1e-4 and m["test_max_block_lipschitz"] < 1
-    assert m["recon_inverse_not_converged"] == 0 and m["recon_max_abs_error"] < 1e-4
+    assert m["test/series_terms"] >= 1 and m["test/bias_bound_bpd"] < 1e-4 and m["test/max_block_lipschitz"] < 1
+    assert m["inverse/recon_inverse_not_converged"] == 0 and m["inverse/recon_max_abs_error"] < 1e-4
+    # the logged model carries its own test result, first; the baseline is a run metric named as one
+    (logged,) = client.search_logged_models(experiment_ids=[run.info.experiment_id])
+    assert logged.metrics[0].key == "test/bpd" and logged.metrics[0].value == m["test/bpd"]
+    assert "test/bpd_baseline_diagonal_gaussian" not in {metric.key for metric in logged.metrics}
+    # the run reads at a glance: named after what it trains, its result in its description
+    assert run.info.run_name.startswith("density-quick") and run.data.tags["entry_point"] == "density"
+    assert run.data.tags["mlflow.note.content"].startswith(f"**test {m['test/bpd']:.4f} ± ")
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # MLflow's training view
     model = load_model(run_id)
     x = torch.rand(3, 1, 8, 8) - 0.5
     assert torch.isfinite(model.log_prob(x)).all()
@@ -195,15 +212,18 @@ def test_unbiased_estimator_memory_saving_gradient_and_anderson_inverse_in_one_r
     p, m = run.data.params, run.data.metrics
     resolved = mlflow.artifacts.load_dict(f"runs:/{run_id}/config.json")
     assert resolved["estimator"]["estimator"] == "russian_roulette" and resolved["estimator"]["gradient"] == "neumann"
-    assert p["inverse_method"] == "anderson" and "estimator" not in p  # only what differs from the preset
+    assert p["inverse_method"] == "anderson" and p["estimator"] == "russian_roulette"  # every option that applies
     model = load_model(run_id)
-    assert m["recon_inverse_not_converged"] == 0 and m["recon_max_abs_error"] < 1e-4 and "recon_inverse_fallbacks" in m
-    assert m["train_logdet_std_bpd"] > 0 and m["train_logdet_std_bpd_max_block"] <= m["train_logdet_std_bpd"]
-    # every spectrally normalised layer's estimate is logged each epoch, with the power-iteration steps
+    assert m["inverse/recon_inverse_not_converged"] == 0 and m["inverse/recon_max_abs_error"] < 1e-4
+    assert "inverse/recon_inverse_fallbacks" in m
+    assert m["train/logdet_std_bpd"] > 0 and m["train/logdet_std_bpd_max_block"] <= m["train/logdet_std_bpd"]
+    # every spectrally normalised layer's estimate is logged each epoch (in a section of their own), with the
+    # power-iteration steps, at the optimizer step of the epoch's end
     n_layers = 3 * len(model.residual_blocks())
-    sigma_keys = [k for k in m if k.startswith("sigma/b")]
-    assert len(sigma_keys) == n_layers and m["power_iterations_mean"] >= 2  # n_power_iterations=2 minimum
-    assert [h.step for h in MlflowClient().get_metric_history(run_id, sigma_keys[0])] == [1, 2]
+    sigma_keys = [k for k in m if k.startswith("weights/sigma_b")]
+    assert len(sigma_keys) == n_layers and m["lipschitz/power_iterations_mean"] >= 2  # n_power_iterations=2 minimum
+    epoch_ends = sorted(h.step for h in MlflowClient().get_metric_history(run_id, "train/epoch"))
+    assert sorted(h.step for h in MlflowClient().get_metric_history(run_id, sigma_keys[0])) == epoch_ends
     artifacts = {a.path for a in MlflowClient().list_artifacts(run_id)}
     assert "logdet_variance.csv" in artifacts
 
@@ -254,5 +274,5 @@ def test_a_deterministic_run_trains_and_reproduces_itself(store):
     finally:
         torch.use_deterministic_algorithms(False)
         torch.backends.cudnn.deterministic = False
-    first, second = (MlflowClient().get_metric_history(r.info.run_id, "train_loss") for r in _runs())
+    first, second = (MlflowClient().get_metric_history(r.info.run_id, "train/bpd") for r in _runs())
     assert [m.value for m in first] == [m.value for m in second]

@@ -52,9 +52,9 @@ def _one_finished_run(experiment: str):
     (run,) = runs_of(experiment)  # rank 0 alone logs: one run, not one per process
     assert run.info.status == "FINISHED"
     m = run.data.metrics
-    assert m["ddp_world_size"] == 2 and run.data.params["distributed_world_size"] == "2"
+    assert m["ddp/world_size"] == 2 and run.data.params["distributed_world_size"] == "2"
     # parameters and buffers (spectral u, v, sigma; ActNorm) are the same on both ranks at the end
-    assert m["ddp_replica_max_deviation"] < 1e-6
+    assert m["ddp/replica_max_deviation"] < 1e-6
     return run
 
 
@@ -91,9 +91,9 @@ def test_density_trains_data_parallel_and_logs_once(store, repeat):
     )
     run = _one_finished_run("density")
     client = MlflowClient()
-    assert "test_bpd" in run.data.metrics and "sigma_max" in run.data.metrics
+    assert "test/bpd" in run.data.metrics and "lipschitz/sigma_max" in run.data.metrics
     steps_per_epoch = 1437 // 64  # digits8x8 has 1437 training images; 64 is the global batch
-    history = client.get_metric_history(run.info.run_id, "train_loss")
+    history = client.get_metric_history(run.info.run_id, "train/bpd")
     assert [h.step for h in history] == list(range(1, 2 * steps_per_epoch + 1))  # one value per step, not per rank
     ckpt = torch.load(store / "ckpt" / run.info.run_id / "last.pt", weights_only=True)
     assert ckpt["epoch"] == 2 and len(ckpt["rng_per_rank"]) == 2
@@ -111,8 +111,8 @@ def test_density_trains_data_parallel_and_logs_once(store, repeat):
         protocol=EvalProtocol(se_tol=0.05, max_passes=3),
         progress=False,
     )
-    assert run.data.metrics["test_bpd"] == pytest.approx(alone.bpd, rel=1e-6, abs=1e-6)
-    assert run.data.metrics["test_n_passes"] == alone.n_passes
+    assert run.data.metrics["test/bpd"] == pytest.approx(alone.bpd, rel=1e-6, abs=1e-6)
+    assert run.data.metrics["test/passes"] == alone.n_passes
 
 
 @pytest.mark.slow
@@ -143,7 +143,7 @@ def test_classify_trains_data_parallel(store, repeat):
         "1 5",
     )
     run = _one_finished_run("classify")
-    assert "test_error" in run.data.metrics and run.data.tags["certified_invertible"] in ("true", "false")
+    assert "test/error_percent" in run.data.metrics and run.data.tags["certified_invertible"] in ("true", "false")
 
 
 @pytest.mark.slow

@@ -106,9 +106,10 @@ def test_resuming_a_finished_run_is_refused_unless_it_trains_further(store, capl
     ckpt = str(store / "ckpt")
     run_id = density.run(density.config_from_preset("quick", **TINY, checkpoint_dir=ckpt))
     n_models = len(MlflowClient().list_artifacts(run_id, "model"))
+    logged = MlflowClient().get_metric_history(run_id, "test/bpd")
     assert density.main(["--resume", run_id, "--checkpoint-dir", ckpt]) == 2
     assert f"run {run_id} already FINISHED all 2 epochs" in _one_error_line(caplog)
-    assert MlflowClient().get_metric_history(run_id, "test_bpd")[-1].step == 2  # nothing re-logged
+    assert MlflowClient().get_metric_history(run_id, "test/bpd") == logged  # nothing re-logged
     assert len(MlflowClient().list_artifacts(run_id, "model")) == n_models
     assert density.main(["--resume", run_id, "--checkpoint-dir", ckpt, "--epochs", "3"]) == 0  # extending is fine
     assert MlflowClient().get_run(run_id).info.status == "FINISHED"
@@ -139,14 +140,14 @@ def test_a_run_resumed_after_a_crash_mid_epoch_logs_each_step_once(store, monkey
     monkeypatch.setattr(base.FlowModel, "prior_log_prob", original)
     crashed = next(r.info.run_id for r in runs_of("density") if r.info.run_id != straight)
     client = MlflowClient()
-    assert max(m.step for m in client.get_metric_history(crashed, "train_loss")) > steps_per_epoch  # partial epoch
+    assert max(m.step for m in client.get_metric_history(crashed, "train/bpd")) > steps_per_epoch  # partial epoch
     density.run(density.config_for_resume(crashed, checkpoint_dir=str(store / "ckpt")))
-    for key in ("train_loss", "epoch_seconds", "epoch_train_loss"):
+    for key in ("train/bpd", "train/epoch_seconds", "train/bpd_epoch_mean", "test/bpd"):
         steps = [m.step for m in client.get_metric_history(crashed, key)]
         assert len(steps) == len(set(steps)), key  # no step logged twice
         assert sorted(steps) == sorted(m.step for m in client.get_metric_history(straight, key)), key
-    straight_loss = {m.step: m.value for m in client.get_metric_history(straight, "train_loss")}
-    assert {m.step: m.value for m in client.get_metric_history(crashed, "train_loss")} == straight_loss
+    straight_loss = {m.step: m.value for m in client.get_metric_history(straight, "train/bpd")}
+    assert {m.step: m.value for m in client.get_metric_history(crashed, "train/bpd")} == straight_loss
 
 
 def test_a_logged_model_is_weights_and_json_and_reloads(store):

@@ -43,7 +43,7 @@ def test_a_density_run_logs_a_pyfunc_model_that_scores_as_the_library_does(store
     ours = score(load_model(run_id), "density", images, {"n_levels": 17, "pad": 0})
     assert np.array_equal(served["bits_per_dim"].to_numpy(), ours["bits_per_dim"])
     assert (served["standard_error"] > 0).all()
-    assert abs(served["bits_per_dim"].mean() - run.data.metrics["test_bpd"]) < 0.5  # the same model, other images
+    assert abs(served["bits_per_dim"].mean() - run.data.metrics["test/bpd"]) < 0.5  # the same model, other images
     with pytest.raises(Exception, match="Shape of input"):
         pyfunc.predict(np.zeros((2, 1, 7, 8), np.uint8))
     # the data that trained and scored it

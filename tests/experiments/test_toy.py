@@ -25,9 +25,9 @@ def test_tiny_toy_run_end_to_end_and_densities_integrate_to_one(store):
     assert run.info.status == "FINISHED"
     m = run.data.metrics
     for model in ("iresnet", "glow"):
-        assert m[f"8gaussians/{model}/grid_mass"] == pytest.approx(1.0, abs=0.03)
-        assert m[f"8gaussians/{model}/test_nll"] < 10
-    assert m["dynamics_crossings_iresnet"] == 0
+        assert m[f"8gaussians/{model}/test/grid_mass"] == pytest.approx(1.0, abs=0.03)
+        assert m[f"8gaussians/{model}/test/nll_nats"] < 10
+    assert m["dynamics/crossings_iresnet"] == 0
     artifacts = {a.path for a in MlflowClient().list_artifacts(run.info.run_id)}
     assert {
         "fig1_dynamics.png",
@@ -86,8 +86,8 @@ def test_toy_trains_with_the_unbiased_estimator_and_evaluates_exactly(store):
     run = MlflowClient().get_run(toy.run(cfg))
     assert run.info.status == "FINISHED" and run.data.params["estimator"] == "russian_roulette"
     m = run.data.metrics
-    assert m["8gaussians/iresnet/grid_mass"] == pytest.approx(1.0, abs=0.03)  # exact densities integrate to 1
-    assert m["8gaussians/iresnet/test_nll"] < 10
+    assert m["8gaussians/iresnet/test/grid_mass"] == pytest.approx(1.0, abs=0.03)  # exact densities integrate to 1
+    assert m["8gaussians/iresnet/test/nll_nats"] < 10
 
 
 def test_toy_refuses_a_bad_estimator():

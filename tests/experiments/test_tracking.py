@@ -33,7 +33,7 @@ def test_metric_writes_outlast_a_lock_held_longer_than_mlflows_busy_timeout(stor
     """Another process holding the SQLite store locked for HOLD_S seconds."""
     configure_tracking()
     with tracked_run("hardening") as run:
-        log_metrics({"before": 1.0})
+        log_metrics({"before": 1.0}, 0)
         locked, release = threading.Event(), threading.Event()
 
         def hold_lock() -> None:
@@ -48,7 +48,7 @@ def test_metric_writes_outlast_a_lock_held_longer_than_mlflows_busy_timeout(stor
         holder.start()
         locked.wait()
         started = time.monotonic()
-        log_metrics({"during_lock": 2.0})  # fails after MLflow's 20 s, retried until the lock is gone
+        log_metrics({"during_lock": 2.0}, 1)  # fails after MLflow's 20 s, retried until the lock is gone
         waited = time.monotonic() - started
         holder.join()
     assert waited > 1.0  # it did wait for the lock (a lower bound only: no timing upper bound)
