@@ -1,10 +1,13 @@
 """``mlflow run . -e report``: the paper's tables and figures from runs already tracked.
 
-    python -m analysis.report                                   # all experiments, into outputs/report
+    python -m analysis.report                                   # every experiment, into outputs/report
     python -m analysis.report --filter-string "params.preset = 'paper-cifar10'" --output-dir outputs/cifar
+    python -m analysis.report --experiments Default,density     # only these experiments
 
-Writes CSV tables (each beside the paper's numbers, with run IDs), PNG and PDF figures, and
-``report.md`` showing them all; everything is also logged to an MLflow run in experiment ``analysis``.
+Runs are found by what they are (their ``entry_point`` tag, :mod:`analysis.tables`), in whichever experiment
+they were logged to. Writes CSV tables (each beside the paper's numbers where a row follows the paper's
+protocol, with run IDs), PNG and PDF figures, and ``report.md`` showing them all, an empty table with the reason;
+everything is also logged to an MLflow run in experiment ``analysis``.
 """
 
 from __future__ import annotations
@@ -21,14 +24,16 @@ import pandas as pd
 import torch
 from mlflow.tracking import MlflowClient
 
-from analysis.tables import config, finished_runs, table2, table4, unfinished_runs
+from analysis.tables import config, empty_reason, finished_runs, table2, table4, tracked_runs
+from experiments.classify import RECONSTRUCTION_CURVE
 from experiments.config import log_configuration
 from experiments.models import load_model, require_kind
 from experiments.runner import EntryPoint
-from experiments.tracking import tracked_run
+from experiments.tracking import ENTRY_POINT_TAG, log_metrics, set_description, tracked_run
 from experiments.tracking_store import PROJECT_ROOT, configure_tracking
 from pipeline.data import dequantize, load_dataset, pad_images
 from pipeline.diagnostics import logdet_estimator_study
+from pipeline.fields import documented
 from pipeline.plotting import new_figure
 
 log = logging.getLogger("analysis.report")
@@ -36,24 +41,29 @@ log = logging.getLogger("analysis.report")
 
 @dataclass(frozen=True)
 class ReportConfig:
-    density_experiment: str = "density"
-    classify_experiment: str = "classify"
-    toy_experiment: str = "toy"
-    sweep_experiment: str = "sweep"
-    filter_string: str = ""  # an MLflow search filter applied to every experiment's runs
-    output_dir: str = str(PROJECT_ROOT / "outputs" / "report")
-    estimator_images: int = 4
-    estimator_terms: tuple[int, ...] = (1, 2, 3, 5, 10, 20)
-    estimator_probes: int = 64
-    estimator_model: str = ""  # the density model of the estimator study: a run id, runs:/ or models:/ URI ("": latest)
-    experiment_name: str = "analysis"
-    run_name: str | None = None
-    progress: bool = False
+    experiments: str = documented("", "comma-separated MLflow experiments to read runs from; '': every experiment")
+    filter_string: str = documented(
+        "", "an MLflow search filter every run must match, e.g. \"params.preset = 'paper-cifar10'\""
+    )
+    output_dir: str = documented(str(PROJECT_ROOT / "outputs" / "report"), "folder of report.md, the CSVs, figures")
+    estimator_images: int = documented(4, "test images of the log-det estimator study (Figs. 4/9, >= 1)")
+    estimator_terms: tuple[int, ...] = documented((1, 2, 3, 5, 10, 20), "power-series terms the study compares")
+    estimator_probes: int = documented(64, "Hutchinson probes per image in the study (>= 2)")
+    estimator_model: str = documented(
+        "", "the study's density model: a run id, runs:/ or models:/ URI; '': the latest density run's"
+    )
+    experiment_name: str = documented("analysis", "MLflow experiment of the report's own run")
+    run_name: str | None = documented(None, "MLflow name of the report's run; unset: report")
+    progress: bool = documented(False, "progress bars on the console")
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "estimator_terms", tuple(self.estimator_terms))
         if self.estimator_images < 1 or self.estimator_probes < 2 or not self.estimator_terms:
             raise ValueError("estimator_images >= 1, estimator_probes >= 2 and some estimator_terms are needed")
+
+    @property
+    def experiment_names(self) -> tuple[str, ...]:
+        return tuple(name.strip() for name in self.experiments.split(",") if name.strip())
 
 
 def _save(fig, out: Path, name: str) -> list[str]:
@@ -80,9 +90,9 @@ def _copy_artifact(run_id: str, artifact: str, out: Path, name: str) -> str | No
     return name
 
 
-def _markdown_table(df: pd.DataFrame) -> str:
+def _markdown_table(df: pd.DataFrame, reason: str = "") -> str:
     if df.empty:
-        return "_no finished runs_\n"
+        return f"_empty: {reason or 'no finished runs'}_\n"
     cells = df.astype(object).where(df.notna(), "")
     header = "| " + " | ".join(map(str, df.columns)) + " |"
     sep = "|" + "---|" * len(df.columns)
@@ -99,14 +109,12 @@ class Report:
     def __init__(self, out: Path) -> None:
         self.out, self.lines = out, ["# i-ResNet: reproduced tables and figures", ""]
 
-    def table(self, title: str, df: pd.DataFrame, csv_name: str, unfinished: list[tuple[str, str, str]] = ()) -> None:
-        """A table; where it is empty, ``unfinished`` names the matching runs that exist but did not finish."""
+    def table(self, title: str, df: pd.DataFrame, csv_name: str, reason: str = "") -> None:
+        """A table; where it is empty, ``reason`` says why (:func:`analysis.tables.empty_reason`)."""
         df.to_csv(self.out / csv_name, index=False)
-        self.lines += [f"## {title}", "", f"CSV: `{csv_name}`", "", _markdown_table(df)]
-        if df.empty and unfinished:
-            listed = ", ".join(f"`{run_id}` ({name or 'unnamed'}, {status})" for run_id, name, status in unfinished)
-            self.lines += [f"Matching runs that did not finish: {listed}.", ""]
-            log.warning("%s is empty; matching runs that did not finish: %s", title, listed)
+        self.lines += [f"## {title}", "", f"CSV: `{csv_name}`", "", _markdown_table(df, reason)]
+        if df.empty:
+            log.warning("%s is empty: %s", title, reason or "no finished runs")
 
     def figure(self, title: str, files: list[str], note: str = "") -> None:
         if not files:
@@ -145,9 +153,9 @@ def _classify_figures(t2: pd.DataFrame, runs: pd.DataFrame, report: Report, out:
         if "layer_spectral_norms.csv" in {a.path for a in client.list_artifacts(r["run_id"])}:
             norms = pd.read_csv(client.download_artifacts(r["run_id"], "layer_spectral_norms.csv"))
             ax6.plot(range(len(norms)), norms["norm"], marker=".", linestyle="none", label=label)
-        history = sorted(client.get_metric_history(r["run_id"], "recon_rel_error_mean"), key=lambda m: m.step)
-        if history:
-            ax8.semilogy([m.step for m in history], [max(m.value, 1e-16) for m in history], marker="o", label=label)
+        curve = _reconstruction_curve(r["run_id"])
+        if curve:
+            ax8.semilogy([k for k, _ in curve], [max(e, 1e-16) for _, e in curve], marker="o", label=label)
         name = _copy_artifact(r["run_id"], "reconstructions.png", out, f"fig3_reconstructions_{r['run_id'][:8]}.png")
         report.figure(f"Figs. 3/7: reconstructions, {label}", [name] if name else [], "top: originals; bottom: inverse")
     ax6.axhline(1.0, color="k", linewidth=0.8)
@@ -159,6 +167,17 @@ def _classify_figures(t2: pd.DataFrame, runs: pd.DataFrame, report: Report, out:
     ax8.set_ylabel("relative reconstruction error")
     ax8.legend(fontsize=7)
     report.figure("Fig. 8: reconstruction error vs iterations", _save(fig8, out, "fig8_recon_vs_iterations"))
+
+
+def _reconstruction_curve(run_id: str) -> list[tuple[int, float]]:
+    """Fig. 8's points of a classify run: (iterations, mean relative error), from its CSV artifact or, for a run of
+    an earlier release, its ``recon_rel_error_mean`` metric stepped by iterations."""
+    client = MlflowClient()
+    if RECONSTRUCTION_CURVE in {a.path for a in client.list_artifacts(run_id)}:
+        curve = pd.read_csv(client.download_artifacts(run_id, RECONSTRUCTION_CURVE))
+        return list(zip(curve["iterations"].astype(int), curve["rel_error_mean"].astype(float), strict=True))
+    history = sorted(client.get_metric_history(run_id, "recon_rel_error_mean"), key=lambda m: m.step)
+    return [(m.step, m.value) for m in history]
 
 
 def _estimator_study(runs: pd.DataFrame, cfg: ReportConfig, report: Report, out: Path) -> None:
@@ -200,26 +219,23 @@ def _estimator_study(runs: pd.DataFrame, cfg: ReportConfig, report: Report, out:
     report.figure("Figs. 4/9: log-det estimator bias and standard deviation", _save(fig, out, "fig4_estimator"))
 
 
+ENTRY_POINTS = ("density", "classify", "toy", "sweep")  # the entry points whose runs the report reads
+
+
 def run(cfg: ReportConfig) -> str:
     uri = configure_tracking()
-    experiments = (cfg.density_experiment, cfg.classify_experiment, cfg.toy_experiment, cfg.sweep_experiment)
-    missing = [name for name in experiments if mlflow.get_experiment_by_name(name) is None]
-    if len(missing) == len(experiments):
+    try:
+        runs = tracked_runs(cfg.experiment_names, cfg.filter_string)
+    except mlflow.exceptions.MlflowException as exc:  # a filter MLflow cannot parse
+        raise ValueError(f"bad filter_string {cfg.filter_string!r}: {exc.message}") from None
+    where = (f"experiments {', '.join(cfg.experiment_names)}" if cfg.experiment_names else "the tracking store") + (
+        f" matching {cfg.filter_string!r}" if cfg.filter_string else ""
+    )
+    density_runs, classify_runs, toy_runs, sweep_runs = (finished_runs(e, runs=runs) for e in ENTRY_POINTS)
+    if not runs["entry_point"].isin(ENTRY_POINTS).any():  # runs that did not finish are listed in report.md
         raise ValueError(
-            f"none of the experiments {', '.join(experiments)} exists in the tracking store {uri}; run an entry "
-            "point first, point MLFLOW_TRACKING_URI at the store that holds them, or name them with --*-experiment"
-        )
-    for name in missing:
-        log.warning("experiment %r does not exist in %s: its tables and figures are left out", name, uri)
-    density_runs = finished_runs(cfg.density_experiment, cfg.filter_string)
-    classify_runs = finished_runs(cfg.classify_experiment, cfg.filter_string)
-    toy_runs = finished_runs(cfg.toy_experiment, cfg.filter_string)
-    sweep_runs = finished_runs(cfg.sweep_experiment, cfg.filter_string)
-    if all(runs.empty for runs in (density_runs, classify_runs, toy_runs, sweep_runs)):
-        log.warning(
-            "no FINISHED run in %s%s: the tables will be empty",
-            uri,
-            f" matching {cfg.filter_string!r}" * bool(cfg.filter_string),
+            f"no run of {', '.join(ENTRY_POINTS)} in {where} ({uri}): run an entry point first "
+            "(mlflow run . -e density), or point MLFLOW_TRACKING_URI at the store that holds the runs"
         )
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -227,18 +243,10 @@ def run(cfg: ReportConfig) -> str:
 
     t2 = table2(classify_runs)
     report.table(
-        "Table 2: classification test error (%)",
-        t2,
-        "table2_classification.csv",
-        unfinished_runs(cfg.classify_experiment, cfg.filter_string) if t2.empty else [],
+        "Table 2: classification test error (%)", t2, "table2_classification.csv", empty_reason(runs, "classify", where)
     )
     t4 = table4(density_runs)
-    report.table(
-        "Table 4: bits/dim",
-        t4,
-        "table4_bits_per_dim.csv",
-        unfinished_runs(cfg.density_experiment, cfg.filter_string) if t4.empty else [],
-    )
+    report.table("Table 4: bits/dim", t4, "table4_bits_per_dim.csv", empty_reason(runs, "density", where))
     _classify_figures(t2, classify_runs, report, out)
     if not density_runs.empty or cfg.estimator_model:
         _estimator_study(density_runs, cfg, report, out)
@@ -265,19 +273,26 @@ def run(cfg: ReportConfig) -> str:
         ]
         report.figure(f"Sweep {r.get('tags.optuna_study', '')} (run {r['run_id']})", [f for f in files if f])
     path = report.write()
-    with tracked_run(cfg.experiment_name, run_name=cfg.run_name) as active:
+    counts = {
+        "runs/density": len(density_runs),
+        "runs/classify": len(classify_runs),
+        "runs/toy": len(toy_runs),
+        "runs/sweep": len(sweep_runs),
+        "tables/table2_rows": len(t2),
+        "tables/table4_rows": len(t4),
+    }
+    with tracked_run(
+        cfg.experiment_name, run_name=cfg.run_name or "report", tags={ENTRY_POINT_TAG: "report"}
+    ) as active:
         log_configuration(cfg)
-        mlflow.log_metrics(
-            {
-                "n_density_runs": len(density_runs),
-                "n_classify_runs": len(classify_runs),
-                "n_toy_runs": len(toy_runs),
-                "n_sweep_runs": len(sweep_runs),
-                "table2_rows": len(t2),
-                "table4_rows": len(t4),
-            }
-        )
+        log_metrics(counts, 0)
         mlflow.log_artifacts(str(out))
+        set_description(
+            active.info.run_id,
+            f"Tables 2 and 4 with {len(t2)} and {len(t4)} rows, from the finished runs in {where}: "
+            f"{len(density_runs)} density, {len(classify_runs)} classify, {len(toy_runs)} toy, {len(sweep_runs)} "
+            "sweep; report.md among the artifacts",
+        )
     log.info("report written to %s", path)
     return active.info.run_id
 

@@ -20,8 +20,9 @@ from mlflow.tracking import MlflowClient
 from analysis import report
 from experiments import classify, density, toy
 from experiments.runner import EntryPoint
-from experiments.tracking import orchestrator_run
+from experiments.tracking import ENTRY_POINT_TAG, orchestrator_run, set_description
 from experiments.tracking_store import PROJECT_ROOT
+from pipeline.fields import documented
 
 log = logging.getLogger("analysis.reproduce")
 
@@ -90,14 +91,14 @@ SCALES: dict[str, list[tuple[str, str, dict[str, Any]]]] = {
 
 @dataclass(frozen=True)
 class ReproduceConfig:
-    scale: str = "quick"
-    data_dir: str | None = None  # for the paper scale's datasets
-    download: bool = False
-    device: str = "auto"
-    tag: str = "reproduce"  # runs are tagged with it and the report reads only them
-    output_dir: str = str(PROJECT_ROOT / "outputs" / "reproduce")
-    checkpoint_dir: str = str(PROJECT_ROOT / "checkpoints")
-    progress: bool = True
+    scale: str = documented("quick", "what to train: smoke (a minute), quick (the CPU presets) or paper (GPUs, days)")
+    data_dir: str | None = documented(None, "folder of the paper scale's datasets (mnist, cifar10, cifar100)")
+    download: bool = documented(False, "download missing datasets into data_dir")
+    device: str = documented("auto", "auto (a GPU if there is one), cpu, cuda or cuda:N")
+    tag: str = documented("reproduce", "prefix of the run names; the report reads exactly the runs made here")
+    output_dir: str = documented(str(PROJECT_ROOT / "outputs" / "reproduce"), "folder of the report's files")
+    checkpoint_dir: str = documented(str(PROJECT_ROOT / "checkpoints"), "folder of the runs' checkpoints")
+    progress: bool = documented(True, "progress bars on the console")
 
     def __post_init__(self) -> None:
         if self.scale not in SCALES:
@@ -130,8 +131,9 @@ def run(cfg: ReproduceConfig) -> str:
     report reads exactly these runs. A table the scale promised that comes out empty fails the run.
     """
     client = MlflowClient()
-    with orchestrator_run("reproduce", run_name=f"{cfg.tag}-{cfg.scale}") as run_id:
-        client.set_tag(run_id, "reproduce_scale", cfg.scale)
+    tags = {ENTRY_POINT_TAG: "reproduce", "reproduce_scale": cfg.scale}
+    with orchestrator_run("reproduce", run_name=f"{cfg.tag}-{cfg.scale}", tags=tags) as run_id:
+        set_description(run_id, f"Reproducing the paper at scale {cfg.scale}: {len(SCALES[cfg.scale])} trainings ...")
         made = []
         for i, (entry, preset, overrides) in enumerate(SCALES[cfg.scale]):
             log.info("reproduce (%s): %s, preset %s %s", cfg.scale, entry, preset, overrides or "")
@@ -149,7 +151,7 @@ def run(cfg: ReproduceConfig) -> str:
         )
         client.set_tag(run_id, "report_run_id", report_id)
         metrics = client.get_run(report_id).data.metrics
-        promised = {"Table 2": ("classify", "table2_rows"), "Table 4": ("density", "table4_rows")}
+        promised = {"Table 2": ("classify", "tables/table2_rows"), "Table 4": ("density", "tables/table4_rows")}
         empty = [
             name
             for name, (entry, metric) in promised.items()
@@ -157,6 +159,11 @@ def run(cfg: ReproduceConfig) -> str:
         ]
         if empty:
             raise RuntimeError(f"{' and '.join(empty)} came out empty; see report run {report_id} for the runs' states")
+        set_description(
+            run_id,
+            f"Scale {cfg.scale}: {len(made)} trainings, then report run {report_id} "
+            f"({cfg.output_dir}/report.md): {client.get_run(report_id).data.tags.get('mlflow.note.content', '')}",
+        )
     return run_id
 
 

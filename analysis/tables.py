@@ -1,9 +1,21 @@
-"""The paper's tables, rebuilt from tracked runs (pandas), each beside the paper's numbers."""
+"""The paper's tables, rebuilt from tracked runs (pandas), each beside the paper's numbers.
+
+Runs are selected by what they are, not where they are: every training run carries the tag ``entry_point``
+(``density``, ``classify``, ...), so a run lands in a table from whichever experiment it was logged to (``mlflow run
+. -e density`` logs to "Default"). A run of an earlier release, without the tag, counts as a run of the entry point
+its experiment is named after. A paper value stands beside a row only where the row follows the paper's protocol
+(its dataset, trained on the whole training split, scored on the whole test split); the ``protocol`` column says
+which protocol each row follows.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import mlflow
 import pandas as pd
+
+from experiments.tracking import ENTRY_POINT_TAG, metric_value
 
 # Table 2 (test error %), keyed by (dataset, column); columns "vanilla" and "c=0.9" ... "c=0.5"
 PAPER_TABLE2: dict[tuple[str, str], float] = {
@@ -43,21 +55,56 @@ PAPER_TABLE4: dict[str, dict[str, float]] = {
 }
 
 
-def _top_level_runs(experiment: str, status_clause: str, filter_string: str) -> pd.DataFrame:
-    exp = mlflow.get_experiment_by_name(experiment)
-    if exp is None:
-        return pd.DataFrame()
-    query = status_clause + (f" and {filter_string}" if filter_string else "")
-    runs = mlflow.search_runs([exp.experiment_id], filter_string=query)
+# the full test splits of the paper's datasets: a row scored on fewer images follows another protocol
+PAPER_TEST_IMAGES = {"mnist": 10_000, "cifar10": 10_000, "cifar100": 10_000}
+
+
+def tracked_runs(experiments: Sequence[str] = (), filter_string: str = "") -> pd.DataFrame:
+    """The top-level runs (any state) of the experiments named (every experiment where none are), matching
+    ``filter_string``, each with the entry point that made it in column ``entry_point`` and its experiment's name
+    in ``experiment``. Nested runs (a sweep's trials) are the sweep's, not rows of their own."""
+    known = {e.name: e.experiment_id for e in mlflow.search_experiments()}
+    missing = [name for name in experiments if name not in known]
+    if missing:
+        raise ValueError(f"no experiment {', '.join(map(repr, missing))} in {mlflow.get_tracking_uri()}")
+    ids = [known[name] for name in experiments] if experiments else list(known.values())
+    runs = mlflow.search_runs(ids, filter_string=filter_string) if ids else pd.DataFrame()
+    if runs.empty:
+        return pd.DataFrame(columns=["run_id", "status", "entry_point", "experiment"])
     if "tags.mlflow.parentRunId" in runs:
         runs = runs[runs["tags.mlflow.parentRunId"].isna()]
+    names = {experiment_id: name for name, experiment_id in known.items()}
+    runs = runs.assign(experiment=runs["experiment_id"].map(names))
+    tagged = runs.get(f"tags.{ENTRY_POINT_TAG}", pd.Series(None, index=runs.index))
+    runs["entry_point"] = tagged.where(tagged.notna(), runs["experiment"])  # a run of an earlier release
     return runs.reset_index(drop=True)
 
 
-def finished_runs(experiment: str, filter_string: str = "") -> pd.DataFrame:
-    """FINISHED top-level runs of an experiment (empty frame if it does not exist), each with its resolved
+def runs_of(runs: pd.DataFrame, entry_point: str) -> pd.DataFrame:
+    """The runs (of :func:`tracked_runs`) that ``entry_point`` made."""
+    return runs[runs["entry_point"] == entry_point].reset_index(drop=True)
+
+
+def finished_runs(
+    entry_point: str, *, experiments: Sequence[str] = (), filter_string: str = "", runs: pd.DataFrame | None = None
+) -> pd.DataFrame:
+    """The FINISHED top-level runs of ``entry_point`` (from ``runs``, else from the store), each with its resolved
     configuration as ``params.config.<option>`` columns (:func:`with_configuration`)."""
-    return with_configuration(_top_level_runs(experiment, "attributes.status = 'FINISHED'", filter_string))
+    runs = tracked_runs(experiments, filter_string) if runs is None else runs
+    own = runs_of(runs, entry_point)
+    return with_configuration(own[own["status"] == "FINISHED"].reset_index(drop=True))
+
+
+def empty_reason(runs: pd.DataFrame, entry_point: str, where: str) -> str:
+    """Why a table of ``entry_point``'s runs is empty: no such run in ``where``, or the states of those that are
+    there but did not finish."""
+    own = runs_of(runs, entry_point)
+    if own.empty:
+        return f"no run of `{entry_point}` in {where}; `mlflow run . -e {entry_point}` makes one"
+    listed = ", ".join(
+        f"`{r['run_id']}` ({r.get('tags.mlflow.runName') or 'unnamed'}, {r['status']})" for _, r in own.iterrows()
+    )
+    return f"no run of `{entry_point}` in {where} finished: {listed}"
 
 
 def with_configuration(runs: pd.DataFrame) -> pd.DataFrame:
@@ -84,12 +131,6 @@ def with_configuration(runs: pd.DataFrame) -> pd.DataFrame:
     return runs
 
 
-def unfinished_runs(experiment: str, filter_string: str = "") -> list[tuple[str, str, str]]:
-    """``(run_id, run name, status)`` of the top-level runs matching ``filter_string`` that are not FINISHED."""
-    runs = _top_level_runs(experiment, "attributes.status != 'FINISHED'", filter_string)
-    return [(r["run_id"], r.get("tags.mlflow.runName", ""), r["status"]) for _, r in runs.iterrows()]
-
-
 def config(row: pd.Series, name: str) -> object:
     """A run's resolved configuration value (``params.config.<name>``, see :func:`with_configuration`)."""
     return row.get(f"params.config.{name}")
@@ -102,6 +143,25 @@ def _column(row: pd.Series) -> str:
     if model == "resnet-bn":
         return "vanilla-bn"
     return f"c={float(config(row, 'coeff')):g}"
+
+
+def metric(row: pd.Series, name: str) -> float | None:
+    """A run's metric under its name or, for a run of an earlier release, its old one."""
+    return metric_value(row, name, prefix="metrics.")
+
+
+def protocol(row: pd.Series, test_images: float | None) -> str:
+    """``paper`` where the row follows the paper's protocol (its dataset, trained on the whole training split,
+    scored on the whole test split); else which protocol it follows."""
+    dataset = str(config(row, "dataset"))
+    if dataset not in PAPER_TEST_IMAGES:
+        return f"{dataset} (not a dataset of the paper's)"
+    held_out = float(config(row, "validation_fraction") or 0.0)
+    if held_out > 0:
+        return f"{dataset}, {held_out:.0%} of the training split held out for validation"
+    if test_images is not None and int(test_images) < PAPER_TEST_IMAGES[dataset]:
+        return f"{dataset}, {int(test_images):,} of {PAPER_TEST_IMAGES[dataset]:,} test images"
+    return "paper"
 
 
 def _model_uri(row: pd.Series) -> str:
@@ -117,28 +177,32 @@ def table2(classify_runs: pd.DataFrame) -> pd.DataFrame:
         "dataset",
         "model",
         "column",
+        "protocol",
         "test_error",
         "paper_test_error",
         "certified_invertible",
         "max_block_lipschitz",
         "run_id",
+        "run_name",
         "model_uri",
     ]
     if classify_runs.empty:
         return pd.DataFrame(columns=columns)
     rows = []
     for _, r in classify_runs.iterrows():
-        column = _column(r)
+        column, followed = _column(r), protocol(r, None)
         rows.append(
             {
                 "dataset": config(r, "dataset"),
                 "model": config(r, "model"),
                 "column": column,
-                "test_error": r["metrics.test_error"],
-                "paper_test_error": PAPER_TABLE2.get((config(r, "dataset"), column)),
-                "certified_invertible": bool(r.get("metrics.certified_invertible", 0.0) == 1.0),
-                "max_block_lipschitz": r.get("metrics.max_block_lipschitz"),
+                "protocol": followed,
+                "test_error": metric(r, "test/error_percent"),
+                "paper_test_error": PAPER_TABLE2.get((config(r, "dataset"), column)) if followed == "paper" else None,
+                "certified_invertible": metric(r, "lipschitz/certified_invertible") == 1.0,
+                "max_block_lipschitz": metric(r, "lipschitz/max_block_certified"),
                 "run_id": r["run_id"],
+                "run_name": r.get("tags.mlflow.runName"),
                 "model_uri": _model_uri(r),
             }
         )
@@ -150,26 +214,33 @@ def table4(density_runs: pd.DataFrame) -> pd.DataFrame:
     columns = [
         "dataset",
         "model",
+        "protocol",
         "test_bpd",
         "test_standard_error",
         "test_bias_bound",
         "paper_bpd",
         "run_id",
+        "run_name",
         "model_uri",
     ]
     if density_runs.empty:
         return pd.DataFrame(columns=columns)
-    rows = [
-        {
-            "dataset": config(r, "dataset"),
-            "model": "i-ResNet",
-            "test_bpd": r["metrics.test_bpd"],
-            "test_standard_error": r["metrics.test_standard_error"],
-            "test_bias_bound": r["metrics.test_bias_bound"],
-            "paper_bpd": PAPER_TABLE4.get(config(r, "dataset"), {}).get("i-ResNet"),
-            "run_id": r["run_id"],
-            "model_uri": _model_uri(r),
-        }
-        for _, r in density_runs.iterrows()
-    ]
+    rows = []
+    for _, r in density_runs.iterrows():
+        followed = protocol(r, metric(r, "test/images"))
+        paper = PAPER_TABLE4.get(str(config(r, "dataset")), {}).get("i-ResNet")
+        rows.append(
+            {
+                "dataset": config(r, "dataset"),
+                "model": "i-ResNet",
+                "protocol": followed,
+                "test_bpd": metric(r, "test/bpd"),
+                "test_standard_error": metric(r, "test/standard_error_bpd"),
+                "test_bias_bound": metric(r, "test/bias_bound_bpd"),
+                "paper_bpd": paper if followed == "paper" else None,
+                "run_id": r["run_id"],
+                "run_name": r.get("tags.mlflow.runName"),
+                "model_uri": _model_uri(r),
+            }
+        )
     return pd.DataFrame(rows, columns=columns).sort_values(["dataset", "run_id"]).reset_index(drop=True)

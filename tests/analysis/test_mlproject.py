@@ -15,13 +15,21 @@ def test_the_committed_mlproject_is_the_generated_one():
     assert committed == mlproject.render(), "run: python -m analysis.mlproject > MLproject"
 
 
-def test_every_option_is_a_typed_parameter_with_its_presets_value_passed_to_its_option():
-    spec = yaml.safe_load(mlproject.render())["entry_points"]
+def test_every_option_that_always_applies_is_a_typed_parameter_with_its_presets_value_passed_to_its_option():
+    """MLflow logs every declared parameter: an option that applies only sometimes (``n_terms``), is unset or is a
+    path in the project is left to ``-P`` (listed in a comment), so a run's params are what applied to it."""
+    text = mlproject.render()
+    spec = yaml.safe_load(text)["entry_points"]
     for name, (module, config_cls, presets) in mlproject.ENTRY_POINTS.items():
         for preset in presets or [None]:
-            entry = spec[name if preset in (None, "quick") else f"{name}-{preset}"]
-            expected = set(option_types(config_cls)) - {*mlproject.SET_BY_MLFLOW_RUN, "preset", "resume"}
+            label = name if preset in (None, "quick") else f"{name}-{preset}"
+            entry = spec[label]
+            values = flat_options(config_from_preset(config_cls, presets, preset))
+            options = set(option_types(config_cls)) - {*mlproject.SET_BY_MLFLOW_RUN, "preset", "resume"}
+            expected = {o for o in options if mlproject.declared(config_cls, o, values[o])}
             assert set(entry["parameters"]) == expected, (name, preset)
+            comment = text.split(f"  {label}:\n", 1)[1].split("parameters:", 1)[0]
+            assert all(o in comment for o in options - expected), (name, preset)  # the rest, named
             for option in expected:
                 assert f"--{option.replace('_', '-')} {{{option}}}" in entry["command"], (name, option)
             assert entry["command"].startswith(f"python -m {module} " + (f"--preset {preset} " if preset else ""))

@@ -122,7 +122,7 @@ def test_a_database_restart_mid_sweep_is_survived_and_nothing_is_recorded_twice(
         running = [t for t in trials if t.state == optuna.trial.TrialState.RUNNING and "mlflow_run_id" in t.user_attrs]
         # training, past the start-up writes: each run has logged a step's metrics
         if len(running) == 2 and all(
-            MlflowClient().get_metric_history(t.user_attrs["mlflow_run_id"], "train_loss") for t in running
+            MlflowClient().get_metric_history(t.user_attrs["mlflow_run_id"], "train/bpd") for t in running
         ):
             break
         time.sleep(0.2)
@@ -147,7 +147,7 @@ def test_a_database_restart_mid_sweep_is_survived_and_nothing_is_recorded_twice(
     assert sorted(r.info.run_id for r in children) == sorted(t.user_attrs["mlflow_run_id"] for t in trials)
     for child in children:
         assert child.info.status == "FINISHED"
-        steps = [m.step for m in client.get_metric_history(child.info.run_id, "train_loss")]
+        steps = [m.step for m in client.get_metric_history(child.info.run_id, "train/bpd")]
         assert len(steps) == len(set(steps)) > 0  # each step's metric logged once, retries included
     assert all(r.info.status == "FINISHED" for r in runs_of("sweep"))
 
@@ -227,7 +227,7 @@ def test_a_lab_on_one_postgresql_a_tracking_server_and_the_dashboard(store, post
         client = MlflowClient()
         for run_id in (density_id, classify_id, sweep_id, report_id):
             assert client.get_run(run_id).info.status == "FINISHED"
-        assert client.get_run(density_id).data.metrics["test_bpd"] > 0
+        assert client.get_run(density_id).data.metrics["test/bpd"] > 0
         assert "samples_T1.png" in {a.path for a in client.list_artifacts(density_id)}
         assert (tmp_path / "artifacts").exists()  # artifacts went through the server to its destination
         model = load_model(density_id)  # downloaded through the server and rebuilt
@@ -241,7 +241,7 @@ def test_a_lab_on_one_postgresql_a_tracking_server_and_the_dashboard(store, post
         assert len(mlflow.pyfunc.load_model("models:/lab-flow/1").predict(images)) == 2
         children = [r for r in runs_of("sweep") if r.data.tags.get("mlflow.parentRunId") == sweep_id]
         assert len(children) == 2 and all(r.info.status == "FINISHED" for r in children)
-        assert client.get_run(report_id).data.metrics["table4_rows"] >= 1
+        assert client.get_run(report_id).data.metrics["tables/table4_rows"] >= 1
 
         dash_port = _free_port()
         dashboard = _serve(
