@@ -165,6 +165,7 @@ def optimize_to_budget(
     storage: optuna.storages.BaseStorage,
     timeout: float = 0.0,
     poll_s: float = 10.0,
+    callbacks: list[Callable[[optuna.Study, FrozenTrial], None]] | None = None,
 ) -> None:
     """Claim and run trials until the study holds ``n_trials`` counted ones (exact across workers), or
     ``timeout`` s (0: none) pass for this worker. A trial that raises is recorded FAIL and the study goes on."""
@@ -183,6 +184,7 @@ def optimize_to_budget(
                 n_trials=1,
                 timeout=None if math.isinf(deadline) else max(deadline - time.monotonic(), 0.0),
                 catch=(Exception,),
+                callbacks=callbacks,
             )
         elif heartbeats and any(t.state == TrialState.RUNNING for t in counted):
             time.sleep(poll_s)  # another worker's trial runs; if that worker dies, its slot frees

@@ -22,6 +22,7 @@ stays RUNNING. A study in which no trial completed ends FAILED (exit 2). The sea
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -41,9 +42,25 @@ from optuna.study import StudyDirection
 from optuna.trial import TrialState
 
 from experiments import classify, density
-from experiments.config import build_parser, check_common, log_configuration, option_text, option_types
+from experiments.config import (
+    build_parser,
+    check_common,
+    log_configuration,
+    option_applies,
+    option_text,
+    option_types,
+    run_tags,
+)
 from experiments.runner import EntryPoint
-from experiments.search_space import check_space, default_space, extreme_values, read_space_file, suggest
+from experiments.search_space import (
+    SERIES_TERMS_OPTION,
+    check_space,
+    check_study_compatible,
+    default_space,
+    extreme_values,
+    read_space_file,
+    suggest,
+)
 from experiments.study import (
     claim_slot,
     make_pruner,
@@ -57,11 +74,15 @@ from experiments.tracking import (
     RunStopped,
     active_run_id,
     log_json,
+    log_metrics,
     log_params_flat,
+    metric_value,
     on_run_start,
+    set_description,
     tracked_run,
 )
 from experiments.tracking_store import PROJECT_ROOT
+from pipeline.fields import documented
 
 log = logging.getLogger("experiments.sweep")
 
@@ -72,50 +93,75 @@ DEFAULT_OVERRIDES = {"density": "epochs=2 eval_max_images=500", "classify": "epo
 class Target:
     module: Any
     config_cls: type[Any]
-    metric: str  # the validation metric to minimise
-    # multi-objective mode: (name, second metric, its direction, how to read it from the run's metrics)
-    second: tuple[str, str, Callable[[dict], float]]
+    metric: str  # the validation metric to minimise (a run's metric name: the study's objective is named after it)
+    # the two-objective mode: its name, the second objective's name, its direction, how a run's metrics give it
+    second: tuple[str, str, str, Callable[[dict], float]]
+
+
+def _read(metrics: dict, name: str) -> float:
+    value = metric_value(metrics, name)
+    if value is None:
+        raise KeyError(f"the trial's run logged no {name}")
+    return float(value)
 
 
 TARGETS = {
     "density": Target(
-        density, density.DensityConfig, "val_bpd", ("bpd-time", "minimize", lambda m: m["epoch_seconds"])
+        density,
+        density.DensityConfig,
+        "val/bpd",
+        ("bpd-time", "train/epoch_seconds", "minimize", lambda m: _read(m, "train/epoch_seconds")),
     ),
     "classify": Target(
         classify,
         classify.ClassifyConfig,
-        "val_error",
-        ("error-margin", "maximize", lambda m: 1.0 - m["max_block_lipschitz"]),
+        "val/error_percent",
+        (
+            "error-margin",
+            "lipschitz/margin",  # 1 - the largest certified block Lipschitz bound: how far from non-invertible
+            "maximize",
+            lambda m: 1.0 - _read(m, "lipschitz/max_block_certified"),
+        ),
     ),
 }
 
 
 @dataclass(frozen=True)
 class SweepConfig:
-    preset: str = "quick"
-    target: str = "density"
-    target_preset: str = "quick"
-    target_overrides: str | None = None  # "field=value ..." applied to every trial (None: DEFAULT_OVERRIDES)
-    lipschitz: str | None = None  # every trial's Lipschitz mode (None: the target's; "strict": norms <= c always)
-    study_name: str = "iresnet-sweep"
-    storage: str = ""  # "": sqlite:///<project>/optuna.db; "journal:PATH"; or any SQLAlchemy URL
-    n_trials: int = 8  # in total, across all workers on the study
-    timeout: float = 0.0  # seconds for this worker; 0: no limit
-    sampler: str = "tpe"
-    pruner: str = "median"
-    objective: str = "single"  # or the target's two-objective mode: bpd-time (density), error-margin (classify)
-    space_file: str | None = None
-    tune_lr: bool = False
-    validation_fraction: float = 0.1
-    seed: int = 0
-    threads: int = 0  # CPU threads of this process; 0: the cores divided among the local workers
-    experiment_name: str = "sweep"
-    run_name: str | None = None
-    checkpoint_dir: str = str(PROJECT_ROOT / "checkpoints")
-    progress: bool = False
-    heartbeat_interval: int = 10  # seconds between a running trial's heartbeats (database storages)
-    grace_period: int = 0  # seconds without a heartbeat before a trial counts as dead; 0: 3 x the interval
-    retry_dead_trials: bool = True  # try a dead worker's parameters once more (recorded: retried_trial_number)
+    preset: str = documented("quick", "the sweep's preset (PRESETS)")
+    target: str = documented("density", "entry point each trial trains: density or classify")
+    target_preset: str = documented("quick", "the target's preset every trial starts from")
+    target_overrides: str | None = documented(
+        None, "'option=value ...' applied to every trial; unset: short trials (density: epochs=2 eval_max_images=500)"
+    )
+    lipschitz: str | None = documented(None, "every trial's Lipschitz mode, soft or strict; unset: the target's")
+    study_name: str = documented("iresnet-sweep", "Optuna study name; workers on the same name share the study")
+    storage: str = documented("", "Optuna storage: a SQLAlchemy URL, journal:PATH, or '' for ./optuna.db (SQLite)")
+    n_trials: int = documented(8, "trials in total, across every worker on the study (>= 1)")
+    timeout: float = documented(0.0, "seconds this worker runs trials (>= 0); 0: no limit")
+    sampler: str = documented("tpe", "tpe or random")
+    pruner: str = documented("median", "median, hyperband or none (single objective only)")
+    objective: str = documented(
+        "single", "single (the validation metric), or two: bpd-time (density), error-margin (classify)"
+    )
+    space_file: str | None = documented(
+        None, "YAML or JSON search space (option: {type, low, high[, log]}); unset: c, terms, power iterations"
+    )
+    tune_lr: bool = documented(False, "add the learning rate (log scale, 1e-4 to 0.1) to the default space")
+    validation_fraction: float = documented(
+        0.1, "share of the training images each trial is scored on, in (0, 1); the test split is never used"
+    )
+    seed: int = documented(0, "seed of the sampler (each trial's sampler is seeded from it and the trial number)")
+    threads: int = documented(0, "CPU threads of this process (1 to the machine's cores); 0: the cores shared out")
+    experiment_name: str = documented("sweep", "MLflow experiment of the parent run (trials are its nested runs)")
+    run_name: str | None = documented(None, "MLflow name of the parent run; unset: sweep-STUDY")
+    checkpoint_dir: str = documented(str(PROJECT_ROOT / "checkpoints"), "folder of the trials' checkpoints")
+    progress: bool = documented(False, "progress bars of the trials on the console")
+    heartbeat_interval: int = documented(10, "seconds between a running trial's heartbeats (database storages, >= 1)")
+    grace_period: int = documented(
+        0, "seconds without a heartbeat before a trial counts as dead (>= 0); 0: 3 x heartbeat_interval"
+    )
+    retry_dead_trials: bool = documented(True, "try a dead or stopped worker's parameters once more")
 
     def __post_init__(self) -> None:
         check_common(self)
@@ -150,6 +196,28 @@ class SweepConfig:
                     raise ValueError(
                         f"search-space value {name}={value!r} is invalid for {self.target}: {exc}"
                     ) from None
+        self._check_space_applies(space, base)
+
+    def _check_space_applies(self, space: dict[str, dict], base: dict[str, Any]) -> None:
+        """Every searched option changes what a trial trains: ``n_terms`` with the roulette estimator would be a
+        dimension the sampler explores for nothing (refused, naming the option that does apply where there is one)."""
+        target = TARGETS[self.target]
+        choices = [
+            [(name, value) for value in spec["choices"]]
+            for name, spec in space.items()
+            if spec["type"] == "categorical"
+        ]
+        combinations = [dict(c) for c in itertools.product(*choices)][:256]
+        configs = [target.module.config_from_preset(self.target_preset, **{**base, **c}) for c in combinations]
+        for name in space:
+            if not any(option_applies(cfg, name) for cfg in configs):
+                estimator = getattr(configs[0], "estimator", None)
+                instead = SERIES_TERMS_OPTION.get(estimator or "") if name in SERIES_TERMS_OPTION.values() else None
+                raise ValueError(
+                    f"search-space parameter {name!r} has no effect on {self.target} preset {self.target_preset!r}"
+                    + (f" with estimator={estimator}" if estimator else "")
+                    + (f"; search {instead!r} instead" if instead and instead != name else "")
+                )
 
     @property
     def multi_objective(self) -> bool:
@@ -160,7 +228,8 @@ class SweepConfig:
         if self.space_file:
             space = read_space_file(Path(self.space_file))
         else:
-            space = default_space(with_logdet=self.target == "density", tune_lr=self.tune_lr)
+            base = TARGETS[self.target].module.config_from_preset(self.target_preset, **self.base_overrides())
+            space = default_space(estimator=getattr(base, "estimator", None), tune_lr=self.tune_lr)
         check_space(space, set(option_types(TARGETS[self.target].config_cls)), self.target)
         return space
 
@@ -244,15 +313,21 @@ def make_objective(
         with on_run_start(link):
             run_id = target.module.run(trial_cfg, on_epoch_end=report)
         metrics = client.get_run(run_id).data.metrics
-        value = metrics[target.metric]
+        value = _read(metrics, target.metric)
         if not math.isfinite(value):
             raise FloatingPointError(f"{target.metric} is {value}")
         if cfg.multi_objective:
-            return value, target.second[2](metrics)
+            return value, target.second[3](metrics)
         return value
 
     recorded = recording_the_outcome(run_trial)
     return objective
+
+
+def objective_names(cfg: SweepConfig) -> list[str]:
+    """The study's objectives, named as the trials' runs name the metrics (``val/bpd``, ``train/epoch_seconds``)."""
+    target = TARGETS[cfg.target]
+    return [target.metric] + ([target.second[1]] if cfg.multi_objective else [])
 
 
 def _log_study_figures(study: optuna.Study, cfg: SweepConfig, out: Path) -> None:
@@ -260,8 +335,7 @@ def _log_study_figures(study: optuna.Study, cfg: SweepConfig, out: Path) -> None
 
     from pipeline.plotting import save_figure
 
-    target = TARGETS[cfg.target]
-    names = [target.metric] + ([target.second[0].split("-")[1]] if cfg.multi_objective else [])
+    names = objective_names(cfg)
     plots: dict[str, Callable[[], Any]] = {}
     if cfg.multi_objective:
         plots["pareto_front"] = lambda: ovm.plot_pareto_front(study, target_names=names)
@@ -270,9 +344,9 @@ def _log_study_figures(study: optuna.Study, cfg: SweepConfig, out: Path) -> None
             def history(i: int = i, name: str = name) -> Any:
                 return ovm.plot_optimization_history(study, target=lambda t: t.values[i], target_name=name)
 
-            plots[f"history_{name}"] = history
+            plots[f"history_{name.replace('/', '_')}"] = history
     else:
-        plots["history"] = lambda: ovm.plot_optimization_history(study, target_name=target.metric)
+        plots["history"] = lambda: ovm.plot_optimization_history(study, target_name=names[0])
         plots["importances"] = lambda: ovm.plot_param_importances(study)
         plots["contour"] = lambda: ovm.plot_contour(study, params=["coeff", "n_power_iterations"])
     for name, make in plots.items():
@@ -320,7 +394,7 @@ def run(cfg: SweepConfig) -> str:
     )
     if journal:
         log.warning("a journal storage has no heartbeats: a worker killed mid-trial leaves that trial RUNNING")
-    second = [StudyDirection[TARGETS[cfg.target].second[1].upper()]] if cfg.multi_objective else []
+    second = [StudyDirection[TARGETS[cfg.target].second[2].upper()]] if cfg.multi_objective else []
     directions = [StudyDirection.MINIMIZE, *second]
     study = optuna.create_study(
         study_name=cfg.study_name,
@@ -335,13 +409,26 @@ def run(cfg: SweepConfig) -> str:
             f"study {cfg.study_name!r} exists with directions {[d.name.lower() for d in study.directions]}, not "
             f"{directions} (objective {cfg.objective!r}); use the study's objective or another --study-name"
         )
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    with tracked_run(cfg.experiment_name, run_name=cfg.run_name or f"sweep-{cfg.study_name}") as parent:
+    check_study_compatible(study, cfg.space())
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # the sweep says what became of each trial (log_trial)
+    with warnings.catch_warnings():  # Optuna flags it experimental (since 3.2)
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names(objective_names(cfg))
+    name = cfg.run_name or f"sweep-{cfg.study_name}"
+    with tracked_run(cfg.experiment_name, run_name=name, tags=run_tags(cfg)) as parent:
+        _describe_study(study, cfg, parent.info.run_id)
         log_configuration(cfg)
         log_json(cfg.space(), "search_space.json")
         mlflow.set_tag("optuna_study", cfg.study_name)
+        set_description(
+            parent.info.run_id,
+            f"Optuna study {cfg.study_name!r}: {cfg.n_trials} trials of {cfg.target} "
+            f"{cfg.target_preset}, minimising {objective_names(cfg)[0]} on a validation split",
+        )
         _optimize(study, cfg, storage)
-        _log_study_summary(study, cfg)
+        summary = _log_study_summary(study, cfg)
+        log.info("%s", summary)
+        set_description(parent.info.run_id, summary)
         trials = study.get_trials(deepcopy=False)
         if not any(t.state == TrialState.COMPLETE for t in trials):
             failure = next((t.user_attrs["failure"] for t in trials if t.user_attrs.get("failure")), "")
@@ -349,6 +436,52 @@ def run(cfg: SweepConfig) -> str:
                 f"no trial of study {cfg.study_name!r} completed" + (f"; first failure: {failure}" if failure else "")
             )
     return parent.info.run_id
+
+
+def _describe_study(study: optuna.Study, cfg: SweepConfig, parent_run_id: str) -> None:
+    """What the study is, as its user attributes (optuna-dashboard shows them): the target with its preset and
+    overrides, the dataset, the search space, the MLflow experiment and the parent run of each worker."""
+    base = TARGETS[cfg.target].module.config_from_preset(cfg.target_preset, **cfg.base_overrides())
+    attrs = {
+        "target": cfg.target,
+        "target_preset": cfg.target_preset,
+        "target_overrides": " ".join(f"{k}={option_text(v)}" for k, v in cfg.base_overrides().items()),
+        "dataset": getattr(base, "dataset", ""),
+        "objective": cfg.objective,
+        "validation_fraction": cfg.validation_fraction,
+        "search_space": json.dumps(cfg.space()),
+        "mlflow_experiment": cfg.experiment_name,
+        "mlflow_tracking_uri": mlflow.get_tracking_uri(),
+        "mlflow_parent_run_id": parent_run_id,  # the latest worker's; every worker's below
+        "mlflow_parent_run_ids": [*study.user_attrs.get("mlflow_parent_run_ids", []), parent_run_id],
+    }
+    for key, value in attrs.items():
+        study.set_user_attr(key, value)
+
+
+def params_text(params: dict[str, Any]) -> str:
+    """``coeff=0.7517 n_exact_terms=6``: a trial's parameters as a console line shows them (floats to 4 digits)."""
+    return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={option_text(v)}" for k, v in params.items())
+
+
+def log_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+    """The console line of a trial that ended in this worker: its value, pruning or failure, and the best so far."""
+    if trial.user_attrs.get("excess_claim"):
+        return
+    names = study.metric_names or ["value"]
+    params = params_text(trial.params)
+    if trial.state == TrialState.COMPLETE and trial.values is not None:
+        values = ", ".join(f"{n}={v:.4g}" for n, v in zip(names, trial.values, strict=False))
+        best = ""
+        if len(study.directions) == 1:
+            best = f"; best is trial {study.best_trial.number} ({names[0]}={study.best_value:.4g})"
+        log.info("trial %d finished: %s with %s%s", trial.number, values, params, best)
+    elif trial.state == TrialState.PRUNED:
+        step = trial.last_step
+        seen = f" ({names[0]}={trial.intermediate_values[step]:.4g})" if step is not None else ""
+        log.info("trial %d pruned after epoch %s%s with %s", trial.number, step, seen, params)
+    elif trial.state == TrialState.FAIL:
+        log.warning("trial %d failed: %s", trial.number, trial.user_attrs.get("failure", "the worker stopped"))
 
 
 def _optimize(study: optuna.Study, cfg: SweepConfig, storage: optuna.storages.BaseStorage) -> None:
@@ -362,6 +495,7 @@ def _optimize(study: optuna.Study, cfg: SweepConfig, storage: optuna.storages.Ba
             storage=storage,
             timeout=cfg.timeout,
             poll_s=cfg.heartbeat_interval,
+            callbacks=[log_trial],
         )
     except KeyboardInterrupt as exc:
         exc.stop_hint = _stopped_trial(study, cfg, running)  # type: ignore[attr-defined]
@@ -383,10 +517,14 @@ def _stopped_trial(study: optuna.Study, cfg: SweepConfig, running: list[int]) ->
     )
 
 
-def _log_study_summary(study: optuna.Study, cfg: SweepConfig) -> None:
-    trials = study.get_trials(deepcopy=False)
+def _log_study_summary(study: optuna.Study, cfg: SweepConfig) -> str:
+    """The study's counts, best trial and figures on the parent run; returns the summary line (its description)."""
+    trials = [t for t in study.get_trials(deepcopy=False) if not t.user_attrs.get("excess_claim")]
     counts = {state.name.lower(): sum(t.state == state for t in trials) for state in TrialState}
-    mlflow.log_metrics({f"trials_{k}": v for k, v in counts.items()})
+    log_metrics({f"trials/{k}": v for k, v in counts.items()}, len(trials))
+    names = objective_names(cfg)
+    tally = ", ".join(f"{counts[k]} {k}" for k in ("complete", "pruned", "fail") if counts[k] or k == "complete")
+    summary = f"study {cfg.study_name!r}: {len(trials)} trials ({tally})"
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         study.trials_dataframe().to_csv(out / "trials.csv", index=False)
@@ -403,20 +541,25 @@ def _log_study_summary(study: optuna.Study, cfg: SweepConfig) -> None:
                     for t in study.best_trials
                 ]
                 (out / "pareto_front.json").write_text(json.dumps(front, indent=2))
-                mlflow.log_metric("pareto_front_size", len(front))
+                log_metrics({"best/pareto_front_size": len(front)}, len(trials))
+                summary += f"; Pareto front of {len(front)} trials over {' and '.join(names)} (pareto_front.json)"
             else:
                 best = study.best_trial
                 assert best.value is not None  # the best trial is a completed one
-                mlflow.log_metric(f"best_{TARGETS[cfg.target].metric}", best.value)
+                log_metrics({f"best/{names[0]}": best.value, "best/trial": best.number}, len(trials))
                 log_params_flat({f"best_{k}": v for k, v in best.params.items()})
                 best_run = best.user_attrs.get("mlflow_run_id", "")
                 mlflow.set_tag("best_mlflow_run_id", best_run)
                 if best_run:  # the best trial's model, to load, register or serve (experiments.models.load_model)
                     mlflow.set_tag("best_model_uri", f"runs:/{best_run}/model")
+                params = params_text(best.params)
+                summary += f"; best trial {best.number}: {names[0]}={best.value:.4g} with {params}"
+                summary += f" (run {best_run})" if best_run else ""
             _log_study_figures(study, cfg, out)
         else:
             log.warning("no trial of study %s has completed yet", cfg.study_name)
         mlflow.log_artifacts(str(out))
+    return summary
 
 
 ENTRY = EntryPoint(SweepConfig, PRESETS, run, __doc__)

@@ -21,7 +21,7 @@ TINY_DENSITY = (
 )
 TINY_SPACE = {
     "coeff": {"type": "float", "low": 0.5, "high": 0.9},
-    "n_terms": {"type": "int", "low": 1, "high": 3},
+    "n_exact_terms": {"type": "int", "low": 1, "high": 3},  # the quick preset's roulette estimator's terms
     "n_power_iterations": {"type": "int", "low": 1, "high": 2},
 }
 
@@ -52,11 +52,25 @@ def test_three_trial_study_end_to_end_with_nested_runs(store):
     assert len(children) == 3 and all(r.info.status == "FINISHED" for r in children)
     assert sorted(int(r.data.tags["optuna_trial"]) for r in children) == [0, 1, 2]
     for child in children:  # params and per-epoch validation metrics of every trial
-        assert {"coeff", "n_terms", "n_power_iterations"} <= set(child.data.params)  # every searched value
-        history = MlflowClient().get_metric_history(child.info.run_id, "val_bpd")
-        assert [m.step for m in sorted(history, key=lambda m: m.step)] == [1, 2]
+        assert {"coeff", "n_exact_terms", "n_power_iterations"} <= set(child.data.params)  # every searched value
+        assert "n_terms" not in child.data.params  # the power series' option: not this estimator's
+        # the validation curve on the training curve's axis (the optimizer step), at each epoch's end
+        steps = {m.step for m in MlflowClient().get_metric_history(child.info.run_id, "train/bpd")}
+        validation = sorted(m.step for m in MlflowClient().get_metric_history(child.info.run_id, "val/bpd"))
+        epoch_ends = sorted(m.step for m in MlflowClient().get_metric_history(child.info.run_id, "train/epoch"))
+        assert len(validation) == 2 and validation == epoch_ends and max(validation) >= max(steps)
+    children_params = [set(child.data.params) for child in children]
+    assert all(p == children_params[0] for p in children_params)  # trials compare column by column
     assert parent.info.status == "FINISHED"
-    assert parent.data.metrics["best_val_bpd"] == pytest.approx(study.best_value)
+    assert parent.data.metrics["best/val/bpd"] == pytest.approx(study.best_value)
+    # optuna-dashboard: the objective is named, the study says what it is and where its runs are
+    assert study.metric_names == ["val/bpd"]
+    attrs = study.user_attrs
+    assert (attrs["target"], attrs["target_preset"], attrs["dataset"]) == ("density", "quick", "digits8x8")
+    assert attrs["mlflow_parent_run_id"] == parent_id and "epochs=2" in attrs["target_overrides"]
+    description = parent.data.tags["mlflow.note.content"]
+    assert f"best trial {study.best_trial.number}: val/bpd={study.best_value:.4g}" in description
+    assert "3 trials (3 complete)" in description
     assert parent.data.params["best_coeff"] == str(study.best_params["coeff"])
     best_run = study.best_trial.user_attrs["mlflow_run_id"]
     assert parent.data.tags["best_model_uri"] == f"runs:/{best_run}/model"
@@ -82,22 +96,29 @@ def test_a_trial_that_raises_ends_failed_and_the_study_goes_on(store, monkeypatc
     monkeypatch.setitem(
         sweep.TARGETS,
         "density",
-        sweep.Target(sweep.density, sweep.density.DensityConfig, "val_bpd", sweep.TARGETS["density"].second),
+        sweep.Target(sweep.density, sweep.density.DensityConfig, "val/bpd", sweep.TARGETS["density"].second),
     )
     parent_id = sweep.run(_cfg(store, target_overrides=TINY_DENSITY.replace("epochs=2", "epochs=1")))
     study = optuna.load_study(study_name="iresnet-sweep", storage=f"sqlite:///{store / 'optuna.db'}")
     states = [t.state for t in study.trials]
     assert states.count(optuna.trial.TrialState.FAIL) == 1 and states.count(optuna.trial.TrialState.COMPLETE) == 2
-    assert MlflowClient().get_run(parent_id).data.metrics["trials_fail"] == 1
+    assert MlflowClient().get_run(parent_id).data.metrics["trials/fail"] == 1
 
 
-def test_pruned_trials_end_killed(store, monkeypatch):
+def test_pruned_trials_end_killed_and_the_console_says_so(store, monkeypatch, caplog):
     monkeypatch.setattr(optuna.trial.Trial, "should_prune", lambda self: self.number == 1)
-    sweep.run(_cfg(store, pruner="median", target_overrides=TINY_DENSITY.replace("epochs=2", "epochs=1")))
+    with caplog.at_level("INFO", logger="experiments.sweep"):
+        parent_id = sweep.run(
+            _cfg(store, pruner="median", target_overrides=TINY_DENSITY.replace("epochs=2", "epochs=1"))
+        )
     study = optuna.load_study(study_name="iresnet-sweep", storage=f"sqlite:///{store / 'optuna.db'}")
     assert study.trials[1].state == optuna.trial.TrialState.PRUNED
     killed = [r for r in runs_of("sweep") if r.data.tags.get("optuna_trial") == "1"]
     assert [r.info.status for r in killed] == ["KILLED"]
+    assert killed[0].data.tags["mlflow.note.content"].startswith("**KILLED**: PrunedRun: pruned at epoch 1")
+    assert "trial 1 pruned after epoch 1 (val/bpd=" in caplog.text
+    summary = f"study 'iresnet-sweep': 3 trials (2 complete, 1 pruned); best trial {study.best_trial.number}: "
+    assert summary in caplog.text and summary in MlflowClient().get_run(parent_id).data.tags["mlflow.note.content"]
 
 
 @pytest.mark.slow
@@ -118,7 +139,7 @@ def test_sweep_through_mlflow_run_nests_every_trial_under_the_launched_run(store
     children = [r for r in runs_of("sweep") if r.data.tags.get("mlflow.parentRunId") == submitted.run_id]
     assert sorted(r.data.tags["optuna_trial"] for r in children) == ["0", "1"]
     assert all(r.info.status == "FINISHED" for r in children)
-    assert MlflowClient().get_run(submitted.run_id).data.metrics["trials_complete"] == 2
+    assert MlflowClient().get_run(submitted.run_id).data.metrics["trials/complete"] == 2
     # the launched run lists the runs it made
     trials = pd.read_csv(MlflowClient().download_artifacts(submitted.run_id, "trials.csv"))
     assert sorted(trials["user_attrs_mlflow_run_id"]) == sorted(r.info.run_id for r in children)
@@ -181,7 +202,7 @@ def test_a_sweep_in_which_no_trial_completes_fails(store, monkeypatch):
     monkeypatch.setitem(
         sweep.TARGETS,
         "density",
-        sweep.Target(sweep.density, sweep.density.DensityConfig, "val_bpd", sweep.TARGETS["density"].second),
+        sweep.Target(sweep.density, sweep.density.DensityConfig, "val/bpd", sweep.TARGETS["density"].second),
     )
     with pytest.raises(ValueError, match="no trial of study 'iresnet-sweep' completed; first failure: Floating"):
         sweep.run(_cfg(store, n_trials=2))
@@ -235,6 +256,17 @@ def test_space_file_parameters_must_be_target_options(tmp_path):
         sweep.config_from_preset("quick", target="classify", space_file=str(bad))
 
 
+def test_the_default_space_searches_the_terms_of_the_estimator_in_use_and_a_dead_option_is_refused(tmp_path):
+    assert "n_exact_terms" in sweep.config_from_preset("quick").space()  # the quick preset's roulette
+    series = sweep.config_from_preset("quick", target_overrides="estimator=power_series epochs=1")
+    assert "n_terms" in series.space() and "n_exact_terms" not in series.space()
+    assert "n_terms" not in sweep.config_from_preset("quick", target="classify").space()  # no log-det
+    dead = tmp_path / "space.yaml"
+    dead.write_text("n_terms: {type: int, low: 1, high: 5}\n")
+    with pytest.raises(ValueError, match="'n_terms' has no effect .* estimator=russian_roulette; search 'n_exact"):
+        sweep.config_from_preset("quick", space_file=str(dead))
+
+
 def test_none_is_a_value_not_an_unset_option():
     assert sweep.build_parser(sweep.SweepConfig, sweep.PRESETS, None).parse_args(["--pruner", "none"]).pruner == "none"
 
@@ -251,7 +283,8 @@ def test_multi_objective_mode_logs_the_pareto_front(store):
     assert {"pareto_front.json", "pareto_front.png"} <= artifacts
     front = json.loads(Path(client.download_artifacts(parent_id, "pareto_front.json")).read_text())
     assert {t["number"] for t in front} == {t.number for t in study.best_trials}
-    assert client.get_run(parent_id).data.metrics["pareto_front_size"] == len(front)
+    assert client.get_run(parent_id).data.metrics["best/pareto_front_size"] == len(front)
+    assert study.metric_names == ["val/bpd", "train/epoch_seconds"]
 
 
 def test_trials_can_train_with_any_estimator_through_target_overrides():
@@ -318,3 +351,20 @@ def test_a_damaged_study_database_is_one_line(store, caplog):
     assert sweep.main(["--storage", f"sqlite:///{db}", "--n-trials", "1"]) == 2
     errors = [r for r in caplog.records if r.levelname == "ERROR"]
     assert len(errors) == 1 and f"the study storage sqlite:///{db} cannot be opened" in errors[0].getMessage()
+
+
+def test_an_unknown_key_in_a_search_space_entry_is_refused(tmp_path):
+    path = tmp_path / "space.yaml"
+    path.write_text("coeff: {type: float, low: 0.5, high: 0.9, lgo: true}\n")  # a typo of log
+    with pytest.raises(ValueError, match=r"'coeff' has unknown key\(s\) \['lgo'\]"):
+        sweep.config_from_preset("quick", space_file=str(path))
+
+
+def test_a_study_reused_with_an_incompatible_space_is_refused_before_its_first_trial(store, monkeypatch):
+    storage = f"sqlite:///{store / 'optuna.db'}"
+    old = optuna.create_study(study_name="iresnet-sweep", storage=storage)
+    old.enqueue_trial({"coeff": 0.7})
+    old.optimize(lambda t: t.suggest_categorical("coeff", [0.7, 0.8]), n_trials=1)
+    monkeypatch.setattr(sweep.density, "run", lambda *a, **k: pytest.fail("a trial ran"))
+    with pytest.raises(ValueError, match="study 'iresnet-sweep' searched coeff as CategoricalDistribution"):
+        sweep.run(_cfg(store))
