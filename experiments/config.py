@@ -31,7 +31,7 @@ from pipeline.training.checkpoint import load_checkpoint
 
 C = TypeVar("C")
 
-RESUME_OVERRIDABLE = ("epochs", "device", "progress", "checkpoint_dir")
+RESUME_OVERRIDABLE = ("epochs", "device", "progress", "checkpoint_dir", "register_model")
 
 
 def option_types(config_cls: type) -> dict[str, Any]:
@@ -238,6 +238,24 @@ def check_common(cfg: Any) -> None:
         raise ValueError(f"seed must be >= 0 (it seeds torch, numpy and Python alike), got {cfg.seed}")
     if hasattr(cfg, "checkpoint_dir"):
         check_directory_usable(cfg.checkpoint_dir, "checkpoint_dir")
+    cores = os.cpu_count() or 1
+    if not 0 <= getattr(cfg, "threads", 0) <= cores:  # more threads than cores only slow every one of them down
+        raise ValueError(
+            f"threads must be 0 (the cores shared out) to {cores} (this machine's cores), got {cfg.threads}"
+        )
+    if getattr(cfg, "register_model", None) is not None:
+        check_model_name(cfg.register_model)
+
+
+def check_model_name(name: str) -> None:
+    """A Model Registry name MLflow accepts, checked by MLflow's own validator before anything trains."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils.validation import _validate_model_name
+
+    try:
+        _validate_model_name(name)
+    except MlflowException as exc:
+        raise ValueError(f"register_model {name!r} is not a Model Registry name: {exc.message}") from None
 
 
 def entry_point_module(config_cls: type) -> str:
@@ -411,8 +429,8 @@ def saved_options(saved: Mapping[str, Any]) -> dict[str, Any]:
 def config_for_resume(config_cls: type[C], run_id: str, **overrides: Any) -> C:
     """The configuration a run was started with, read from its checkpoint.
 
-    Only ``epochs`` (to extend a run), ``device``, ``progress`` and ``checkpoint_dir`` may change;
-    anything else would no longer be the same run.
+    Only ``epochs`` (to extend a run), ``device``, ``progress``, ``checkpoint_dir`` and ``register_model`` (a name
+    the registry refused) may change; anything else would no longer be the same run.
     """
     unknown = set(overrides) - set(RESUME_OVERRIDABLE)
     if unknown:

@@ -106,6 +106,8 @@ class ToyConfig(ToyOptions, EstimatorOptions, ArchitectureOptions, RunOptions):
         check_device_name(self.device)
         if self.dynamics_depth % 2:
             raise ValueError("dynamics_depth must be even (the x^3 target sits at half depth)")
+        if self.grid_size < 2:  # the density grid's cell area is its spacing squared: one point has none
+            raise ValueError(f"grid_size must be >= 2, got {self.grid_size}")
         if not self.lr > 0 or not self.grid_limit > 0:
             raise ValueError("lr and grid_limit must be > 0")
         self.resolved_architecture(dim=2)  # the library validates c, widths, ...

@@ -146,6 +146,7 @@ def tracked_run(
                 client.set_tag(resume_run_id, f"previous_{key}", previous.data.tags[key])
                 client.delete_tag(resume_run_id, key)
     elif launched_run and mlflow.active_run() is None:
+        _check_launched(launched_run)
         run = mlflow.start_run(run_id=launched_run, log_system_metrics=system)
         # claimed: a later start_run(nested=True) would otherwise silently resume this run again
         os.environ.pop("MLFLOW_RUN_ID", None)
@@ -173,6 +174,22 @@ def tracked_run(
         raise
     else:
         mlflow.end_run(status="FINISHED")
+
+
+def _check_launched(run_id: str) -> None:
+    """``MLFLOW_RUN_ID`` (set by ``mlflow run`` for the run it launched) must name a run that is RUNNING: one left in
+    the environment from an earlier job names a finished run, which a new training would write into."""
+    try:
+        status = MlflowClient().get_run(run_id).info.status
+    except Exception:
+        raise ValueError(
+            f"MLFLOW_RUN_ID names run {run_id!r}, which {mlflow.get_tracking_uri()} does not hold"
+        ) from None
+    if status != "RUNNING":
+        raise ValueError(
+            f"MLFLOW_RUN_ID names run {run_id}, which is {status}: a new training would write into it; unset "
+            "MLFLOW_RUN_ID (mlflow run sets it for the run it launches), or continue that run with --resume"
+        )
 
 
 def _identify(run: mlflow.ActiveRun, run_name: str | None, tags: Mapping[str, str]) -> None:

@@ -19,6 +19,9 @@ from pipeline.transforms.logdet import ExactLogDet
 
 KINDS = ("density", "classify", "toy")
 DENSITY_PASSES = 8  # draws averaged per image: the standard error is returned beside each value
+MAX_REQUEST_IMAGES = 2048  # a request's images: more would outlast a serving timeout (60 s) on a CPU worker
+SEED = 1234  # a request's answer is reproducible
+CHUNK_IMAGES = 128  # images scored at once: the memory of a request is that of one chunk
 
 
 def input_shape(model: nn.Module) -> tuple[int, ...]:
@@ -54,13 +57,24 @@ def score(model: nn.Module, kind: str, inputs: np.ndarray, config: dict[str, Any
       and ``std``);
     * ``toy``: float32 points (N, 2) -> ``log_density`` (exact log-determinant).
     """
+    if len(inputs) > MAX_REQUEST_IMAGES:
+        raise ValueError(f"at most {MAX_REQUEST_IMAGES} inputs per request, got {len(inputs)}: send them in parts")
     if kind == "density":
         flow = _flow(model, kind)
-        pad = int(config.get("pad", 0))
+        pad, n_levels = int(config.get("pad", 0)), int(config["n_levels"])
         images = _images(flow, inputs, pad)
-        bpd, se = bits_per_dim_per_image(
-            flow, images, n_levels=int(config["n_levels"]), pad=pad, passes=int(config.get("passes", DENSITY_PASSES))
-        )
+        if len(images) and int(images.max()) >= n_levels:  # the flow's density is over its levels only: NaN beyond
+            raise ValueError(
+                f"pixel values must be 0 to {n_levels - 1} (the model was trained on {n_levels} levels), got "
+                f"{int(images.max())}"
+            )
+        passes = int(config.get("passes", DENSITY_PASSES))
+        parts = [  # each chunk its own draws (one seed would give every chunk the same noise)
+            bits_per_dim_per_image(flow, chunk, n_levels=n_levels, pad=pad, passes=passes, seed=SEED + i)
+            for i, chunk in enumerate(images.split(CHUNK_IMAGES))
+        ]
+        bpd = torch.cat([b for b, _ in parts]) if parts else torch.empty(0)
+        se = torch.cat([s for _, s in parts]) if parts else torch.empty(0)
         return {"bits_per_dim": bpd.numpy(), "standard_error": se.numpy()}
     if kind == "classify":
         images = _images(model, inputs)

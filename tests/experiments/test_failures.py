@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from analysis import report
-from experiments import classify, density
+from experiments import classify, density, toy
 from experiments.models import load_model
 from pipeline.data import load_dataset
 from tests.experiments.conftest import SimulatedCrash, runs_of
@@ -265,3 +266,36 @@ def test_eval_every_zero_says_what_it_means(store, caplog):
     with caplog.at_level("INFO"):
         density.run(density.config_from_preset("quick", **{**TINY, "eval_every": 0}, checkpoint_dir=str(store)))
     assert "eval_every=0: the flow is evaluated once, after the last epoch (2)" in caplog.text
+
+
+def test_a_stale_mlflow_run_id_naming_a_finished_run_is_refused_not_trained_into(store, caplog, monkeypatch):
+    ckpt = str(store / "ckpt")
+    finished = density.run(density.config_from_preset("quick", **TINY, checkpoint_dir=ckpt))
+    before = MlflowClient().get_run(finished)
+    monkeypatch.setenv("MLFLOW_RUN_ID", finished)
+    assert density.main(_density_args(store, "--seed", "5")) == 2
+    assert f"MLFLOW_RUN_ID names run {finished}, which is FINISHED" in _one_error_line(caplog)
+    after = MlflowClient().get_run(finished)
+    assert after.info.status == "FINISHED" and after.data.params == before.data.params
+    assert after.data.metrics == before.data.metrics
+
+
+@pytest.mark.parametrize(
+    "entry, options, message",
+    [
+        ("density", {"register_model": "team/flow"}, "register_model 'team/flow' is not a Model Registry name"),
+        ("density", {"threads": 10_000}, "threads must be 0 (the cores shared out) to"),
+        ("toy", {"grid_size": 1}, "grid_size must be >= 2"),
+    ],
+)
+def test_what_can_be_refused_up_front_is_refused_before_any_run(store, entry, options, message):
+    module = {"density": density, "toy": toy}[entry]
+    with pytest.raises(ValueError, match=re.escape(message)):
+        module.config_from_preset("quick", **options)
+    assert not runs_of(entry)
+
+
+def test_a_resume_may_change_the_registry_name():
+    from experiments.config import RESUME_OVERRIDABLE
+
+    assert "register_model" in RESUME_OVERRIDABLE

@@ -153,6 +153,9 @@ def test_mlflow_models_serve_answers_what_the_library_computes(store):
         for wrong in ((images.astype(np.int64) + 300).tolist(), [["a pixel"]]):  # not uint8 (MLflow casts numbers)
             status, answer = _post(f"http://127.0.0.1:{port}/invocations", {"inputs": wrong})
             assert 400 <= status < 500 and "Traceback" not in json.dumps(answer), (status, answer)
+        # ordinary 8-bit pixels for a 17-level model: HTTP 400 with the range, not NaN with 200
+        status, answer = _post(f"http://127.0.0.1:{port}/invocations", {"inputs": np.full_like(images, 200).tolist()})
+        assert status == 400 and "pixel values must be 0 to 16" in answer.get("message", ""), (status, answer)
     finally:
         server.terminate()
         server.wait(timeout=60)
@@ -170,3 +173,25 @@ def test_report_takes_a_registered_density_model_and_refuses_another_kind(store,
     assert report.main([*args, "--estimator-model", "models:/no-such-model/1"]) == 2
     (error,) = [r for r in caplog.records if r.levelname == "ERROR"]
     assert "no model at models:/no-such-model/1" in error.getMessage()
+
+
+def test_scoring_refuses_pixels_beyond_the_models_levels_and_oversized_requests_and_chunks_the_rest():
+    from dataclasses import replace
+
+    from pipeline.models import FLOW_PRESETS, IResNetFlow, scoring
+
+    arch = replace(FLOW_PRESETS["quick"], n_blocks=(1, 1), hidden_channels=(8,), input_shape=(1, 8, 8))
+    flow = IResNetFlow(arch)
+    with torch.no_grad():
+        flow.log_prob(torch.rand(16, 1, 8, 8) - 0.5)  # the data-dependent initialisation, as training starts
+    flow.eval()
+    config = {"n_levels": 17, "pad": 0, "passes": 2}
+    images = np.random.default_rng(0).integers(0, 17, (scoring.CHUNK_IMAGES + 3, 1, 8, 8), dtype=np.uint8)
+    with pytest.raises(ValueError, match="pixel values must be 0 to 16 .* got 17"):
+        scoring.score(flow, "density", np.where(images == 0, 17, images).astype(np.uint8), config)
+    with pytest.raises(ValueError, match=f"at most {scoring.MAX_REQUEST_IMAGES} inputs per request"):
+        scoring.score(flow, "density", np.zeros((scoring.MAX_REQUEST_IMAGES + 1, 1, 8, 8), np.uint8), config)
+    answer = scoring.score(flow, "density", images, config)  # two chunks: every image scored, finite
+    assert answer["bits_per_dim"].shape == (len(images),) and np.isfinite(answer["bits_per_dim"]).all()
+    alone = scoring.score(flow, "density", images[:3], config)["bits_per_dim"]  # the first chunk's draws
+    assert np.allclose(answer["bits_per_dim"][:3], alone, atol=0.5)
