@@ -60,19 +60,21 @@ def architecture_class(config_cls: type) -> type:
     return type(next(iter(config_cls.ARCHITECTURES.values())))  # type: ignore[attr-defined]
 
 
+def declaring_class(config_cls: type, name: str) -> type:
+    """The dataclass that declares option ``name``: the config class, or the architecture behind its model group."""
+    own = {f.name for f in fields(cast(Any, config_cls))}
+    return config_cls if name in own else architecture_class(config_cls)
+
+
 def option_is_conditional(config_cls: type, name: str) -> bool:
     """Whether option ``name`` matters only in some configurations (``n_terms``: with the power series)."""
-    own = {f.name for f in fields(cast(Any, config_cls))}
-    declaring = config_cls if name in own else architecture_class(config_cls)
-    return conditional(declaring, name)
+    return conditional(declaring_class(config_cls, name), name)
 
 
 def option_applies(cfg: Any, name: str, values: Mapping[str, Any] | None = None) -> bool:
     """Whether option ``name`` matters for ``cfg`` (its field's ``applies``: ``n_terms`` only for the power series)."""
     values = flat_options(cfg) if values is None else values
-    own = {f.name for f in fields(cfg)}
-    declaring = type(cfg) if name in own else architecture_class(type(cfg))
-    return applies(declaring, name, values)
+    return applies(declaring_class(type(cfg), name), name, values)
 
 
 def option_groups(config_cls: type) -> dict[str, str]:

@@ -32,14 +32,18 @@ def field_help(cls: type) -> dict[str, str]:
     return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}
 
 
+def _condition(cls: type, name: str) -> Condition | None:
+    """Field ``name``'s ``applies`` (None where it always applies, or ``cls`` has no such field)."""
+    field = next((f for f in dataclasses.fields(cls) if f.name == name), None)
+    return field.metadata.get("applies") if field is not None else None
+
+
 def conditional(cls: type, name: str) -> bool:
     """Whether field ``name`` of ``cls`` matters only in some configurations (it declares ``applies``)."""
-    field = next((f for f in dataclasses.fields(cls) if f.name == name), None)
-    return field is not None and field.metadata.get("applies") is not None
+    return _condition(cls, name) is not None
 
 
 def applies(cls: type, name: str, options: Mapping[str, Any]) -> bool:
     """Whether field ``name`` of ``cls`` matters for a configuration with these flat ``options``."""
-    field = next((f for f in dataclasses.fields(cls) if f.name == name), None)
-    condition = field.metadata.get("applies") if field is not None else None
+    condition = _condition(cls, name)
     return condition is None or bool(condition(options))
