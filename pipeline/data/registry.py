@@ -15,10 +15,13 @@ from __future__ import annotations
 
 import gzip
 import inspect
+import io
 import pickle
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,6 +33,10 @@ EMBEDDED_SPLIT_SEED = 0
 
 class DatasetNotFoundError(FileNotFoundError):
     """A dataset's files are missing; the message says which files are expected where."""
+
+
+class DataFileError(ValueError):
+    """A dataset's file is damaged or not what its format holds; the message names the file and what is wrong."""
 
 
 @dataclass(frozen=True)
@@ -73,10 +80,20 @@ class ImageDataset:
             )
         for split, part in (("train", self.train), ("test", self.test)):
             if len(part) and int(part.images.max()) >= self.n_levels:
-                raise ValueError(
-                    f"dataset {self.name!r}: a {split} pixel has value {int(part.images.max())}, but the data has "
-                    f"{self.n_levels} levels (0 to {self.n_levels - 1})"
+                raise DataFileError(
+                    f"dataset {self.name!r}{self._from()}: a {split} pixel has value {int(part.images.max())}, but "
+                    f"the data has {self.n_levels} levels (0 to {self.n_levels - 1})"
                 )
+            # a label outside the classes would stop a classifier mid-run (cross-entropy's target index)
+            if len(part) and (int(part.labels.min()) < 0 or int(part.labels.max()) >= self.num_classes):
+                bad = part.labels[(part.labels < 0) | (part.labels >= self.num_classes)]
+                raise DataFileError(
+                    f"dataset {self.name!r}{self._from()}: {bad.numel()} {split} labels lie outside 0 to "
+                    f"{self.num_classes - 1} (e.g. {int(bad[0])})"
+                )
+
+    def _from(self) -> str:
+        return f" (read from {self.source})" if self.source else ""
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -140,18 +157,27 @@ def _find(folder: Path, stem: str) -> Path | None:
     return None
 
 
-def _read_idx(path: Path) -> np.ndarray:
-    """Read an IDX file (optionally gzipped), the format MNIST and Fashion-MNIST ship in."""
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        data = f.read()
+def _read_idx(path: Path, n_dims: int) -> np.ndarray:
+    """Read an IDX file (optionally gzipped) of ``n_dims`` dimensions, the format MNIST and Fashion-MNIST ship in."""
+    try:
+        if path.suffix == ".gz":
+            with gzip.open(path, "rb") as f:
+                data = f.read()
+        else:
+            data = path.read_bytes()
+    except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
+        raise DataFileError(f"{path}: not a complete gzip file ({exc})") from None
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
-        raise ValueError(f"{path} is not an unsigned-byte IDX file")
-    n_dims = data[3]
+        raise DataFileError(f"{path}: not an unsigned-byte IDX file (magic {data[:4].hex() or 'missing'})")
+    if data[3] != n_dims:
+        raise DataFileError(f"{path}: an IDX file of {data[3]} dimensions, expected {n_dims}")
+    if len(data) < 4 + 4 * n_dims:
+        raise DataFileError(f"{path}: the IDX header is cut short")
     shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(n_dims))
     array = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * n_dims)
     if array.size != int(np.prod(shape)):
-        raise ValueError(f"{path}: header says {shape}, found {array.size} bytes")
+        expected = int(np.prod(shape))
+        raise DataFileError(f"{path}: the header says {shape} ({expected} bytes), the file holds {array.size}")
     return array.reshape(shape)
 
 
@@ -167,7 +193,17 @@ def _load_idx_folder(name: str, folders: list[Path], how_to_get: str) -> ImageDa
     for folder in folders:
         found = {key: _find(folder, stem) for key, stem in _IDX_FILES.items()}
         if all(found.values()):
-            arrays = {key: _read_idx(path) for key, path in found.items()}  # type: ignore[arg-type]
+            arrays = {
+                key: _read_idx(path, n_dims=3 if key.endswith("images") else 1)  # type: ignore[arg-type]
+                for key, path in found.items()
+            }
+            for split in ("train", "test"):
+                n_images, n_labels = len(arrays[f"{split}_images"]), len(arrays[f"{split}_labels"])
+                if n_images != n_labels:
+                    raise DataFileError(
+                        f"{found[f'{split}_images']}: {n_images} images, but {found[f'{split}_labels']} holds "
+                        f"{n_labels} labels"
+                    )
             train = _split(arrays["train_images"][:, None], arrays["train_labels"])
             test = _split(arrays["test_images"][:, None], arrays["test_labels"])
             return ImageDataset(name, train, test, n_levels=256, num_classes=10, source=str(folder))
@@ -231,15 +267,64 @@ def _load_cifar(data_dir: Path | None, download: bool, *, n_classes: int) -> Ima
     def read(files: list[str]) -> ImageSplit:
         images, labels = [], []
         for f in files:
-            with open(folder / f, "rb") as fh:
-                batch = pickle.load(fh, encoding="bytes")
-            images.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-            labels.append(np.asarray(batch[label_key]))
+            batch_images, batch_labels = read_cifar_batch(folder / f, label_key)
+            images.append(batch_images)
+            labels.append(batch_labels)
         return _split(np.concatenate(images), np.concatenate(labels))
 
     return ImageDataset(
         name, read(train_files), read(test_files), n_levels=256, num_classes=n_classes, source=str(folder)
     )
+
+
+class _CifarBatchUnpickler(pickle.Unpickler):
+    """Unpickles only what a CIFAR batch holds: dicts, lists, bytes, numbers, strings and numpy arrays.
+
+    ``pickle.load`` would call whatever a crafted file names (``os.system`` included); this resolves only the globals
+    that rebuild a numpy array (the batches of the Python 3 pickles hold lists, those re-saved by numpy hold arrays).
+    """
+
+    _ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.numeric", "_frombuffer"),  # protocol 5 pickles of arrays
+        ("numpy._core.numeric", "_frombuffer"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+        ("_codecs", "encode"),  # how a Python 2 pickle re-saved by Python 3 stores the array's bytes
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in self._ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"it names {module}.{name}, which a CIFAR batch does not hold")
+
+
+def read_cifar_batch(path: Path, label_key: bytes) -> tuple[np.ndarray, np.ndarray]:
+    """One pickled CIFAR batch as ``(uint8 images (N, 3, 32, 32), int64 labels (N,))``, read without running code."""
+    try:
+        batch = _CifarBatchUnpickler(io.BytesIO(path.read_bytes()), encoding="bytes").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError) as exc:
+        raise DataFileError(f"{path}: not a CIFAR batch ({exc})") from None
+    if not isinstance(batch, dict):
+        raise DataFileError(f"{path}: not a CIFAR batch (holds a {type(batch).__name__}, not a dict)")
+    missing = [key.decode() for key in (b"data", label_key) if key not in batch]
+    if missing:
+        raise DataFileError(f"{path}: the batch has no {' or '.join(repr(k) for k in missing)} entry")
+    try:
+        data = np.asarray(batch[b"data"])
+        labels = np.asarray(batch[label_key])
+    except (ValueError, TypeError) as exc:
+        raise DataFileError(f"{path}: the batch's entries are not arrays ({exc})") from None
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+        raise DataFileError(f"{path}: 'data' is {data.dtype} {data.shape}, expected uint8 (N, 3072)")
+    if labels.ndim != 1 or labels.shape[0] != data.shape[0] or not np.issubdtype(labels.dtype, np.integer):
+        raise DataFileError(
+            f"{path}: {label_key.decode()!r} is {labels.dtype} {labels.shape}, expected {data.shape[0]} integers"
+        )
+    return data.reshape(-1, 3, 32, 32), labels.astype(np.int64)
 
 
 def _load_svhn(data_dir: Path | None, download: bool) -> ImageDataset:
@@ -257,9 +342,23 @@ def _load_svhn(data_dir: Path | None, download: bool) -> ImageDataset:
                 f"svhn: expected {path.name} (and the other of train_32x32.mat / test_32x32.mat) in {root}. "
                 "Run once with --download (online), or copy the cropped-digits .mat files there."
             )
-        mat = loadmat(path)
-        images = np.transpose(mat["X"], (3, 2, 0, 1)).astype(np.uint8)  # (H, W, C, N) -> (N, C, H, W)
-        labels = mat["y"].astype(np.int64).reshape(-1) % 10  # the digit 0 is stored as label 10
+        try:
+            mat = loadmat(path)  # a MATLAB file holds arrays only: loading runs no code
+        except (ValueError, TypeError, OSError, NotImplementedError) as exc:
+            raise DataFileError(f"{path}: not a MATLAB .mat file ({exc})") from None
+        missing = [key for key in ("X", "y") if key not in mat]
+        if missing:
+            raise DataFileError(f"{path}: no {' or '.join(repr(k) for k in missing)} array in the file")
+        x, y = mat["X"], mat["y"]
+        if x.dtype != np.uint8 or x.ndim != 4 or x.shape[:3] != (32, 32, 3):
+            raise DataFileError(f"{path}: 'X' is {x.dtype} {x.shape}, expected uint8 (32, 32, 3, N)")
+        if y.size != x.shape[3] or not np.issubdtype(y.dtype, np.number):
+            raise DataFileError(f"{path}: 'y' holds {y.size} {y.dtype} labels for {x.shape[3]} images")
+        images = np.transpose(x, (3, 2, 0, 1))  # (H, W, C, N) -> (N, C, H, W)
+        labels = y.astype(np.int64).reshape(-1)
+        if labels.size and (labels.min() < 1 or labels.max() > 10):
+            raise DataFileError(f"{path}: labels lie in {labels.min()} to {labels.max()}, SVHN's are 1 to 10")
+        labels = labels % 10  # the digit 0 is stored as label 10
         splits[split] = _split(images, labels)
     return ImageDataset("svhn", splits["train"], splits["test"], n_levels=256, num_classes=10, source=str(root))
 

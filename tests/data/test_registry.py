@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.data import DatasetNotFoundError, dequantize, iterate_batches, load_dataset, pad_images
+from pipeline.data import DataFileError, DatasetNotFoundError, dequantize, iterate_batches, load_dataset, pad_images
 from pipeline.data.registry import DEBIAN_FASHION_MNIST
 
 
@@ -148,3 +148,108 @@ def test_a_dataset_with_pixels_beyond_its_levels_is_refused_where_it_is_loaded()
     bad = ImageSplit(torch.full((2, 1, 2, 2), 17, dtype=torch.uint8), torch.zeros(2, dtype=torch.long))
     with pytest.raises(ValueError, match=r"a test pixel has value 17, but the data has 17 levels \(0 to 16\)"):
         ImageDataset("d", good, bad, n_levels=17, num_classes=1)
+
+
+# --- no data file is trusted ---------------------------------------------------------------------
+class _Payload:
+    """Unpickling this with ``pickle.load`` runs ``open(target, 'w')``: the file appears only if code ran."""
+
+    def __init__(self, target):
+        self.target = str(target)
+
+    def __reduce__(self):
+        return (open, (self.target, "w"))
+
+
+def test_a_crafted_cifar_batch_runs_no_code_and_is_refused_naming_the_file(tmp_path):
+    _write_cifar10(tmp_path)
+    target = tmp_path / "payload-ran"
+    batch = tmp_path / "cifar-10-batches-py" / "data_batch_3"
+    batch.write_bytes(pickle.dumps({b"data": _Payload(target), b"labels": [0]}))
+    with pytest.raises(DataFileError, match=r"data_batch_3: not a CIFAR batch \(it names (builtins|io)\.open"):
+        load_dataset("cifar10", tmp_path)
+    assert not target.exists()
+    pickle.loads(batch.read_bytes())  # the payload is real: plain pickle runs it
+    assert target.exists()
+
+
+@pytest.mark.parametrize(
+    "batch, message",
+    [
+        ({b"data": np.zeros((4, 3072), np.uint8)}, r"test_batch: the batch has no 'labels' entry"),
+        ([1, 2, 3], r"test_batch: not a CIFAR batch \(holds a list, not a dict\)"),
+        ({b"data": np.zeros((4, 1000), np.uint8), b"labels": [0] * 4}, r"'data' is uint8 \(4, 1000\), expected"),
+        ({b"data": np.zeros((4, 3072), np.float32), b"labels": [0] * 4}, r"'data' is float32"),
+        ({b"data": np.zeros((4, 3072), np.uint8), b"labels": [0] * 3}, r"'labels' is int64 \(3,\), expected 4"),
+        ({b"data": np.zeros((4, 3072), np.uint8), b"labels": [0, 1, 2, 200]}, r"1 test labels lie outside 0 to 9"),
+    ],
+)
+def test_a_cifar_batch_of_the_wrong_shape_keys_or_labels_is_one_line(tmp_path, batch, message):
+    _write_cifar10(tmp_path)
+    (tmp_path / "cifar-10-batches-py" / "test_batch").write_bytes(pickle.dumps(batch))
+    with pytest.raises(DataFileError, match=message):
+        load_dataset("cifar10", tmp_path)
+
+
+def test_a_truncated_cifar_batch_is_one_line(tmp_path):
+    _write_cifar10(tmp_path)
+    path = tmp_path / "cifar-10-batches-py" / "data_batch_1"
+    path.write_bytes(path.read_bytes()[:5000])
+    with pytest.raises(DataFileError, match=r"data_batch_1: not a CIFAR batch"):
+        load_dataset("cifar10", tmp_path)
+
+
+def test_cifar_batches_saved_as_numpy_arrays_by_python_2_and_3_load(tmp_path):
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    rng = np.random.default_rng(4)
+    for i, name in enumerate([f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]):
+        batch = {b"data": rng.integers(0, 256, (2, 3072), dtype=np.uint8), b"labels": np.array([i % 10, 3])}
+        (folder / name).write_bytes(pickle.dumps(batch, protocol=2 if i % 2 else 5))
+    data = load_dataset("cifar10", tmp_path)
+    assert len(data.train) == 10 and data.train.labels.tolist()[:4] == [0, 3, 1, 3]
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda b: b[: len(b) // 2], r"train-images-idx3-ubyte\.gz: not a complete gzip file"),
+        (lambda b: b"not gzip at all", r"train-images-idx3-ubyte\.gz: not a complete gzip file"),
+        (lambda b: gzip.compress(b"\x00\x00\x0d\x03" + gzip.decompress(b)[4:]), r"not an unsigned-byte IDX file"),
+        (lambda b: gzip.compress(gzip.decompress(b)[:-10]), r"the header says \(12, 28, 28\)"),
+    ],
+)
+def test_a_damaged_idx_file_is_one_line_naming_it(tmp_path, damage, message):
+    _write_mnist(tmp_path)
+    path = tmp_path / "train-images-idx3-ubyte.gz"
+    path.write_bytes(damage(path.read_bytes()))
+    with pytest.raises(DataFileError, match=message):
+        load_dataset("mnist", tmp_path)
+
+
+def test_idx_labels_out_of_range_or_miscounted_are_refused_where_they_load(tmp_path):
+    _write_mnist(tmp_path, gz=False)
+    _write_idx(tmp_path / "t10k-labels-idx1-ubyte", np.array([1, 2, 200, 3, 4]), gz=False)
+    with pytest.raises(DataFileError, match=r"1 test labels lie outside 0 to 9 \(e\.g\. 200\)"):
+        load_dataset("mnist", tmp_path)
+    _write_idx(tmp_path / "t10k-labels-idx1-ubyte", np.array([1, 2, 3]), gz=False)
+    with pytest.raises(DataFileError, match=r"5 images, but .*t10k-labels-idx1-ubyte holds 3 labels"):
+        load_dataset("mnist", tmp_path)
+    _write_idx(tmp_path / "t10k-labels-idx1-ubyte", np.zeros((5, 2)), gz=False)
+    with pytest.raises(DataFileError, match=r"an IDX file of 2 dimensions, expected 1"):
+        load_dataset("mnist", tmp_path)
+
+
+def test_a_damaged_svhn_file_is_one_line(tmp_path):
+    from scipy.io import savemat
+
+    (tmp_path / "train_32x32.mat").write_bytes(b"garbage" * 100)
+    savemat(tmp_path / "test_32x32.mat", {"X": np.zeros((32, 32, 3, 2), np.uint8), "y": np.array([[1], [2]])})
+    with pytest.raises(DataFileError, match=r"train_32x32\.mat: not a MATLAB \.mat file"):
+        load_dataset("svhn", tmp_path)
+    savemat(tmp_path / "train_32x32.mat", {"X": np.zeros((32, 32, 3, 2), np.uint8)})
+    with pytest.raises(DataFileError, match=r"train_32x32\.mat: no 'y' array"):
+        load_dataset("svhn", tmp_path)
+    savemat(tmp_path / "train_32x32.mat", {"X": np.zeros((32, 32, 3, 2), np.uint8), "y": np.array([[0], [11]])})
+    with pytest.raises(DataFileError, match=r"labels lie in 0 to 11, SVHN's are 1 to 10"):
+        load_dataset("svhn", tmp_path)
