@@ -47,7 +47,7 @@ from pipeline.models.base import n_parameters
 from pipeline.plotting import new_figure, save_figure, save_image_grid
 from pipeline.training.device import check_device_name
 from pipeline.training.distributed import SINGLE_PROCESS, DistributedContext, sum_over_ranks
-from pipeline.training.loop import EpochHook
+from pipeline.training.loop import EpochHook, LoopState
 from pipeline.training.schedule import linear_warmup, step_decay
 from pipeline.transforms import InverseReport
 
@@ -271,7 +271,8 @@ class ClassifyTask:
             metrics["test/error_percent"], metrics["test/cross_entropy_nats"] = test
         return metrics
 
-    def finalise(self, run_id: str, step: int, results: Mapping[str, float]) -> str:
+    def finalise(self, run_id: str, state: LoopState) -> str:
+        step, results = state.step, state.model_results
         bound, certified = _measure_invertibility(
             self.model, self.splits.data.test, self.prepare, self.mean, self.std, self.cfg, step
         )

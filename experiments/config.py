@@ -446,6 +446,11 @@ def config_for_resume(config_cls: type[C], run_id: str, **overrides: Any) -> C:
     if not path.exists():
         raise ValueError(f"cannot resume run {run_id}: no checkpoint at {path}")
     checkpoint = load_checkpoint(path)
+    # what the configuration needs; the rest (weights, optimizer, RNG) is checked against the model before the run
+    # is touched (pipeline.training.loop.check_checkpoint_fits)
+    missing = [key for key in ("config", "epoch") if key not in checkpoint]
+    if missing or not isinstance(checkpoint.get("config"), dict):
+        raise ValueError(f"cannot resume run {run_id}: the checkpoint {path} lacks {', '.join(missing) or 'config'}")
     expected = entry_point_module(config_cls)
     started_by = checkpoint.get("entry_point")  # recorded since this check exists
     saved = saved_options(checkpoint["config"])
@@ -464,6 +469,11 @@ def config_for_resume(config_cls: type[C], run_id: str, **overrides: Any) -> C:
     if "architecture_overrides" not in checkpoint["config"]:  # written before the option groups, every option in it
         # except those added since the run started: the values that reproduce it, not today's preset
         saved = {**getattr(config_cls, "BEFORE_FIELD_EXISTED", {}), **saved}
+    if not isinstance(checkpoint["epoch"], int) or not 0 <= checkpoint["epoch"] <= saved["epochs"]:
+        raise ValueError(
+            f"cannot resume run {run_id}: the checkpoint {path} records epoch {checkpoint['epoch']!r} of a run of "
+            f"{saved['epochs']} epochs"
+        )
     epochs = overrides.get("epochs", saved["epochs"])
     if epochs < saved["epochs"]:
         raise ValueError(f"cannot shorten a run on resume ({saved['epochs']} epochs were configured)")

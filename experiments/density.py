@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import sys
 import tempfile
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -45,7 +44,7 @@ from pipeline.models.base import n_parameters
 from pipeline.plotting import new_figure, save_figure, save_image_grid
 from pipeline.training.device import check_device_name
 from pipeline.training.distributed import SINGLE_PROCESS, DistributedContext
-from pipeline.training.loop import EpochHook
+from pipeline.training.loop import EpochHook, LoopState
 from pipeline.training.schedule import warmup_then
 from pipeline.transforms import InverseReport
 
@@ -241,7 +240,6 @@ class DensityTask:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
         self.eval_every = cfg.eval_every
         self.loss_name = "bpd"
-        self.eval_cpu_seconds = 0.0
 
     def prepare(self, images: Tensor) -> Tensor:
         return dequantize(pad_images(images.to(self.device, non_blocking=True), self.cfg.pad), self.n_levels)
@@ -289,7 +287,6 @@ class DensityTask:
         ).metrics(name)
 
     def evaluate(self, epoch: int) -> dict[str, float]:
-        started = time.process_time()
         final = epoch == self.cfg.epochs
         # before the last epoch: the subset, and the fewest passes (an indicative value with its standard
         # error, converged or not); the full protocol runs once, at the end. n_images is logged with each
@@ -302,17 +299,16 @@ class DensityTask:
         )
         if held_out and final:
             metrics |= self._bits_per_dim(self.splits.data.test, "test", protocol)
-        self.eval_cpu_seconds += time.process_time() - started
-        return metrics | {"eval/cpu_seconds": self.eval_cpu_seconds}  # cumulative, this process
+        return metrics
 
-    def finalise(self, run_id: str, step: int, results: Mapping[str, float]) -> str:
-        data = self.splits.data
+    def finalise(self, run_id: str, state: LoopState) -> str:
+        data, step, results = self.splits.data, state.step, state.model_results
         lipschitz = _log_final_artifacts(
             self.model, data.test, data.n_levels, self.prepare, self.cfg, run_id, step, results
         )
-        # what evaluation cost next to everything this process did (training, artifacts, evaluation)
-        total = time.process_time()
-        log_metrics({"eval/process_cpu_seconds": total, "eval/cpu_fraction": self.eval_cpu_seconds / total}, step)
+        # what evaluation cost next to everything the run's processes did (training, artifacts, evaluation)
+        total = state.cpu_seconds()
+        log_metrics({"eval/process_cpu_seconds": total, "eval/cpu_fraction": state.eval_cpu_seconds / total}, step)
         return headline(results, lipschitz, self.cfg, data.name, step)
 
 

@@ -32,6 +32,8 @@ from experiments.tracking import active_run_id, log_metrics
 from experiments.tracking_store import PROJECT_ROOT, configure_tracking, retry_tracking_write
 from pipeline.models.scoring import input_shape
 
+log = logging.getLogger(__name__)
+
 MODEL_NAME = "model"  # the name of a run's (main) logged model: runs:/RUN_ID/model
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
 LIBRARY = PROJECT_ROOT / "pipeline"  # travels with each model (code_paths): the model loads without the project
@@ -88,6 +90,9 @@ def log_pyfunc_model(
     ``results_step``) are logged as the model's metrics first, so that the models list and the registry lead with
     them; MLflow then links the run's other metrics at ``step`` to the model too. A model whose logging fails is
     marked FAILED, not left PENDING.
+
+    Logged once per run: where the run already has a READY model of ``name`` (a resume redoing the final step) it
+    is kept (and registered, if it is not yet); one left PENDING or FAILED by an interrupted logging is completed.
     """
     from mlflow.entities import LoggedModelStatus
 
@@ -95,8 +100,18 @@ def log_pyfunc_model(
 
     run_id = active_run_id()
     client = mlflow.MlflowClient()
+    uri = f"runs:/{run_id}/{name}"
+    earlier = _models_of_run(client, run_id, name)
+    ready = [m for m in earlier if m.status == LoggedModelStatus.READY]
+    if ready:
+        log.info("run %s already has its model %s (%s): not logged again", run_id, name, ready[0].model_id)
+        if register_as is not None:
+            _register_once(client, ready[0].model_id, run_id, register_as)
+        return uri
     params = client.get_run(run_id).data.params
-    logged = retry_tracking_write(lambda: mlflow.initialize_logged_model(name=name, model_type=kind, params=params))
+    logged = earlier[0] if earlier else retry_tracking_write(
+        lambda: mlflow.initialize_logged_model(name=name, model_type=kind, params=params)
+    )  # fmt: skip
     try:
         if results:
             log_metrics(results, step if results_step is None else results_step, model_id=logged.model_id)
@@ -124,12 +139,27 @@ def log_pyfunc_model(
             if client.get_logged_model(logged.model_id).status != LoggedModelStatus.READY:
                 client.finalize_logged_model(logged.model_id, LoggedModelStatus.FAILED)
         except Exception:  # the store itself failed: the model stays PENDING, the run's failure says why
-            logging.getLogger(__name__).warning("could not mark logged model %s FAILED", logged.model_id)
+            log.warning("could not mark logged model %s FAILED", logged.model_id)
         raise
-    uri = f"runs:/{run_id}/{name}"
     if name == MODEL_NAME:
         retry_tracking_write(lambda: mlflow.set_tag(MODEL_URI_TAG, uri))
     return uri
+
+
+def _models_of_run(client: mlflow.MlflowClient, run_id: str, name: str) -> list:
+    """The logged models ``name`` of run ``run_id``, the newest first."""
+    experiment = client.get_run(run_id).info.experiment_id
+    found = retry_tracking_write(
+        lambda: client.search_logged_models(experiment_ids=[experiment], filter_string=f"source_run_id = '{run_id}'")
+    )
+    return sorted((m for m in found if m.name == name), key=lambda m: m.creation_timestamp, reverse=True)
+
+
+def _register_once(client: mlflow.MlflowClient, model_id: str, run_id: str, register_as: str) -> None:
+    versions = retry_tracking_write(lambda: client.search_model_versions(f"name = '{register_as}'"))
+    if any(v.run_id == run_id for v in versions):
+        return
+    retry_tracking_write(lambda: mlflow.register_model(f"models:/{model_id}", register_as))
 
 
 def model_uri(ref: str) -> str:

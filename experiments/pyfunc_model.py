@@ -33,7 +33,8 @@ class IResNetPyfuncModel(PythonModel):
         from pipeline.models.scoring import score
 
         try:
-            answer = score(self.model, self.config["kind"], np.asarray(model_input), self.config)
+            with _thread_budget():
+                answer = score(self.model, self.config["kind"], np.asarray(model_input), self.config)
         except ValueError as exc:  # a request of the wrong form: HTTP 400 with the reason, not a traceback
             from mlflow.exceptions import MlflowException
             from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
@@ -43,6 +44,44 @@ class IResNetPyfuncModel(PythonModel):
             return pd.DataFrame(answer)
         (values,) = answer.values()
         return values
+
+
+SERVING_THREADS_ENV = "IRESNET_SERVING_THREADS"
+
+
+def _serving_threads() -> int:
+    """The threads one scoring call may use: ``IRESNET_SERVING_THREADS``, else the usable cores shared among the
+    server's workers (``MLFLOW_MODELS_WORKERS``), never more than the process already uses (a training process that
+    loads the model keeps its own budget)."""
+    import os
+
+    import torch
+
+    from pipeline.training.device import usable_cores
+
+    for name in (SERVING_THREADS_ENV, "MLFLOW_MODELS_WORKERS"):
+        value = os.environ.get(name, "")
+        if value and (not value.isdigit() or int(value) < 1):
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if os.environ.get(SERVING_THREADS_ENV):
+        return int(os.environ[SERVING_THREADS_ENV])
+    workers = int(os.environ.get("MLFLOW_MODELS_WORKERS") or 1)
+    return max(1, min(torch.get_num_threads(), usable_cores() // workers))
+
+
+class _thread_budget:
+    """Scoring under :func:`_serving_threads` threads; the process's setting comes back after."""
+
+    def __enter__(self) -> None:
+        import torch
+
+        self.saved = torch.get_num_threads()
+        torch.set_num_threads(_serving_threads())
+
+    def __exit__(self, *exc) -> None:
+        import torch
+
+        torch.set_num_threads(self.saved)
 
 
 mlflow.models.set_model(IResNetPyfuncModel())

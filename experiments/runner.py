@@ -16,7 +16,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
@@ -27,11 +27,18 @@ import torch
 from torch import Tensor, nn
 
 from experiments import config as configuration
-from experiments.tracking import log_metrics, log_params_flat, run_page, set_description, tracked_run
+from experiments.tracking import (
+    log_metrics,
+    log_params_flat,
+    logging_only_missing,
+    run_page,
+    set_description,
+    tracked_run,
+)
 from experiments.tracking_store import configure_tracking, retry_tracking_write
 from pipeline.data import DatasetNotFoundError, ImageDataset, ImageSplit, epoch_batches, load_dataset
 from pipeline.logging_setup import setup_logging
-from pipeline.training.checkpoint import checkpoint_lease
+from pipeline.training.checkpoint import checkpoint_lease, load_checkpoint
 from pipeline.training.device import apply_thread_budget, deterministic_algorithms
 from pipeline.training.distributed import (
     SINGLE_PROCESS,
@@ -43,7 +50,7 @@ from pipeline.training.distributed import (
     shard_batches,
     wrap_model,
 )
-from pipeline.training.loop import EpochHook, LoopConfig, LoopState, fit, restore
+from pipeline.training.loop import EpochHook, LoopConfig, LoopState, check_checkpoint_fits, fit, restore
 from pipeline.training.numerics import flush_denormals
 
 C = TypeVar("C")
@@ -100,10 +107,12 @@ class TrainingTask(Protocol):
     def evaluate(self, epoch: int) -> dict[str, float]:
         """Metrics after ``epoch``, on every rank (each scores its share of the images; every rank returns all)."""
 
-    def finalise(self, run_id: str, step: int, results: Mapping[str, float]) -> str:
-        """After the last epoch (rank 0): figures, artifacts, and the model with its ``results`` (the last epoch's
-        test metrics, :data:`MODEL_RESULTS`), metrics at ``step``, the last one; returns the run's headline (markdown,
-        its description)."""
+    def finalise(self, run_id: str, state: LoopState) -> str:
+        """After the last epoch (rank 0): figures, artifacts, and the model with its results
+        (``state.model_results``: the last epoch's test metrics, :data:`MODEL_RESULTS`), metrics at ``state.step``,
+        the last one; returns the run's headline (markdown, its description). A resume whose checkpoint holds the
+        last epoch calls it again: what the interrupted call logged is then not logged twice
+        (:func:`~experiments.tracking.logging_only_missing`)."""
 
 
 def run_training(
@@ -132,6 +141,9 @@ def run_training(
         torch.manual_seed(cfg.seed)
         splits = Splits(data, train, validation)
         task = make_task(cfg, splits, device, ctx)
+        if cfg.resume:  # a checkpoint that cannot continue this run is refused before the run is touched
+            path = checkpoint_directory(cfg, cfg.resume) / "last.pt"
+            check_checkpoint_fits(load_checkpoint(path), path, task.model, task.optimizer)
         with main_rank_run(cfg, ctx) as run_id:
             resumed, checkpoint_path = start_or_resume(cfg, run_id, task, device, ctx)
             state = resumed or LoopState()  # fit updates it in place: the epoch hooks read its step
@@ -169,7 +181,8 @@ def run_training(
             )
             log_replica_consistency(task.model, ctx, state.step)
             if ctx.is_main:
-                headline = task.finalise(run_id, state.step, state.model_results)
+                with logging_only_missing(run_id, state.step) if resumed is not None else nullcontext():
+                    headline = task.finalise(run_id, state)
                 set_description(run_id, f"{headline}; {duration(time.perf_counter() - started)} in this process.")
     return run_id
 

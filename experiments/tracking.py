@@ -213,6 +213,36 @@ def active_run_id() -> str:
 MAX_METRICS_PER_BATCH = 1000  # MLflow's limit of one log_batch request
 
 
+_ONLY_MISSING: list[tuple[str, int, dict[str, bool]]] = []  # (run id, step, key -> logged there): see below
+
+
+@contextmanager
+def logging_only_missing(run_id: str, step: int) -> Iterator[None]:
+    """Inside the block, :func:`log_metrics` skips a metric of run ``run_id`` at ``step`` that the run already has
+    there: a resumed run redoing its final step (interrupted after part of it was logged) logs each value once."""
+    _ONLY_MISSING.append((run_id, step, {}))
+    try:
+        yield
+    finally:
+        _ONLY_MISSING.pop()
+
+
+def _not_yet_logged(run_id: str, metrics: Mapping[str, float], step: int) -> Mapping[str, float]:
+    if not _ONLY_MISSING or _ONLY_MISSING[-1][:2] != (run_id, step):
+        return metrics
+    known, client = _ONLY_MISSING[-1][2], MlflowClient()
+    for key in metrics:
+        if key not in known:
+            history = retry_tracking_write(partial(client.get_metric_history, run_id, key))
+            known[key] = any(m.step == step for m in history)
+    skipped = [key for key in metrics if known[key]]
+    if skipped:
+        log.info("run %s already has %s at step %d: not logged again", run_id, ", ".join(skipped), step)
+    for key in metrics:
+        known[key] = True
+    return {key: value for key, value in metrics.items() if key not in skipped}
+
+
 def log_metrics(metrics: Mapping[str, float], step: int, *, model_id: str | None = None) -> None:
     """``metrics`` at optimizer step ``step`` of the active run, retried with backoff while the store is locked or
     unreachable; with ``model_id``, also as that logged model's metrics.
@@ -223,6 +253,7 @@ def log_metrics(metrics: Mapping[str, float], step: int, *, model_id: str | None
     metric. After the retries the error propagates and the run ends FAILED.
     """
     run_id, client, now = active_run_id(), MlflowClient(), int(time.time() * 1000)
+    metrics = _not_yet_logged(run_id, metrics, step)
     batch = [Metric(key, float(value), now, step, model_id=model_id) for key, value in metrics.items()]
     for start in range(0, len(batch), MAX_METRICS_PER_BATCH):
         part = batch[start : start + MAX_METRICS_PER_BATCH]

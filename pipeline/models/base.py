@@ -107,3 +107,31 @@ def n_parameters(model: nn.Module) -> int:
 
 def make_prior(shape: tuple[int, ...], learnable: bool) -> DiagonalGaussian:
     return DiagonalGaussian(shape, learnable=learnable)
+
+
+def load_weights(model: nn.Module, state: object, source: str) -> None:
+    """``model.load_state_dict(state)``, or one ValueError saying how the weights from ``source`` do not fit
+    (:func:`check_weights_fit`)."""
+    check_weights_fit(model, state, source)
+    model.load_state_dict(state)  # type: ignore[arg-type]
+
+
+def check_weights_fit(model: nn.Module, state: object, source: str) -> None:
+    """One ValueError saying how the weights from ``source`` do not fit ``model`` (missing and unexpected tensors,
+    other shapes), where ``load_state_dict``'s own error is a page per tensor; nothing is loaded."""
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise ValueError(f"{source} holds no weights (a dict of tensors expected, found {type(state).__name__})")
+    expected = model.state_dict()
+    problems = []
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [
+        f"{k} {tuple(state[k].shape)} (the model's is {tuple(v.shape)})"
+        for k, v in expected.items()
+        if k in state and state[k].shape != v.shape and v.numel()  # an empty buffer takes its shape on loading
+    ]
+    for what, names in (("missing", missing), ("unexpected", unexpected), ("of another shape", shapes)):
+        if names:
+            problems.append(f"{len(names)} tensors {what}: {', '.join(names[:3])}{', ...' if len(names) > 3 else ''}")
+    if problems:
+        raise ValueError(f"the weights in {source} do not fit this model ({'; '.join(problems)})")

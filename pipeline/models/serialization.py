@@ -16,6 +16,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
+from pipeline.models.base import load_weights
 from pipeline.models.classifier import ClassifierArchitecture, ResidualClassifier
 from pipeline.models.flow import FlowArchitecture, IResNetFlow
 from pipeline.models.glow import GlowArchitecture, GlowFlow
@@ -94,6 +95,10 @@ def load_model_folder(folder: str | Path, *, map_location: str | torch.device = 
         )
         raise ValueError(f"no {SPEC_FILE} in {folder}{hint}")
     model = build_model(json.loads((folder / SPEC_FILE).read_text()))
-    state = torch.load(folder / WEIGHTS_FILE, map_location=map_location, weights_only=True)
-    model.load_state_dict(state)
+    try:
+        state = torch.load(folder / WEIGHTS_FILE, map_location=map_location, weights_only=True)
+    except Exception as exc:  # unreadable, truncated, or holding Python objects beyond tensors
+        reason = " ".join(str(exc).split())[:200]
+        raise ValueError(f"{folder / WEIGHTS_FILE} cannot be read as weights ({reason})") from None
+    load_weights(model, state, str(folder / WEIGHTS_FILE))
     return model.to(map_location).eval()

@@ -132,13 +132,19 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        if "global" not in str(exc).lower():  # no Python object refused: not a pickle (random bytes, another format)
+            reason = " ".join(str(exc).split("WeightsUnpickler error:")[-1].split("Check the documentation")[0].split())
+            raise ValueError(
+                f"the checkpoint {path} cannot be read (truncated or not a checkpoint): {reason[:200]}"
+            ) from None
         raise ValueError(
             f"the checkpoint {path} holds Python objects beyond tensors and plain data (an older version's or "
             "another program's format); it is refused because loading it could run arbitrary code. Start a "
             "new run, or load it yourself with torch.load(weights_only=False) only if you trust the file"
         ) from exc
-    except (RuntimeError, EOFError, OSError) as exc:
-        raise ValueError(f"the checkpoint {path} cannot be read (truncated or not a checkpoint): {exc}") from exc
+    except Exception as exc:  # torch.load's errors for a truncated or foreign file: RuntimeError, EOFError, ...
+        reason = " ".join(str(exc).split())[:200] or type(exc).__name__
+        raise ValueError(f"the checkpoint {path} cannot be read (truncated or not a checkpoint): {reason}") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         found = state.get("format") if isinstance(state, dict) else type(state).__name__
         raise ValueError(f"the checkpoint {path} is not in this project's format {CHECKPOINT_FORMAT!r} ({found!r})")

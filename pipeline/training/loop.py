@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from pipeline.models.base import check_weights_fit
 from pipeline.training.checkpoint import (
     CheckpointWriteError,
     load_checkpoint,
@@ -106,6 +107,14 @@ class LoopState:
     logged_step: int = 0
     logged_epoch: int = 0
     model_results: dict[str, float] = field(default_factory=dict)  # see LoopConfig.model_results
+    # process CPU seconds, over the processes that made the checkpointed state (a crashed process's CPU after its
+    # last checkpoint is not counted): what evaluate() took, and what the processes before this one took in all
+    eval_cpu_seconds: float = 0.0
+    earlier_cpu_seconds: float = 0.0
+
+    def cpu_seconds(self) -> float:
+        """The run's process CPU seconds so far: the earlier processes' (to their last checkpoint) and this one's."""
+        return self.earlier_cpu_seconds + time.process_time()
 
 
 StepFn = Callable[[Any], tuple[Tensor, Mapping[str, Tensor | float]]]  # metrics: detached 0-d tensors (no sync)
@@ -122,10 +131,28 @@ def _checkpoint_state(
         "epoch": state.epoch,
         "step": state.step,
         "model_results": state.model_results,
+        "cpu_seconds": {"eval": state.eval_cpu_seconds, "process": state.cpu_seconds()},
         "rng": rngs[0],
         "rng_per_rank": rngs,
         **extra,
     }
+
+
+CHECKPOINT_KEYS = ("model", "optimizer", "epoch", "step", "rng")
+
+
+def check_checkpoint_fits(ckpt: dict, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """ValueError (one line naming ``path``) unless ``ckpt`` holds what a resume restores, in the shapes of
+    ``model`` and ``optimizer``: checked before a resumed run is touched, so a refused resume changes nothing."""
+    missing = [key for key in CHECKPOINT_KEYS if key not in ckpt]
+    if missing:
+        raise ValueError(f"the checkpoint {path} lacks {', '.join(missing)}: it cannot continue a run")
+    if not isinstance(ckpt["epoch"], int) or not isinstance(ckpt["step"], int) or ckpt["epoch"] < 0:
+        raise ValueError(f"the checkpoint {path} records epoch {ckpt['epoch']!r}, step {ckpt['step']!r}")
+    check_weights_fit(model, ckpt["model"], f"the checkpoint {path}")
+    groups = ckpt["optimizer"].get("param_groups", []) if isinstance(ckpt["optimizer"], dict) else None
+    if groups is None or [len(g["params"]) for g in groups] != [len(g["params"]) for g in optimizer.param_groups]:
+        raise ValueError(f"the checkpoint {path} holds the optimizer state of another model")
 
 
 def restore(
@@ -138,6 +165,7 @@ def restore(
     counter would cost a host read per step).
     """
     ckpt = load_checkpoint(path)
+    check_checkpoint_fits(ckpt, path, model, optimizer)
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
     if scheduler is not None and ckpt.get("scheduler") is not None:
@@ -150,7 +178,15 @@ def restore(
         )
     set_rng_state(per_rank[ctx.rank])
     results = {k: float(v) for k, v in (ckpt.get("model_results") or {}).items()}  # absent before this release
-    return LoopState(epoch=ckpt["epoch"], step=ckpt["step"], model_results=results), ckpt
+    cpu = ckpt.get("cpu_seconds") or {}  # absent before this release: the earlier processes' CPU is unknown
+    state = LoopState(
+        epoch=ckpt["epoch"],
+        step=ckpt["step"],
+        model_results=results,
+        eval_cpu_seconds=float(cpu.get("eval", 0.0)),
+        earlier_cpu_seconds=float(cpu.get("process", 0.0)),
+    )
+    return state, ckpt
 
 
 def fit(
@@ -256,7 +292,10 @@ def fit(
         state.epoch = epoch
         eval_epoch = epoch == config.epochs or (config.eval_every and epoch % config.eval_every == 0)
         if evaluate is not None and eval_epoch:  # on every rank: an evaluation shards its images over the ranks
+            cpu = time.process_time()
             epoch_metrics |= evaluate(epoch)
+            state.eval_cpu_seconds += time.process_time() - cpu
+            epoch_metrics["eval/cpu_seconds"] = state.eval_cpu_seconds  # cumulative over the run
         rngs = all_gather_object(rng_state(), ctx)
         named = {f"{config.metric_prefix}{k}": v for k, v in epoch_metrics.items()}
         if epoch == config.epochs and config.model_results is not None:

@@ -299,3 +299,95 @@ def test_a_resume_may_change_the_registry_name():
     from experiments.config import RESUME_OVERRIDABLE
 
     assert "register_model" in RESUME_OVERRIDABLE
+
+
+@pytest.mark.parametrize("left", ["PENDING", "FAILED"])
+def test_a_resume_of_a_run_stopped_while_logging_its_model_finishes_only_what_is_missing(store, left):
+    """Killed (PENDING: kill -9, nothing could mark it) or stopped (FAILED) inside the model's logging, after the
+    final metrics: the resume logs the model once, each final metric once, and the true evaluation CPU share."""
+    from mlflow.entities import LoggedModelStatus
+
+    ckpt = str(store / "ckpt")
+    original = mlflow.pyfunc.log_model
+
+    def die(*args, **kwargs):
+        raise SimulatedCrash("killed while logging the model")
+
+    with pytest.MonkeyPatch.context() as patch, pytest.raises(SimulatedCrash):
+        patch.setattr(mlflow.pyfunc, "log_model", die)
+        if left == "PENDING":  # kill -9: nothing runs after the crash, the model is never finalized
+            patch.setattr(MlflowClient, "finalize_logged_model", lambda *a, **k: (_ for _ in ()).throw(OSError()))
+        density.run(density.config_from_preset("quick", **TINY, checkpoint_dir=ckpt))
+    assert mlflow.pyfunc.log_model is original
+    (run,) = runs_of("density")
+    client = MlflowClient()
+    of_run = f"source_run_id = '{run.info.run_id}'"
+    (orphan,) = client.search_logged_models([run.info.experiment_id], filter_string=of_run)
+    assert orphan.status == getattr(LoggedModelStatus, left)
+    assert density.main(["--resume", run.info.run_id, "--checkpoint-dir", ckpt]) == 0
+    run = client.get_run(run.info.run_id)
+    assert run.info.status == "FINISHED"
+    models = client.search_logged_models([run.info.experiment_id], filter_string=of_run)
+    assert [(m.model_id, m.status) for m in models] == [(orphan.model_id, LoggedModelStatus.READY)]  # completed
+    assert {m.key for m in models[0].metrics} >= {"test/bpd", "test/standard_error_bpd"}
+    last = max(m.step for m in client.get_metric_history(run.info.run_id, "train/lr"))
+    for key in ("test/bpd", "inverse/recon_max_abs_error", "lipschitz/max_block_certified", "eval/cpu_fraction"):
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
+        assert steps.count(last) == 1 and max(steps) == last, (key, steps)  # once
+    fraction = run.data.metrics["eval/cpu_fraction"]
+    assert 0 < fraction < 1  # the evaluation's share of the processes that made the model, not 0 of this one
+    assert mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model") is not None
+
+
+def _finished_run(store) -> tuple[str, Path]:
+    run_id = density.run(density.config_from_preset("quick", **TINY, checkpoint_dir=str(store / "ckpt")))
+    return run_id, store / "ckpt" / run_id / "last.pt"
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda s: s.pop("model"), "lacks model"),
+        (lambda s: s.update(epoch=1_000_000), "records epoch 1000000 of a run of 2 epochs"),
+        (
+            lambda s: s["model"].update({k: torch.zeros(3, 3) for k in list(s["model"])[:5] if "weight" in k}),
+            r"do not fit this model \(\d+ tensors of another shape: .*\(3, 3\)",
+        ),
+        (lambda s: s["model"].update(extra=torch.zeros(1)), "1 tensors unexpected: extra"),
+    ],
+)
+def test_a_checkpoint_that_does_not_fit_is_refused_and_the_finished_run_stays_finished(store, caplog, damage, message):
+    run_id, path = _finished_run(store)
+    state = torch.load(path, weights_only=True)
+    damage(state)
+    torch.save(state, path)
+    history = MlflowClient().get_metric_history(run_id, "test/bpd")
+    assert density.main(["--resume", run_id, "--checkpoint-dir", str(store / "ckpt"), "--epochs", "3"]) == 2
+    line = _one_error_line(caplog)
+    assert str(path) in line and re.search(message, line), line
+    run = MlflowClient().get_run(run_id)
+    assert run.info.status == "FINISHED" and "failure" not in run.data.tags
+    assert MlflowClient().get_metric_history(run_id, "test/bpd") == history
+
+
+def test_random_bytes_as_a_checkpoint_are_not_called_a_pickle(store, caplog):
+    run_id, path = _finished_run(store)
+    path.write_bytes(os.urandom(4096))
+    assert density.main(["--resume", run_id, "--checkpoint-dir", str(store / "ckpt"), "--epochs", "3"]) == 2
+    line = _one_error_line(caplog)
+    assert "cannot be read (truncated or not a checkpoint)" in line and "arbitrary code" not in line
+
+
+def test_a_logged_model_whose_weights_do_not_fit_is_one_line(store):
+    from pipeline.models.serialization import load_model_folder
+
+    run_id, _ = _finished_run(store)
+    folder = Path(mlflow.artifacts.download_artifacts(f"runs:/{run_id}/model", dst_path=str(store / "m")))
+    weights = folder / "artifacts" / "network" / "weights.pt"
+    state = torch.load(weights, weights_only=True)
+    torch.save({k: torch.zeros(2) if v.numel() else v for k, v in state.items()}, weights)
+    with pytest.raises(ValueError, match=r"the weights in .*weights\.pt do not fit this model \(\d+ tensors of anot"):
+        load_model_folder(folder / "artifacts" / "network")
+    weights.write_bytes(b"junk")
+    with pytest.raises(ValueError, match=r"weights\.pt cannot be read as weights"):
+        load_model_folder(folder / "artifacts" / "network")
