@@ -22,7 +22,7 @@ import typing
 from collections.abc import Mapping
 from dataclasses import fields
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import Any, NoReturn, TypeVar, cast
 
 from experiments.options import ArchitectureOptions
 from experiments.tracking import active_run_id, log_json, log_params_flat, run_status
@@ -31,7 +31,7 @@ from pipeline.training.checkpoint import load_checkpoint
 
 C = TypeVar("C")
 
-RESUME_OVERRIDABLE = ("epochs", "device", "progress", "checkpoint_dir", "register_model")
+RESUME_OVERRIDABLE = ("epochs", "device", "progress", "checkpoint_dir", "register_model", "tracking_outage_s")
 
 
 def option_types(config_cls: type) -> dict[str, Any]:
@@ -152,7 +152,7 @@ def run_parameters(cfg: Any) -> dict[str, str]:
 # left out of a run's name: where and how it runs, not what it trains
 NOT_IN_RUN_NAME = (
     *NOT_PARAMETERS, "device", "threads", "deterministic", "checkpoint_dir", "data_dir", "download",
-    "register_model", "log_system_metrics", "log_every",
+    "register_model", "log_system_metrics", "log_every", "tracking_outage_s",
 )  # fmt: skip
 RUN_NAME_OPTIONS = 4  # changed options named in a run's name; more are counted
 
@@ -247,6 +247,8 @@ def check_common(cfg: Any) -> None:
         )
     if getattr(cfg, "register_model", None) is not None:
         check_model_name(cfg.register_model)
+    if getattr(cfg, "tracking_outage_s", 1.0) <= 0:
+        raise ValueError(f"tracking_outage_s must be > 0 (seconds), got {cfg.tracking_outage_s}")
 
 
 def check_model_name(name: str) -> None:
@@ -359,11 +361,28 @@ class _ChosenOnce(argparse.Action):
 DEFAULT_PRESET = "quick"
 
 
+class CommandLineError(SystemExit):
+    """argparse's refusal of a command line (exit 2, its message on stderr as argparse prints it), carrying the
+    message: under ``mlflow run`` the launched run records it as its failure reason."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(2)
+        self.message = message
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        text = f"{self.prog}: error: {message}"
+        sys.stderr.write(text + "\n")
+        raise CommandLineError(text)
+
+
 def build_parser(config_cls: type, presets: dict[str, dict] | None, description: str | None) -> argparse.ArgumentParser:
     """``--preset`` (where the entry point has presets) and one ``--option-name`` per option, grouped as declared,
     each with its help text and the value it takes unset (the default preset's, or the field's default)."""
     module = entry_point_module(config_cls)
-    parser = argparse.ArgumentParser(
+    parser = _ArgumentParser(
         prog=f"python -m {module}",
         usage=f"python -m {module}{' [--preset PRESET]' if presets else ''} [--OPTION VALUE ...]",
         description=description,
@@ -431,8 +450,8 @@ def saved_options(saved: Mapping[str, Any]) -> dict[str, Any]:
 def config_for_resume(config_cls: type[C], run_id: str, **overrides: Any) -> C:
     """The configuration a run was started with, read from its checkpoint.
 
-    Only ``epochs`` (to extend a run), ``device``, ``progress``, ``checkpoint_dir`` and ``register_model`` (a name
-    the registry refused) may change; anything else would no longer be the same run.
+    Only ``epochs`` (to extend a run), ``device``, ``progress``, ``checkpoint_dir``, ``register_model`` (a name
+    the registry refused) and ``tracking_outage_s`` may change; anything else would no longer be the same run.
     """
     unknown = set(overrides) - set(RESUME_OVERRIDABLE)
     if unknown:

@@ -135,6 +135,9 @@ class TrainingOptions:
     grad_clip: float = documented(0.0, "largest global gradient norm (> 0), or 0: no clipping")
     amp: bool = documented(False, "bfloat16 autocast of the branches on a GPU (guarantees stay in float32)")
     log_every: int = documented(10, "optimizer steps between logged training metrics (>= 1)")
+    tracking_outage_s: float = documented(
+        600.0, "seconds training goes on while the tracking store takes no metrics, then stops to be resumed (> 0)"
+    )
     resume: str | None = documented(None, "run id to continue from its last checkpoint (its configuration is kept)")
 
 

@@ -28,12 +28,16 @@ from torch import Tensor, nn
 
 from experiments import config as configuration
 from experiments.tracking import (
+    MetricBuffer,
+    TrackingStoreUnreachable,
+    buffered_metrics,
     log_metrics,
     log_params_flat,
     logging_only_missing,
     run_page,
     set_description,
     tracked_run,
+    write_unwritten,
 )
 from experiments.tracking_store import configure_tracking, retry_tracking_write
 from pipeline.data import DatasetNotFoundError, ImageDataset, ImageSplit, epoch_batches, load_dataset
@@ -165,26 +169,67 @@ def run_training(
                 progress=cfg.progress,
                 distributed=ctx,
             )
-            fit(
-                task.model,
-                task.optimizer,
-                task.scheduler,
-                batches,
-                lambda batch: task.step(forward, batch),
-                loop,
-                state=state,
-                evaluate=task.evaluate,
-                checkpoint_extra={"config": asdict(cfg), "entry_point": configuration.entry_point_module(type(cfg))},
-                on_epoch_end=chain_epoch_hooks(
-                    lambda epoch, _: log_spectral_estimates(task.model, epoch, state.step), on_epoch_end
-                ),
-            )
+            with (
+                buffered_metrics(run_id, unwritten_metrics_path(cfg, run_id))
+                if ctx.is_main
+                else nullcontext() as buffer
+            ):
+                fit(
+                    task.model,
+                    task.optimizer,
+                    task.scheduler,
+                    batches,
+                    lambda batch: task.step(forward, batch),
+                    loop,
+                    state=state,
+                    evaluate=task.evaluate,
+                    checkpoint_extra={
+                        "config": asdict(cfg),
+                        "entry_point": configuration.entry_point_module(type(cfg)),
+                    },
+                    on_epoch_end=chain_epoch_hooks(
+                        lambda epoch, _: log_spectral_estimates(task.model, epoch, state.step),
+                        on_epoch_end,
+                        lambda epoch, _: stop_if_tracking_unreachable(buffer, cfg, run_id, epoch),
+                    ),
+                )
+                if buffer is not None and not buffer.close(timeout_s=cfg.tracking_outage_s):
+                    stop_if_tracking_unreachable(buffer, cfg, run_id, state.epoch, waited=True)
             log_replica_consistency(task.model, ctx, state.step)
             if ctx.is_main:
                 with logging_only_missing(run_id, state.step) if resumed is not None else nullcontext():
                     headline = task.finalise(run_id, state)
                 set_description(run_id, f"{headline}; {duration(time.perf_counter() - started)} in this process.")
     return run_id
+
+
+UNWRITTEN_METRICS_FILE = "unwritten_metrics.jsonl"
+
+
+def unwritten_metrics_path(cfg: Any, run_id: str) -> Path:
+    """Where a run keeps the metrics the tracking store did not take (beside its checkpoint)."""
+    return checkpoint_directory(cfg, run_id) / UNWRITTEN_METRICS_FILE
+
+
+def stop_if_tracking_unreachable(
+    buffer: MetricBuffer | None, cfg: Any, run_id: str, epoch: int, *, waited: bool = False
+) -> None:
+    """After epoch ``epoch``'s checkpoint: keep what the store has not taken beside it, and stop the run (one
+    line: what, where, and how to continue) once the store has taken nothing for ``cfg.tracking_outage_s`` (or
+    ``waited``: the end of the training waited that long for it)."""
+    if buffer is None:
+        return
+    buffer.raise_error()
+    n_unwritten = buffer.save_unwritten()
+    if not waited and buffer.unwritten_seconds() <= cfg.tracking_outage_s:
+        return
+    raise TrackingStoreUnreachable(
+        f"the tracking store {mlflow.get_tracking_uri()} has taken none of run {run_id}'s metrics for "
+        f"{buffer.unwritten_seconds():.0f} s (tracking_outage_s={cfg.tracking_outage_s:g}): training stopped after "
+        f"epoch {epoch}, its checkpoint {checkpoint_directory(cfg, run_id) / 'last.pt'} is intact and the "
+        f"{n_unwritten} metric values not yet written are kept in {unwritten_metrics_path(cfg, run_id)}. Once the "
+        f"store is back, continue with --resume {run_id} (they are written then)"
+    )
 
 
 def duration(seconds: float) -> str:
@@ -263,6 +308,7 @@ def start_or_resume(
     if cfg.resume:
         state, checkpoint = restore(checkpoint_path, task.model, task.optimizer, task.scheduler, ctx)
         if ctx.is_main:
+            write_unwritten(run_id, unwritten_metrics_path(cfg, run_id))  # what the store did not take before
             state.logged_step, state.logged_epoch = _last_logged(run_id)
             entry_point_logger(type(cfg)).info("resumed run %s at epoch %d (step %d)", run_id, state.epoch, state.step)
             if checkpoint.get("config", {}).get("epochs") != cfg.epochs:
@@ -452,6 +498,9 @@ class EntryPoint(Generic[C]):
             threads = apply_thread_budget(getattr(cfg, "threads", 0))
             flush_denormals()  # after the thread budget, so every intra-op worker it starts flushes too
             log.debug("%d CPU threads", threads)
+        except configuration.CommandLineError as exc:  # argparse said why on stderr; the launched run records it
+            _tag_launched_run(f"invalid command line: {exc.message}")
+            raise
         except user_errors() as exc:
             log.error("invalid configuration: %s", _one_line(exc))
             log.debug("details", exc_info=True)

@@ -22,7 +22,7 @@ import mlflow
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
-from experiments.tracking_store import configure_tracking, retry_tracking_write
+from experiments.tracking_store import _transient, configure_tracking, retry_tracking_write
 
 log = logging.getLogger(__name__)
 
@@ -164,6 +164,10 @@ def tracked_run(
             for hook in list(_RUN_START_HOOKS):
                 hook(run.info.run_id)
         yield run
+    except TrackingStoreUnreachable as exc:  # one quick try: the store has not answered for a while
+        with _requests_not_retried():
+            _end_active_run("FAILED", "failure", f"{type(exc).__name__}: {exc}", attempts=1)
+        raise
     except (KeyboardInterrupt, RunStopped) as exc:
         _end_active_run("KILLED", "stopped", f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
         if not hasattr(exc, "stop_hint"):  # what the entry point says of the stop (an inner run's, if any)
@@ -243,6 +247,163 @@ def _not_yet_logged(run_id: str, metrics: Mapping[str, float], step: int) -> Map
     return {key: value for key, value in metrics.items() if key not in skipped}
 
 
+class TrackingStoreUnreachable(ConnectionError):
+    """The tracking store took none of a run's metrics for longer than the run allows (``tracking_outage_s``): the
+    run stops at a checkpoint, to be resumed once the store is back; the message says how."""
+
+
+class MetricBuffer:
+    """A run's metric writes, in the order logged, written to the store by a background thread: a training never
+    waits for the store, and one that is down or restarting is written to again until it takes them.
+
+    ``unwritten_seconds()`` says how long the oldest unwritten batch has waited since a write failed;
+    ``save_unwritten()`` keeps what is unwritten in ``spool`` (JSON lines, written atomically at each checkpoint),
+    which :func:`write_unwritten` writes to the run when it is resumed.
+    """
+
+    RETRY_DELAYS_S = (0.5, 1.0, 2.0, 4.0, 8.0)  # between attempts while the store refuses (then every 8 s)
+
+    def __init__(self, run_id: str, spool: Path) -> None:
+        import threading
+        from collections import deque
+
+        self.run_id, self.spool = run_id, Path(spool)
+        self._pending: deque[list[Metric]] = deque()
+        self._failing_since: float | None = None  # monotonic time of the first failed write of the oldest batch
+        self._error: BaseException | None = None  # a write the store refused (not an outage): raised to the caller
+        self._closed = False
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._write_loop, name=f"metrics-{run_id[:8]}", daemon=True)
+        self._thread.start()
+
+    def put(self, batch: list[Metric]) -> None:
+        self.raise_error()
+        with self._cond:
+            self._pending.append(batch)
+            self._cond.notify_all()
+
+    def raise_error(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def _write_loop(self) -> None:
+        client, failures = MlflowClient(), 0
+        while True:
+            with self._cond:
+                while not self._pending and not self._closed:
+                    self._cond.wait()
+                if not self._pending:
+                    return
+                batch = self._pending[0]
+            try:
+                client.log_batch(self.run_id, metrics=batch)
+            except Exception as exc:
+                if not _transient(exc):
+                    self._error = exc
+                    return
+                with self._cond:
+                    if self._failing_since is None:
+                        self._failing_since = time.monotonic()
+                        log.warning("the tracking store does not take metrics (%s); training goes on, writing "
+                                    "them again", " ".join(str(exc).split())[:200])  # fmt: skip
+                    if self._closed and self._abandoned:
+                        return
+                    self._cond.wait(self.RETRY_DELAYS_S[min(failures, len(self.RETRY_DELAYS_S) - 1)])
+                failures += 1
+                continue
+            with self._cond:
+                self._pending.popleft()
+                if self._failing_since is not None:
+                    log.info("the tracking store takes metrics again")
+                self._failing_since, failures = None, 0
+                self._cond.notify_all()
+
+    _abandoned = False
+
+    def unwritten_seconds(self) -> float:
+        """Seconds since a write of the oldest unwritten batch first failed (0: none failed)."""
+        with self._cond:
+            return 0.0 if self._failing_since is None else time.monotonic() - self._failing_since
+
+    def n_unwritten(self) -> int:
+        with self._cond:
+            return sum(len(batch) for batch in self._pending)
+
+    def flush(self, timeout_s: float) -> bool:
+        """Wait up to ``timeout_s`` for every batch to be written; whether it was."""
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            while self._pending and self._error is None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(min(left, 0.5))
+        self.raise_error()
+        return True
+
+    def save_unwritten(self) -> int:
+        """Keep the unwritten metrics in :attr:`spool` (none: the file removed); returns how many."""
+        with self._cond:
+            rows = [
+                {"key": m.key, "value": m.value, "timestamp": m.timestamp, "step": m.step, "model_id": m.model_id}
+                for batch in self._pending
+                for m in batch
+            ]
+        if not rows:
+            self.spool.unlink(missing_ok=True)
+            return 0
+        tmp = self.spool.with_name(self.spool.name + ".tmp")
+        tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        os.replace(tmp, self.spool)
+        return len(rows)
+
+    def close(self, timeout_s: float) -> bool:
+        """Write what is left (waiting up to ``timeout_s``) and stop the writer; whether everything was written."""
+        written = self.flush(timeout_s)
+        with self._cond:
+            self._closed, self._abandoned = True, not written
+            self._cond.notify_all()
+        if written:
+            self._thread.join()
+            self.spool.unlink(missing_ok=True)  # an earlier checkpoint's copy of what is now written
+        return written
+
+
+_BUFFERS: dict[str, MetricBuffer] = {}  # run id -> its buffer, while its training loop runs
+
+
+@contextmanager
+def buffered_metrics(run_id: str, spool: Path) -> Iterator[MetricBuffer]:
+    """Inside the block, :func:`log_metrics` to run ``run_id`` goes through a :class:`MetricBuffer`; the caller
+    closes it (or it is abandoned, its unwritten metrics saved, when the block raises)."""
+    buffer = MetricBuffer(run_id, spool)
+    _BUFFERS[run_id] = buffer
+    try:
+        yield buffer
+    except BaseException:
+        buffer.save_unwritten()
+        buffer.close(timeout_s=0)
+        raise
+    finally:
+        _BUFFERS.pop(run_id, None)
+
+
+def write_unwritten(run_id: str, spool: Path) -> int:
+    """Write the metrics an earlier process could not (:meth:`MetricBuffer.save_unwritten`) to run ``run_id``, then
+    remove ``spool``; returns how many."""
+    if not spool.exists():
+        return 0
+    rows = [json.loads(line) for line in spool.read_text().splitlines() if line.strip()]
+    batch = [Metric(r["key"], float(r["value"]), r["timestamp"], r["step"], model_id=r.get("model_id")) for r in rows]
+    client = MlflowClient()
+    for start in range(0, len(batch), MAX_METRICS_PER_BATCH):
+        part = batch[start : start + MAX_METRICS_PER_BATCH]
+        retry_tracking_write(partial(client.log_batch, run_id, metrics=part))
+    spool.unlink()
+    log.info("wrote the %d metric values that run %s could not write before it stopped", len(batch), run_id)
+    return len(batch)
+
+
 def log_metrics(metrics: Mapping[str, float], step: int, *, model_id: str | None = None) -> None:
     """``metrics`` at optimizer step ``step`` of the active run, retried with backoff while the store is locked or
     unreachable; with ``model_id``, also as that logged model's metrics.
@@ -250,11 +411,15 @@ def log_metrics(metrics: Mapping[str, float], step: int, *, model_id: str | None
     Written through the client, so a metric is linked to a logged model only where ``model_id`` says so (MLflow's
     fluent API would link every later metric at the model's step to it). MLflow's SQLite store waits 20 s for a
     lock; a store held longer (a backup, a long query from another process) would otherwise crash a training over a
-    metric. After the retries the error propagates and the run ends FAILED.
+    metric. After the retries the error propagates and the run ends FAILED. Inside :func:`buffered_metrics` (a
+    training loop) the write is queued instead, and the training goes on.
     """
     run_id, client, now = active_run_id(), MlflowClient(), int(time.time() * 1000)
     metrics = _not_yet_logged(run_id, metrics, step)
     batch = [Metric(key, float(value), now, step, model_id=model_id) for key, value in metrics.items()]
+    if run_id in _BUFFERS:
+        _BUFFERS[run_id].put(batch)
+        return
     for start in range(0, len(batch), MAX_METRICS_PER_BATCH):
         part = batch[start : start + MAX_METRICS_PER_BATCH]
         retry_tracking_write(partial(client.log_batch, run_id, metrics=part))
@@ -291,7 +456,22 @@ def metric_value(metrics: Mapping[str, Any], name: str, prefix: str = "") -> Any
     return None
 
 
-def _end_active_run(status: str, tag: str, reason: str) -> None:
+@contextmanager
+def _requests_not_retried(timeout_s: int = 5) -> Iterator[None]:
+    """MLflow's HTTP requests in the block are tried once, for ``timeout_s`` (by default retried for minutes)."""
+    saved = {name: os.environ.get(name) for name in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
+    os.environ.update(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT=str(timeout_s))
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def _end_active_run(status: str, tag: str, reason: str, attempts: int = 4) -> None:
     """End the active run with ``status`` and say why, even when the store is what failed.
 
     ``mlflow.end_run`` takes the run off the active stack *before* writing, so once it is called the
@@ -304,11 +484,14 @@ def _end_active_run(status: str, tag: str, reason: str) -> None:
         mlflow.end_run(status=status)
     except Exception:
         try:
-            retry_tracking_write(lambda: client.set_terminated(run_id, status=status))
+            retry_tracking_write(lambda: client.set_terminated(run_id, status=status), attempts=attempts)
         except Exception:
+            if attempts == 1:  # the store is known to be down: said once, without its traceback
+                log.warning("could not record run %s as %s: the tracking store does not answer", run_id, status)
+                return
             log.exception("could not record run %s as %s", run_id, status)
     try:
-        retry_tracking_write(lambda: client.set_tag(run_id, tag, reason[:5000]), attempts=2)
+        retry_tracking_write(lambda: client.set_tag(run_id, tag, reason[:5000]), attempts=min(attempts, 2))
         # the description (the run page's first line) says so too, before what it said of the run
         before = client.get_run(run_id).data.tags.get(DESCRIPTION_TAG, "")
         set_description(run_id, f"**{status}**: {reason[:1000]}" + (f"\n\n{before}" if before else ""))

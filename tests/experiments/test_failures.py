@@ -391,3 +391,13 @@ def test_a_logged_model_whose_weights_do_not_fit_is_one_line(store):
     weights.write_bytes(b"junk")
     with pytest.raises(ValueError, match=r"weights\.pt cannot be read as weights"):
         load_model_folder(folder / "artifacts" / "network")
+
+
+def test_a_command_line_argparse_refuses_under_mlflow_run_is_the_launched_runs_failure_reason(store, monkeypatch):
+    launched = MlflowClient().create_run(MlflowClient().get_experiment_by_name("Default").experiment_id)
+    monkeypatch.setenv("MLFLOW_RUN_ID", launched.info.run_id)
+    with pytest.raises(SystemExit) as stopped:
+        density.main(["--epochs", "two"])
+    assert stopped.value.code == 2
+    reason = MlflowClient().get_run(launched.info.run_id).data.tags["failure"]
+    assert reason.startswith("invalid command line: python -m experiments.density: error: argument --epochs")

@@ -15,6 +15,7 @@ from mlflow.tracking import MlflowClient
 from experiments import sweep
 from tests.experiments.conftest import runs_of
 from tests.experiments.test_sweep import TINY_DENSITY, TINY_SPACE
+from tests.servers import free_port, mlflow_server, serve
 
 
 def _sweep_on_postgres(
@@ -152,35 +153,6 @@ def test_a_database_restart_mid_sweep_is_survived_and_nothing_is_recorded_twice(
     assert all(r.info.status == "FINISHED" for r in runs_of("sweep"))
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _serve(cmd: list[str], url: str, log_path) -> subprocess.Popen:
-    """Start a server and wait until ``url`` answers 200 (or fail with its log)."""
-    import time
-    import urllib.request
-
-    log = open(log_path, "w")  # noqa: SIM115 - closed with the process
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{cmd[0]} exited: {Path(log_path).read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return proc
-        except OSError:
-            time.sleep(0.5)
-    proc.kill()
-    raise RuntimeError(f"{cmd[0]} did not answer {url}: {Path(log_path).read_text()[-3000:]}")
-
-
 @pytest.mark.slow
 def test_a_lab_on_one_postgresql_a_tracking_server_and_the_dashboard(store, postgres_server, monkeypatch, tmp_path):
     """`mlflow server` on PostgreSQL with served artifacts; density, classify, a sweep (its study on PostgreSQL)
@@ -196,13 +168,8 @@ def test_a_lab_on_one_postgresql_a_tracking_server_and_the_dashboard(store, post
     from tests.experiments.test_density import TINY as TINY_DENSITY_CFG
 
     backend, study_db = postgres_server.create_database(), postgres_server.create_database()
-    port = _free_port()
-    server = _serve(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend, "--serve-artifacts",
-         "--artifacts-destination", str(tmp_path / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1"],
-        f"http://127.0.0.1:{port}/health", tmp_path / "mlflow-server.log",
-    )  # fmt: skip
+    port = free_port()
+    server = mlflow_server(backend, tmp_path / "artifacts", port, tmp_path / "mlflow-server.log")
     dashboard = None
     try:
         uri = f"http://127.0.0.1:{port}"
@@ -243,8 +210,8 @@ def test_a_lab_on_one_postgresql_a_tracking_server_and_the_dashboard(store, post
         assert len(children) == 2 and all(r.info.status == "FINISHED" for r in children)
         assert client.get_run(report_id).data.metrics["tables/table4_rows"] >= 1
 
-        dash_port = _free_port()
-        dashboard = _serve(
+        dash_port = free_port()
+        dashboard = serve(
             ["optuna-dashboard", study_db, "--host", "127.0.0.1", "--port", str(dash_port)],
             f"http://127.0.0.1:{dash_port}/", tmp_path / "dashboard.log",
         )  # fmt: skip
