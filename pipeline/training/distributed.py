@@ -28,7 +28,11 @@ barrier. Multi-node resume needs the checkpoint directory on a shared filesystem
 from __future__ import annotations
 
 import datetime
+import logging
 import os
+import signal
+import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -41,6 +45,34 @@ from torch import nn
 from pipeline.training.device import resolve_device
 
 BARRIER_TIMEOUT = datetime.timedelta(hours=3)  # rank 0 evaluates while the others wait
+LAUNCHER_GRACE_S = 30.0  # after its launcher is gone, how long a rank has to stop on SIGTERM before it is ended
+
+log = logging.getLogger(__name__)
+
+
+def watch_launcher(launcher_pid: int, *, poll_s: float = 1.0, grace_s: float = LAUNCHER_GRACE_S) -> threading.Thread:
+    """End this process when ``launcher_pid`` (torchrun's agent, its parent) is gone: SIGTERM first (a rank between
+    steps stops as on Ctrl-C, its run marked KILLED), then, if it is still here ``grace_s`` later (blocked in a
+    collective with a peer that died with the launcher, where no signal handler runs), ``os._exit(143)``; the
+    run's last checkpoint stays, and the OS drops its lease. Without this a rank waits :data:`BARRIER_TIMEOUT`."""
+
+    def watch() -> None:
+        while os.getppid() == launcher_pid:
+            time.sleep(poll_s)
+        log.error("the launcher (pid %d) is gone: rank %s stops", launcher_pid, os.environ.get("RANK", "?"))
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(grace_s)
+        log.error(
+            "rank %s did not stop within %.0f s of SIGTERM (blocked in a collective): it exits",
+            os.environ.get("RANK", "?"),
+            grace_s,
+        )
+        logging.shutdown()
+        os._exit(143)
+
+    thread = threading.Thread(target=watch, name="launcher-watch", daemon=True)
+    thread.start()
+    return thread
 
 
 @dataclass(frozen=True)
@@ -63,6 +95,7 @@ class DistributedContext:
 
 
 SINGLE_PROCESS = DistributedContext()
+_WATCHED: list[threading.Thread] = []
 
 
 def launched_by_torchrun() -> bool:
@@ -79,6 +112,8 @@ def init_distributed(device_name: str) -> tuple[DistributedContext, torch.device
         local_rank=int(os.environ.get("LOCAL_RANK", "0")),
     )
     device = resolve_device(device_name)
+    if not _WATCHED:  # torchrun's agent is every rank's parent
+        _WATCHED.append(watch_launcher(os.getppid()))
     if device.type == "cuda":
         device = torch.device("cuda", ctx.local_rank)
         torch.cuda.set_device(device)

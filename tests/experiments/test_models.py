@@ -195,3 +195,28 @@ def test_scoring_refuses_pixels_beyond_the_models_levels_and_oversized_requests_
     assert answer["bits_per_dim"].shape == (len(images),) and np.isfinite(answer["bits_per_dim"]).all()
     alone = scoring.score(flow, "density", images[:3], config)["bits_per_dim"]  # the first chunk's draws
     assert np.allclose(answer["bits_per_dim"][:3], alone, atol=0.5)
+
+
+def test_serving_scores_under_its_thread_budget_and_gives_the_process_its_own_back(monkeypatch):
+    import numpy as np
+    import torch
+
+    import pipeline.models.scoring
+    from experiments.pyfunc_model import IResNetPyfuncModel
+    from pipeline.training.device import usable_cores
+
+    seen = []
+    monkeypatch.setattr(
+        pipeline.models.scoring, "score", lambda *a: seen.append(torch.get_num_threads()) or {"p": np.zeros(1)}
+    )
+    served = IResNetPyfuncModel()
+    served.model, served.config = None, {"kind": "classify"}
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)  # a server process's own setting: more than its budget
+    monkeypatch.setenv("IRESNET_SERVING_THREADS", "1")
+    served.predict(None, np.zeros((1, 1, 2, 2), np.uint8))
+    monkeypatch.delenv("IRESNET_SERVING_THREADS")
+    monkeypatch.setenv("MLFLOW_MODELS_WORKERS", str(usable_cores()))  # one core per server worker
+    served.predict(None, np.zeros((1, 1, 2, 2), np.uint8))
+    assert seen == [1, 1] and torch.get_num_threads() == 2
+    torch.set_num_threads(before)

@@ -1,6 +1,10 @@
 """Data-parallel plumbing: sharding, the global batch, per-rank RNG in checkpoints (single process; the
 two-process runs through torchrun are in tests/experiments/test_distributed.py)."""
 
+import os
+import time
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -89,3 +93,46 @@ def test_any_rank_reads_once_and_buffers_follow_rank_0(tmp_path):
     assert [stop for _, stop, *_ in got] == [True, True]  # every rank stops when one must
     assert [n for _, _, n, *_ in got] == [1, 1]
     assert [mean for *_, mean, _ in got] == [[0.0, 0.0, 0.0]] * 2
+
+
+def test_a_rank_whose_launcher_is_killed_exits_even_if_it_cannot_take_sigterm(tmp_path):
+    """A rank blocked where no signal handler runs (here: SIGTERM ignored) is ended after the grace period once its
+    launcher (its parent) dies, instead of waiting in a collective for the process group's timeout (hours)."""
+    import signal
+    import subprocess
+    import sys
+
+    pid_file = tmp_path / "rank.pid"
+    rank = (
+        "import os, signal, threading\n"
+        "from pipeline.training.distributed import watch_launcher\n"
+        "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+        "watch_launcher(os.getppid(), poll_s=0.05, grace_s=0.2)\n"
+        f"open({str(pid_file)!r}, 'w').write(str(os.getpid()))\n"
+        "threading.Event().wait()\n"  # blocked for good, as in a collective whose peer is gone
+    )
+    launcher = (
+        "import subprocess, sys, time\n"
+        f"rank = subprocess.Popen([sys.executable, '-c', {rank!r}])\n"
+        "print(rank.pid, flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", launcher], stdout=subprocess.PIPE, text=True)
+    rank_pid = int(proc.stdout.readline())
+    for _ in range(600):  # the rank has started its watch
+        if pid_file.exists():
+            break
+        time.sleep(0.1)
+    assert pid_file.exists(), "the rank did not start its watch"
+    proc.send_signal(signal.SIGKILL)  # the launcher is killed: nothing of it runs to stop the rank
+    proc.wait()
+    for _ in range(600):  # a liveness bound (60 s), not a speed claim: the rank is gone long before
+        try:
+            if Path(f"/proc/{rank_pid}/stat").read_text().split(")")[-1].split()[0] == "Z":
+                break  # exited; a container's init may not reap it
+        except (FileNotFoundError, ProcessLookupError):
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(rank_pid, signal.SIGKILL)
+        raise AssertionError("the rank outlived its launcher")
