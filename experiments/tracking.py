@@ -256,7 +256,8 @@ class MetricBuffer:
     """A run's metric writes, in the order logged, written to the store by a background thread: a training never
     waits for the store, and one that is down or restarting is written to again until it takes them.
 
-    ``unwritten_seconds()`` says how long the oldest unwritten batch has waited since a write failed;
+    ``unwritten_seconds()`` says how long the oldest unwritten batch has waited (MLflow's own HTTP retries may hold
+    one write for minutes, so the wait is counted from when the metrics were logged, not from a failure);
     ``save_unwritten()`` keeps what is unwritten in ``spool`` (JSON lines, written atomically at each checkpoint),
     which :func:`write_unwritten` writes to the run when it is resumed.
     """
@@ -269,7 +270,8 @@ class MetricBuffer:
 
         self.run_id, self.spool = run_id, Path(spool)
         self._pending: deque[list[Metric]] = deque()
-        self._failing_since: float | None = None  # monotonic time of the first failed write of the oldest batch
+        self._queued: deque[float] = deque()  # when each pending batch was logged (monotonic)
+        self._failing_since: float | None = None  # set while writes fail (for the log lines)
         self._error: BaseException | None = None  # a write the store refused (not an outage): raised to the caller
         self._closed = False
         self._cond = threading.Condition()
@@ -280,6 +282,7 @@ class MetricBuffer:
         self.raise_error()
         with self._cond:
             self._pending.append(batch)
+            self._queued.append(time.monotonic())
             self._cond.notify_all()
 
     def raise_error(self) -> None:
@@ -313,6 +316,7 @@ class MetricBuffer:
                 continue
             with self._cond:
                 self._pending.popleft()
+                self._queued.popleft()
                 if self._failing_since is not None:
                     log.info("the tracking store takes metrics again")
                 self._failing_since, failures = None, 0
@@ -321,9 +325,9 @@ class MetricBuffer:
     _abandoned = False
 
     def unwritten_seconds(self) -> float:
-        """Seconds since a write of the oldest unwritten batch first failed (0: none failed)."""
+        """Seconds the oldest unwritten batch has waited (0: everything is written)."""
         with self._cond:
-            return 0.0 if self._failing_since is None else time.monotonic() - self._failing_since
+            return time.monotonic() - self._queued[0] if self._queued else 0.0
 
     def n_unwritten(self) -> int:
         with self._cond:
@@ -353,8 +357,12 @@ class MetricBuffer:
             self.spool.unlink(missing_ok=True)
             return 0
         tmp = self.spool.with_name(self.spool.name + ".tmp")
-        tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
-        os.replace(tmp, self.spool)
+        try:
+            tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
+            os.replace(tmp, self.spool)
+        except OSError as exc:  # a full disk: the values stay in memory; the run's own error is the one to say
+            log.warning("could not keep %d unwritten metric values in %s: %s", len(rows), self.spool, exc)
+            tmp.unlink(missing_ok=True)
         return len(rows)
 
     def close(self, timeout_s: float) -> bool:
@@ -370,6 +378,7 @@ class MetricBuffer:
 
 
 _BUFFERS: dict[str, MetricBuffer] = {}  # run id -> its buffer, while its training loop runs
+FLUSH_ON_FAILURE_S = 10.0  # how long a failed or stopped training waits for its metrics to be written
 
 
 @contextmanager
@@ -380,9 +389,12 @@ def buffered_metrics(run_id: str, spool: Path) -> Iterator[MetricBuffer]:
     _BUFFERS[run_id] = buffer
     try:
         yield buffer
-    except BaseException:
-        buffer.save_unwritten()
+    except TrackingStoreUnreachable:  # what is unwritten is saved already
         buffer.close(timeout_s=0)
+        raise
+    except BaseException:  # the run failed or was stopped, the store is up: what was logged reaches it
+        if not buffer.close(timeout_s=FLUSH_ON_FAILURE_S):
+            buffer.save_unwritten()
         raise
     finally:
         _BUFFERS.pop(run_id, None)
