@@ -188,6 +188,7 @@ def _estimator_study(runs: pd.DataFrame, cfg: ReportConfig, report: Report, out:
         logged = require_kind(source, "density", "the estimator study")
         model = load_model(source)
         data, pad = load_dataset(logged["dataset"]), int(logged.get("pad", 0))
+        repeat = int(logged.get("repeat_channels", 1))
     else:
         latest = runs.sort_values("start_time").iloc[-1]
         source = f"density run {latest['run_id']}"
@@ -195,8 +196,11 @@ def _estimator_study(runs: pd.DataFrame, cfg: ReportConfig, report: Report, out:
         data_dir = config(latest, "data_dir")
         data = load_dataset(config(latest, "dataset"), None if data_dir in (None, "None", "") else data_dir)
         pad = int(config(latest, "pad"))
+        repeated = config(latest, "repeat_channels")  # a run of an earlier release: none
+        repeat = 1 if repeated in (None, "None", "") or repeated != repeated else int(repeated)
     generator = torch.Generator().manual_seed(0)
-    x = dequantize(pad_images(data.test.images[: cfg.estimator_images], pad), data.n_levels, generator=generator)
+    images = pad_images(data.test.images[: cfg.estimator_images], pad, repeat)
+    x = dequantize(images, data.n_levels, generator=generator)
     torch.manual_seed(0)
     rows = logdet_estimator_study(model, x, cfg.estimator_terms, n_probes=cfg.estimator_probes)
     df = pd.DataFrame(rows)

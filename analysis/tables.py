@@ -150,12 +150,26 @@ def metric(row: pd.Series, name: str) -> float | None:
     return metric_value(row, name, prefix="metrics.")
 
 
-def protocol(row: pd.Series, test_images: float | None) -> str:
+# how many times the paper's code repeats a density image's channels (MNIST's grey digit as RGB: 3,072 dimensions)
+PAPER_DENSITY_CHANNEL_REPEATS = {"mnist": 3, "cifar10": 1}
+
+
+def protocol(row: pd.Series, test_images: float | None, *, density: bool = False) -> str:
     """``paper`` where the row follows the paper's protocol (its dataset, trained on the whole training split,
-    scored on the whole test split); else which protocol it follows."""
+    scored on the whole test split; for a density run, the images as the paper's code gives them to the flow, e.g.
+    MNIST as 3 channels); else which protocol it follows."""
     dataset = str(config(row, "dataset"))
     if dataset not in PAPER_TEST_IMAGES:
         return f"{dataset} (not a dataset of the paper's)"
+    if density:
+        repeated = config(row, "repeat_channels")  # a run of an earlier release: none, its images as they are
+        repeats = 1 if repeated in (None, "None", "") or repeated != repeated else int(float(str(repeated)))
+        paper_repeats = PAPER_DENSITY_CHANNEL_REPEATS[dataset]
+        if repeats != paper_repeats:
+            return (
+                f"{dataset} with its channels repeated {repeats}x (the paper's code {paper_repeats}x): bits/dim per "
+                "another number of dimensions"
+            )
     held_out = float(config(row, "validation_fraction") or 0.0)
     if held_out > 0:
         return f"{dataset}, {held_out:.0%} of the training split held out for validation"
@@ -227,7 +241,7 @@ def table4(density_runs: pd.DataFrame) -> pd.DataFrame:
         return pd.DataFrame(columns=columns)
     rows = []
     for _, r in density_runs.iterrows():
-        followed = protocol(r, metric(r, "test/images"))
+        followed = protocol(r, metric(r, "test/images"), density=True)
         paper = PAPER_TABLE4.get(str(config(r, "dataset")), {}).get("i-ResNet")
         rows.append(
             {

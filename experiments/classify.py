@@ -122,6 +122,13 @@ class ClassifyConfig(
     """
 
     ARCHITECTURES: ClassVar = CLASSIFIER_PRESETS
+    # what a run checkpointed before its architecture was recorded computed (config_for_resume): the paper presets'
+    # squeeze order and head have changed since
+    PRESET_FIELDS_BEFORE: ClassVar[dict] = {
+        "squeeze_order": "channel_major",
+        "head_activation": None,
+        "head_batchnorm_momentum": 0.1,
+    }
     FROM_DATA: ClassVar = ("input_shape", "num_classes")
     preset: str = documented("quick", "the entry point's preset: model and training settings (PRESETS)")
 

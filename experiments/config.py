@@ -447,6 +447,14 @@ def saved_options(saved: Mapping[str, Any]) -> dict[str, Any]:
     return options
 
 
+def resolved_architecture(cfg: Any) -> dict[str, Any] | None:
+    """Every architecture option of ``cfg`` as it resolves now (preset and overrides); ``None`` without a model
+    group."""
+    if not isinstance(cfg, ArchitectureOptions):
+        return None
+    return {name: cfg.architecture_option(name) for name in cfg.architecture_types()}
+
+
 def config_for_resume(config_cls: type[C], run_id: str, **overrides: Any) -> C:
     """The configuration a run was started with, read from its checkpoint.
 
@@ -485,6 +493,10 @@ def config_for_resume(config_cls: type[C], run_id: str, **overrides: Any) -> C:
             f"run {run_id} was not started by {name} (its options {', '.join(foreign[:4])} are not {name}'s); resume "
             "it with the entry point that started it"
         )
+    # the model as it ran: its every architecture field where the checkpoint records them, else (written before they
+    # were recorded) the values of the fields whose presets changed since, as they were then
+    pinned = checkpoint.get("architecture") or getattr(config_cls, "PRESET_FIELDS_BEFORE", {})
+    saved = {**{k: tuple(v) if isinstance(v, list) else v for k, v in pinned.items()}, **saved}
     if "architecture_overrides" not in checkpoint["config"]:  # written before the option groups, every option in it
         # except those added since the run started: the values that reproduce it, not today's preset
         saved = {**getattr(config_cls, "BEFORE_FIELD_EXISTED", {}), **saved}

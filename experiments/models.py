@@ -48,8 +48,8 @@ def signature(kind: str, model: nn.Module, config: dict[str, Any]) -> ModelSigna
         inputs = Schema([TensorSpec(np.dtype(np.float32), (-1, *shape))])
         return ModelSignature(inputs, Schema([TensorSpec(np.dtype(np.float64), (-1,))]))
     c, h, w = shape
-    pad = int(config.get("pad", 0))
-    inputs = Schema([TensorSpec(np.dtype(np.uint8), (-1, c, h - 2 * pad, w - 2 * pad))])
+    pad, repeat = int(config.get("pad", 0)), int(config.get("repeat_channels", 1))
+    inputs = Schema([TensorSpec(np.dtype(np.uint8), (-1, c // repeat, h - 2 * pad, w - 2 * pad))])
     if kind == "density":
         return ModelSignature(inputs, Schema([ColSpec("double", "bits_per_dim"), ColSpec("double", "standard_error")]))
     return ModelSignature(inputs, Schema([TensorSpec(np.dtype(np.float64), (-1, int(config["num_classes"])))]))

@@ -186,6 +186,7 @@ def run_training(
                     checkpoint_extra={
                         "config": asdict(cfg),
                         "entry_point": configuration.entry_point_module(type(cfg)),
+                        "architecture": configuration.resolved_architecture(cfg),  # immune to later preset changes
                     },
                     on_epoch_end=chain_epoch_hooks(
                         lambda epoch, _: log_spectral_estimates(task.model, epoch, state.step),
@@ -225,7 +226,7 @@ def stop_if_tracking_unreachable(
         return
     raise TrackingStoreUnreachable(
         f"the tracking store {mlflow.get_tracking_uri()} has taken none of run {run_id}'s metrics for "
-        f"{buffer.unwritten_seconds():.0f} s (tracking_outage_s={cfg.tracking_outage_s:g}): training stopped after "
+        f"{buffer.unwritten_seconds():.3g} s (tracking_outage_s={cfg.tracking_outage_s:g}): training stopped after "
         f"epoch {epoch}, its checkpoint {checkpoint_directory(cfg, run_id) / 'last.pt'} is intact and the "
         f"{n_unwritten} metric values not yet written are kept in {unwritten_metrics_path(cfg, run_id)}. Once the "
         f"store is back, continue with --resume {run_id} (they are written then)"

@@ -159,6 +159,7 @@ def evaluate_bits_per_dim(
     *,
     n_levels: int,
     pad: int = 0,
+    repeat_channels: int = 1,
     batch_size: int = 256,
     protocol: EvalProtocol = EvalProtocol(),
     seed: int = 1234,
@@ -183,7 +184,7 @@ def evaluate_bits_per_dim(
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         inputs = [
-            dequantize(pad_images(images.to(device), pad), n_levels)
+            dequantize(pad_images(images.to(device), pad, repeat_channels), n_levels)
             for images, _ in iterate_batches(split, batch_size, shuffle=False)
         ]
         # one roulette draw is shared by the images of a call: draw per small chunk, so a pass averages
@@ -238,6 +239,7 @@ def bits_per_dim_per_image(
     *,
     n_levels: int,
     pad: int = 0,
+    repeat_channels: int = 1,
     passes: int = 8,
     protocol: EvalProtocol = EvalProtocol(),
     seed: int = 1234,
@@ -257,7 +259,7 @@ def bits_per_dim_per_image(
     estimator, _ = protocol.choose_estimator(model.lipschitz_bounds(method="certified"), model.block_dims(), model.dim)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
-        x = dequantize(pad_images(images.to(device), pad), n_levels)
+        x = dequantize(pad_images(images.to(device), pad, repeat_channels), n_levels)
         values = []
         with using_estimator(model, estimator):
             for p in range(passes):
@@ -272,7 +274,7 @@ def bits_per_dim_per_image(
 
 @torch.no_grad()
 def diagonal_gaussian_baseline_bits_per_dim(
-    train: ImageSplit, test: ImageSplit, *, n_levels: int, pad: int = 0, seed: int = 1234
+    train: ImageSplit, test: ImageSplit, *, n_levels: int, pad: int = 0, repeat_channels: int = 1, seed: int = 1234
 ) -> float:
     """Test bits/dim of the maximum-likelihood diagonal Gaussian (a learned-prior, ActNorm-only flow).
 
@@ -280,8 +282,9 @@ def diagonal_gaussian_baseline_bits_per_dim(
     evaluated exactly on dequantised test images: the reference point any flow must beat.
     """
     generator = torch.Generator().manual_seed(seed)
-    x_train = dequantize(pad_images(train.images, pad), n_levels, generator=generator).double().flatten(1)
-    x_test = dequantize(pad_images(test.images, pad), n_levels, generator=generator).double().flatten(1)
+    x_train = dequantize(pad_images(train.images, pad, repeat_channels), n_levels, generator=generator)
+    x_test = dequantize(pad_images(test.images, pad, repeat_channels), n_levels, generator=generator)
+    x_train, x_test = x_train.double().flatten(1), x_test.double().flatten(1)
     mean, var = x_train.mean(dim=0), x_train.var(dim=0, unbiased=False)
     log_prob = (-0.5 * ((x_test - mean) ** 2 / var + torch.log(2 * math.pi * var))).sum(dim=1)
     return float(bits_per_dim(log_prob, x_test.shape[1], n_levels).mean())

@@ -32,9 +32,14 @@ def standardize(images: Tensor, mean: Tensor, std: Tensor) -> Tensor:
     return (images.float() / 255.0 - mean[:, None, None]) / std[:, None, None]
 
 
-def pad_images(images: Tensor, pad: int) -> Tensor:
-    """Zero-pad the spatial border by ``pad`` pixels (28x28 MNIST -> 32x32 for three squeezes)."""
-    return F.pad(images, (pad, pad, pad, pad)) if pad else images
+def pad_images(images: Tensor, pad: int, repeat_channels: int = 1) -> Tensor:
+    """Zero-pad the spatial border by ``pad`` pixels (28x28 MNIST -> 32x32 for three squeezes), then repeat the
+    channels ``repeat_channels`` times (the paper's code sees MNIST as 3-channel images: each copy is then
+    dequantised on its own, and bits/dim are per the 3 x 32 x 32 dimensions the model sees)."""
+    if repeat_channels < 1:
+        raise ValueError(f"repeat_channels must be >= 1, got {repeat_channels}")
+    padded = F.pad(images, (pad, pad, pad, pad)) if pad else images
+    return padded.repeat(1, repeat_channels, 1, 1) if repeat_channels > 1 else padded
 
 
 def iterate_batches(

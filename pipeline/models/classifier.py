@@ -24,14 +24,14 @@ from pipeline.models.base import in_model_dtype
 from pipeline.transforms.actnorm import ActNorm
 from pipeline.transforms.base import InverseReport, Transform, TransformSequence
 from pipeline.transforms.inverse import FixedPointConfig
-from pipeline.transforms.reshape import InjectivePad, Squeeze
+from pipeline.transforms.reshape import InjectivePad, Squeeze, SqueezeOptions
 from pipeline.transforms.residual import InvertibleResidualBlock
 
 NORMS = ("actnorm", "none")
 
 
 @dataclass(frozen=True)
-class ClassifierArchitecture(LipschitzOptions):
+class ClassifierArchitecture(LipschitzOptions, SqueezeOptions):
     """Architecture of :class:`ResidualClassifier`; validated on construction. The spectral normalisation's fields
     are :class:`~pipeline.layers.spectral.LipschitzOptions`' (``coeff=None``: unconstrained, vanilla branches)."""
 
@@ -48,6 +48,13 @@ class ClassifierArchitecture(LipschitzOptions):
     n_power_iterations: int = documented(1, "power-iteration steps per training forward (>= 1, warm-started)")
     norm: str = documented("actnorm", "normalisation before each block: actnorm or none")
     branch_batchnorm: bool = documented(False, "BatchNorm inside each branch (the vanilla ResNet-BN only)")
+    # the paper's code: BatchNorm2d(momentum=0.9), then ReLU, whatever the branches use
+    head_activation: str | None = documented(
+        None, "the head's activation (relu: the paper's code); unset: the branches'"
+    )
+    head_batchnorm_momentum: float = documented(
+        0.1, "the head BatchNorm's running-statistics momentum, in (0, 1] (the paper's code: 0.9)"
+    )
 
     def __post_init__(self) -> None:
         for name in ("input_shape", "n_blocks", "hidden_channels", "strides", "kernel_sizes"):
@@ -60,8 +67,12 @@ class ClassifierArchitecture(LipschitzOptions):
             raise ValueError("n_blocks, hidden_channels and strides need one entry per stage")
         if any(s not in (1, 2) for s in self.strides):
             raise ValueError(f"strides must be 1 or 2 (2 = invertible downsampling), got {self.strides}")
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(f"unknown activation {self.activation!r}; choose one of {sorted(ACTIVATIONS)}")
+        for name, value in (("activation", self.activation), ("head_activation", self.head_activation)):
+            if value is not None and value not in ACTIVATIONS:
+                raise ValueError(f"unknown {name} {value!r}; choose one of {sorted(ACTIVATIONS)}")
+        if not 0.0 < self.head_batchnorm_momentum <= 1.0:
+            raise ValueError(f"head_batchnorm_momentum must be in (0, 1], got {self.head_batchnorm_momentum}")
+        self.check_squeeze_order()
         if self.norm not in NORMS:
             raise ValueError(f"unknown norm {self.norm!r}; choose one of {NORMS}")
         _ = self.spectral  # validates the spectral settings
@@ -108,9 +119,9 @@ class ResidualClassifier(nn.Module):
         ):
             steps: list[Transform] = []
             if stage == 0 and arch.init_squeeze:
-                steps.append(Squeeze())
+                steps.append(Squeeze(arch.squeeze_order))
             if stride == 2:
-                steps.append(Squeeze())
+                steps.append(Squeeze(arch.squeeze_order))
             for _ in range(n_blocks):
                 if arch.norm == "actnorm":
                     steps.append(ActNorm(c))
@@ -129,8 +140,8 @@ class ResidualClassifier(nn.Module):
         self.stages = nn.ModuleList(stages)
         c_out = arch.stage_shapes()[-1][0]
         self.head = nn.Sequential(
-            nn.BatchNorm2d(c_out),
-            make_activation(arch.activation),
+            nn.BatchNorm2d(c_out, momentum=arch.head_batchnorm_momentum),
+            make_activation(arch.head_activation or arch.activation),
             nn.AdaptiveAvgPool2d(1),
             nn.Flatten(),
             nn.Linear(c_out, arch.num_classes),
@@ -161,6 +172,9 @@ class ResidualClassifier(nn.Module):
         return [m for m in self.modules() if isinstance(m, InvertibleResidualBlock)]
 
 
+# where the paper's code (jhjacobsen/invertible-resnet, conv_iResNet) differs from this library's defaults
+PAPER_CODE: dict = dict(squeeze_order="position_major", head_activation="relu", head_batchnorm_momentum=0.9)
+
 CLASSIFIER_PRESETS: dict[str, ClassifierArchitecture] = {
     # the classify entry point's default: minutes on two CPU cores (28x28 digits)
     "quick": ClassifierArchitecture(
@@ -170,10 +184,13 @@ CLASSIFIER_PRESETS: dict[str, ClassifierArchitecture] = {
     "mnist": ClassifierArchitecture(input_shape=(1, 28, 28), injective_padding=3),
     "cifar10": ClassifierArchitecture(),
     "cifar100": ClassifierArchitecture(num_classes=100),
-    # App. C.2: 39 pre-activation bottleneck blocks (13 per stage), injective padding of the input channels
-    "paper-mnist": ClassifierArchitecture(input_shape=(1, 28, 28), n_blocks=(13, 13, 13), injective_padding=3),
-    "paper-cifar10": ClassifierArchitecture(n_blocks=(13, 13, 13)),
-    "paper-cifar100": ClassifierArchitecture(n_blocks=(13, 13, 13), num_classes=100),
+    # App. C.2: 39 pre-activation bottleneck blocks (13 per stage), injective padding of the input channels; the
+    # paper's code's squeeze order and head (ReLU after BatchNorm with momentum 0.9)
+    "paper-mnist": ClassifierArchitecture(
+        input_shape=(1, 28, 28), n_blocks=(13, 13, 13), injective_padding=3, **PAPER_CODE
+    ),
+    "paper-cifar10": ClassifierArchitecture(n_blocks=(13, 13, 13), **PAPER_CODE),
+    "paper-cifar100": ClassifierArchitecture(n_blocks=(13, 13, 13), num_classes=100, **PAPER_CODE),
 }
 CLASSIFIER_MODELS = ("iresnet", "resnet", "resnet-bn")
 

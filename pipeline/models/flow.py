@@ -28,14 +28,14 @@ from pipeline.transforms.coupling import InvertibleLinear, SplitPriorCoupling
 from pipeline.transforms.inverse import FixedPointConfig
 from pipeline.transforms.logdet import LogDetEstimator, PowerSeriesLogDet
 from pipeline.transforms.logit import LogitTransform
-from pipeline.transforms.reshape import Flatten, Squeeze, Unflatten
+from pipeline.transforms.reshape import Flatten, Squeeze, SqueezeOptions, Unflatten
 from pipeline.transforms.residual import InvertibleResidualBlock
 
 SPLIT_PRIORS = ("unconditional", "conditional")
 
 
 @dataclass(frozen=True)
-class FlowArchitecture(LipschitzOptions):
+class FlowArchitecture(LipschitzOptions, SqueezeOptions):
     """Architecture of :class:`IResNetFlow`; validated on construction. The spectral normalisation's fields
     (``coeff``, ``n_power_iterations``, ``power_tol``, ``lipschitz``) are :class:`LipschitzOptions`'."""
 
@@ -59,6 +59,10 @@ class FlowArchitecture(LipschitzOptions):
     )
     # a learned mixing of the channels, exact log-det, that a block with Lip(g) < 1 can only approximate
     invertible_1x1: bool = documented(False, "Glow's invertible 1x1 convolution before every residual block")
+    # the paper's code (conv_iresnet_block's input_nonlin): a 1-Lipschitz map first leaves Lip(g) bounded as before
+    input_activation: bool = documented(
+        False, "the activation on each residual block's input, before its first layer (all but the flow's first)"
+    )
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "input_shape", tuple(self.input_shape))
@@ -79,6 +83,7 @@ class FlowArchitecture(LipschitzOptions):
             raise ValueError(f"logit_alpha must be 0 (no logit transform) or in (0, 1/2), got {self.logit_alpha}")
         if self.fc_blocks < 0 or self.fc_hidden < 1:
             raise ValueError(f"fc_blocks must be >= 0 and fc_hidden >= 1, got {self.fc_blocks} and {self.fc_hidden}")
+        self.check_squeeze_order()
         if self.split_prior not in SPLIT_PRIORS:
             raise ValueError(f"unknown split_prior {self.split_prior!r}; choose one of {list(SPLIT_PRIORS)}")
         _ = self.spectral  # validates the spectral settings
@@ -133,8 +138,8 @@ class IResNetFlow(FlowModel):
             if level == 0 and arch.logit_alpha:
                 steps.append(LogitTransform(arch.logit_alpha))
             if level > 0 or arch.squeeze_first:
-                steps.append(Squeeze())
-            for _ in range(n_blocks):
+                steps.append(Squeeze(arch.squeeze_order))
+            for block in range(n_blocks):
                 if arch.actnorm:
                     steps.append(ActNorm(c))
                 if arch.invertible_1x1:
@@ -145,6 +150,7 @@ class IResNetFlow(FlowModel):
                     kernel_sizes=arch.kernel_sizes,
                     activation=arch.activation,
                     spectral=arch.spectral,
+                    preactivation=arch.input_activation and (level, block) != (0, 0),
                 )
                 steps.append(
                     InvertibleResidualBlock(
@@ -174,7 +180,13 @@ class IResNetFlow(FlowModel):
         for _ in range(arch.fc_blocks):
             if arch.actnorm:
                 steps.append(ActNorm(dim))
-            branch = mlp_branch(dim, (arch.fc_hidden,) * 2, activation=arch.activation, spectral=arch.spectral)
+            branch = mlp_branch(
+                dim,
+                (arch.fc_hidden,) * 2,
+                activation=arch.activation,
+                spectral=arch.spectral,
+                preactivation=arch.input_activation,
+            )
             steps.append(
                 InvertibleResidualBlock(branch, estimator=estimator, inverse_config=inverse_config, input_shape=(dim,))
             )
@@ -231,6 +243,22 @@ FLOW_PRESETS: dict[str, FlowArchitecture] = {
     "mnist": FlowArchitecture(input_shape=(1, 32, 32), n_blocks=(32, 32, 32), hidden_channels=32),
     # App. C.3: 3 scales of 32 blocks, 512 filters
     "cifar10": FlowArchitecture(input_shape=(3, 32, 32), n_blocks=(32, 32, 32), hidden_channels=512),
+    # the same flows block for block as the paper's code (jhjacobsen/invertible-resnet): an ELU on every block's
+    # input but the first, its squeeze's channel order; MNIST as 3-channel 32x32 images (the data's side of it)
+    "paper-mnist": FlowArchitecture(
+        input_shape=(3, 32, 32),
+        n_blocks=(32, 32, 32),
+        hidden_channels=32,
+        input_activation=True,
+        squeeze_order="position_major",
+    ),
+    "paper-cifar10": FlowArchitecture(
+        input_shape=(3, 32, 32),
+        n_blocks=(32, 32, 32),
+        hidden_channels=512,
+        input_activation=True,
+        squeeze_order="position_major",
+    ),
 }
 
 

@@ -37,9 +37,9 @@ def _flow(model: nn.Module, kind: str) -> FlowModel:
     return model
 
 
-def _images(model: nn.Module, inputs: np.ndarray, pad: int = 0) -> torch.Tensor:
+def _images(model: nn.Module, inputs: np.ndarray, pad: int = 0, repeat_channels: int = 1) -> torch.Tensor:
     expected = input_shape(model)
-    shape = (expected[0], expected[1] - 2 * pad, expected[2] - 2 * pad)
+    shape = (expected[0] // repeat_channels, expected[1] - 2 * pad, expected[2] - 2 * pad)
     if inputs.dtype != np.uint8 or inputs.ndim != 4 or tuple(inputs.shape[1:]) != shape:
         raise ValueError(
             f"expected uint8 images of shape (N, {', '.join(map(str, shape))}), got {inputs.dtype} "
@@ -52,7 +52,7 @@ def score(model: nn.Module, kind: str, inputs: np.ndarray, config: dict[str, Any
     """The model's answer for ``inputs``, by ``kind`` (``config``: what the training knew of the data).
 
     * ``density``: uint8 images -> ``bits_per_dim`` and ``standard_error`` per image (``config``: ``n_levels``,
-      ``pad``, optional ``passes``);
+      ``pad``, optional ``repeat_channels`` (1: a model logged before it existed) and ``passes``);
     * ``classify``: uint8 images -> ``probabilities`` (N, K) (``config``: the training set's per-channel ``mean``
       and ``std``);
     * ``toy``: float32 points (N, 2) -> ``log_density`` (exact log-determinant).
@@ -62,7 +62,8 @@ def score(model: nn.Module, kind: str, inputs: np.ndarray, config: dict[str, Any
     if kind == "density":
         flow = _flow(model, kind)
         pad, n_levels = int(config.get("pad", 0)), int(config["n_levels"])
-        images = _images(flow, inputs, pad)
+        repeat = int(config.get("repeat_channels", 1))
+        images = _images(flow, inputs, pad, repeat)
         if len(images) and int(images.max()) >= n_levels:  # the flow's density is over its levels only: NaN beyond
             raise ValueError(
                 f"pixel values must be 0 to {n_levels - 1} (the model was trained on {n_levels} levels), got "
@@ -70,7 +71,9 @@ def score(model: nn.Module, kind: str, inputs: np.ndarray, config: dict[str, Any
             )
         passes = int(config.get("passes", DENSITY_PASSES))
         parts = [  # each chunk its own draws (one seed would give every chunk the same noise)
-            bits_per_dim_per_image(flow, chunk, n_levels=n_levels, pad=pad, passes=passes, seed=SEED + i)
+            bits_per_dim_per_image(
+                flow, chunk, n_levels=n_levels, pad=pad, repeat_channels=repeat, passes=passes, seed=SEED + i
+            )
             for i, chunk in enumerate(images.split(CHUNK_IMAGES))
         ]
         bpd = torch.cat([b for b, _ in parts]) if parts else torch.empty(0)

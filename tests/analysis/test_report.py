@@ -162,19 +162,29 @@ def test_the_readmes_density_then_report_fills_table4_with_that_run(store):
 
 
 def test_paper_values_stand_only_beside_rows_of_the_papers_protocol():
-    def row(dataset, images, held_out="0.0"):
+    order = iter(range(10))  # run ids in the order the rows are made: the table sorts by them
+
+    def row(dataset, images, held_out="0.0", repeats="3"):
         return pd.Series(
             {"params.config.dataset": dataset, "params.config.validation_fraction": held_out,
-             "metrics.test/bpd": 1.1, "metrics.test/images": images, "run_id": dataset}
+             "params.config.repeat_channels": repeats, "metrics.test/bpd": 1.1, "metrics.test/images": images,
+             "run_id": f"{dataset}-{next(order)}"}
         )  # fmt: skip
 
-    table = tables.table4(pd.DataFrame([row("mnist", 10_000), row("mnist", 500), row("mnist", 10_000, "0.1")]))
+    runs = [row("mnist", 10_000), row("mnist", 500), row("mnist", 10_000, "0.1"), row("mnist", 10_000, repeats="1")]
+    runs.append(row("mnist", 10_000, repeats=None))  # a run of an earlier release: one channel
+    runs.append(row("cifar10", 10_000, repeats="1"))
+    table = tables.table4(pd.DataFrame(runs))
+    one_channel = "mnist with its channels repeated 1x (the paper's code 3x): bits/dim per another number of dimensions"
     assert list(table["protocol"]) == [
+        "paper",
         "paper",
         "mnist, 500 of 10,000 test images",
         "mnist, 10% of the training split held out for validation",
+        one_channel,
+        one_channel,
     ]
-    assert list(table["paper_bpd"].fillna(-1)) == [1.05, -1, -1]
+    assert list(table["paper_bpd"].fillna(-1)) == [3.45, 1.05, -1, -1, -1, -1]
 
 
 def test_a_run_of_an_earlier_release_is_read_by_its_experiment_and_old_metric_names(store):

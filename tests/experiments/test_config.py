@@ -188,3 +188,30 @@ def test_a_run_is_named_by_its_entry_point_preset_and_changed_options():
     cfg = density.config_from_preset("quick", coeff=0.7, epochs=2, device="cpu")
     assert default_run_name(cfg) == "density-quick epochs=2 coeff=0.7"  # where it runs is not what it trains
     assert run_tags(cfg) == {"entry_point": "density", "preset": "quick"}
+
+
+def test_relative_paths_are_recorded_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = density.config_from_preset("quick", checkpoint_dir="ckpt", data_dir="data")
+    assert (cfg.checkpoint_dir, cfg.data_dir) == (str(tmp_path / "ckpt"), str(tmp_path / "data"))
+
+
+def test_a_resumed_run_keeps_the_architecture_it_ran_with_when_the_presets_change(tmp_path):
+    from dataclasses import asdict
+
+    from experiments.config import config_for_resume, resolved_architecture
+    from pipeline.training.checkpoint import save_checkpoint
+
+    started = classify.config_from_preset("paper-mnist", epochs=3)
+    assert started.architecture_option("squeeze_order") == "position_major"  # today's preset: the paper's code
+    old = {"config": asdict(started), "epoch": 1, "entry_point": "experiments.classify"}
+    save_checkpoint(tmp_path / "old" / "last.pt", old)  # before checkpoints recorded the architecture
+    cfg = config_for_resume(classify.ClassifyConfig, "old", checkpoint_dir=str(tmp_path))
+    assert (cfg.architecture_option("squeeze_order"), cfg.architecture_option("head_activation")) == (
+        "channel_major",
+        None,
+    )  # what that run computed: the presets of its release
+    recorded = resolved_architecture(started) | {"head_batchnorm_momentum": 0.5}
+    save_checkpoint(tmp_path / "new" / "last.pt", {**old, "architecture": recorded})
+    cfg = config_for_resume(classify.ClassifyConfig, "new", checkpoint_dir=str(tmp_path))
+    assert resolved_architecture(cfg) == recorded  # every field as recorded, whatever the preset says now

@@ -43,3 +43,30 @@ def test_classifier_architecture_is_validated():
         ClassifierArchitecture(n_blocks=(1, 1), hidden_channels=(8,), strides=(1,))
     with pytest.raises(ValueError, match="needs a Lipschitz coefficient"):
         iresnet_classifier("quick", coeff=None)
+
+
+def test_the_paper_presets_are_the_paper_codes_classifier():
+    """jhjacobsen/invertible-resnet's conv_iResNet: injective zero channels appended, a position-major squeeze at
+    each stride-2 stage, ActNorm before every block, an ELU on every block's input but the first, and a head of
+    BatchNorm (momentum 0.9), ReLU, average pooling and a linear map."""
+    import torch
+
+    from pipeline.models.classifier import CLASSIFIER_PRESETS, ResidualClassifier
+    from pipeline.transforms import ActNorm, Squeeze
+    from pipeline.transforms.residual import InvertibleResidualBlock
+
+    model = ResidualClassifier(CLASSIFIER_PRESETS["paper-mnist"])
+    squeezes = [m for m in model.modules() if isinstance(m, Squeeze)]
+    assert [s.order for s in squeezes] == ["position_major"] * 2
+    steps = [m for stage in model.stages for m in stage.transforms]
+    blocks = [i for i, m in enumerate(steps) if isinstance(m, InvertibleResidualBlock)]
+    assert len(blocks) == 39 and all(isinstance(steps[i - 1], ActNorm) for i in blocks)
+    first_layers = [type(steps[i].branch[0]).__name__ for i in blocks]
+    assert first_layers[0] != "ELU" and set(first_layers[1:]) == {"ELU"}
+    batchnorm, relu = model.head[0], model.head[1]
+    assert isinstance(batchnorm, torch.nn.BatchNorm2d) and batchnorm.momentum == 0.9
+    assert isinstance(relu, torch.nn.ReLU)
+    x = torch.rand(2, 1, 28, 28)
+    assert torch.equal(model.pad(x)[:, :1], x) and not model.pad(x)[:, 1:].any()  # zeros appended after the input
+    quick = ResidualClassifier(CLASSIFIER_PRESETS["quick"])  # the library's own choices stay
+    assert {m.order for m in quick.modules() if isinstance(m, Squeeze)} == {"channel_major"}

@@ -36,6 +36,8 @@ SHAPES_AND_OPTIONS = [
     ((1, 4, 4), {"logit_alpha": 1e-6, "split_prior": "conditional"}),
     ((3, 4, 4), {"logit_alpha": 0.05, "fc_blocks": 2, "fc_hidden": 8}),
     ((1, 4, 4), {"invertible_1x1": True, "split_prior": "conditional"}),
+    # the paper's code's blocks: an activation on every block's input but the first, its squeeze's channel order
+    ((3, 4, 4), {"input_activation": True, "squeeze_order": "position_major", "fc_blocks": 1, "fc_hidden": 8}),
 ]
 
 
@@ -218,3 +220,18 @@ def test_half_precision_input_is_computed_in_the_models_precision():
     assert torch.equal(flow.inverse([z.half() for z in zs]), flow.inverse([z.half().float() for z in zs]))
     with pytest.raises(TypeError, match="expects floating-point data"):
         flow(torch.zeros(1, 1, 4, 4, dtype=torch.uint8))
+
+
+def test_the_input_activation_is_on_every_block_but_the_flows_first():
+    from pipeline.layers.activations import ACTIVATIONS
+    from pipeline.transforms.residual import InvertibleResidualBlock
+
+    flow = IResNetFlow(
+        FlowArchitecture(input_shape=(1, 8, 8), n_blocks=(2, 2), hidden_channels=4, input_activation=True, fc_blocks=1)
+    )
+    blocks = [m for m in flow.modules() if isinstance(m, InvertibleResidualBlock)]
+    first_layers = [type(block.branch[0]) for block in blocks]
+    activation = type(ACTIVATIONS["elu"]())
+    assert first_layers[0] is not activation and first_layers[1:] == [activation] * 4
+    plain = IResNetFlow(FlowArchitecture(input_shape=(1, 8, 8), n_blocks=(2, 2), hidden_channels=4))
+    assert not any(type(m.branch[0]) is activation for m in plain.modules() if isinstance(m, InvertibleResidualBlock))

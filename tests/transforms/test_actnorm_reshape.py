@@ -49,6 +49,26 @@ def test_squeeze_is_a_volume_preserving_permutation(float64):
         Squeeze()(torch.randn(1, 1, 3, 4))
 
 
+@pytest.mark.parametrize(
+    "order, channels",
+    [
+        # channel c's pixel at patch position p = 2 dh + dw holds 10 c + p: where each lands, written out by hand
+        ("channel_major", [0, 1, 2, 3, 10, 11, 12, 13]),
+        ("position_major", [0, 10, 1, 11, 2, 12, 3, 13]),  # the paper's code: the positions' channels together
+    ],
+)
+def test_the_squeezes_channel_order_on_a_2x2_example(order, channels):
+    x = torch.tensor([[[[0.0, 1.0], [2.0, 3.0]], [[10.0, 11.0], [12.0, 13.0]]]])  # (1, 2, 2, 2)
+    y, _ = Squeeze(order)(x)
+    assert y.shape == (1, 8, 1, 1) and y.flatten().tolist() == channels
+    assert torch.equal(Squeeze(order).inverse(y), x)
+    big = torch.randn(3, 4, 6, 8)
+    assert torch.equal(Squeeze(order).inverse(Squeeze(order)(big)[0]), big)
+    assert Squeeze(order)(torch.zeros(0, 2, 4, 4))[0].shape == (0, 8, 2, 2)
+    with pytest.raises(ValueError, match="unknown squeeze order"):
+        Squeeze("row_major")
+
+
 def test_injective_padding_round_trip():
     x = torch.randn(2, 3, 4, 4)
     pad = InjectivePad(13)
