@@ -51,19 +51,31 @@ def in_fresh_process(target: Callable[..., None], *args: Any, timeout_s: float =
 
 
 def memory_now_mib(device: torch.device) -> float:
-    """CUDA's allocated memory (its peak counter reset here), or the process's resident set on CPU."""
+    """CUDA's allocated memory, or the process's resident set on CPU; the peak counter is reset here (on CPU where
+    Linux allows it: ``/proc/self/clear_refs``)."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         return torch.cuda.memory_allocated() / 2**20
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # Linux >= 4.0: the peak resident set (VmHWM) starts again from the current one
+    except OSError:
+        pass
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * resource.getpagesize() / 2**20
 
 
 def memory_peak_mib(device: torch.device) -> float:
-    """CUDA's peak allocation since :func:`memory_now_mib`, or the process's peak resident set on CPU."""
+    """CUDA's peak allocation since :func:`memory_now_mib`, or on CPU this process's own peak resident set since
+    then (``VmHWM``). Not ``ru_maxrss``: a spawned child's starts at its parent's peak, so a child smaller than its
+    parent would report the parent's."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    raise OSError("no VmHWM in /proc/self/status: the peak resident set is unknown on this system")
 
 
 def emit(table: str, json_path: str | None, payload: dict) -> None:

@@ -358,3 +358,24 @@ def test_a_preset_case_names_an_entry_point_and_one_of_its_presets():
         presets.parse_case("density:paper-svhn")
     data = presets.random_dataset("cifar100", 5)
     assert data.shape == (3, 32, 32) and len(data.train) == 5 and int(data.train.labels.max()) < 100
+
+
+def _report_peak(queue):
+    import torch
+
+    from benchmarks.common import memory_now_mib, memory_peak_mib
+
+    memory_now_mib(torch.device("cpu"))
+    small = torch.ones(16 * 2**20, dtype=torch.uint8)  # 16 MiB, touched
+    queue.put({"peak_mib": memory_peak_mib(torch.device("cpu")), "sum": int(small[:10].sum())})
+
+
+def test_a_fresh_processs_memory_peak_is_its_own_not_its_parents():
+    """ru_maxrss of a spawned child starts at its parent's peak: the child must report its own high-water mark."""
+    from benchmarks.common import in_fresh_process, memory_peak_mib
+
+    big = torch.ones(600 * 2**20, dtype=torch.uint8)  # the parent's peak: 600 MiB more than the child needs
+    parent_peak = memory_peak_mib(torch.device("cpu"))
+    child = in_fresh_process(_report_peak, timeout_s=300)
+    del big
+    assert child["sum"] == 10 and child["peak_mib"] < parent_peak - 400
