@@ -1,3 +1,3 @@
 """Invertible Residual Networks (Behrmann et al., ICML 2019) in PyTorch."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"
