@@ -96,37 +96,44 @@ def test_a_database_restart_mid_sweep_is_survived_and_nothing_is_recorded_twice(
     FINISHED child run whose metrics were each logged once."""
     import time
 
-    # trials long beside a worker's start-up even on a loaded machine: with 12 epochs one worker finished both
-    # trials before the other had started (a fresh-clone run under pytest-xdist), and nothing was restarted mid-trial
-    db, args = _sweep_on_postgres(store, postgres_server, monkeypatch, "rs", n_trials=2, grace_s=30, epochs=40)
+    # the second worker starts once the first is training its trial, which is long beside a worker's start-up: a
+    # worker trains one trial at a time, so each takes one (started together, one worker could take both trials
+    # before the other was up, and nothing was restarted mid-trial)
+    db, args = _sweep_on_postgres(store, postgres_server, monkeypatch, "rs", n_trials=2, grace_s=30, epochs=30)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     logs = [store / f"worker{seed}.log" for seed in (0, 1)]  # files: a full pipe would block a worker
-    workers = [
-        subprocess.Popen(
-            [*args, "--seed", str(seed)],
-            env=env,
-            cwd=sweep.PROJECT_ROOT,
-            stdout=log.open("w"),
+    storage = optuna.storages.RDBStorage(db)
+
+    def start(seed: int) -> subprocess.Popen:
+        return subprocess.Popen(
+            [*args, "--seed", str(seed)], env=env, cwd=sweep.PROJECT_ROOT, stdout=logs[seed].open("w"),
             stderr=subprocess.STDOUT,
         )  # fmt: skip
-        for seed, log in zip((0, 1), logs, strict=True)
-    ]
-    storage = optuna.storages.RDBStorage(db)
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:  # both workers mid-trial: each trial linked to its MLflow run
-        if any(w.poll() is not None for w in workers):
-            break  # a worker ended before its trial trained: the assertion below shows why
-        try:
-            trials = optuna.load_study(study_name="rs", storage=storage).trials
-        except KeyError:
-            trials = []
-        running = [t for t in trials if t.state == optuna.trial.TrialState.RUNNING and "mlflow_run_id" in t.user_attrs]
-        # training, past the start-up writes: each run has logged a step's metrics
-        if len(running) == 2 and all(
-            MlflowClient().get_metric_history(t.user_attrs["mlflow_run_id"], "train/bpd") for t in running
-        ):
-            break
-        time.sleep(0.2)
+
+    def wait_until_training(n: int) -> list:
+        """The RUNNING trials once ``n`` of them are linked to an MLflow run that has logged a training step."""
+        deadline, running = time.monotonic() + 600, []
+        while time.monotonic() < deadline:
+            if any(w.poll() is not None for w in workers):
+                break  # a worker ended before its trial trained: the assertion below shows why
+            try:
+                trials = optuna.load_study(study_name="rs", storage=storage).trials
+            except KeyError:
+                trials = []
+            running = [
+                t for t in trials if t.state == optuna.trial.TrialState.RUNNING and "mlflow_run_id" in t.user_attrs
+            ]
+            if len(running) == n and all(
+                MlflowClient().get_metric_history(t.user_attrs["mlflow_run_id"], "train/bpd") for t in running
+            ):
+                break
+            time.sleep(0.2)
+        return running
+
+    workers = [start(0)]
+    wait_until_training(1)
+    workers.append(start(1))
+    running = wait_until_training(2)
     storage.remove_session()
     storage.engine.dispose()  # this test's own connections would keep nothing alive, but close them anyway
     assert len(running) == 2, ["the workers did not reach their trials", *(log.read_text()[-3000:] for log in logs)]
