@@ -67,7 +67,37 @@ def headline() -> str:
     return "\n".join(lines) + "\n"
 
 
-TABLES: dict[str, Callable[[], str]] = {"headline": headline}
+QUALITY_STANDING = (  # the result files of the current comparison: each a final of 3 seeds at one budget
+    "quality-digits-mnist5k-retest",
+    "quality-digits-mnist5k-2x-retest",
+    "quality-fashion-mnist-retest",
+)
+
+
+def quality_standing() -> str:
+    """docs/benchmarks.md's standing: this flow against the best tuned peer, per dataset and budget."""
+    lines = [
+        "| data | training CPU-s | seeds | this flow | best peer | peer ahead by (paired) | result |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name in QUALITY_STANDING:
+        result = read_result(name)
+        for ours in (s for s in result["summary"] if s["contender"] == "iresnet"):
+            peer = next(
+                s
+                for s in result["summary"]
+                if s["contender"] == ours["best_peer"] and s["multiple"] == ours["multiple"]
+            )
+            budget = next(r["budget_s"] for r in result["results"] if r["multiple"] == ours["multiple"])
+            lines.append(
+                f"| {result['config']['dataset']} | {budget:g} ({ours['multiple']:g}x) | {len(ours['seeds'])} | "
+                f"{ours['mean']:.3f} ± {ours['sd']:.3f} | {ours['best_peer']} {peer['mean']:.3f} ± {peer['sd']:.3f} | "
+                f"{ours['difference_mean']:.3f} ± {ours['difference_sd']:.3f} | `{name}.json` |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+TABLES: dict[str, Callable[[], str]] = {"headline": headline, "quality-standing": quality_standing}
 
 
 def render_text(text: str, source: str = "") -> str:
