@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from experiments.config import check_at_least, check_common
 from experiments.models import log_pyfunc_model
 from experiments.options import (
+    SERIES,
     ArchitectureOptions,
     DataOptions,
     EstimatorOptions,
@@ -132,6 +133,11 @@ class DensityConfig(
         check_common(self)
         if self.dataset not in DATASETS:
             raise ValueError(f"unknown dataset {self.dataset!r}; choose one of {sorted(DATASETS)}")
+        if self.compile and self.estimator in SERIES and self.gradient == "neumann":
+            raise ValueError(
+                "compile traces the training step with gradient=backprop (the series' products in closed form); the "
+                "Neumann gradient's autograd function does not trace yet: pass --gradient backprop, or compile false"
+            )
         positive: tuple[str, ...] = ("epochs", "batch_size", "eval_batch_size", "n_samples", "log_every")
         positive += ("max_passes", "repeat_channels")
         check_at_least(self, 1, positive)

@@ -134,6 +134,9 @@ class TrainingOptions:
     warmup_steps: int = documented(0, "optimizer steps of linear warm-up to lr (>= 0)")
     grad_clip: float = documented(0.0, "largest global gradient norm (> 0), or 0: no clipping")
     amp: bool = documented(False, "bfloat16 autocast of the branches on a GPU (guarantees stay in float32)")
+    compile: bool = documented(
+        False, "torch.compile the training step (the power-series step traces whole; on a CPU no gain measured)"
+    )
     log_every: int = documented(10, "optimizer steps between logged training metrics (>= 1)")
     tracking_outage_s: float = documented(
         600.0, "seconds training goes on while the tracking store takes no metrics, then stops to be resumed (> 0)"

@@ -179,7 +179,7 @@ def run_training(
                     task.optimizer,
                     task.scheduler,
                     batches,
-                    lambda batch: task.step(forward, batch),
+                    compiled_step(task, forward, cfg.compile),
                     loop,
                     state=state,
                     evaluate=task.evaluate,
@@ -202,6 +202,16 @@ def run_training(
                     headline = task.finalise(run_id, state)
                 set_description(run_id, f"{headline}; {duration(time.perf_counter() - started)} in this process.")
     return run_id
+
+
+def compiled_step(task: TrainingTask, forward: nn.Module, compile_step: bool) -> Callable[[Any], Any]:
+    """The training step ``batch -> (loss, metrics)``; with ``compile_step``, through ``torch.compile`` (the loss
+    and its graph; the optimizer step and the loop's bookkeeping stay eager)."""
+
+    def step(batch: Any) -> Any:
+        return task.step(forward, batch)
+
+    return torch.compile(step) if compile_step else step
 
 
 UNWRITTEN_METRICS_FILE = "unwritten_metrics.jsonl"

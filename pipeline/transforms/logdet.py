@@ -315,14 +315,21 @@ def _forward_with_products(
 ) -> tuple[Tensor, Callable[[Tensor], Tensor], BranchJacobian | None]:
     """``g(x)``, the series' product ``u -> u^T J_g(x)`` and, where the branch is structured, its Jacobian's factors.
 
-    Products without a graph (``create_graph=False``) are taken in closed form from the factors
-    (:func:`~pipeline.layers.branches.forward_with_jacobian`), and ``g(x)`` keeps its graph only with
-    ``output_graph``; otherwise by backward passes through ``g(x)``, which then always has its graph.
+    Where the branch is structured the products are taken in closed form from the factors
+    (:func:`~pipeline.layers.branches.forward_with_jacobian`): without a graph (``create_graph=False``; ``g(x)``
+    keeps its graph only with ``output_graph``), or, under ``torch.compile``, differentiable (``create_graph=True``: a
+    backpropagated series, the same values and gradients as autograd's double backward, and no
+    ``torch.autograd.grad`` to break the graph on; eagerly autograd's products are ~5% cheaper, measured on the quick
+    flow). Otherwise by backward passes through ``g(x)``, which then always has its graph.
     """
-    if not create_graph and has_structured_jacobian(g):
-        with torch.set_grad_enabled(output_graph):
+    if has_structured_jacobian(g):
+        if create_graph and torch.compiler.is_compiling():
             gx, jacobian = forward_with_jacobian(g, x)
-        return gx, jacobian.vjp, jacobian
+            return gx, jacobian.differentiable_vjp, None
+        if not create_graph:
+            with torch.set_grad_enabled(output_graph):
+                gx, jacobian = forward_with_jacobian(g, x)
+            return gx, jacobian.vjp, jacobian
     gx = g(x)
     return gx, _vjp_of(gx, x, create_graph=create_graph), None
 

@@ -401,3 +401,9 @@ def test_a_command_line_argparse_refuses_under_mlflow_run_is_the_launched_runs_f
     assert stopped.value.code == 2
     reason = MlflowClient().get_run(launched.info.run_id).data.tags["failure"]
     assert reason.startswith("invalid command line: python -m experiments.density: error: argument --epochs")
+
+
+def test_compile_with_the_neumann_gradient_is_refused_before_any_run(store, caplog):
+    assert density.main(_density_args(store, "--compile", "true", "--estimator", "power_series")) == 2
+    assert "compile traces the training step with gradient=backprop" in _one_error_line(caplog)
+    assert runs_of("density") == []

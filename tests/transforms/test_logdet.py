@@ -445,3 +445,69 @@ def test_the_closed_form_products_equal_autograds_in_value_and_gradient(float64,
     assert torch.allclose(value_a, value_b, atol=1e-12)
     for ga, gb in zip(grads_a, grads_b, strict=True):
         assert torch.allclose(ga, gb, atol=1e-10)
+
+
+@pytest.mark.parametrize("kind", ["conv", "mlp"])
+def test_the_differentiable_closed_form_vjp_equals_autograds_and_its_double_backward(float64, kind):
+    """What a compiled step backpropagates through: u^T J from the branch's factors, against autograd's vector-Jacobian
+    product, and the gradients of a function of it (in u, x and the weights) against autograd's double backward."""
+    from pipeline.layers.branches import conv_branch, forward_with_jacobian, mlp_branch
+
+    torch.manual_seed(0)
+    if kind == "conv":
+        branch, x = conv_branch(3, 8, activation="elu", spectral=None), torch.randn(2, 3, 5, 5)
+    else:
+        branch, x = mlp_branch(6, (16, 16), activation="elu", spectral=None), torch.randn(4, 6)
+    u = torch.randn_like(x)
+    results = []
+    for closed_form in (True, False):
+        xi, ui = x.clone().requires_grad_(True), u.clone().requires_grad_(True)
+        if closed_form:
+            _, jacobian = forward_with_jacobian(branch, xi)
+            product = jacobian.differentiable_vjp(ui)
+        else:
+            (product,) = torch.autograd.grad(branch(xi), xi, ui, create_graph=True)
+        scalar = (product * torch.linspace(-1, 1, product.numel()).reshape(product.shape)).sum() + product.pow(2).sum()
+        inputs = [xi, ui, *branch.parameters()]
+        grads = torch.autograd.grad(scalar, inputs, allow_unused=True)  # the last bias is not in J
+        results.append((product, [torch.zeros_like(i) if g is None else g for g, i in zip(grads, inputs, strict=True)]))
+    (closed, closed_grads), (autograd, autograd_grads) = results
+    assert torch.allclose(closed, autograd, atol=1e-12)
+    assert all(torch.allclose(a, b, atol=1e-12) for a, b in zip(closed_grads, autograd_grads, strict=True))
+
+
+def test_a_power_series_training_step_compiles_whole_and_gives_eagers_loss_and_gradients(float64):
+    """The backpropagated power series takes its products in closed form: dynamo traces the step as one graph (no
+    torch.autograd.grad to break on), and the compiled step (aot_eager: the traced graph, no code generation) gives
+    eager's loss and gradients."""
+    import copy
+
+    from pipeline.metrics import bits_per_dim
+    from pipeline.models import FlowArchitecture, IResNetFlow
+
+    torch.manual_seed(0)
+    arch = FlowArchitecture(input_shape=(1, 8, 8), n_blocks=(1, 1), hidden_channels=8, n_power_iterations=2)
+    flow = IResNetFlow(arch, estimator=PowerSeriesLogDet(n_terms=3, gradient="backprop"))
+    x = torch.rand(8, 1, 8, 8) - 0.5
+    flow(x)  # ActNorm's initialisation and the first power iterations, eagerly
+
+    def step_of(model):
+        def step(v):
+            zs, logdet = model(v)
+            return bits_per_dim(model.prior_log_prob(zs) + logdet, model.dim, 17).mean()
+
+        return step
+
+    explained = torch._dynamo.explain(step_of(copy.deepcopy(flow)))(x)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+    losses, grads = [], []
+    for compiled in (False, True):
+        model = copy.deepcopy(flow)  # each from the same state (a step moves the power iteration's vectors)
+        step = torch.compile(step_of(model), backend="aot_eager", fullgraph=True) if compiled else step_of(model)
+        torch.manual_seed(2)
+        loss = step(x)
+        losses.append(loss)
+        grads.append(torch.autograd.grad(loss, list(model.parameters())))
+    torch._dynamo.reset()
+    assert torch.allclose(losses[0], losses[1], atol=1e-10)
+    assert all(torch.allclose(a, b, atol=1e-10) for a, b in zip(*grads, strict=True))
