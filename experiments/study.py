@@ -166,12 +166,15 @@ def optimize_to_budget(
     timeout: float = 0.0,
     poll_s: float = 10.0,
     callbacks: list[Callable[[optuna.Study, FrozenTrial], None]] | None = None,
+    worker_trials: int = 0,
 ) -> None:
-    """Claim and run trials until the study holds ``n_trials`` counted ones (exact across workers), or
-    ``timeout`` s (0: none) pass for this worker. A trial that raises is recorded FAIL and the study goes on."""
+    """Claim and run trials until the study holds ``n_trials`` counted ones (exact across workers), ``timeout`` s
+    (0: none) pass for this worker, or this worker has run ``worker_trials`` (0: no limit; one per job of a batch
+    array, say). A trial that raises is recorded FAIL and the study goes on."""
     deadline = time.monotonic() + timeout if timeout else math.inf
     heartbeats = has_heartbeats(storage)
-    while time.monotonic() < deadline:
+    started = 0
+    while time.monotonic() < deadline and not (worker_trials and started >= worker_trials):
         if heartbeats:
             with warnings.catch_warnings():  # Optuna flags it experimental (since 2.9)
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -179,6 +182,7 @@ def optimize_to_budget(
         trials = study.get_trials(deepcopy=False)
         counted = [t for t in trials if counts_toward_budget(t)]
         if len(counted) < n_trials or any(t.state == TrialState.WAITING for t in trials):
+            started += 1
             study.optimize(
                 objective,
                 n_trials=1,

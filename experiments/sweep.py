@@ -139,6 +139,9 @@ class SweepConfig:
     storage: str = documented("", "Optuna storage: a SQLAlchemy URL, journal:PATH, or '' for ./optuna.db (SQLite)")
     n_trials: int = documented(8, "trials in total, across every worker on the study (>= 1)")
     timeout: float = documented(0.0, "seconds this worker runs trials (>= 0); 0: no limit")
+    worker_trials: int = documented(
+        0, "trials this worker runs at most (>= 0; e.g. 1 per job of an array); 0: no limit"
+    )
     sampler: str = documented("tpe", "tpe or random")
     pruner: str = documented("median", "median, hyperband or none (single objective only)")
     objective: str = documented(
@@ -174,8 +177,8 @@ class SweepConfig:
             raise ValueError(f"objective for {self.target} must be 'single' or {target.second[0]!r}")
         make_sampler(self.sampler, self.seed)  # each validates its name
         make_pruner(self.pruner, multi_objective=False)
-        if self.n_trials < 1 or self.timeout < 0:
-            raise ValueError("n_trials must be >= 1 and timeout >= 0")
+        if self.n_trials < 1 or self.timeout < 0 or self.worker_trials < 0:
+            raise ValueError("n_trials must be >= 1, timeout >= 0 and worker_trials >= 0")
         if self.heartbeat_interval < 1 or self.grace_period < 0:
             raise ValueError("heartbeat_interval must be >= 1 s and grace_period >= 0")
         if not 0 < self.validation_fraction < 1:
@@ -496,6 +499,7 @@ def _optimize(study: optuna.Study, cfg: SweepConfig, storage: optuna.storages.Ba
             timeout=cfg.timeout,
             poll_s=cfg.heartbeat_interval,
             callbacks=[log_trial],
+            worker_trials=cfg.worker_trials,
         )
     except KeyboardInterrupt as exc:
         exc.stop_hint = _stopped_trial(study, cfg, running)  # type: ignore[attr-defined]

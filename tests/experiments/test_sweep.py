@@ -368,3 +368,16 @@ def test_a_study_reused_with_an_incompatible_space_is_refused_before_its_first_t
     monkeypatch.setattr(sweep.density, "run", lambda *a, **k: pytest.fail("a trial ran"))
     with pytest.raises(ValueError, match="study 'iresnet-sweep' searched coeff as CategoricalDistribution"):
         sweep.run(_cfg(store))
+
+
+def test_a_worker_runs_at_most_its_worker_trials():
+    import optuna
+
+    from experiments.study import optimize_to_budget
+
+    study = optuna.create_study()
+    optimize_to_budget(study, lambda trial: trial.suggest_float("x", 0, 1), n_trials=5, storage=study._storage,
+                       worker_trials=2)  # fmt: skip
+    assert len(study.trials) == 2
+    optimize_to_budget(study, lambda trial: trial.suggest_float("x", 0, 1), n_trials=5, storage=study._storage)
+    assert len(study.trials) == 5  # without a cap: the study's budget

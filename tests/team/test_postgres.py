@@ -96,17 +96,19 @@ def test_a_database_restart_mid_sweep_is_survived_and_nothing_is_recorded_twice(
     FINISHED child run whose metrics were each logged once."""
     import time
 
-    # the second worker starts once the first is training its trial, which is long beside a worker's start-up: a
-    # worker trains one trial at a time, so each takes one (started together, one worker could take both trials
-    # before the other was up, and nothing was restarted mid-trial)
+    # each worker runs one trial (--worker-trials 1): started together, one worker could finish its trial and take
+    # the other before the second worker was up, and nothing was restarted mid-trial; the second starts once the
+    # first is training, so both are mid-trial at the restart however long a start-up takes
     db, args = _sweep_on_postgres(store, postgres_server, monkeypatch, "rs", n_trials=2, grace_s=30, epochs=30)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     logs = [store / f"worker{seed}.log" for seed in (0, 1)]  # files: a full pipe would block a worker
     storage = optuna.storages.RDBStorage(db)
 
-    def start(seed: int) -> subprocess.Popen:
+    def start(seed: int, epochs: int) -> subprocess.Popen:
+        longer = ["--target-overrides", TINY_DENSITY.replace("epochs=2", f"epochs={epochs}") + " log_every=1"]
         return subprocess.Popen(
-            [*args, "--seed", str(seed)], env=env, cwd=sweep.PROJECT_ROOT, stdout=logs[seed].open("w"),
+            [*args, "--seed", str(seed), "--worker-trials", "1", *longer], env=env, cwd=sweep.PROJECT_ROOT,
+            stdout=logs[seed].open("w"),
             stderr=subprocess.STDOUT,
         )  # fmt: skip
 
@@ -130,9 +132,9 @@ def test_a_database_restart_mid_sweep_is_survived_and_nothing_is_recorded_twice(
             time.sleep(0.2)
         return running
 
-    workers = [start(0)]
+    workers = [start(0, epochs=60)]  # the first trial outlasts the second worker's start-up
     wait_until_training(1)
-    workers.append(start(1))
+    workers.append(start(1, epochs=30))
     running = wait_until_training(2)
     storage.remove_session()
     storage.engine.dispose()  # this test's own connections would keep nothing alive, but close them anyway
