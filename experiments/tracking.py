@@ -269,11 +269,9 @@ class MetricBuffer:
         from collections import deque
 
         self.run_id, self.spool = run_id, Path(spool)
-        self._pending: deque[list[Metric]] = deque()
-        self._queued: deque[float] = deque()  # when each pending batch was logged (monotonic)
-        self._failing_since: float | None = None  # set while writes fail (for the log lines)
+        self._pending: deque[tuple[float, list[Metric]]] = deque()  # (when logged, monotonic; the batch)
         self._error: BaseException | None = None  # a write the store refused (not an outage): raised to the caller
-        self._closed = False
+        self._closed = self._abandoned = False
         self._cond = threading.Condition()
         self._thread = threading.Thread(target=self._write_loop, name=f"metrics-{run_id[:8]}", daemon=True)
         self._thread.start()
@@ -281,8 +279,7 @@ class MetricBuffer:
     def put(self, batch: list[Metric]) -> None:
         self.raise_error()
         with self._cond:
-            self._pending.append(batch)
-            self._queued.append(time.monotonic())
+            self._pending.append((time.monotonic(), batch))
             self._cond.notify_all()
 
     def raise_error(self) -> None:
@@ -297,7 +294,7 @@ class MetricBuffer:
                     self._cond.wait()
                 if not self._pending:
                     return
-                batch = self._pending[0]
+                _, batch = self._pending[0]
             try:
                 client.log_batch(self.run_id, metrics=batch)
             except Exception as exc:
@@ -305,8 +302,7 @@ class MetricBuffer:
                     self._error = exc
                     return
                 with self._cond:
-                    if self._failing_since is None:
-                        self._failing_since = time.monotonic()
+                    if not failures:
                         log.warning("the tracking store does not take metrics (%s); training goes on, writing "
                                     "them again", " ".join(str(exc).split())[:200])  # fmt: skip
                     if self._closed and self._abandoned:
@@ -316,22 +312,15 @@ class MetricBuffer:
                 continue
             with self._cond:
                 self._pending.popleft()
-                self._queued.popleft()
-                if self._failing_since is not None:
+                if failures:
                     log.info("the tracking store takes metrics again")
-                self._failing_since, failures = None, 0
+                failures = 0
                 self._cond.notify_all()
-
-    _abandoned = False
 
     def unwritten_seconds(self) -> float:
         """Seconds the oldest unwritten batch has waited (0: everything is written)."""
         with self._cond:
-            return time.monotonic() - self._queued[0] if self._queued else 0.0
-
-    def n_unwritten(self) -> int:
-        with self._cond:
-            return sum(len(batch) for batch in self._pending)
+            return time.monotonic() - self._pending[0][0] if self._pending else 0.0
 
     def flush(self, timeout_s: float) -> bool:
         """Wait up to ``timeout_s`` for every batch to be written; whether it was."""
@@ -350,7 +339,7 @@ class MetricBuffer:
         with self._cond:
             rows = [
                 {"key": m.key, "value": m.value, "timestamp": m.timestamp, "step": m.step, "model_id": m.model_id}
-                for batch in self._pending
+                for _, batch in self._pending
                 for m in batch
             ]
         if not rows:
@@ -408,8 +397,7 @@ def write_unwritten(run_id: str, spool: Path) -> int:
     rows = [json.loads(line) for line in spool.read_text().splitlines() if line.strip()]
     batch = [Metric(r["key"], float(r["value"]), r["timestamp"], r["step"], model_id=r.get("model_id")) for r in rows]
     client = MlflowClient()
-    for start in range(0, len(batch), MAX_METRICS_PER_BATCH):
-        part = batch[start : start + MAX_METRICS_PER_BATCH]
+    for part in _requests(batch):
         retry_tracking_write(partial(client.log_batch, run_id, metrics=part))
     spool.unlink()
     log.info("wrote the %d metric values that run %s could not write before it stopped", len(batch), run_id)
@@ -429,12 +417,17 @@ def log_metrics(metrics: Mapping[str, float], step: int, *, model_id: str | None
     run_id, client, now = active_run_id(), MlflowClient(), int(time.time() * 1000)
     metrics = _not_yet_logged(run_id, metrics, step)
     batch = [Metric(key, float(value), now, step, model_id=model_id) for key, value in metrics.items()]
-    if run_id in _BUFFERS:
-        _BUFFERS[run_id].put(batch)
-        return
+    for part in _requests(batch):
+        if run_id in _BUFFERS:
+            _BUFFERS[run_id].put(part)
+        else:
+            retry_tracking_write(partial(client.log_batch, run_id, metrics=part))
+
+
+def _requests(batch: list[Metric]) -> Iterator[list[Metric]]:
+    """``batch`` in parts MLflow takes in one ``log_batch`` request."""
     for start in range(0, len(batch), MAX_METRICS_PER_BATCH):
-        part = batch[start : start + MAX_METRICS_PER_BATCH]
-        retry_tracking_write(partial(client.log_batch, run_id, metrics=part))
+        yield batch[start : start + MAX_METRICS_PER_BATCH]
 
 
 # the metrics of runs logged before the names were grouped by prefix: a reader of old runs reads these too
