@@ -24,7 +24,7 @@ import pandas as pd
 import torch
 from mlflow.tracking import MlflowClient
 
-from analysis.tables import config, empty_reason, finished_runs, table2, table4, tracked_runs
+from analysis.tables import config, config_int, empty_reason, finished_runs, table2, table4, tracked_runs
 from experiments.classify import RECONSTRUCTION_CURVE
 from experiments.config import log_configuration
 from experiments.models import load_model, require_kind
@@ -196,8 +196,7 @@ def _estimator_study(runs: pd.DataFrame, cfg: ReportConfig, report: Report, out:
         data_dir = config(latest, "data_dir")
         data = load_dataset(config(latest, "dataset"), None if data_dir in (None, "None", "") else data_dir)
         pad = int(config(latest, "pad"))
-        repeated = config(latest, "repeat_channels")  # a run of an earlier release: none
-        repeat = 1 if repeated in (None, "None", "") or repeated != repeated else int(repeated)
+        repeat = config_int(latest, "repeat_channels", 1)  # a run of an earlier release: none
     generator = torch.Generator().manual_seed(0)
     images = pad_images(data.test.images[: cfg.estimator_images], pad, repeat)
     x = dequantize(images, data.n_levels, generator=generator)

@@ -136,6 +136,13 @@ def config(row: pd.Series, name: str) -> object:
     return row.get(f"params.config.{name}")
 
 
+def config_int(row: pd.Series, name: str, default: int) -> int:
+    """An integer option of a run, or ``default`` for a run of a release that did not have it."""
+    value = config(row, name)
+    missing = value in (None, "None", "") or value != value  # NaN: a column of search_runs this run lacks
+    return default if missing else int(float(str(value)))
+
+
 def _column(row: pd.Series) -> str:
     model = config(row, "model")
     if model == "resnet":
@@ -162,8 +169,7 @@ def protocol(row: pd.Series, test_images: float | None, *, density: bool = False
     if dataset not in PAPER_TEST_IMAGES:
         return f"{dataset} (not a dataset of the paper's)"
     if density:
-        repeated = config(row, "repeat_channels")  # a run of an earlier release: none, its images as they are
-        repeats = 1 if repeated in (None, "None", "") or repeated != repeated else int(float(str(repeated)))
+        repeats = config_int(row, "repeat_channels", 1)  # a run of an earlier release: its images as they are
         paper_repeats = PAPER_DENSITY_CHANNEL_REPEATS[dataset]
         if repeats != paper_repeats:
             return (
