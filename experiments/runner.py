@@ -145,11 +145,13 @@ def run_training(
         torch.manual_seed(cfg.seed)
         splits = Splits(data, train, validation)
         task = make_task(cfg, splits, device, ctx)
+        resumed_from = None
         if cfg.resume:  # a checkpoint that cannot continue this run is refused before the run is touched
             path = checkpoint_directory(cfg, cfg.resume) / "last.pt"
-            check_checkpoint_fits(load_checkpoint(path), path, task.model, task.optimizer)
+            resumed_from = load_checkpoint(path)  # read once: restored from this after the run's lease is taken
+            check_checkpoint_fits(resumed_from, path, task.model, task.optimizer)
         with main_rank_run(cfg, ctx) as run_id:
-            resumed, checkpoint_path = start_or_resume(cfg, run_id, task, device, ctx)
+            resumed, checkpoint_path = start_or_resume(cfg, run_id, task, device, ctx, resumed_from)
             state = resumed or LoopState()  # fit updates it in place: the epoch hooks read its step
             if ctx.is_main:
                 if resumed is None:
@@ -303,7 +305,12 @@ def main_rank_run(cfg: Any, ctx: DistributedContext = SINGLE_PROCESS) -> Iterato
 
 
 def start_or_resume(
-    cfg: Any, run_id: str, task: TrainingTask, device: torch.device, ctx: DistributedContext = SINGLE_PROCESS
+    cfg: Any,
+    run_id: str,
+    task: TrainingTask,
+    device: torch.device,
+    ctx: DistributedContext = SINGLE_PROCESS,
+    checkpoint: dict | None = None,
 ) -> tuple[LoopState | None, Path]:
     """Inside the active run: restore the checkpoint of a resumed run, or initialise and log a new one.
 
@@ -311,13 +318,15 @@ def start_or_resume(
     DDP then broadcasts rank 0's result; ``task.params()`` are logged beside the resolved configuration
     (rank 0), with the options set away from the preset and ``config.json``. Under torchrun each rank then
     reseeds, so ranks draw different noise. Returns the loop state
-    (``None`` for a new run) and the checkpoint path.
+    (``None`` for a new run) and the checkpoint path. ``checkpoint``: a resumed run's, already read.
     """
     checkpoint_path = checkpoint_directory(cfg, run_id) / "last.pt"
     if ctx.is_main:
         mlflow.set_tag("checkpoint", str(checkpoint_path))
     if cfg.resume:
-        state, checkpoint = restore(checkpoint_path, task.model, task.optimizer, task.scheduler, ctx)
+        state, checkpoint = restore(
+            checkpoint_path, task.model, task.optimizer, task.scheduler, ctx, checkpoint=checkpoint
+        )
         if ctx.is_main:
             write_unwritten(run_id, unwritten_metrics_path(cfg, run_id))  # what the store did not take before
             state.logged_step, state.logged_epoch = _last_logged(run_id)

@@ -156,15 +156,23 @@ def check_checkpoint_fits(ckpt: dict, path: Path, model: nn.Module, optimizer: t
 
 
 def restore(
-    path: Path, model: nn.Module, optimizer, scheduler, ctx: DistributedContext = SINGLE_PROCESS
+    path: Path,
+    model: nn.Module,
+    optimizer,
+    scheduler,
+    ctx: DistributedContext = SINGLE_PROCESS,
+    *,
+    checkpoint: dict | None = None,
 ) -> tuple[LoopState, dict]:
     """Load a checkpoint into model/optimizer/scheduler; returns the loop state and the whole dict.
+
+    ``checkpoint``: the file's contents, already read by the caller (``path`` then only names it).
 
     The file is read onto the CPU and ``load_state_dict`` moves each tensor to its parameter's device, so the
     RNG states stay host byte tensors and the optimizer's step counters stay on the host (a device-resident
     counter would cost a host read per step).
     """
-    ckpt = load_checkpoint(path)
+    ckpt = load_checkpoint(path) if checkpoint is None else checkpoint
     check_checkpoint_fits(ckpt, path, model, optimizer)
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
