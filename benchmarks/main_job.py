@@ -74,19 +74,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--from-run", help="record this tracked density run instead of running the job")
     parser.add_argument("--output-dir", type=Path, default=None, help="where main-job.json goes (benchmarks/results)")
     args = parser.parse_args(argv)
-    if args.from_run:
-        run_id = args.from_run
-    else:
-        with tempfile.TemporaryDirectory() as tmp:
-            run_id = run_main_job(Path(tmp))
-            result = record(run_id)
-    if args.from_run:
+    with tempfile.TemporaryDirectory() as tmp:  # the new store lives while the run is recorded
+        run_id = args.from_run or run_main_job(Path(tmp))
         result = record(run_id)
     if result["figures"]["status"] != "FINISHED":
         log.error("run %s is %s, not FINISHED: not recorded", run_id, result["figures"]["status"])
         return 1
     # the machine is this one (record a run on the machine that ran it); the commit is the run's own
-    result["provenance"] = provenance() | {"commit": result.pop("commit") or provenance()["commit"]}
+    machine = provenance()
+    result["provenance"] = machine | {"commit": result.pop("commit") or machine["commit"]}
     path = write_result(RESULT_NAME, result, *([args.output_dir] if args.output_dir else []))
     log.info("%s: %s", path, result["figures"])
     return 0

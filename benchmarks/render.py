@@ -30,13 +30,21 @@ def _duration(seconds: float) -> str:
     return f"{minutes} min {secs} s" if minutes else f"{secs} s"
 
 
-def _quality_row(name: str) -> tuple[str, str]:
-    """A quality benchmark's final (3 seeds, the 1x budget): this flow against the best peer."""
-    result = read_result(name)
+def _finals(result: dict) -> list[tuple[dict, dict, float]]:
+    """A quality result's finals: per budget, this flow's summary, its best peer's and the training CPU-s."""
     summary = {(s["contender"], s["multiple"]): s for s in result["summary"]}
-    ours = summary[("iresnet", 1.0)]
-    peer = summary[(ours["best_peer"], 1.0)]
-    budget = result["results"][0]["budget_s"]
+    finals = []
+    for (contender, multiple), ours in summary.items():
+        if contender == "iresnet":
+            budget = next(r["budget_s"] for r in result["results"] if r["multiple"] == multiple)
+            finals.append((ours, summary[(ours["best_peer"], multiple)], budget))
+    return finals
+
+
+def _quality_row(name: str) -> tuple[str, str]:
+    """A quality benchmark's final at the 1x budget: this flow against the best peer."""
+    result = read_result(name)
+    ours, peer, budget = next(final for final in _finals(result) if final[0]["multiple"] == 1.0)
     seeds = len(ours["seeds"])
     what = (
         f"test bits/dim, {result['config']['dataset']}, {budget:g} CPU-s of training each, every flow tuned alike on "
@@ -82,13 +90,7 @@ def quality_standing() -> str:
     ]
     for name in QUALITY_STANDING:
         result = read_result(name)
-        for ours in (s for s in result["summary"] if s["contender"] == "iresnet"):
-            peer = next(
-                s
-                for s in result["summary"]
-                if s["contender"] == ours["best_peer"] and s["multiple"] == ours["multiple"]
-            )
-            budget = next(r["budget_s"] for r in result["results"] if r["multiple"] == ours["multiple"])
+        for ours, peer, budget in _finals(result):
             lines.append(
                 f"| {result['config']['dataset']} | {budget:g} ({ours['multiple']:g}x) | {len(ours['seeds'])} | "
                 f"{ours['mean']:.3f} ± {ours['sd']:.3f} | {ours['best_peer']} {peer['mean']:.3f} ± {peer['sd']:.3f} | "
