@@ -119,9 +119,7 @@ def build_config(config_cls: type[C], **options: Any) -> C:
 def flat_options(cfg: Any) -> dict[str, Any]:
     """Every option's value in this config, flat (the architecture's fields resolved from preset and overrides)."""
     values = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name != "architecture_overrides"}
-    if isinstance(cfg, ArchitectureOptions):
-        values |= {name: cfg.architecture_option(name) for name in cfg.architecture_types()}
-    return values
+    return values | (resolved_architecture(cfg) or {})
 
 
 def set_options(cfg: Any, presets: Mapping[str, Mapping[str, Any]] | None) -> dict[str, Any]:
