@@ -15,7 +15,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from functools import partial
@@ -157,53 +157,67 @@ def run_training(
                 if resumed is None:
                     log_datasets(splits)
                 task.on_start(resumed is None)
-            forward = wrap_model(task.model, ctx, device)  # DDP under torchrun (after the initialisation)
-            loop = LoopConfig(
-                log_metrics=log_metrics,
-                epochs=cfg.epochs,
-                checkpoint_path=checkpoint_path,
-                grad_clip=cfg.grad_clip,
-                log_every=cfg.log_every,
-                eval_every=task.eval_every,
-                loss_name=task.loss_name,
-                model_results=lambda key: key.startswith(MODEL_RESULTS),
-                amp=cfg.amp,
-                progress=cfg.progress,
-                distributed=ctx,
-            )
-            with (
-                buffered_metrics(run_id, unwritten_metrics_path(cfg, run_id))
-                if ctx.is_main
-                else nullcontext() as buffer
-            ):
-                fit(
-                    task.model,
-                    task.optimizer,
-                    task.scheduler,
-                    batches,
-                    compiled_step(task, forward, cfg.compile),
-                    loop,
-                    state=state,
-                    evaluate=task.evaluate,
-                    checkpoint_extra={
-                        "config": asdict(cfg),
-                        "entry_point": configuration.entry_point_module(type(cfg)),
-                        "architecture": configuration.resolved_architecture(cfg),  # immune to later preset changes
-                    },
-                    on_epoch_end=chain_epoch_hooks(
-                        lambda epoch, _: log_spectral_estimates(task.model, epoch, state.step),
-                        on_epoch_end,
-                        lambda epoch, _: stop_if_tracking_unreachable(buffer, cfg, run_id, epoch),
-                    ),
-                )
-                if buffer is not None and not buffer.close(timeout_s=cfg.tracking_outage_s):
-                    stop_if_tracking_unreachable(buffer, cfg, run_id, state.epoch, waited=True)
+            train_tracked(cfg, task, batches, run_id, state, checkpoint_path, on_epoch_end, ctx=ctx, device=device)
             log_replica_consistency(task.model, ctx, state.step)
             if ctx.is_main:
                 with logging_only_missing(run_id, state.step) if resumed is not None else nullcontext():
                     headline = task.finalise(run_id, state)
                 set_description(run_id, f"{headline}; {duration(time.perf_counter() - started)} in this process.")
     return run_id
+
+
+def train_tracked(
+    cfg: Any,
+    task: TrainingTask,
+    batches: Callable[[int], Iterable[Any]],
+    run_id: str,
+    state: LoopState,
+    checkpoint_path: Path,
+    on_epoch_end: EpochHook | None,
+    *,
+    ctx: DistributedContext,
+    device: torch.device,
+) -> None:
+    """The epoch loop of a started or resumed run, its metrics through a buffer (rank 0). The data-parallel
+    wrapper lives in this frame only: it holds the process group, which is left after this returns, so the group's
+    threads are joined then, not during the interpreter's exit (where gloo aborted the process)."""
+    forward = wrap_model(task.model, ctx, device)  # DDP under torchrun (after the initialisation)
+    loop = LoopConfig(
+        log_metrics=log_metrics,
+        epochs=cfg.epochs,
+        checkpoint_path=checkpoint_path,
+        grad_clip=cfg.grad_clip,
+        log_every=cfg.log_every,
+        eval_every=task.eval_every,
+        loss_name=task.loss_name,
+        model_results=lambda key: key.startswith(MODEL_RESULTS),
+        amp=cfg.amp,
+        progress=cfg.progress,
+        distributed=ctx,
+    )
+    with buffered_metrics(run_id, unwritten_metrics_path(cfg, run_id)) if ctx.is_main else nullcontext() as buffer:
+        fit(
+            task.model,
+            task.optimizer,
+            task.scheduler,
+            batches,
+            compiled_step(task, forward, cfg.compile),
+            loop,
+            state=state,
+            evaluate=task.evaluate,
+            checkpoint_extra={
+                "config": asdict(cfg),
+                "entry_point": configuration.entry_point_module(type(cfg)),
+                "architecture": configuration.resolved_architecture(cfg),  # immune to later preset changes
+            },
+            on_epoch_end=chain_epoch_hooks(
+                lambda epoch, _: log_spectral_estimates(task.model, epoch, state.step),
+                on_epoch_end,
+                lambda epoch, _: stop_if_tracking_unreachable(buffer, cfg, run_id, epoch),
+            ),
+        )
+        if buffer is not None and not buffer.close(timeout_s=cfg.tracking_outage_s):
+            stop_if_tracking_unreachable(buffer, cfg, run_id, state.epoch, waited=True)
 
 
 def compiled_step(task: TrainingTask, forward: nn.Module, compile_step: bool) -> Callable[[Any], Any]:

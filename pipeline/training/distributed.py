@@ -28,6 +28,7 @@ barrier. Multi-node resume needs the checkpoint directory on a shared filesystem
 from __future__ import annotations
 
 import datetime
+import gc
 import logging
 import os
 import signal
@@ -135,6 +136,7 @@ def shutdown(ctx: DistributedContext, *, clean: bool = True) -> None:
         return
     if clean:
         dist.barrier()
+    gc.collect()  # a data-parallel wrapper in a reference cycle holds the group: its threads end now, not at exit
     dist.destroy_process_group()
 
 
