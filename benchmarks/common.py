@@ -5,12 +5,16 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import resource
+import shlex
+import sys
 import time
 from collections.abc import Callable
 from queue import Empty
 from typing import Any
 
 import torch
+
+from benchmarks.results_data import provenance
 
 
 class CaseFailed(RuntimeError):
@@ -79,8 +83,19 @@ def memory_peak_mib(device: torch.device) -> float:
 
 
 def emit(table: str, json_path: str | None, payload: dict) -> None:
-    """Print the table (the script's output) and, with ``--json``, write the payload."""
+    """Print the table (the script's output) and, with ``--json``, write the payload with its ``provenance``
+    (device, CPU model, cores, torch, python, commit: :func:`benchmarks.results_data.provenance`) and the command."""
     print(table)
     if json_path:
+        device = str(payload.get("config", {}).get("device", "cpu"))
+        resolved = "cuda" if device == "auto" and torch.cuda.is_available() else device
+        stamped = {**payload, "provenance": provenance(resolved), "command": shlex.join(["python", "-m", *_argv()])}
         with open(json_path, "w") as f:
-            json.dump(payload, f, indent=2)
+            json.dump(stamped, f, indent=2, sort_keys=True)
+            f.write("\n")
+
+
+def _argv() -> list[str]:
+    """The benchmark's module and arguments as run (``python -m benchmarks.X ...``)."""
+    module = sys.modules["__main__"].__spec__
+    return [module.name if module is not None else sys.argv[0], *sys.argv[1:]]
