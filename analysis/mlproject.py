@@ -24,13 +24,13 @@ from typing import Any
 
 from analysis import report, reproduce
 from experiments import classify, density, sweep, toy
+from experiments.command_line import DEFAULT_PRESET, option_type
 from experiments.config import (
     RESUME_OVERRIDABLE,
     config_from_preset,
     flat_options,
     option_is_conditional,
     option_text,
-    option_type,
     option_types,
     ordered_options,
 )
@@ -44,7 +44,6 @@ ENTRY_POINTS = {  # name -> (module run by `python -m`, its config class, its pr
     "report": ("analysis.report", report.ReportConfig, None),
     "reproduce": ("analysis.reproduce", reproduce.ReproduceConfig, None),
 }
-DEFAULT_PRESET = "quick"  # the entry point named after the experiment alone
 SET_BY_MLFLOW_RUN = ("experiment_name", "run_name")
 HEADER = """\
 name: iresnet

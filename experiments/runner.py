@@ -26,6 +26,7 @@ import mlflow
 import torch
 from torch import Tensor, nn
 
+from experiments import command_line
 from experiments import config as configuration
 from experiments.tracking import (
     MetricBuffer,
@@ -528,11 +529,11 @@ class EntryPoint(Generic[C]):
         setup_logging()
         log = entry_point_logger(self.config_cls)
         try:
-            cfg = configuration.parse_config(self.config_cls, self.presets, argv, self.description)
+            cfg = command_line.parse_config(self.config_cls, self.presets, argv, self.description)
             threads = apply_thread_budget(getattr(cfg, "threads", 0))
             flush_denormals()  # after the thread budget, so every intra-op worker it starts flushes too
             log.debug("%d CPU threads", threads)
-        except configuration.CommandLineError as exc:  # argparse said why on stderr; the launched run records it
+        except command_line.CommandLineError as exc:  # argparse said why on stderr; the launched run records it
             _tag_launched_run(f"invalid command line: {exc.message}")
             raise
         except user_errors() as exc:

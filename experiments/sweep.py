@@ -42,8 +42,8 @@ from optuna.study import StudyDirection
 from optuna.trial import TrialState
 
 from experiments import classify, density
+from experiments.command_line import build_parser
 from experiments.config import (
-    build_parser,
     check_common,
     log_configuration,
     option_applies,

@@ -5,7 +5,8 @@ import yaml
 
 from analysis import mlproject
 from experiments import density
-from experiments.config import RESUME_OVERRIDABLE, config_from_preset, flat_options, option_types, parse_config
+from experiments.command_line import parse_config
+from experiments.config import RESUME_OVERRIDABLE, config_from_preset, flat_options, option_types
 from experiments.tracking_store import PROJECT_ROOT
 from pipeline.models import FLOW_PRESETS
 

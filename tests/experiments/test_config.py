@@ -8,15 +8,14 @@ import pytest
 
 from analysis import report, reproduce
 from experiments import classify, density, sweep, toy
+from experiments.command_line import build_parser, parse_config
 from experiments.config import (
-    build_parser,
     default_run_name,
     flat_options,
     grouped_config,
     option_groups,
     option_help,
     option_types,
-    parse_config,
     run_parameters,
     run_tags,
     set_options,
