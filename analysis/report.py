@@ -27,8 +27,8 @@ from mlflow.tracking import MlflowClient
 from analysis.tables import config, config_int, empty_reason, finished_runs, table2, table4, tracked_runs
 from experiments.classify import RECONSTRUCTION_CURVE
 from experiments.config import log_configuration
+from experiments.entry_point import EntryPoint
 from experiments.models import load_model, require_kind
-from experiments.runner import EntryPoint
 from experiments.tracking import ENTRY_POINT_TAG, log_metrics, set_description, tracked_run
 from experiments.tracking_store import PROJECT_ROOT, configure_tracking
 from pipeline.data import dequantize, load_dataset, pad_images

@@ -19,7 +19,7 @@ from mlflow.tracking import MlflowClient
 
 from analysis import report
 from experiments import classify, density, toy
-from experiments.runner import EntryPoint
+from experiments.entry_point import EntryPoint
 from experiments.tracking import ENTRY_POINT_TAG, orchestrator_run, set_description
 from experiments.tracking_store import PROJECT_ROOT
 from pipeline.fields import documented

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from experiments.config import check_at_least, check_common
+from experiments.entry_point import EntryPoint
 from experiments.models import log_pyfunc_model
 from experiments.options import (
     SERIES,
@@ -33,7 +34,7 @@ from experiments.options import (
     RunOptions,
     TrainingOptions,
 )
-from experiments.runner import EntryPoint, Splits, run_training
+from experiments.runner import Splits, run_training
 from experiments.tracking import log_json, log_metrics, write_csv
 from pipeline.data import DATASETS, ImageSplit, dequantize, pad_images
 from pipeline.diagnostics import logdet_variance_report, total_logdet_std_bits_per_dim

@@ -1,8 +1,6 @@
-"""The life of a run: a process's entry point, and one way to run a training.
+"""The life of a training run (the process around it: :mod:`experiments.entry_point`).
 
-:class:`EntryPoint` turns a config class, its presets and a ``run(cfg)`` into ``main(argv)``: parse,
-validate, set up the process (threads, subnormal floats), run, and report a user's error as
-one line. :func:`run_training` is the training run of every image entry point (density, classify): data
+:func:`run_training` is the training run of every image entry point (density, classify): data
 and splits, the tracked MLflow run started or resumed from its checkpoint, data-parallel wrapping, the
 epoch loop, the replica check; what differs is a small :class:`TrainingTask` (build, step, evaluate,
 finalise).
@@ -10,24 +8,21 @@ finalise).
 
 from __future__ import annotations
 
-import logging
-import os
-import signal
-import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import mlflow
 import torch
 from torch import Tensor, nn
 
-from experiments import command_line
 from experiments import config as configuration
+from experiments.entry_point import entry_point_logger
+from experiments.epoch_hooks import chain_epoch_hooks, log_replica_consistency, log_spectral_estimates
 from experiments.tracking import (
     MetricBuffer,
     TrackingStoreUnreachable,
@@ -40,27 +35,23 @@ from experiments.tracking import (
     tracked_run,
     write_unwritten,
 )
-from experiments.tracking_store import configure_tracking, retry_tracking_write
-from pipeline.data import DatasetNotFoundError, ImageDataset, ImageSplit, epoch_batches, load_dataset
-from pipeline.logging_setup import setup_logging
+from experiments.tracking_store import retry_tracking_write
+from pipeline.data import ImageDataset, ImageSplit, epoch_batches, load_dataset
 from pipeline.training.checkpoint import checkpoint_lease, load_checkpoint
-from pipeline.training.device import apply_thread_budget, deterministic_algorithms
+from pipeline.training.device import deterministic_algorithms
 from pipeline.training.distributed import (
     SINGLE_PROCESS,
     DistributedContext,
     broadcast_object,
     check_global_batch,
     distributed_session,
-    replica_deviation,
     shard_batches,
     wrap_model,
 )
 from pipeline.training.loop import EpochHook, LoopConfig, LoopState, check_checkpoint_fits, fit, restore
-from pipeline.training.numerics import flush_denormals
 
 C = TypeVar("C")
 
-OVERSHOOT_LAYERS_PER_EPOCH = 8  # layers whose training-forward norm is measured each epoch (rotating)
 MODEL_RESULTS = "test/"  # the last epoch's metrics with this prefix are the trained model's: logged with the model
 
 
@@ -390,170 +381,3 @@ def _last_logged(run_id: str) -> tuple[int, int]:
     steps += [m.step for m in client.get_metric_history(run_id, "train_loss")]
     epochs += [m.step for m in client.get_metric_history(run_id, "epoch_seconds")]
     return max(steps, default=0), max(epochs, default=0)
-
-
-def chain_epoch_hooks(*hooks: EpochHook | None) -> EpochHook:
-    """One ``on_epoch_end`` that calls each hook given (``None`` skipped), in order."""
-
-    def call(epoch: int, metrics: dict[str, float]) -> None:
-        for hook in hooks:
-            if hook is not None:
-                hook(epoch, metrics)
-
-    return call
-
-
-def log_spectral_estimates(model: nn.Module, epoch: int, step: int, prefix: str = "") -> None:
-    """Log, at optimizer step ``step`` (the end of ``epoch``), every spectrally normalised layer's power-iteration
-    estimate (``weights/sigma_bNNN_lK``: a section of its own in the MLflow UI), the largest, the steps the power
-    iteration took, and the largest training-forward norm / c on a rotating sample of layers (the soft mode's
-    overshoot)."""
-    from pipeline.diagnostics import spectral_estimates, training_norm_ratios
-
-    rows = spectral_estimates(model)
-    if not rows:  # a vanilla network
-        return
-    sample = training_norm_ratios(
-        model, max_layers=OVERSHOOT_LAYERS_PER_EPOCH, offset=epoch * OVERSHOOT_LAYERS_PER_EPOCH
-    )
-    metrics = {f"weights/sigma_b{r['block']:03d}_l{r['layer']}": r["sigma"] for r in rows}
-    iterations = [r["power_iterations"] for r in rows]
-    metrics |= {
-        "lipschitz/sigma_max": max(r["sigma"] for r in rows),
-        "lipschitz/power_iterations_mean": sum(iterations) / len(iterations),
-        "lipschitz/power_iterations_max": max(iterations),
-        "lipschitz/training_ratio_max": max(r["ratio"] for r in sample),
-    }
-    log_metrics({prefix + k: v for k, v in metrics.items()}, step)
-
-
-def log_replica_consistency(model: nn.Module, ctx: DistributedContext, step: int, tolerance: float = 1e-4) -> None:
-    """Under torchrun: check that every rank holds the same parameters and buffers (spectral state included)."""
-    if not ctx.enabled:
-        return
-    deviation = replica_deviation(model, ctx)
-    if ctx.is_main:
-        log_metrics({"ddp/replica_max_deviation": deviation, "ddp/world_size": ctx.world_size}, step)
-        if deviation > tolerance:
-            logging.getLogger(type(model).__module__).warning(
-                "replicas differ by up to %.3e across %d ranks", deviation, ctx.world_size
-            )
-
-
-# --- the process --------------------------------------------------------------------------------
-def entry_point_logger(config_cls: type) -> logging.Logger:
-    """The entry point's logger, named after its module even when it runs as ``__main__`` (``python -m``),
-    so that its records (the run id, "resumed at epoch N") pass :func:`setup_logging`'s project loggers."""
-    return logging.getLogger(configuration.entry_point_module(config_cls))
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (``kill``, ``timeout``, Slurm, Kubernetes, ``docker stop``; torchrun forwards it to every rank):
-    stops a run exactly as Ctrl-C does, so every record of it says it was stopped."""
-
-
-SIGTERM_EXIT = 128 + signal.SIGTERM  # what a shell reports for a process ended by SIGTERM (143)
-SIGINT_EXIT = 128 + signal.SIGINT  # 130
-
-
-@contextmanager
-def stopping_on_sigterm() -> Iterator[None]:
-    """Inside the block, SIGTERM raises :class:`Terminated` in the main thread (once; a second one is ignored
-    while the run records its stop, which then cannot be cut short by the same signal)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def terminate(signum: int, frame: Any) -> None:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        raise Terminated(f"stopped by {signal.Signals(signum).name}")
-
-    previous = signal.signal(signal.SIGTERM, terminate)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def user_errors() -> tuple[type[BaseException], ...]:
-    """Errors that a user's input or environment causes, reported as one line (exit 2), not a traceback.
-
-    Bad values (``ValueError``, ``TypeError``), missing data, paths that cannot be written or read, a
-    diverged training (``FloatingPointError``) and a tracking store that refuses the request.
-    """
-    from mlflow.exceptions import MlflowException
-
-    return (ValueError, TypeError, DatasetNotFoundError, OSError, FloatingPointError, MlflowException)
-
-
-def _tag_launched_run(reason: str, key: str = "failure") -> None:
-    """Under ``mlflow run``, a failure before the entry point claimed its launched run still says why there."""
-    launched = os.environ.get("MLFLOW_RUN_ID")
-    if not launched:
-        return
-    try:
-        configure_tracking()
-        mlflow.tracking.MlflowClient().set_tag(launched, key, reason[:5000])
-    except Exception:
-        pass
-
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return text if len(text) <= 600 else text[:600] + " ..."
-
-
-@dataclass(frozen=True)
-class EntryPoint(Generic[C]):
-    """An entry point: its config class, presets (``None``: the fields alone) and ``run(cfg) -> run id``."""
-
-    config_cls: type[C]
-    presets: dict[str, dict] | None
-    run: Callable[[C], str]
-    description: str | None = None
-
-    def config_from_preset(self, preset: str, **overrides: Any) -> C:
-        return configuration.config_from_preset(self.config_cls, self.presets or {}, preset, **overrides)
-
-    def config_for_resume(self, run_id: str, **overrides: Any) -> C:
-        return configuration.config_for_resume(self.config_cls, run_id, **overrides)
-
-    def main(self, argv: list[str] | None = None) -> int:
-        """Parse, validate, run; returns the process exit code (0, or 2 with one line on a user error).
-
-        A user error (:func:`user_errors`) is logged as one line naming the cause (the traceback only at
-        DEBUG level); a run it interrupts is already FAILED with the reason as its ``failure`` tag. Subnormal
-        floats are flushed to zero in every CPU thread before the run (:mod:`pipeline.training.numerics`):
-        values below ~1e-38 become zero instead of slowing every operation on them 10-100x.
-        """
-        setup_logging()
-        log = entry_point_logger(self.config_cls)
-        try:
-            cfg = command_line.parse_config(self.config_cls, self.presets, argv, self.description)
-            threads = apply_thread_budget(getattr(cfg, "threads", 0))
-            flush_denormals()  # after the thread budget, so every intra-op worker it starts flushes too
-            log.debug("%d CPU threads", threads)
-        except command_line.CommandLineError as exc:  # argparse said why on stderr; the launched run records it
-            _tag_launched_run(f"invalid command line: {exc.message}")
-            raise
-        except user_errors() as exc:
-            log.error("invalid configuration: %s", _one_line(exc))
-            log.debug("details", exc_info=True)
-            _tag_launched_run(f"invalid configuration: {_one_line(exc)}")
-            return 2
-        try:
-            with stopping_on_sigterm():
-                run_id = self.run(cfg)
-        except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: every run it cut is already KILLED
-            what = "SIGTERM" if isinstance(exc, Terminated) else "Ctrl-C"
-            log.error("stopped by %s: %s", what, getattr(exc, "stop_hint", "before a run had started"))
-            log.debug("details", exc_info=True)
-            _tag_launched_run(f"stopped by {what}", key="stopped")
-            return SIGTERM_EXIT if isinstance(exc, Terminated) else SIGINT_EXIT
-        except user_errors() as exc:
-            log.error("%s: %s", type(exc).__name__, _one_line(exc))
-            log.debug("details", exc_info=True)
-            _tag_launched_run(f"{type(exc).__name__}: {_one_line(exc)}")
-            return 2
-        log.info("finished run %s", run_id)
-        return 0

@@ -51,7 +51,7 @@ from experiments.config import (
     option_types,
     run_tags,
 )
-from experiments.runner import EntryPoint
+from experiments.entry_point import EntryPoint
 from experiments.search_space import (
     SERIES_TERMS_OPTION,
     check_space,

@@ -26,9 +26,10 @@ from mlflow.data.numpy_dataset import from_numpy
 from torch import Tensor, nn
 
 from experiments.config import check_at_least, check_common, default_run_name, log_configuration, run_tags
+from experiments.entry_point import EntryPoint
+from experiments.epoch_hooks import log_spectral_estimates
 from experiments.models import log_pyfunc_model
 from experiments.options import ArchitectureOptions, EstimatorOptions, RunOptions
-from experiments.runner import EntryPoint, log_spectral_estimates
 from experiments.tracking import log_metrics, run_page, set_description, tracked_run, write_csv
 from pipeline.data.toy import TOY_DATASETS, sample_toy
 from pipeline.fields import documented, when
