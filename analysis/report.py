@@ -28,8 +28,9 @@ from analysis.tables import config, config_int, empty_reason, finished_runs, tab
 from experiments.classify import RECONSTRUCTION_CURVE
 from experiments.config import log_configuration
 from experiments.entry_point import EntryPoint
+from experiments.metric_logging import log_metrics
 from experiments.models import load_model, require_kind
-from experiments.tracking import ENTRY_POINT_TAG, log_metrics, set_description, tracked_run
+from experiments.tracking import ENTRY_POINT_TAG, set_description, tracked_run
 from experiments.tracking_store import PROJECT_ROOT, configure_tracking
 from pipeline.data import dequantize, load_dataset, pad_images
 from pipeline.diagnostics import logdet_estimator_study

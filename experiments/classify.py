@@ -28,10 +28,11 @@ from torch import Tensor, nn
 
 from experiments.config import check_at_least, check_common
 from experiments.entry_point import EntryPoint
+from experiments.metric_logging import log_metrics
 from experiments.models import log_pyfunc_model
 from experiments.options import ArchitectureOptions, DataOptions, InverseOptions, RunOptions, TrainingOptions
 from experiments.runner import Splits, run_training
-from experiments.tracking import log_json, log_metrics, write_csv
+from experiments.tracking import log_json, write_csv
 from pipeline.data import DATASETS, ImageSplit, iterate_batches
 from pipeline.data.augment import AUGMENTATIONS, Augmentation
 from pipeline.data.preprocessing import standardize

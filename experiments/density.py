@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from experiments.config import check_at_least, check_common
 from experiments.entry_point import EntryPoint
+from experiments.metric_logging import log_metrics
 from experiments.models import log_pyfunc_model
 from experiments.options import (
     SERIES,
@@ -35,7 +36,7 @@ from experiments.options import (
     TrainingOptions,
 )
 from experiments.runner import Splits, run_training
-from experiments.tracking import log_json, log_metrics, write_csv
+from experiments.tracking import log_json, write_csv
 from pipeline.data import DATASETS, ImageSplit, dequantize, pad_images
 from pipeline.diagnostics import logdet_variance_report, total_logdet_std_bits_per_dim
 from pipeline.evaluation import EvalProtocol, diagonal_gaussian_baseline_bits_per_dim, evaluate_bits_per_dim

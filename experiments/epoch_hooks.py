@@ -7,9 +7,7 @@ import logging
 
 from torch import nn
 
-from experiments.tracking import (
-    log_metrics,
-)
+from experiments.metric_logging import log_metrics
 from pipeline.training.distributed import (
     DistributedContext,
     replica_deviation,

@@ -28,7 +28,8 @@ from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, Schema, TensorSpec
 from torch import nn
 
-from experiments.tracking import active_run_id, log_metrics
+from experiments.metric_logging import log_metrics
+from experiments.tracking import active_run_id
 from experiments.tracking_store import PROJECT_ROOT, configure_tracking, retry_tracking_write
 from pipeline.models.scoring import input_shape
 

@@ -23,19 +23,15 @@ from torch import Tensor, nn
 from experiments import config as configuration
 from experiments.entry_point import entry_point_logger
 from experiments.epoch_hooks import chain_epoch_hooks, log_replica_consistency, log_spectral_estimates
-from experiments.tracking import (
+from experiments.metric_logging import (
     MetricBuffer,
-    TrackingStoreUnreachable,
     buffered_metrics,
     log_metrics,
-    log_params_flat,
     logging_only_missing,
-    run_page,
-    set_description,
-    tracked_run,
     write_unwritten,
 )
-from experiments.tracking_store import retry_tracking_write
+from experiments.tracking import log_params_flat, run_page, set_description, tracked_run
+from experiments.tracking_store import TrackingStoreUnreachable, retry_tracking_write
 from pipeline.data import ImageDataset, ImageSplit, epoch_batches, load_dataset
 from pipeline.training.checkpoint import checkpoint_lease, load_checkpoint
 from pipeline.training.device import deterministic_algorithms
@@ -108,7 +104,7 @@ class TrainingTask(Protocol):
         (``state.model_results``: the last epoch's test metrics, :data:`MODEL_RESULTS`), metrics at ``state.step``,
         the last one; returns the run's headline (markdown, its description). A resume whose checkpoint holds the
         last epoch calls it again: what the interrupted call logged is then not logged twice
-        (:func:`~experiments.tracking.logging_only_missing`)."""
+        (:func:`~experiments.metric_logging.logging_only_missing`)."""
 
 
 def run_training(

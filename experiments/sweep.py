@@ -52,6 +52,7 @@ from experiments.config import (
     run_tags,
 )
 from experiments.entry_point import EntryPoint
+from experiments.metric_logging import log_metrics
 from experiments.search_space import (
     SERIES_TERMS_OPTION,
     check_space,
@@ -74,7 +75,6 @@ from experiments.tracking import (
     RunStopped,
     active_run_id,
     log_json,
-    log_metrics,
     log_params_flat,
     metric_value,
     on_run_start,

@@ -28,9 +28,10 @@ from torch import Tensor, nn
 from experiments.config import check_at_least, check_common, default_run_name, log_configuration, run_tags
 from experiments.entry_point import EntryPoint
 from experiments.epoch_hooks import log_spectral_estimates
+from experiments.metric_logging import log_metrics
 from experiments.models import log_pyfunc_model
 from experiments.options import ArchitectureOptions, EstimatorOptions, RunOptions
-from experiments.tracking import log_metrics, run_page, set_description, tracked_run, write_csv
+from experiments.tracking import run_page, set_description, tracked_run, write_csv
 from pipeline.data.toy import TOY_DATASETS, sample_toy
 from pipeline.fields import documented, when
 from pipeline.layers.branches import mlp_branch

@@ -206,3 +206,8 @@ def _transient(exc: BaseException) -> bool:
             return True
         seen = seen.__cause__ or seen.__context__
     return False
+
+
+class TrackingStoreUnreachable(ConnectionError):
+    """The tracking store took none of a run's metrics for longer than the run allows (``tracking_outage_s``): the
+    run stops at a checkpoint, to be resumed once the store is back; the message says how."""

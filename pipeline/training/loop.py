@@ -94,7 +94,8 @@ class LoopConfig:
     # the last epoch's metrics that are the trained model's results (its test scores): not logged here but kept in
     # LoopState.model_results (and the checkpoint), for the caller to log with the model it logs
     model_results: Callable[[str], bool] | None = None
-    log_metrics: MetricSink | None = None  # where metrics go, e.g. experiments.tracking.log_metrics (None: nowhere)
+    # where metrics go, e.g. experiments.metric_logging.log_metrics (None: nowhere)
+    log_metrics: MetricSink | None = None
     distributed: DistributedContext = SINGLE_PROCESS
 
 

@@ -8,7 +8,8 @@ import torch
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from experiments.tracking import log_metrics, tracked_run
+from experiments.metric_logging import log_metrics
+from experiments.tracking import tracked_run
 from experiments.tracking_store import configure_tracking
 
 HOLD_S = 21.0  # longer than MLflow's own 20 s SQLite busy timeout
