@@ -95,7 +95,7 @@ def parameter(hint: Any, value: Any) -> str:
 
 
 def entry_point(name: str, module: str, config_cls: type, preset: str | None, presets: Any) -> list[str]:
-    cfg = config_from_preset(config_cls, presets, preset)
+    cfg: Any = config_from_preset(config_cls, presets, preset)
     values = flat_options(cfg)
     hints = option_types(config_cls)
     options = [n for n in ordered_options(config_cls) if n not in (*SET_BY_MLFLOW_RUN, "preset", "resume")]

@@ -25,7 +25,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from analysis.tables import config, config_int, empty_reason, finished_runs, table2, table4, tracked_runs
-from experiments.classify import RECONSTRUCTION_CURVE
+from experiments.classify_artifacts import RECONSTRUCTION_CURVE
 from experiments.config import log_configuration
 from experiments.entry_point import EntryPoint
 from experiments.metric_logging import log_metrics

@@ -11,6 +11,7 @@ which protocol each row follows.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import mlflow
 import pandas as pd
@@ -131,7 +132,7 @@ def with_configuration(runs: pd.DataFrame) -> pd.DataFrame:
     return runs
 
 
-def config(row: pd.Series, name: str) -> object:
+def config(row: pd.Series, name: str) -> Any:
     """A run's resolved configuration value (``params.config.<name>``, see :func:`with_configuration`)."""
     return row.get(f"params.config.{name}")
 

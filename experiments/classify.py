@@ -12,13 +12,9 @@ Every option left unset takes the preset's value.
 from __future__ import annotations
 
 import logging
-import math
 import sys
-import tempfile
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import ClassVar
 
 import mlflow
@@ -26,17 +22,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from experiments.classify_artifacts import measure_invertibility
 from experiments.config import check_at_least, check_common
 from experiments.entry_point import EntryPoint
-from experiments.metric_logging import log_metrics
 from experiments.models import log_pyfunc_model
 from experiments.options import ArchitectureOptions, DataOptions, InverseOptions, RunOptions, TrainingOptions
 from experiments.runner import Splits, run_training
-from experiments.tracking import log_json, write_csv
+from experiments.tracking import log_json
 from pipeline.data import DATASETS, ImageSplit, iterate_batches
 from pipeline.data.augment import AUGMENTATIONS, Augmentation
 from pipeline.data.preprocessing import standardize
-from pipeline.diagnostics import certified_lipschitz, layer_operator_norms, reconstruction_error_curve
 from pipeline.fields import documented, when
 from pipeline.models import (
     CLASSIFIER_MODELS,
@@ -46,17 +41,14 @@ from pipeline.models import (
     classifier_variant,
 )
 from pipeline.models.base import n_parameters
-from pipeline.plotting import new_figure, save_figure, save_image_grid
 from pipeline.training.device import check_device_name
 from pipeline.training.distributed import SINGLE_PROCESS, DistributedContext, sum_over_ranks
 from pipeline.training.loop import EpochHook, LoopState
 from pipeline.training.schedule import linear_warmup, step_decay
-from pipeline.transforms import InverseReport
 
 log = logging.getLogger("experiments.classify")
 
 MODELS = CLASSIFIER_MODELS
-RECONSTRUCTION_CURVE = "reconstruction_vs_iterations.csv"  # Fig. 8: iterations, rel_error_mean, ...
 OPTIMIZERS = ("sgd", "adam", "adamax")
 
 
@@ -282,7 +274,7 @@ class ClassifyTask:
 
     def finalise(self, run_id: str, state: LoopState) -> str:
         step, results = state.step, state.model_results
-        bound, certified = _measure_invertibility(
+        bound, certified = measure_invertibility(
             self.model, self.splits.data.test, self.prepare, self.mean, self.std, self.cfg, step
         )
         log_pyfunc_model(
@@ -324,77 +316,6 @@ def run(cfg: ClassifyConfig, *, on_epoch_end: EpochHook | None = None) -> str:
     ``torchrun`` the ranks train data-parallel (see :mod:`pipeline.training.distributed`).
     """
     return run_training(cfg, ClassifyTask, on_epoch_end)
-
-
-@torch.no_grad()
-def _measure_invertibility(
-    model: ResidualClassifier, test: ImageSplit, prepare, mean, std, cfg: ClassifyConfig, step: int
-) -> tuple[float, bool]:
-    """Reconstruction error vs iterations (Fig. 8: a CSV and a figure, its x-axis not the run's step axis), grids
-    (Figs. 3/7), layer norms (Fig. 6), throughput; metrics at ``step``. Returns the largest certified block bound and
-    whether every block is certified invertible."""
-    model.eval()
-    x = prepare(test.images[: cfg.recon_images], train=False)
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp)
-        # Fig. 8: error after exactly k iterations per block
-        curve = reconstruction_error_curve(model, x, cfg.recon_iterations)
-        write_csv(curve, out / RECONSTRUCTION_CURVE)
-        fig, ax = new_figure()
-        ax.semilogy([r["iterations"] for r in curve], [max(r["rel_error_mean"], 1e-16) for r in curve], marker="o")
-        ax.set_xlabel("fixed-point iterations per block")
-        ax.set_ylabel("relative reconstruction error")
-        ax.set_title(f"{cfg.model}" + (f", c = {cfg.architecture_option('coeff')}" if cfg.model == "iresnet" else ""))
-        ax.grid(alpha=0.3, which="both")
-        save_figure(fig, out / "reconstruction_vs_iterations.png")
-        # Figs. 3/7: originals over reconstructions at the default tolerance, and inversion throughput
-        report = InverseReport()
-        started = time.perf_counter()
-        x_rec = model.reconstruct(model.features(x), report=report)
-        seconds = time.perf_counter() - started
-        denormalize = lambda t: t * std[:, None, None] + mean[:, None, None]  # noqa: E731
-        rows = torch.cat([denormalize(x), denormalize(x_rec).nan_to_num(0.0)])
-        save_image_grid(rows, out / "reconstructions.png", nrow=len(x))
-        final_error = float(((x_rec - x).flatten(1).norm(dim=1) / x.flatten(1).norm(dim=1)).max())
-        log_metrics(
-            {
-                "inverse/recon_rel_error_max": final_error if math.isfinite(final_error) else 1e30,
-                "inverse/images_per_second": len(x) / seconds,
-                **{f"inverse/recon_{k}": v for k, v in report.summary().items()},
-            },
-            step,
-        )
-        bounds = _log_layer_norms(model, out, cfg, step)
-        mlflow.log_artifacts(str(out))
-    return bounds
-
-
-def _log_layer_norms(model: ResidualClassifier, out: Path, cfg: ClassifyConfig, step: int) -> tuple[float, bool]:
-    """Fig. 6: the certified largest singular value of every operator, and the certified block bounds."""
-    norms = layer_operator_norms(model)
-    write_csv(norms, out / "layer_spectral_norms.csv")
-    fig, ax = new_figure(7, 4)
-    ax.plot(range(len(norms)), [r["norm"] for r in norms], marker=".", linestyle="none")
-    ax.axhline(1.0, color="k", linewidth=0.8)
-    if cfg.model == "iresnet":
-        coeff = cfg.architecture_option("coeff")
-        ax.axhline(coeff, color="r", linestyle="--", linewidth=0.8, label=f"c = {coeff}")
-        ax.legend()
-    ax.set_xlabel("layer")
-    ax.set_ylabel("largest singular value (certified)")
-    save_figure(fig, out / "layer_spectral_norms.png")
-    bounds, certified = certified_lipschitz(model)
-    log_json({"block_lipschitz_certified": bounds, "certified_invertible": certified}, "lipschitz.json")
-    log_metrics(
-        {
-            "lipschitz/max_layer_norm": max(r["norm"] for r in norms),
-            "lipschitz/max_block_certified": max(bounds),
-            "lipschitz/certified_invertible": float(certified),
-        },
-        step,
-    )
-    mlflow.set_tag("certified_invertible", str(certified).lower())
-    return max(bounds), certified
 
 
 # --- command line -------------------------------------------------------------------------------

@@ -97,8 +97,6 @@ def log_pyfunc_model(
     """
     from mlflow.entities import LoggedModelStatus
 
-    from pipeline.models.serialization import save_model
-
     run_id = active_run_id()
     client = mlflow.MlflowClient()
     uri = f"runs:/{run_id}/{name}"
@@ -116,25 +114,7 @@ def log_pyfunc_model(
     try:
         if results:
             log_metrics(results, step if results_step is None else results_step, model_id=logged.model_id)
-        with tempfile.TemporaryDirectory() as tmp:
-            folder = Path(tmp) / "network"
-            save_model(model, folder)
-            library = shutil.copytree(LIBRARY, Path(tmp) / LIBRARY.name, ignore=shutil.ignore_patterns("__pycache__"))
-            retry_tracking_write(
-                lambda: mlflow.pyfunc.log_model(
-                    name=name,
-                    python_model=str(PYFUNC_CODE),
-                    artifacts={"model": str(folder)},
-                    code_paths=[str(library)],
-                    model_config={"kind": kind, **config},
-                    signature=signature(kind, model, config),
-                    input_example=input_example,
-                    pip_requirements=_requirements(),
-                    registered_model_name=register_as,
-                    step=step,
-                    model_id=logged.model_id,
-                )
-            )
+        _write_pyfunc(model, kind, config, input_example, name, register_as, step, logged.model_id)
     except BaseException:
         try:
             if client.get_logged_model(logged.model_id).status != LoggedModelStatus.READY:
@@ -145,6 +125,40 @@ def log_pyfunc_model(
     if name == MODEL_NAME:
         retry_tracking_write(lambda: mlflow.set_tag(MODEL_URI_TAG, uri))
     return uri
+
+
+def _write_pyfunc(
+    model: nn.Module,
+    kind: str,
+    config: dict[str, Any],
+    input_example: np.ndarray,
+    name: str,
+    register_as: str | None,
+    step: int,
+    model_id: str,
+) -> None:
+    """The pyfunc model's files (the network, the library it needs, its signature) into logged model ``model_id``."""
+    from pipeline.models.serialization import save_model
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "network"
+        save_model(model, folder)
+        library = shutil.copytree(LIBRARY, Path(tmp) / LIBRARY.name, ignore=shutil.ignore_patterns("__pycache__"))
+        retry_tracking_write(
+            lambda: mlflow.pyfunc.log_model(
+                name=name,
+                python_model=str(PYFUNC_CODE),
+                artifacts={"model": str(folder)},
+                code_paths=[str(library)],
+                model_config={"kind": kind, **config},
+                signature=signature(kind, model, config),
+                input_example=input_example,
+                pip_requirements=_requirements(),
+                registered_model_name=register_as,
+                step=step,
+                model_id=model_id,
+            )
+        )
 
 
 def _models_of_run(client: mlflow.MlflowClient, run_id: str, name: str) -> list:

@@ -129,20 +129,7 @@ def tracked_run(
     configure_tracking()
     launched_run = os.environ.get("MLFLOW_RUN_ID")
     if resume_run_id:
-        client = MlflowClient()
-        try:
-            previous = client.get_run(resume_run_id)
-        except Exception as exc:
-            raise ValueError(f"cannot resume: no run {resume_run_id!r} in {mlflow.get_tracking_uri()}") from exc
-        if launched_run and launched_run != resume_run_id:
-            client.set_tag(launched_run, "mlflow.note.content", f"resumed run {resume_run_id}; see that run")
-            client.set_tag(launched_run, "resumed_run_id", resume_run_id)
-            os.environ.pop("MLFLOW_RUN_ID", None)
-        run = mlflow.start_run(run_id=resume_run_id, log_system_metrics=system)
-        for key in ("failure", "stopped"):  # the interruption is history now: keep it, but not as the run's state
-            if key in previous.data.tags:
-                client.set_tag(resume_run_id, f"previous_{key}", previous.data.tags[key])
-                client.delete_tag(resume_run_id, key)
+        run = _start_resumed(resume_run_id, launched_run, system)
     elif launched_run and mlflow.active_run() is None:
         _check_launched(launched_run)
         run = mlflow.start_run(run_id=launched_run, log_system_metrics=system)
@@ -176,6 +163,26 @@ def tracked_run(
         raise
     else:
         mlflow.end_run(status="FINISHED")
+
+
+def _start_resumed(run_id: str, launched_run: str | None, system: bool | None) -> mlflow.ActiveRun:
+    """Run ``run_id`` active again; a run ``mlflow run`` launched for the resume points to it, and the tags of the
+    interruption are kept as ``previous_*``."""
+    client = MlflowClient()
+    try:
+        previous = client.get_run(run_id)
+    except Exception as exc:
+        raise ValueError(f"cannot resume: no run {run_id!r} in {mlflow.get_tracking_uri()}") from exc
+    if launched_run and launched_run != run_id:
+        client.set_tag(launched_run, "mlflow.note.content", f"resumed run {run_id}; see that run")
+        client.set_tag(launched_run, "resumed_run_id", run_id)
+        os.environ.pop("MLFLOW_RUN_ID", None)
+    run = mlflow.start_run(run_id=run_id, log_system_metrics=system)
+    for key in ("failure", "stopped"):  # the interruption is history now: keep it, but not as the run's state
+        if key in previous.data.tags:
+            client.set_tag(run_id, f"previous_{key}", previous.data.tags[key])
+            client.delete_tag(run_id, key)
+    return run
 
 
 def _check_launched(run_id: str) -> None:

@@ -12,7 +12,8 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from experiments import search_space, study, sweep
+from experiments import density, search_space, study, sweep, sweep_config
+from experiments.command_line import build_parser
 from tests.experiments.conftest import runs_of
 
 TINY_DENSITY = (
@@ -84,7 +85,7 @@ def test_three_trial_study_end_to_end_with_nested_runs(store):
 
 def test_a_trial_that_raises_ends_failed_and_the_study_goes_on(store, monkeypatch):
     calls = {"n": 0}
-    original = sweep.density.run
+    original = density.run
 
     def sometimes_broken(cfg, **kw):
         calls["n"] += 1
@@ -92,11 +93,11 @@ def test_a_trial_that_raises_ends_failed_and_the_study_goes_on(store, monkeypatc
             raise FloatingPointError("training loss became nan")
         return original(cfg, **kw)
 
-    monkeypatch.setattr(sweep.density, "run", sometimes_broken)
+    monkeypatch.setattr(density, "run", sometimes_broken)
     monkeypatch.setitem(
         sweep.TARGETS,
         "density",
-        sweep.Target(sweep.density, sweep.density.DensityConfig, "val/bpd", sweep.TARGETS["density"].second),
+        sweep_config.Target(density, density.DensityConfig, "val/bpd", sweep.TARGETS["density"].second),
     )
     parent_id = sweep.run(_cfg(store, target_overrides=TINY_DENSITY.replace("epochs=2", "epochs=1")))
     study = optuna.load_study(study_name="iresnet-sweep", storage=f"sqlite:///{store / 'optuna.db'}")
@@ -198,11 +199,11 @@ def test_a_sweep_in_which_no_trial_completes_fails(store, monkeypatch):
     def broken(cfg, **kw):
         raise FloatingPointError("training loss became nan")
 
-    monkeypatch.setattr(sweep.density, "run", broken)
+    monkeypatch.setattr(density, "run", broken)
     monkeypatch.setitem(
         sweep.TARGETS,
         "density",
-        sweep.Target(sweep.density, sweep.density.DensityConfig, "val/bpd", sweep.TARGETS["density"].second),
+        sweep_config.Target(density, density.DensityConfig, "val/bpd", sweep.TARGETS["density"].second),
     )
     with pytest.raises(ValueError, match="no trial of study 'iresnet-sweep' completed; first failure: Floating"):
         sweep.run(_cfg(store, n_trials=2))
@@ -268,7 +269,7 @@ def test_the_default_space_searches_the_terms_of_the_estimator_in_use_and_a_dead
 
 
 def test_none_is_a_value_not_an_unset_option():
-    assert sweep.build_parser(sweep.SweepConfig, sweep.PRESETS, None).parse_args(["--pruner", "none"]).pruner == "none"
+    assert build_parser(sweep.SweepConfig, sweep.PRESETS, None).parse_args(["--pruner", "none"]).pruner == "none"
 
 
 def test_multi_objective_mode_logs_the_pareto_front(store):
@@ -365,7 +366,7 @@ def test_a_study_reused_with_an_incompatible_space_is_refused_before_its_first_t
     old = optuna.create_study(study_name="iresnet-sweep", storage=storage)
     old.enqueue_trial({"coeff": 0.7})
     old.optimize(lambda t: t.suggest_categorical("coeff", [0.7, 0.8]), n_trials=1)
-    monkeypatch.setattr(sweep.density, "run", lambda *a, **k: pytest.fail("a trial ran"))
+    monkeypatch.setattr(density, "run", lambda *a, **k: pytest.fail("a trial ran"))
     with pytest.raises(ValueError, match="study 'iresnet-sweep' searched coeff as CategoricalDistribution"):
         sweep.run(_cfg(store))
 
