@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from benchmarks.common import emit
+from benchmarks.tables import markdown_table
 from pipeline.distributions import DiagonalGaussian
 from pipeline.layers import SpectralNormLinear
 from pipeline.layers.spectral import SpectralConfig
@@ -160,25 +161,29 @@ def run(args: dict) -> list[dict]:
     return rows
 
 
-def format_table(rows: list[dict]) -> str:
-    header = (
-        f"{'c':>5} {'Lip(g)':>7} {'method':>9} {'rtol':>6} {'g evals':>8} {'s':>8} {'rel. error':>11} {'met':>4} "
-        f"{'x evals':>8} {'x time':>7}"
-    )
-    out = [header, "-" * len(header)]
-    for plain, fast in zip(rows[::2], rows[1::2], strict=True):
-        for r in (plain, fast):
-            speed = (
-                f"{plain['g_evaluations'] / r['g_evaluations']:8.2f} {plain['seconds'] / r['seconds']:7.2f}"
-                if r is fast
-                else f"{'':8} {'':7}"
-            )
-            met = "yes" if r["met_target"] else "NO"
-            out.append(
-                f"{r['coeff']:5.2f} {r['max_block_lipschitz']:7.3f} {r['method']:>9} {r['rtol']:6.0e} "
-                f"{r['g_evaluations']:8d} {r['seconds']:8.3f} {r['relative_error']:11.2e} {met:>4} {speed}"
-            )
-    return "\n".join(out)
+def markdown(rows_by_model: dict[str, list[dict]]) -> str:
+    """g evaluations / seconds per c and method, one column pair per model (``flow``, ``worst-case``); a run that
+    missed the target error says so."""
+    by_model = {model: {(r["coeff"], r["method"]): r for r in rows} for model, rows in rows_by_model.items()}
+    coeffs = sorted({c for rows in by_model.values() for c, _ in rows})
+    header = ["c"] + [f"{model}: {method} evals / s" for model in by_model for method in ("plain", "anderson")]
+    table = []
+    for coeff in coeffs:
+        cells = [f"{coeff:.2f}"]
+        for rows in by_model.values():
+            for method in ("plain", "anderson"):
+                r = rows.get((coeff, method))
+                cells.append(
+                    ""
+                    if r is None
+                    else f"{r['g_evaluations']} / {r['seconds']:.3f}" + ("" if r["met_target"] else " (missed)")
+                )
+        table.append(cells)
+    return markdown_table(header, table)
+
+
+def format_table(rows: list[dict], model: str = "flow") -> str:
+    return markdown({model: rows})
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -199,7 +204,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("every coefficient must satisfy 0 < c < 1")
     setup_logging()
     rows = run(args)
-    emit(format_table(rows), args["json"], {"config": args, "results": rows})
+    emit(format_table(rows, args["model"]), args["json"], {"config": args, "results": rows})
 
 
 if __name__ == "__main__":

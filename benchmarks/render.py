@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from benchmarks.results_data import RESULTS_DIR, read_result
+from benchmarks.tables import markdown_table
 
 log = logging.getLogger("benchmarks.render")
 
@@ -57,6 +58,43 @@ def _quality_row(name: str) -> tuple[str, str]:
     return what, figure
 
 
+def _step_time_row() -> tuple[str, str]:
+    """The training step's cost ratios, each measured within one run of ``benchmarks.step_time``."""
+    result = read_result("step-time")
+    ratio = {t["ratio"]: t["value"] for t in result["targets"]}
+    config = result["config"]
+    what = (
+        f"training step, {'×'.join(map(str, config['image']))} images, batch {config['batch']} "
+        f"(`benchmarks.step_time`, `step-time.json`)"
+    )
+    figure = (
+        f"i-ResNet classifier {ratio['i-ResNet / ResNet classifier step']:.2f}× a vanilla ResNet's; 5-term flow "
+        f"(Neumann) {ratio['5-term flow (Neumann) / classifier step']:.2f}× the classifier's, with "
+        f"{ratio['memory, Neumann / backprop (5 terms)']:.2f}× backprop's memory growth"
+    )
+    return what, figure
+
+
+PEER_PAIRS = (  # (ours, theirs, what both use): rows of equal accuracy
+    ("ours: LipSwish, roulette (Neumann)", "normflows Residual: LipSwish, roulette", "the unbiased roulette"),
+    ("ours: LipSwish, exact", "normflows Residual: LipSwish, exact", "the exact log-det"),
+)
+
+
+def _peers_row() -> tuple[str, str]:
+    """This library's step against normflows' on the same 2-D flow, CPU time at equal NLL."""
+    rows = {r["row"]: r for r in read_result("peers")["results"]}
+    what = "the same 2-D residual flow as normflows' (Residual Flows' code), CPU per step (`benchmarks.peers`)"
+    parts = []
+    for ours, theirs, both in PEER_PAIRS:
+        a, b = rows[ours], rows[theirs]
+        parts.append(
+            f"{a['seconds_per_step'] / b['seconds_per_step']:.2f}× normflows' with {both} "
+            f"(NLL {a['test_nll']:.3f} against {b['test_nll']:.3f})"
+        )
+    return what, "; ".join(parts)
+
+
 def headline() -> str:
     """The README's headline table."""
     job = read_result("main-job")
@@ -70,9 +108,10 @@ def headline() -> str:
         ),
         _quality_row("quality-digits-mnist5k-retest"),
         _quality_row("quality-fashion-mnist-retest"),
+        _step_time_row(),
+        _peers_row(),
     ]
-    lines = ["| what | measured |", "|---|---|", *(f"| {what} | {figure} |" for what, figure in rows)]
-    return "\n".join(lines) + "\n"
+    return markdown_table(("what", "measured"), rows)
 
 
 QUALITY_STANDING = (  # the result files of the current comparison: each a final of 3 seeds at one budget
@@ -82,24 +121,150 @@ QUALITY_STANDING = (  # the result files of the current comparison: each a final
 )
 
 
+def _measured_on(*names: str) -> str:
+    """The line under a table: where its result files were measured, and which files they are."""
+    machines = []
+    for name in names:
+        machine = read_result(name).get("provenance")
+        if machine is None:
+            described = "a machine the result does not record (written before results carried their provenance)"
+        else:
+            where = (
+                machine["device"]
+                if machine["device"] != "cpu"
+                else f"{machine['cpu_cores']} cores of an {machine['cpu_model']}"
+            )
+            sha, _, dirty = machine["commit"].partition("+")
+            changes = " with local changes" if dirty else ""
+            described = f"{where}, torch {machine['torch']}, commit {sha[:10]}{changes}"
+        if described not in machines:
+            machines.append(described)
+    files = ", ".join(f"`{name}.json`" for name in names)
+    return f"\nMeasured on {'; '.join(machines)} ({files}).\n"
+
+
+def step_time() -> str:
+    """``benchmarks.step_time``: seconds per training step and memory growth of each case, ratios to case (a)."""
+    from benchmarks import step_time as benchmark
+
+    return benchmark.case_table(read_result("step-time")["results"]) + _measured_on("step-time")
+
+
+def step_time_ratios() -> str:
+    """``benchmarks.step_time``'s ratios, each from one run's own measurements, against their targets."""
+    from benchmarks import step_time as benchmark
+
+    return benchmark.ratio_table(read_result("step-time")["targets"])
+
+
+INVERSE = {"flow": "inverse-flow", "worst case": "inverse-worst-case"}
+
+
+def inverse() -> str:
+    """``benchmarks.inverse``: g evaluations and seconds to invert to the target error, plain vs Anderson."""
+    from benchmarks import inverse as benchmark
+
+    rows = {model: read_result(name)["results"] for model, name in INVERSE.items()}
+    return benchmark.markdown(rows) + _measured_on(*INVERSE.values())
+
+
+def peers() -> str:
+    """``benchmarks.peers``: this library against normflows and FrEIA on the same 2-D flow."""
+    from benchmarks import peers as benchmark
+
+    return benchmark.format_table(read_result("peers")["results"]) + _measured_on("peers")
+
+
+BUDGET_CURVE = "quality-digits-mnist5k-pilots-2026-12-06"  # the flows at 1x, 2x, 4x, 8x (validation, seed 0)
+
+
+def budget_points() -> dict[str, list[tuple[float, float, int]]]:
+    """Per flow, ``(training CPU-s, validation bits/dim, steps)`` at each budget of the budget-curve pilots."""
+    points: dict[str, list[tuple[float, float, int]]] = {}
+    for pilot in read_result(BUDGET_CURVE)["pilots"]:
+        if not (pilot["name"].startswith("base") or pilot["name"].startswith("glow")) or pilot["name"] == "base_b":
+            continue
+        for r in pilot["results"]:
+            points.setdefault(r["contender"], []).append((r["budget_s"], r["validation"]["bpd"], r["steps"]))
+    return {flow: sorted(p) for flow, p in points.items()}
+
+
+def quality_budget() -> str:
+    """The budget curve as a table: each tuned flow's validation bits/dim at 1x to 8x of the training CPU."""
+    points = budget_points()
+    ours, glow = ({b: (bpd, steps) for b, bpd, steps in points[name]} for name in ("iresnet", "glow"))
+    base = min(ours)
+    rows = [
+        (
+            f"{budget / base:g}× ({budget:g})",
+            f"{ours[budget][0]:.3f} ({ours[budget][1]:,} steps)",
+            f"{glow[budget][0]:.3f} ({glow[budget][1]:,} steps)",
+            f"{ours[budget][0] - glow[budget][0]:+.3f}",
+        )
+        for budget in sorted(ours)
+        if budget in glow
+    ]
+    header = ("budget (training CPU-s)", "this flow, validation bits/dim", "Glow", "difference")
+    return markdown_table(header, rows) + _measured_on(BUDGET_CURVE)
+
+
+def plot_budget_curve(path: Path) -> None:
+    """The budget curve as a PNG: validation bits/dim against training CPU-seconds, one line per tuned flow."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.6), dpi=110)
+    for flow, label in (("iresnet", "this flow (i-ResNet)"), ("glow", "Glow (normflows)")):
+        budgets, bpds, _ = zip(*budget_points()[flow], strict=True)
+        ax.plot(budgets, bpds, marker="o", label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(budgets, [f"{b:g}" for b in budgets])
+    ax.minorticks_off()
+    ax.set_xlabel("training CPU-seconds (one thread)")
+    ax.set_ylabel("validation bits/dim")
+    ax.set_title("digits-mnist5k, each flow at its tuned settings")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, metadata={"Software": None})
+    plt.close(fig)
+
+
+FIGURES: dict[str, Callable[[Path], None]] = {"docs/figures/benchmarks/budget-curve.png": plot_budget_curve}
+
+
 def quality_standing() -> str:
     """docs/benchmarks.md's standing: this flow against the best tuned peer, per dataset and budget."""
-    lines = [
-        "| data | training CPU-s | seeds | this flow | best peer | peer ahead by (paired) | result |",
-        "|---|---|---|---|---|---|---|",
+    rows = [
+        (
+            result["config"]["dataset"],
+            f"{budget:g} ({ours['multiple']:g}x)",
+            len(ours["seeds"]),
+            f"{ours['mean']:.3f} ± {ours['sd']:.3f}",
+            f"{ours['best_peer']} {peer['mean']:.3f} ± {peer['sd']:.3f}",
+            f"{ours['difference_mean']:.3f} ± {ours['difference_sd']:.3f}",
+            f"`{name}.json`",
+        )
+        for name in QUALITY_STANDING
+        for result in [read_result(name)]
+        for ours, peer, budget in _finals(result)
     ]
-    for name in QUALITY_STANDING:
-        result = read_result(name)
-        for ours, peer, budget in _finals(result):
-            lines.append(
-                f"| {result['config']['dataset']} | {budget:g} ({ours['multiple']:g}x) | {len(ours['seeds'])} | "
-                f"{ours['mean']:.3f} ± {ours['sd']:.3f} | {ours['best_peer']} {peer['mean']:.3f} ± {peer['sd']:.3f} | "
-                f"{ours['difference_mean']:.3f} ± {ours['difference_sd']:.3f} | `{name}.json` |"
-            )
-    return "\n".join(lines) + "\n"
+    header = ("data", "training CPU-s", "seeds", "this flow", "best peer", "peer ahead by (paired)", "result")
+    return markdown_table(header, rows)
 
 
-TABLES: dict[str, Callable[[], str]] = {"headline": headline, "quality-standing": quality_standing}
+TABLES: dict[str, Callable[[], str]] = {
+    "headline": headline,
+    "quality-standing": quality_standing,
+    "quality-budget": quality_budget,
+    "step-time": step_time,
+    "step-time-ratios": step_time_ratios,
+    "inverse": inverse,
+    "peers": peers,
+}
 
 
 def render_text(text: str, source: str = "") -> str:
@@ -144,6 +309,9 @@ def main(argv: list[str] | None = None) -> int:
         if rendered != text:
             path.write_text(rendered)
             log.info("rendered %s", relative)
+    for relative, plot in FIGURES.items():
+        plot(PROJECT_ROOT / relative)
+        log.info("drew %s", relative)
     return 0
 
 

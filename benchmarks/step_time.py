@@ -52,6 +52,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from benchmarks.common import emit, in_fresh_process, memory_now_mib, memory_peak_mib
+from benchmarks.tables import markdown_table
 from pipeline.logging_setup import setup_logging
 from pipeline.models import ClassifierArchitecture, FlowArchitecture, IResNetFlow, ResidualClassifier
 from pipeline.models.base import n_parameters
@@ -324,29 +325,57 @@ def check_targets(results: list[dict]) -> list[dict]:
     return rows
 
 
-def format_table(results: list[dict], targets: list[dict]) -> str:
-    header = (
-        f"{'case':32} {'s/step':>8} {'img/s':>8} {'x time':>7} {'peak MiB':>9} {'+MiB':>7} {'x +MiB':>7} "
-        f"{'syncs/step':>10} {'cuda/step':>10} {'spectral':>8} {'h2d ms':>7}"
-    )
-    rows = [header, "-" * len(header)]
+def _finite(value: float) -> bool:
+    return value == value and not math.isinf(value)
+
+
+def case_table(results: list[dict]) -> str:
+    """The cases as a markdown table (the printout and docs/benchmarks.md); GPU-only columns where measured."""
+    gpu = any(_finite(r.get("cuda_syncs_per_step", math.nan)) for r in results)
+    trained = any("seconds_per_step_trained" in r for r in results)
+    header = ["case", "s/step", "images/s", "× (a)", "peak MiB", "+MiB", "× +MiB", "host syncs/step"]
+    header += ["CUDA syncs/step", "h2d ms"] if gpu else []
+    header += ["spectral share"] + (["trained s/step"] if trained else [])
+    rows = []
     for r in results:
-        trained = r.get("seconds_per_step_trained")
-        rows.append(
-            f"{r['case']:32} {r['seconds_per_step']:8.3f} {r['images_per_second']:8.1f} "
-            f"{r['time_ratio']:7.2f} {r['peak_memory_mib']:9.0f} {r['memory_above_start_mib']:7.0f} "
-            f"{r['memory_ratio']:7.2f} {r.get('host_syncs_per_step', math.nan):10.2f} "
-            f"{r.get('cuda_syncs_per_step', math.nan):10.2f} "
-            f"{r.get('spectral_seconds', math.nan) / r['seconds_per_step']:8.0%} "
-            f"{1e3 * r.get('pageable_copy_seconds', math.nan):7.2f}"
-            + ("" if trained is None else f"  trained {trained:.3f} s/step")
+        row = [
+            r["case"],
+            f"{r['seconds_per_step']:.3f}",
+            f"{r['images_per_second']:.1f}",
+            f"{r['time_ratio']:.2f}",
+            f"{r['peak_memory_mib']:.0f}",
+            f"{r['memory_above_start_mib']:.0f}",
+            f"{r['memory_ratio']:.2f}",
+            f"{r['host_syncs_per_step']:.1f}" if "host_syncs_per_step" in r else "",
+        ]
+        if gpu:
+            row += [
+                f"{r.get('cuda_syncs_per_step', math.nan):.1f}",
+                f"{1e3 * r.get('pageable_copy_seconds', math.nan):.2f}",
+            ]
+        row.append(f"{r['spectral_seconds'] / r['seconds_per_step']:.0%}" if "spectral_seconds" in r else "")
+        if trained:
+            row.append(f"{r['seconds_per_step_trained']:.3f}" if "seconds_per_step_trained" in r else "")
+        rows.append(row)
+    return markdown_table(header, rows)
+
+
+def ratio_table(targets: list[dict]) -> str:
+    """The targets' ratios, each from one run's own measurements, as a markdown table."""
+    rows = [
+        (
+            t["ratio"],
+            f"{t['value']:.2f}",
+            "" if t["target"] is None else f"≤ {t['target']:g}",
+            "" if t["met"] is None else ("yes" if t["met"] else "**no**"),
         )
-    rows += ["", f"{'target ratio':42} {'value':>7} {'target':>7}  met"]
-    for t in targets:
-        target = "-" if t["target"] is None else f"<= {t['target']:g}"
-        met = "-" if t["met"] is None else ("yes" if t["met"] else "NO")
-        rows.append(f"{t['ratio']:42} {t['value']:7.2f} {target:>7}  {met}")
-    return "\n".join(rows)
+        for t in targets
+    ]
+    return markdown_table(("ratio", "measured", "target", "met"), rows)
+
+
+def format_table(results: list[dict], targets: list[dict]) -> str:
+    return case_table(results) + "\n" + ratio_table(targets)
 
 
 def main(argv: list[str] | None = None) -> None:

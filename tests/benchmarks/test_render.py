@@ -46,3 +46,36 @@ def test_the_main_job_result_is_the_tracked_runs(store):
     assert main_job.main(["--from-run", run_id, "--output-dir", str(store / "out")]) == 0
     written = json.loads((store / "out" / "main-job.json").read_text())
     assert written["figures"] == figures and {"cpu_model", "torch", "commit"} <= set(written["provenance"])
+
+
+def test_the_budget_curve_is_drawn_from_its_result_file(tmp_path):
+    points = render.budget_points()
+    assert set(points) == {"iresnet", "glow"} and [b for b, _, _ in points["iresnet"]] == [174.0, 348.0, 696.0, 1392.0]
+    render.plot_budget_curve(tmp_path / "curve.png")
+    assert (tmp_path / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_table_row_names_the_machine_and_a_commit_with_local_changes(tmp_path, monkeypatch):
+    results = tmp_path / "results"
+    shutil.copytree(RESULTS_DIR, results)
+    step = json.loads((results / "step-time.json").read_text())
+    step["provenance"]["commit"] = "0123456789abcdef+dirty"
+    (results / "step-time.json").write_text(json.dumps(step))
+    monkeypatch.setattr(render, "read_result", lambda name: read_result(name, results))
+    assert "commit 0123456789 with local changes (`step-time.json`)" in render.step_time()
+
+
+def test_a_benchmark_result_carries_its_provenance_and_command(tmp_path, capsys):
+    from benchmarks.common import emit
+
+    emit("a table", str(tmp_path / "r.json"), {"config": {"device": "cpu"}, "results": [1]})
+    written = json.loads((tmp_path / "r.json").read_text())
+    assert capsys.readouterr().out == "a table\n" and written["results"] == [1]
+    assert written["provenance"]["device"] == "cpu" and {"cpu_model", "torch", "commit"} <= set(written["provenance"])
+    assert written["command"].startswith("python -m ")
+
+
+def test_markdown_tables_have_one_line_per_row():
+    from benchmarks.tables import markdown_table
+
+    assert markdown_table(("a", "b"), [(1, "x"), (2, "y")]) == "| a | b |\n|---|---|\n| 1 | x |\n| 2 | y |\n"
