@@ -30,7 +30,7 @@ from torch import nn
 from benchmarks.common import emit
 from benchmarks.tables import markdown_table
 from pipeline.distributions import DiagonalGaussian
-from pipeline.layers import SpectralNormLinear
+from pipeline.layers import SpectralNormConv2d, SpectralNormLinear
 from pipeline.layers.spectral import SpectralConfig
 from pipeline.logging_setup import setup_logging
 from pipeline.models import FlowModel, iresnet_flow
@@ -91,7 +91,7 @@ def saturated_flow(coeff: float, image: tuple[int, int, int], blocks: tuple[int,
         with flow.estimator(PowerSeriesLogDet(n_terms=1)):
             flow(x)  # ActNorm init, lazy spectral vectors
         for layer in flow.modules():
-            if hasattr(layer, "power_iteration"):
+            if isinstance(layer, (SpectralNormLinear, SpectralNormConv2d)):
                 layer.power_iteration(200)
                 layer._refresh_sigma()
     return flow.eval()

@@ -37,6 +37,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -123,7 +124,7 @@ def ours(args: dict, activation: str, preactivation: bool, estimator: LogDetEsti
 def freia(args: dict) -> Adapter:
     from FrEIA.modules import IResNetLayer
 
-    layers = nn.ModuleList(
+    layers: Any = nn.ModuleList(  # FrEIA's layers (untyped)
         IResNetLayer(
             [(2,)],
             internal_size=args["width"],
@@ -173,7 +174,7 @@ def freia(args: dict) -> Adapter:
 def normflows(args: dict, brute_force: bool) -> Adapter:
     import normflows as nf
 
-    flows = nn.ModuleList(
+    flows: Any = nn.ModuleList(  # normflows' flows (untyped)
         nf.flows.Residual(
             nf.nets.LipschitzMLP(
                 [2] + [args["width"]] * 3 + [2],
@@ -260,7 +261,12 @@ def _clock(device: torch.device, threads: int) -> tuple[Callable[[], float], str
     if device.type == "cpu" and threads == 1:
         return time.process_time, "process CPU time"
     if device.type == "cuda":
-        return lambda: (torch.cuda.synchronize(), time.perf_counter())[1], "wall time"
+
+        def synchronised() -> float:
+            torch.cuda.synchronize()
+            return time.perf_counter()
+
+        return synchronised, "wall time"
     return time.perf_counter, "wall time"
 
 

@@ -44,12 +44,13 @@ import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from benchmarks.common import emit, in_fresh_process, memory_now_mib, memory_peak_mib
 from benchmarks.tables import markdown_table
@@ -159,12 +160,13 @@ def _measure(case: Case, args: dict, queue) -> None:
             n_power_iterations=args["power_iterations"],
             lipschitz=case.lipschitz,
         )
-        model = IResNetFlow(arch, estimator=case.estimator).to(device)
+        flow = IResNetFlow(arch, estimator=case.estimator).to(device)
+        model: nn.Module = flow
 
-        def loss_fn():
-            return -model.log_prob(x).mean()
+        def loss_fn() -> Tensor:
+            return -flow.log_prob(x).mean()
     else:
-        arch = ClassifierArchitecture(
+        classifier_arch = ClassifierArchitecture(
             input_shape=shape,
             num_classes=10,
             n_blocks=blocks,
@@ -176,9 +178,9 @@ def _measure(case: Case, args: dict, queue) -> None:
             n_power_iterations=args["power_iterations"],
             lipschitz=case.lipschitz,
         )
-        model = ResidualClassifier(arch).to(device)
+        model = ResidualClassifier(classifier_arch).to(device)
 
-        def loss_fn():
+        def loss_fn() -> Tensor:
             return F.cross_entropy(model(x), y)
 
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
@@ -264,8 +266,16 @@ def step_costs(model: torch.nn.Module, x: Tensor, device: torch.device, repeats:
     model.zero_grad(set_to_none=True)
     if device.type == "cuda":
         host = x.cpu()
-        costs["pageable_copy_seconds"] = median_seconds(lambda: host.to(device, non_blocking=True))
+
+        def copy_batch() -> None:
+            host.to(device, non_blocking=True)
+
+        costs["pageable_copy_seconds"] = median_seconds(copy_batch)
     return costs
+
+
+def _n_batches(n: int, epoch: int) -> list[tuple[None]]:
+    return [(None,)] * n
 
 
 def syncs_per_step(model: torch.nn.Module, loss_fn: Callable[[], Tensor], device: torch.device, steps: int) -> dict:
@@ -288,7 +298,7 @@ def syncs_per_step(model: torch.nn.Module, loss_fn: Callable[[], Tensor], device
         for n in (steps, 2 * steps):
             cuda = counting_cuda_syncs() if device.type == "cuda" else nullcontext({"n": 0})
             with counting_host_syncs(device) as host, cuda as syncs:
-                fit(model, optimizer, None, lambda epoch, n=n: [(None,)] * n, step, config, n_samples=lambda b: 1)
+                fit(model, optimizer, None, partial(_n_batches, n), step, config, n_samples=lambda b: 1)
             counts["host_syncs"].append(host["n"])
             counts["cuda_syncs"].append(syncs["n"])
     per_step = {f"{k}_per_step": (b - a) / steps for k, (a, b) in counts.items()}
