@@ -54,6 +54,16 @@ def in_fresh_process(target: Callable[..., None], *args: Any, timeout_s: float =
     return result
 
 
+def counted_flops(work: Callable[[], object]) -> float:
+    """Floating-point operations of ``work`` as PyTorch counts them (``FlopCounterMode``: the matrix products and
+    convolutions, forward and backward; elementwise work is not counted)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        work()
+    return float(counter.get_total_flops())
+
+
 def memory_now_mib(device: torch.device) -> float:
     """CUDA's allocated memory, or the process's resident set on CPU; the peak counter is reset here (on CPU where
     Linux allows it: ``/proc/self/clear_refs``)."""

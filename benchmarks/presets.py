@@ -28,7 +28,8 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import CaseFailed, emit, in_fresh_process
+from benchmarks.common import CaseFailed, counted_flops, emit, in_fresh_process
+from benchmarks.tables import markdown_table
 from pipeline.data import ImageDataset, ImageSplit, load_dataset
 from pipeline.logging_setup import setup_logging
 
@@ -64,6 +65,24 @@ def parse_case(case: str) -> tuple[str, str]:
     return entry, preset
 
 
+def parse_settings(settings: list[str]) -> dict[str, object]:
+    """``["gradient=backprop", "n_terms=5"]`` as options (numbers as numbers); each checked by the preset's config."""
+    options: dict[str, object] = {}
+    for setting in settings:
+        name, sep, text = setting.partition("=")
+        if not sep or not name:
+            raise ValueError(f"--set takes OPTION=VALUE, got {setting!r}")
+        value: object = text
+        for kind in (int, float):
+            try:
+                value = kind(text)
+                break
+            except ValueError:
+                continue
+        options[name] = {"true": True, "false": False}.get(text, value)
+    return options
+
+
 def random_dataset(name: str, n_train: int, seed: int = 0) -> ImageDataset:
     """Uniform random 8-bit images in the shape of dataset ``name`` (a step costs the same on any pixels)."""
     shape, classes, _ = DATASET_SHAPES[name]
@@ -87,7 +106,7 @@ def _measure(case: str, args: dict, queue) -> None:
 
 def measure_case(case: str, args: dict) -> dict:
     """Two epochs of ``args['steps']`` batches through the entry point's task and the library's loop."""
-    from experiments.runner import Splits
+    from experiments.runner import Splits, compiled_step
     from pipeline.data import epoch_batches
     from pipeline.models.base import n_parameters
     from pipeline.training.device import resolve_device, use_deterministic_algorithms
@@ -100,7 +119,8 @@ def measure_case(case: str, args: dict) -> dict:
         torch.set_num_threads(args["threads"])
     entry, preset = parse_case(case)
     module = importlib.import_module(f"experiments.{entry}")
-    overrides = {"progress": False, "amp": args["amp"], "device": args["device"]}
+    overrides = {**args.get("set", {}), "progress": False, "amp": args["amp"], "device": args["device"]}
+    overrides["compile"] = args.get("compile", False)
     if args.get("batch_size"):
         overrides["batch_size"] = args["batch_size"]
     cfg = module.config_from_preset(preset, **overrides)
@@ -123,13 +143,14 @@ def measure_case(case: str, args: dict) -> dict:
         task.initialize()
     on_device = data.train.to(device) if device.type == "cuda" else data.train  # as the runner keeps them
     epochs: dict[int, dict] = {}
+    batches = epoch_batches(on_device, cfg.batch_size, cfg.seed)
     with tempfile.TemporaryDirectory() as tmp:
         fit(
             task.model,
             task.optimizer,
             task.scheduler,
-            epoch_batches(on_device, cfg.batch_size, cfg.seed),
-            lambda batch: task.step(task.model, batch),
+            batches,
+            compiled_step(task, task.model, cfg.compile),
             LoopConfig(epochs=2, checkpoint_path=Path(tmp) / "last.pt", grad_clip=cfg.grad_clip, amp=cfg.amp,
                        progress=False, log_every=10**9),
             on_epoch_end=lambda epoch, metrics: epochs.__setitem__(epoch, metrics),
@@ -137,10 +158,17 @@ def measure_case(case: str, args: dict) -> dict:
     timed = epochs[2]
     images_per_s = timed["train/images_per_second"]
     epoch_s = full_train / images_per_s
+    batch = next(iter(batches(0)))  # the step's arithmetic, counted in eager mode (the same operations compiled)
+    flops_per_image = counted_flops(lambda: task.step(task.model, batch)[0].backward()) / cfg.batch_size
+    task.optimizer.zero_grad(set_to_none=True)
     return {
         "case": case,
         "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
         "amp": cfg.amp,
+        "compile": cfg.compile,
+        "set": args.get("set", {}),
+        "train_gflop_per_image": flops_per_image / 1e9,
+        "achieved_tflop_per_s": flops_per_image * images_per_s / 1e12,
         "batch_size": cfg.batch_size,
         "n_parameters": n_parameters(task.model),
         "estimator": getattr(cfg, "estimator", None),
@@ -158,23 +186,33 @@ def measure_case(case: str, args: dict) -> dict:
 
 
 def format_table(rows: list[dict]) -> str:
-    header = (
-        f"{'case':26} {'amp':>4} {'batch':>5} {'params':>10} {'img/s':>9} {'s/step':>8} {'peak MiB':>9} "
-        f"{'epoch min':>9} {'schedule h':>10}"
-    )
-    out = [header, "-" * len(header)]
+    """The cases as a markdown table; a case that failed says why."""
+    header = ("case", "precision", "step", "batch", "parameters", "images/s", "s/step", "peak GPU MiB",
+              "GFLOP/image", "TFLOP/s", "one epoch, min", "schedule, h")  # fmt: skip
+    table = []
     for r in rows:
         if "error" in r:
-            out.append(f"{r['case']:26} failed: {r['error']}")
+            table.append((r["case"], f"failed: {r['error']}", *[""] * (len(header) - 2)))
             continue
-        out.append(
-            f"{r['case']:26} {'bf16' if r['amp'] else 'no':>4} {r['batch_size']:5d} {r['n_parameters']:10,d} "
-            f"{r['images_per_second']:9.1f} {r['seconds_per_step']:8.3f} {r['gpu_peak_memory_mib']:9.0f} "
-            f"{r['full_epoch_minutes']:9.2f} {r['schedule_hours']:10.2f}"
+        table.append(
+            (
+                r["case"] + "".join(f" {k}={v}" for k, v in r.get("set", {}).items()),
+                "bf16 autocast" if r["amp"] else "float32",
+                "compiled" if r.get("compile") else "eager",
+                r["batch_size"],
+                f"{r['n_parameters']:,}",
+                f"{r['images_per_second']:.1f}",
+                f"{r['seconds_per_step']:.3f}",
+                f"{r['gpu_peak_memory_mib']:.0f}",
+                f"{r['train_gflop_per_image']:.2f}",
+                f"{r['achieved_tflop_per_s']:.3f}",
+                f"{r['full_epoch_minutes']:.2f}",
+                f"{r['schedule_hours']:.2f}",
+            )
         )
     devices = sorted({r["device"] for r in rows if "device" in r})
-    out.append(f"device: {', '.join(devices)}; epoch and schedule projected from the timed epoch's throughput")
-    return "\n".join(out)
+    note = f"\ndevice: {', '.join(devices)}; epoch and schedule projected from the timed epoch's throughput\n"
+    return markdown_table(header, table) + note
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -182,6 +220,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cases", nargs="+", default=list(PAPER_CASES), metavar="ENTRY:PRESET")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--amp", action="store_true", help="bfloat16 autocast (CUDA only), as -P amp=true")
+    parser.add_argument(
+        "--compile", action="store_true", help="the training step through torch.compile, as -P compile=true"
+    )
+    parser.add_argument(
+        "--set", nargs="*", default=[], metavar="OPTION=VALUE", help="options on top of each preset (gradient=backprop)"
+    )
     parser.add_argument("--steps", type=int, default=20, help="batches per epoch (two epochs; the second is timed)")
     parser.add_argument("--batch-size", type=int, default=0, help="0: each preset's own")
     parser.add_argument("--data-dir", help="the datasets' folder (default: random images in their shapes)")
@@ -189,6 +233,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per case before it is reported dead")
     parser.add_argument("--json", help="also write the results to this JSON file")
     args = vars(parser.parse_args(argv))
+    try:
+        args["set"] = parse_settings(args["set"])
+    except ValueError as exc:
+        parser.error(str(exc))
     if args["steps"] < 1 or args["batch_size"] < 0:
         parser.error("--steps must be >= 1 and --batch-size >= 0")
     try:

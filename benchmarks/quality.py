@@ -71,7 +71,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from benchmarks.common import emit
+from benchmarks.common import counted_flops, emit
 from pipeline.data import DatasetNotFoundError, ImageSplit, dequantize, load_dataset
 from pipeline.logging_setup import setup_logging
 from pipeline.metrics import bits_per_dim
@@ -574,15 +574,16 @@ def _training_flops_per_image(
     """Floating-point operations of a training step's loss and backward per image (PyTorch's count of the matrix
     products and convolutions, the step's arithmetic), averaged over ``batches`` (the roulette's draws vary); the
     gradients are dropped, the parameters untouched."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     batch = contender.batch_size or default_batch
-    with FlopCounterMode(display=False) as counter:
+
+    def steps() -> None:
         for _ in range(batches):
             idx = torch.randint(len(train), (batch,), generator=gen)
             contender.loss(dequantize(train.images[idx], N_LEVELS, generator=gen)).backward()
+
+    flops = counted_flops(steps)
     contender.optimizer.zero_grad(set_to_none=True)
-    return counter.get_total_flops() / (batches * batch)
+    return flops / (batches * batch)
 
 
 class ParameterAverage:

@@ -347,7 +347,26 @@ def test_a_preset_trains_through_its_entry_points_task_and_projects_its_schedule
     assert row["schedule_hours"] == pytest.approx(row["full_epoch_minutes"] * row["schedule_epochs"] / 60)
     assert math.isnan(row["gpu_peak_memory_mib"])  # CUDA's peak only; none on a CPU
     assert "density" not in case or row["estimator"] == "russian_roulette"  # the preset's own estimator
+    assert row["train_gflop_per_image"] > 0 and row["compile"] is False
+    assert row["achieved_tflop_per_s"] == pytest.approx(row["train_gflop_per_image"] * row["images_per_second"] / 1e3)
     assert case in presets.format_table([row])
+
+
+def test_preset_settings_are_options_with_their_types():
+    assert presets.parse_settings(["gradient=backprop", "n_terms=5", "coeff=0.9", "compile=true"]) == {
+        "gradient": "backprop",
+        "n_terms": 5,
+        "coeff": 0.9,
+        "compile": True,
+    }
+    with pytest.raises(ValueError, match="OPTION=VALUE"):
+        presets.parse_settings(["gradient"])
+
+
+def test_a_setting_changes_what_the_preset_trains():
+    args = dict(device="cpu", amp=False, steps=1, batch_size=4, threads=0, data_dir=None)
+    row = presets.measure_case("density:quick", {**args, "set": {"estimator": "power_series", "n_terms": 2}})
+    assert row["estimator"] == "power_series" and row["n_terms"] == 2 and row["set"]["n_terms"] == 2
 
 
 def test_a_preset_case_names_an_entry_point_and_one_of_its_presets():
