@@ -8,7 +8,7 @@ import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from experiments import classify, density
 from experiments.command_line import build_parser
@@ -76,6 +76,9 @@ TARGETS = {
 
 @dataclass(frozen=True)
 class SweepConfig:
+    """The options of ``experiments.sweep`` (the entry point: its presets, its usage line, its runs' tags)."""
+
+    ENTRY_POINT_MODULE: ClassVar[str] = "experiments.sweep"
     preset: str = documented("quick", "the sweep's preset (PRESETS)")
     target: str = documented("density", "entry point each trial trains: density or classify")
     target_preset: str = documented("quick", "the target's preset every trial starts from")

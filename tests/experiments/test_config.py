@@ -1,7 +1,7 @@
 """Configuration: option groups declared once, the model group as the library's architecture, presets as data,
 options from type hints, and a setting's path to the layers."""
 
-import sys
+import importlib
 from dataclasses import dataclass
 
 import pytest
@@ -11,6 +11,7 @@ from experiments import classify, density, sweep, toy
 from experiments.command_line import build_parser, parse_config
 from experiments.config import (
     default_run_name,
+    entry_point_module,
     flat_options,
     grouped_config,
     option_groups,
@@ -165,7 +166,7 @@ ENTRY_CONFIGS = [
 def test_every_option_of_every_entry_point_has_one_line_of_help_in_its_help(config_cls):
     helps = option_help(config_cls)
     assert helps and all(text and "\n" not in text for text in helps.values()), [n for n, t in helps.items() if not t]
-    module = sys.modules[config_cls.__module__]
+    module = importlib.import_module(entry_point_module(config_cls))
     text = " ".join(build_parser(config_cls, getattr(module, "PRESETS", None), None).format_help().split())
     for name, help_text in helps.items():
         if name == "preset":  # its own line: the choices and the default
@@ -214,3 +215,11 @@ def test_a_resumed_run_keeps_the_architecture_it_ran_with_when_the_presets_chang
     save_checkpoint(tmp_path / "new" / "last.pt", {**old, "architecture": recorded})
     cfg = config_for_resume(classify.ClassifyConfig, "new", checkpoint_dir=str(tmp_path))
     assert resolved_architecture(cfg) == recorded  # every field as recorded, whatever the preset says now
+
+
+@pytest.mark.parametrize("config_cls", ENTRY_CONFIGS, ids=lambda c: c.__name__)
+def test_every_config_names_the_entry_point_that_runs_it(config_cls):
+    """A run's tags, its usage line and its presets come from the config's entry point module: a config declared in
+    a module of its own must name it (``ENTRY_POINT_MODULE``)."""
+    module = importlib.import_module(entry_point_module(config_cls))
+    assert module.ENTRY.config_cls is config_cls

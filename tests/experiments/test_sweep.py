@@ -14,6 +14,7 @@ from mlflow.tracking import MlflowClient
 
 from experiments import density, search_space, study, sweep, sweep_config
 from experiments.command_line import build_parser
+from experiments.tracking_store import PROJECT_ROOT
 from tests.experiments.conftest import runs_of
 
 TINY_DENSITY = (
@@ -125,7 +126,7 @@ def test_pruned_trials_end_killed_and_the_console_says_so(store, monkeypatch, ca
 @pytest.mark.slow
 def test_sweep_through_mlflow_run_nests_every_trial_under_the_launched_run(store):
     submitted = mlflow.projects.run(
-        str(sweep.PROJECT_ROOT),
+        str(PROJECT_ROOT),
         entry_point="sweep",
         env_manager="local",
         experiment_name="sweep",
@@ -175,7 +176,7 @@ def test_two_workers_on_one_journal_finish_the_requested_trials(store):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     workers = [
         subprocess.Popen(
-            [*args, "--seed", str(i)], env=env, cwd=sweep.PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+            [*args, "--seed", str(i)], env=env, cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
         )
         for i in range(2)
     ]

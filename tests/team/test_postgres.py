@@ -13,6 +13,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from experiments import sweep
+from experiments.tracking_store import PROJECT_ROOT
 from tests.experiments.conftest import runs_of
 from tests.experiments.test_sweep import TINY_DENSITY, TINY_SPACE
 from tests.servers import free_port, mlflow_server, serve
@@ -50,7 +51,7 @@ def test_a_killed_worker_is_failed_by_its_heartbeat_and_the_study_still_complete
 
     def start(seed: int, extra: tuple = ()) -> subprocess.Popen:
         return subprocess.Popen(
-            [*args, "--seed", str(seed), *extra], env=env, cwd=sweep.PROJECT_ROOT, stdout=subprocess.PIPE,
+            [*args, "--seed", str(seed), *extra], env=env, cwd=PROJECT_ROOT, stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
         )  # fmt: skip
 
@@ -107,7 +108,7 @@ def test_a_database_restart_mid_sweep_is_survived_and_nothing_is_recorded_twice(
     def start(seed: int, epochs: int) -> subprocess.Popen:
         longer = ["--target-overrides", TINY_DENSITY.replace("epochs=2", f"epochs={epochs}") + " log_every=1"]
         return subprocess.Popen(
-            [*args, "--seed", str(seed), "--worker-trials", "1", *longer], env=env, cwd=sweep.PROJECT_ROOT,
+            [*args, "--seed", str(seed), "--worker-trials", "1", *longer], env=env, cwd=PROJECT_ROOT,
             stdout=logs[seed].open("w"),
             stderr=subprocess.STDOUT,
         )  # fmt: skip
