@@ -259,8 +259,7 @@ def check_model_name(name: str) -> None:
 
 
 def entry_point_module(config_cls: type) -> str:
-    """The module of an entry point's config (``experiments.density``), also when it runs as ``__main__``; a config
-    declared in a module of its own names its entry point's (``ENTRY_POINT_MODULE``)."""
+    """The entry point module of a config (its own, else its ``ENTRY_POINT_MODULE``), also run as ``__main__``."""
     module = getattr(config_cls, "ENTRY_POINT_MODULE", None) or config_cls.__module__
     if module == "__main__":
         spec = getattr(sys.modules["__main__"], "__spec__", None)
